@@ -1,0 +1,200 @@
+"""The nearest simplex ETF as a declarative node: a solver forward, an implicit backward.
+
+The forward solves (DESIGN §1, the paper's eq. (6))
+
+    U* = argmin_{U ∈ St(d,K)} ‖H_bar − U M/√(K−1)‖²_F + (δ/2)‖U − U_prev‖²_F,
+
+whose solution is the polar factor of ``C = (2/√(K−1)) H_bar M + δ U_prev``. The backward
+returns ``∂L/∂H_bar`` from ``G = ∂L/∂U*`` in one of two interchangeable ways:
+
+``closed_form`` — differentiate ``C = U* P`` (``P = B Σ Bᵀ`` symmetric positive definite):
+
+    ∂L/∂C = (I − U Uᵀ) G P⁻¹ + 2 U Z,   P Z + Z P = skew(Uᵀ G),
+    ∂L/∂H_bar = (2/√(K−1)) (∂L/∂C) M.
+
+The Sylvester equation is diagonal in the eigenbasis ``B`` of ``P``: ``Z̃_ij = S̃_ij/(σ_i+σ_j)``.
+Only sums of singular values are divided by, never differences: autograd through
+``torch.linalg.svd`` divides by ``σ_i² − σ_j²`` and returns inf/NaN at neural collapse, where
+K−1 singular values of C coincide. Cost O(dK²).
+
+``ddn`` — the paper's: implicit differentiation of the equality-constrained problem
+(Gould et al., "Deep Declarative Networks", TPAMI 2021, Prop. 4.5) with the constraints
+``h(U) = sym(UᵀU) − I = 0`` (K(K+1)/2 of them):
+
+    Dy = H⁻¹Aᵀ(AH⁻¹Aᵀ)⁻¹AH⁻¹B − H⁻¹B,
+
+``A = D_U h``, ``H = I_d ⊗ ((2/(K−1))M + δI − Λ)`` the Hessian of the Lagrangian with
+``Λ = sym(Uᵀ∇f(U))``, ``B = D²_{H_bar U} f = −(2/√(K−1)) (I_d ⊗ M)`` (row-major
+vectorisation: ``vec(U)[i·K + a] = U[i, a]``). Dense in the K(K+1)/2 constraints, so for small K.
+
+At δ = 0 (no ``U_prev``) ``P`` is singular along ``1/√K``; both backwards use the
+pseudo-inverse there, which is exact for ``U* M`` (hence for ``W(U*)``): the singular
+direction is the tie-break that ``M`` removes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from gnc.etf import (
+    BACKWARDS,
+    SOLVERS,
+    check_nearest_etf_inputs,
+    compute_dtype,
+    polar_factor,
+    proximal_target,
+)
+
+
+def _centre_rows(X: Tensor) -> Tensor:
+    """``X M`` for ``M = I − 11ᵀ/K``."""
+    return X - X.mean(dim=-1, keepdim=True)
+
+
+def _sym(X: Tensor) -> Tensor:
+    return 0.5 * (X + X.T)
+
+
+def polar_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tensor:
+    """``∂L/∂C`` for the polar factor ``U`` of ``C = U B diag(σ) Bᵀ``, given ``G = ∂L/∂U``.
+
+    ``(I − UUᵀ) G P⁺ + 2 U Z`` with ``PZ + ZP = skew(UᵀG)``; zero σ (rank-deficient C) are
+    pseudo-inverted.
+    """
+    sigma_inv = torch.where(sigma > 0, 1.0 / sigma, torch.zeros_like(sigma))
+    UtG = U.T @ G  # K×K
+    # (I − UUᵀ) G P⁺ = (G − U UᵀG) B Σ⁺ Bᵀ
+    normal = ((G - U @ UtG) @ (B * sigma_inv)) @ B.T
+    S_tilde = B.T @ (0.5 * (UtG - UtG.T)) @ B  # skew(UᵀG) in the eigenbasis of P
+    denom = sigma[:, None] + sigma[None, :]
+    Z_tilde = torch.where(denom > 0, S_tilde / denom, torch.zeros_like(S_tilde))
+    return normal + 2.0 * U @ (B @ Z_tilde @ B.T)
+
+
+def closed_form_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tensor:
+    """``∂L/∂H_bar = (2/√(K−1)) · polar_backward(...) · M``."""
+    K = U.shape[1]
+    return (2.0 / math.sqrt(K - 1)) * _centre_rows(polar_backward(U, B, sigma, G))
+
+
+# Largest KKT system (dK + K(K+1)/2 unknowns) the δ = 0 ddn backward will build densely.
+DDN_KKT_MAX = 8000
+
+
+def ddn_backward(
+    U: Tensor, H_bar: Tensor, U_prev: Tensor | None, delta: float, G: Tensor
+) -> Tensor:
+    """The paper's DDN backward ``Dyᵀ g = Bᵀ(H⁻¹Aᵀ(AH⁻¹Aᵀ)⁻¹AH⁻¹g − H⁻¹g)`` (dense in A).
+
+    At δ = 0 the minimiser is not isolated (the tie-break direction is free), ``H`` is
+    singular and the formula above does not apply; we then solve the KKT system
+    ``[H Aᵀ; A 0] z = [g; 0]`` it comes from in the least-squares sense, which is exact
+    for losses of ``U* M`` (those ``g`` are orthogonal to the free direction).
+    """
+    d, K = U.shape
+    s = math.sqrt(K - 1)
+    eye = torch.eye(K, dtype=U.dtype, device=U.device)
+    if U_prev is None:
+        delta, U_prev = 0.0, torch.zeros_like(U)
+    grad_f = (2.0 / (K - 1)) * _centre_rows(U) - (2.0 / s) * _centre_rows(H_bar)
+    grad_f = grad_f + delta * (U - U_prev)
+    Lam = _sym(U.T @ grad_f)  # Lagrange multipliers: ∇f(U*) = U* Λ
+    H_k = (2.0 / (K - 1)) * (eye - 1.0 / K) + delta * eye - Lam  # H = I_d ⊗ H_k
+
+    # A: one row per constraint (a <= b); ∂(UᵀU)_ab/∂U_ic = [c=a] U_ib + [c=b] U_ia.
+    a_idx, b_idx = torch.triu_indices(K, K, device=U.device)
+    p = a_idx.numel()
+    rows = torch.arange(p, device=U.device)
+    A = torch.zeros(p, d, K, dtype=U.dtype, device=U.device)
+    A[rows, :, a_idx] += U[:, b_idx].T
+    A[rows, :, b_idx] += U[:, a_idx].T
+    if delta == 0.0:
+        n = d * K
+        if n + p > DDN_KKT_MAX:
+            raise ValueError(
+                f"the ddn backward without `U_prev` (δ = 0) solves a dense KKT system of "
+                f"{n + p} unknowns, above the limit {DDN_KKT_MAX}; use backward='closed_form'"
+            )
+        A = A.reshape(p, n)
+        KKT = torch.zeros(n + p, n + p, dtype=U.dtype, device=U.device)
+        KKT[:n, :n] = torch.kron(torch.eye(d, dtype=U.dtype, device=U.device), H_k)
+        KKT[:n, n:] = A.T
+        KKT[n:, :n] = A
+        rhs = torch.cat([G.reshape(-1), G.new_zeros(p)])
+        z = torch.linalg.pinv(KKT, hermitian=True) @ rhs
+        # Dy = −[I 0] KKT⁻¹ [B; 0]  ⇒  Dyᵀ g = −Bᵀ z_y
+        return (2.0 / s) * _centre_rows(z[:n].reshape(d, K))
+    H_k_inv = torch.linalg.inv(H_k)
+    A_Hinv = (A @ H_k_inv).reshape(p, d * K)  # rows of A H⁻¹
+    A = A.reshape(p, d * K)
+    v = G @ H_k_inv  # H⁻¹ g
+    mu = torch.linalg.solve(A_Hinv @ A.T, A @ v.reshape(-1))  # (AH⁻¹Aᵀ)⁻¹ A H⁻¹ g
+    u = (A_Hinv.T @ mu).reshape(d, K)  # H⁻¹Aᵀ(AH⁻¹Aᵀ)⁻¹AH⁻¹g
+    return -(2.0 / s) * _centre_rows(u - v)  # Bᵀ(u − v), B = −(2/√(K−1)) I ⊗ M
+
+
+class NearestETF(torch.autograd.Function):
+    """``U* = nearest_etf(H_bar, U_prev)`` with a choice of solver and backward.
+
+    ``NearestETF.apply(H_bar, U_prev, delta, solver, backward, info=None)``; ``info``, when a
+    dict, receives the solver's diagnostics (the Riemannian solver's iterations, gradient
+    norm and stopping reason).
+    """
+
+    @staticmethod
+    def forward(ctx, H_bar, U_prev, delta, solver, backward, info=None):  # noqa: D102
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+        if backward not in BACKWARDS:
+            raise ValueError(f"unknown backward {backward!r}; choose from {BACKWARDS}")
+        check_nearest_etf_inputs(H_bar, U_prev, delta)
+        dtype = compute_dtype(H_bar)
+        H = H_bar.detach().to(dtype)
+        Up = None if U_prev is None else U_prev.detach().to(dtype)
+        delta = float(delta) if Up is not None else 0.0
+        C = proximal_target(H, Up, delta)
+        if solver == "exact":
+            pf = polar_factor(C)
+            U, B, sigma = pf.U, pf.B, pf.sigma
+        else:
+            from gnc.riemannian import solve_riemannian
+
+            res = solve_riemannian(H, Up, delta)
+            U = res.U.to(device=H.device, dtype=dtype)
+            if info is not None:
+                info.update(
+                    iterations=res.iterations,
+                    gradient_norm=res.gradient_norm,
+                    stopping_reason=res.stopping_reason,
+                )
+            B = sigma = None
+            if backward == "closed_form":
+                # At the optimum UᵀC = P (symmetric PSD): its eigenpairs are the factors.
+                P = _sym(U.T @ C)
+                sigma, B = torch.linalg.eigh(P)
+                sigma = sigma.clamp_min(0)
+                sigma = torch.where(sigma > sigma.max() * 1e-10, sigma, torch.zeros_like(sigma))
+        ctx.backward_mode = backward
+        ctx.delta = delta
+        ctx.in_dtype = H_bar.dtype
+        ctx.has_prev = Up is not None
+        if backward == "closed_form":
+            ctx.save_for_backward(U, B, sigma)
+        elif backward == "ddn":
+            ctx.save_for_backward(U, H, Up if Up is not None else torch.zeros_like(U))
+        return U.to(H_bar.dtype)
+
+    @staticmethod
+    def backward(ctx, G):  # noqa: D102
+        if ctx.backward_mode == "none" or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        if ctx.backward_mode == "closed_form":
+            U, B, sigma = ctx.saved_tensors
+            grad = closed_form_backward(U, B, sigma, G.to(U.dtype))
+        else:
+            U, H, Up = ctx.saved_tensors
+            grad = ddn_backward(U, H, Up if ctx.has_prev else None, ctx.delta, G.to(U.dtype))
+        return grad.to(ctx.in_dtype), None, None, None, None, None

@@ -1,0 +1,261 @@
+"""The simplex equiangular tight frame (ETF) and the nearest-ETF problem.
+
+Notation (DESIGN §1): ``K`` classes, feature dimension ``d >= K``,
+``M = I_K - (1/K) 1 1ᵀ`` the centring matrix, ``St(d, K) = {U ∈ R^{d×K} : UᵀU = I_K}``.
+The simplex ETF with rotation ``U`` is the K×d matrix ``W(U) = √(K/(K-1)) · M · Uᵀ``.
+
+The nearest simplex ETF of the (Frobenius-normalised) centred class means ``H_bar`` is the
+proximal problem of Markou, Ajanthan & Gould (NeurIPS 2024), eq. (6):
+
+    U* = argmin_{U ∈ St(d,K)}  ‖H_bar − U M/√(K−1)‖²_F + (δ/2) ‖U − U_prev‖²_F
+
+On St(d,K), ‖UM‖²_F = K−1 and ‖U‖²_F = K, so the objective is ``const − tr(Uᵀ C)`` with
+
+    C = (2/√(K−1)) · H_bar M + δ · U_prev
+
+and the global minimiser is the polar factor of ``C``. This module holds that closed form;
+:mod:`gnc.declarative` makes it differentiable and :mod:`gnc.riemannian` holds the paper's
+iterative solver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SOLVERS = ("exact", "riemannian")
+BACKWARDS = ("closed_form", "ddn", "none")
+POLAR_METHODS = ("auto", "svd", "gram")
+
+# Above this many classes the polar factor is computed in the input's precision
+# (float32 at least) instead of float64: the O(dK²) work then dominates the step.
+FLOAT64_MAX_K = 1024
+# From this many classes on, float64 polar factors use the K×K Gram matrix (faster than SVD).
+GRAM_MIN_K = 256
+
+
+def centering(K: int, *, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """The centring matrix ``M = I_K − (1/K) 1 1ᵀ`` (symmetric, idempotent, ``M 1 = 0``)."""
+    return torch.eye(K, dtype=dtype, device=device) - 1.0 / K
+
+
+def canonical_stiefel(d: int, K: int, *, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """``I_{d×K}``: the first K standard basis vectors of R^d, a point of St(d, K)."""
+    return torch.eye(d, K, dtype=dtype, device=device)
+
+
+def simplex_etf(K: int, U: Tensor | None = None) -> Tensor:
+    """The simplex ETF ``W(U) = √(K/(K−1)) · M · Uᵀ`` (K×d).
+
+    Its rows have unit norm and pairwise cosine ``−1/(K−1)``.
+
+    Args:
+        K: number of classes (``K >= 2``).
+        U: rotation in St(d, K) (d×K). Default ``I_{K×K}``, giving a K×K ETF.
+
+    Example:
+        >>> W = simplex_etf(4)
+        >>> torch.allclose(W @ W.T, (4 / 3) * centering(4))
+        True
+    """
+    if K < 2:
+        raise ValueError(f"a simplex ETF needs K >= 2 classes, but got K={K}")
+    if U is None:
+        U = torch.eye(K, dtype=torch.get_default_dtype())
+    if U.ndim != 2 or U.shape[1] != K:
+        raise ValueError(f"Expected `U` to have shape (d, K={K}), but got {tuple(U.shape)}")
+    # M Uᵀ = Uᵀ − (column means of Uᵀ): avoids forming M.
+    Ut = U.T
+    return math.sqrt(K / (K - 1)) * (Ut - Ut.mean(dim=0, keepdim=True))
+
+
+def proximal_target(H_bar: Tensor, U_prev: Tensor | None, delta: float) -> Tensor:
+    """``C = (2/√(K−1)) · H_bar M + δ · U_prev`` (``U_prev = None`` means ``δ = 0``)."""
+    K = H_bar.shape[1]
+    # H_bar M = H_bar with each row's mean removed.
+    C = (2.0 / math.sqrt(K - 1)) * (H_bar - H_bar.mean(dim=1, keepdim=True))
+    if U_prev is not None and delta != 0.0:
+        C = C + delta * U_prev
+    return C
+
+
+def etf_objective(
+    U: Tensor, H_bar: Tensor, U_prev: Tensor | None = None, delta: float = 0.0
+) -> Tensor:
+    """``f(U) = ‖H_bar − U M/√(K−1)‖²_F + (δ/2)‖U − U_prev‖²_F`` (the paper's eq. (6))."""
+    K = H_bar.shape[1]
+    UM = U - U.mean(dim=1, keepdim=True)
+    f = (H_bar - UM / math.sqrt(K - 1)).square().sum()
+    if U_prev is not None and delta != 0.0:
+        f = f + 0.5 * delta * (U - U_prev).square().sum()
+    return f
+
+
+@dataclass
+class PolarFactor:
+    """``C = U P`` with ``U ∈ St(d,K)`` and ``P = B diag(sigma) Bᵀ`` (the SVD ``C = (U B) Σ Bᵀ``).
+
+    ``rank`` is the number of singular values above the rank tolerance; the remaining
+    ``sigma`` are set to 0 and ``U`` is completed on the null space by a tie-break (see
+    :func:`polar_factor`). The backward of :mod:`gnc.declarative` reuses ``B`` and ``sigma``.
+    """
+
+    U: Tensor
+    B: Tensor
+    sigma: Tensor
+    rank: int
+
+
+def _rank_tolerance(sigma_max: Tensor, d: int, K: int, dtype: torch.dtype) -> float:
+    return float(sigma_max) * max(d, K) * torch.finfo(dtype).eps * 10
+
+
+def _complete_null_space(A_r: Tensor, B_n: Tensor) -> Tensor:
+    """Left factor ``A_n`` (d×n) for the null directions ``B_n`` of a rank-deficient C.
+
+    Any ``A_n`` with orthonormal columns orthogonal to ``A_r`` maximises ``tr(Uᵀ C)``; we take
+    the one that puts ``U = A_r B_rᵀ + A_n B_nᵀ`` nearest ``I_{d×K}``:
+    ``A_n = polar((I − A_r A_rᵀ) I_{d×K} B_n)``. It is deterministic and does not depend on
+    the basis chosen for the null space.
+    """
+    d = A_r.shape[0]
+    E_Bn = torch.zeros(d, B_n.shape[1], dtype=B_n.dtype, device=B_n.device)
+    E_Bn[: B_n.shape[0]] = B_n
+    Q = E_Bn - A_r @ (A_r.T @ E_Bn)
+    Qa, Qs, Qvh = torch.linalg.svd(Q, full_matrices=False)
+    if Qs.numel() and Qs.min() < 1e-6:
+        # I_{d×K} B_n lies (nearly) in span(A_r): complete with a fixed pseudo-random frame.
+        g = torch.Generator(device="cpu").manual_seed(0)
+        R = torch.randn(d, B_n.shape[1], generator=g, dtype=B_n.dtype).to(B_n.device)
+        Q = Q + (R - A_r @ (A_r.T @ R))
+        Qa, _, Qvh = torch.linalg.svd(Q, full_matrices=False)
+    return Qa @ Qvh
+
+
+def polar_factor(C: Tensor, method: str = "auto") -> PolarFactor:
+    """Polar decomposition ``C = U P`` of a d×K matrix (d >= K), with the factors of ``P``.
+
+    ``U = A Bᵀ`` where ``C = A Σ Bᵀ`` is the thin SVD; it is the unique maximiser of
+    ``tr(Uᵀ C)`` over St(d, K) when ``σ_min(C) > 0``. When C is rank-deficient (the δ = 0
+    feasibility step, where ``C 1 = 0``), the null directions are completed by the
+    tie-break of :func:`_complete_null_space`.
+
+    Methods: ``"svd"`` (thin SVD of C), ``"gram"`` (eigendecomposition of the K×K matrix
+    ``CᵀC = B Σ² Bᵀ``, then ``U = C B Σ⁻¹ Bᵀ``: about 2× cheaper than the SVD when d ≫ K, and
+    accurate to ~eps·cond(C)² in float64), ``"auto"`` (gram for float64 with K > 256, where
+    it is the faster, else svd: the SVD's error grows only as eps·cond(C)).
+    Works in C's dtype; callers choose the precision.
+    """
+    if method not in POLAR_METHODS:
+        raise ValueError(f"unknown polar method {method!r}; choose from {POLAR_METHODS}")
+    d, K = C.shape
+    if method == "auto":
+        method = "gram" if C.dtype == torch.float64 and K > GRAM_MIN_K else "svd"
+    if method == "svd":
+        A, sigma, Bh = torch.linalg.svd(C, full_matrices=False)
+        B = Bh.T
+    else:
+        lam, B = torch.linalg.eigh(C.T @ C)  # ascending
+        lam, B = lam.flip(0), B.flip(1)  # descending, like the SVD
+        sigma = lam.clamp_min(0).sqrt()
+        A = None
+    tol = _rank_tolerance(sigma[0], d, K, C.dtype)
+    if method == "gram":
+        # An eigenvalue of CᵀC carries absolute error ~eps·σ_max², i.e. σ ~ √eps·σ_max.
+        tol = max(tol, float(sigma[0]) * math.sqrt(K * torch.finfo(C.dtype).eps) * 10)
+    rank = int((sigma > tol).sum())
+    if rank == K:
+        U = A @ B.T if A is not None else (C @ (B / sigma)) @ B.T
+        return PolarFactor(U, B, sigma, rank)
+    B_r, B_n = B[:, :rank], B[:, rank:]
+    A_r = A[:, :rank] if A is not None else C @ (B_r / sigma[:rank])
+    A_n = _complete_null_space(A_r, B_n)
+    U = A_r @ B_r.T + A_n @ B_n.T
+    sigma = torch.cat([sigma[:rank], sigma.new_zeros(K - rank)])
+    return PolarFactor(U, B, sigma, rank)
+
+
+def polar(C: Tensor) -> Tensor:
+    """The polar factor ``U = A Bᵀ`` of ``C = A Σ Bᵀ``: the nearest point of St(d,K) to C."""
+    return polar_factor(C).U
+
+
+def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float) -> None:
+    """Raise ``ValueError`` naming the problem when the nearest-ETF inputs are invalid."""
+    if not isinstance(H_bar, Tensor) or H_bar.ndim != 2:
+        shape = tuple(H_bar.shape) if isinstance(H_bar, Tensor) else type(H_bar).__name__
+        raise ValueError(f"Expected `H_bar` to be a 2-D tensor (d, K), but got {shape}")
+    d, K = H_bar.shape
+    if K < 2:
+        raise ValueError(f"the nearest simplex ETF needs K >= 2 classes, but `H_bar` has K={K}")
+    if d < K:
+        raise ValueError(
+            f"the nearest simplex ETF needs feature dimension d >= K, but `H_bar` is d={d} x K={K}"
+        )
+    if not H_bar.is_floating_point():
+        raise ValueError(f"Expected `H_bar` to be floating point, but got {H_bar.dtype}")
+    if not bool(torch.isfinite(H_bar).all()):
+        raise ValueError("`H_bar` contains NaN or Inf")
+    if not (math.isfinite(delta) and delta >= 0):
+        raise ValueError(f"Expected `delta` to be a finite number >= 0, but got {delta}")
+    if U_prev is not None:
+        if U_prev.shape != H_bar.shape:
+            raise ValueError(
+                f"Expected `U_prev` to have the shape of `H_bar` {tuple(H_bar.shape)}, "
+                f"but got {tuple(U_prev.shape)}"
+            )
+        if not bool(torch.isfinite(U_prev).all()):
+            raise ValueError("`U_prev` contains NaN or Inf")
+
+
+def compute_dtype(H_bar: Tensor) -> torch.dtype:
+    """Precision of the inner solve: float64 for K <= FLOAT64_MAX_K, else at least float32."""
+    if H_bar.shape[1] <= FLOAT64_MAX_K or H_bar.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def nearest_etf(
+    H_bar: Tensor,
+    U_prev: Tensor | None = None,
+    *,
+    delta: float = 1e-3,
+    solver: str = "exact",
+    backward: str = "closed_form",
+    info: dict | None = None,
+) -> Tensor:
+    """Rotation ``U* ∈ St(d,K)`` of the simplex ETF nearest the class means ``H_bar``.
+
+    Solves ``min_{U ∈ St(d,K)} ‖H_bar − U M/√(K−1)‖²_F + (δ/2)‖U − U_prev‖²_F`` (DESIGN §1).
+    Without ``U_prev`` (first step) it solves the δ = 0 "feasibility" problem, whose solution
+    is unique up to the direction ``1/√K`` that ``M`` removes; that direction is fixed by a
+    deterministic tie-break, and ``W(U*) = simplex_etf(K, U*)`` does not depend on it.
+
+    Differentiable with respect to ``H_bar`` (never ``U_prev``).
+
+    Args:
+        H_bar: d×K Frobenius-normalised centred class means.
+        U_prev: d×K previous solution, or None.
+        delta: proximal weight δ (default 1e-3); ignored without ``U_prev``.
+        solver: ``"exact"`` (polar factor) or ``"riemannian"`` (the paper's trust regions).
+        backward: ``"closed_form"`` (polar derivative), ``"ddn"`` (the paper's implicit
+            differentiation, small K) or ``"none"`` (no gradient through U*).
+        info: optional dict that receives the solver's diagnostics (Riemannian: iterations,
+            gradient_norm, stopping_reason).
+
+    Returns:
+        ``U*``, d×K, same dtype and device as ``H_bar``.
+
+    Example:
+        >>> H = torch.randn(64, 10, dtype=torch.float64)
+        >>> U = nearest_etf(H / H.norm())
+        >>> torch.allclose(U.T @ U, torch.eye(10, dtype=torch.float64))
+        True
+    """
+    # Imported here: gnc.declarative builds on the maths of this module.
+    from gnc.declarative import NearestETF
+
+    return NearestETF.apply(H_bar, U_prev, delta, solver, backward, info)

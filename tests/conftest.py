@@ -1,0 +1,32 @@
+import math
+
+import pytest
+import torch
+
+from gnc.etf import centering
+
+
+def random_stiefel(d: int, K: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + seed)  # distinct from the global seed
+    Q, _ = torch.linalg.qr(torch.randn(d, K, generator=g, dtype=torch.float64))
+    return Q.to(dtype)
+
+
+def random_means(d: int, K: int, seed: int = 0) -> torch.Tensor:
+    """Centred, Frobenius-normalised random class means (d×K, float64)."""
+    g = torch.Generator().manual_seed(1000 + seed)  # distinct from the global seed
+    H = torch.randn(d, K, generator=g, dtype=torch.float64) @ centering(K)
+    return H / H.norm()
+
+
+def near_etf_means(d: int, K: int, seed: int = 0, noise: float = 1e-3) -> torch.Tensor:
+    """Class means within `noise` of an exact simplex ETF ``U0 M/√(K−1)``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    H = random_stiefel(d, K, seed) @ centering(K) / math.sqrt(K - 1)
+    H = H + noise * torch.randn(d, K, generator=g, dtype=torch.float64) @ centering(K)
+    return H / H.norm()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gnc.bench import bench_layer, format_table, parse_sizes, speedups
+
+
+def test_bench_layer_small_sizes_table_and_speedups():
+    records = bench_layer([(32, 4), (64, 8)], repeats=2)
+    methods = {(r.case, r.method) for r in records}
+    assert ("layer 32x4", "exact/closed_form") in methods
+    assert ("layer 64x8", "riemannian/ddn") in methods
+    assert all(r.forward_ms > 0 for r in records if r.forward_ms is not None)
+    table = format_table(records)
+    assert "exact/closed_form" in table and "svd 64x8" in table
+    assert any("faster than riemannian/ddn" in line for line in speedups(records))
+
+
+def test_bench_skips_paper_method_at_large_K():
+    records = bench_layer([(1000, 500)], repeats=1)
+    paper = [r for r in records if r.method == "riemannian/ddn"][0]
+    assert paper.forward_ms is None and paper.note.startswith("skipped")
+
+
+def test_parse_sizes():
+    assert parse_sizes("512x10,2048X1000") == [(512, 10), (2048, 1000)]
+    with pytest.raises(ValueError, match="expected DxK"):
+        parse_sizes("512by10")
+    with pytest.raises(ValueError, match="d >= K"):
+        parse_sizes("5x10")
+
+
+def test_cli_bench_json_and_bad_size():
+    out = subprocess.run([sys.executable, "-m", "gnc", "bench", "--sizes", "32x4", "--repeats",
+                          "1", "--json"], capture_output=True, text=True, check=True)
+    recs = json.loads(out.stdout)
+    keys = {"case", "method", "device", "forward_ms", "backward_ms", "peak_mem_mb"}
+    assert keys <= recs[0].keys()
+    bad = subprocess.run([sys.executable, "-m", "gnc", "bench", "--sizes", "3x4"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().count("\n") == 0 and "d >= K" in bad.stderr

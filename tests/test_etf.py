@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from gnc.etf import (
+    centering,
+    etf_objective,
+    nearest_etf,
+    polar,
+    polar_factor,
+    proximal_target,
+    simplex_etf,
+)
+from tests.conftest import near_etf_means, random_means, random_stiefel
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("K", [2, 3, 10])
+def test_simplex_etf_geometry(K):
+    U = random_stiefel(2 * K, K)
+    W = simplex_etf(K, U)
+    assert W.shape == (K, 2 * K)
+    G = W @ W.T
+    assert torch.allclose(G.diagonal(), torch.ones(K, dtype=F64))
+    off = G[~torch.eye(K, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, -1.0 / (K - 1)))
+    expected = math.sqrt(K / (K - 1)) * centering(K, dtype=torch.float32)
+    assert torch.allclose(simplex_etf(K), expected)
+
+
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_polar_factor_is_nearest_orthonormal(method):
+    C = torch.randn(40, 8, dtype=F64)
+    pf = polar_factor(C, method)
+    assert pf.rank == 8
+    assert torch.allclose(pf.U.T @ pf.U, torch.eye(8, dtype=F64), atol=1e-12)
+    P = pf.B @ torch.diag(pf.sigma) @ pf.B.T
+    assert torch.allclose(pf.U @ P, C, atol=1e-12)
+    assert torch.allclose(pf.U, polar(C), atol=1e-10)
+
+
+@pytest.mark.parametrize("d,K", [(16, 5), (64, 10)])
+def test_feasibility_step_tie_break_is_deterministic_and_nearest_identity(d, K):
+    H = random_means(d, K)
+    U1, U2 = nearest_etf(H), nearest_etf(H.clone())
+    assert torch.equal(U1, U2)
+    # every minimiser is U* + a rotation in the tie-break direction; ours is nearest I_{d×K}
+    C = proximal_target(H, None, 0.0)
+    pf = polar_factor(C, "svd")
+    assert pf.rank == K - 1
+    assert torch.allclose(U1 @ centering(K), pf.U @ centering(K), atol=1e-10)
+    E = torch.eye(d, K, dtype=F64)
+    b = torch.full((K, 1), 1 / math.sqrt(K), dtype=F64)
+    for seed in range(5):  # rotate the free column: never nearer I_{d×K}
+        v = torch.randn(d, 1, dtype=F64, generator=torch.Generator().manual_seed(seed))
+        A_r = (U1 @ centering(K))
+        v = v - A_r @ torch.linalg.lstsq(A_r, v).solution
+        v = v / v.norm()
+        U_alt = U1 @ centering(K) + v @ b.T
+        assert (U1 - E).norm() <= (U_alt - E).norm() + 1e-12
+
+
+@pytest.mark.parametrize("d,K", [(64, 10), (512, 100)])
+@pytest.mark.parametrize("means", ["random", "near_etf"])
+def test_solution_on_manifold_and_minimises_objective(d, K, means):
+    H = random_means(d, K) if means == "random" else near_etf_means(d, K)
+    U_prev = random_stiefel(d, K, seed=3)
+    U = nearest_etf(H, U_prev)
+    assert (U.T @ U - torch.eye(K, dtype=F64)).norm() <= 1e-10
+    f_star = etf_objective(U, H, U_prev, 1e-3)
+    g = torch.Generator().manual_seed(7)
+    for scale in (1e-4, 1e-2, 1e-1):
+        for _ in range(5):
+            X = U + scale * torch.randn(d, K, dtype=F64, generator=g)
+            V = polar(X)  # a random point of St(d,K) near U*
+            assert etf_objective(V, H, U_prev, 1e-3) >= f_star - 1e-12
+
+
+def test_dtype_and_device_preserved():
+    H = random_means(32, 6).float()
+    U = nearest_etf(H, random_stiefel(32, 6).float())
+    assert U.dtype == torch.float32 and U.device == H.device
+    assert (U.double().T @ U.double() - torch.eye(6, dtype=F64)).norm() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "H,U_prev,kw,match",
+    [
+        (torch.randn(10), None, {}, "2-D"),
+        (torch.randn(10, 1), None, {}, "K >= 2"),
+        (torch.randn(4, 6), None, {}, "d >= K"),
+        (torch.randn(10, 4), torch.randn(10, 3), {}, "`U_prev`"),
+        (torch.full((10, 4), float("nan")), None, {}, "NaN or Inf"),
+        (torch.randn(10, 4), torch.full((10, 4), float("inf")), {}, "NaN or Inf"),
+        (torch.randn(10, 4), None, {"solver": "newton"}, "unknown solver"),
+        (torch.randn(10, 4), None, {"backward": "autograd"}, "unknown backward"),
+        (torch.randn(10, 4), None, {"delta": -1.0}, "delta"),
+    ],
+)
+def test_bad_inputs(H, U_prev, kw, match):
+    with pytest.raises(ValueError, match=match):
+        nearest_etf(H, U_prev, **kw)
+
+
+def test_simplex_etf_bad_inputs():
+    with pytest.raises(ValueError, match="K >= 2"):
+        simplex_etf(1)
+    with pytest.raises(ValueError, match="shape"):
+        simplex_etf(3, torch.randn(5, 4))
