@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gnc.validation import all_finite
+
 SOLVERS = ("exact", "riemannian")
 BACKWARDS = ("closed_form", "ddn", "none")
 POLAR_METHODS = ("auto", "svd", "gram")
@@ -197,7 +199,7 @@ def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float)
         )
     if not H_bar.is_floating_point():
         raise ValueError(f"Expected `H_bar` to be floating point, but got {H_bar.dtype}")
-    if not bool(torch.isfinite(H_bar).all()):
+    if not all_finite(H_bar):
         raise ValueError("`H_bar` contains NaN or Inf")
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"Expected `delta` to be a finite number >= 0, but got {delta}")
@@ -207,7 +209,7 @@ def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float)
                 f"Expected `U_prev` to have the shape of `H_bar` {tuple(H_bar.shape)}, "
                 f"but got {tuple(U_prev.shape)}"
             )
-        if not bool(torch.isfinite(U_prev).all()):
+        if not all_finite(U_prev):
             raise ValueError("`U_prev` contains NaN or Inf")
 
 

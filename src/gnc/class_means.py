@@ -1,0 +1,196 @@
+"""Running centred class means, the target ``H̄`` of the nearest-ETF problem (DESIGN §1).
+
+From a batch of features ``h_i`` (d) with labels ``y_i``:
+
+    μ_c = mean of the h_i with y_i = c,   μ_G = mean of all h_i,   m_c = μ_c − μ_G,
+    Hb  = [m_0, ..., m_{K−1}]  (d x K)
+
+and the running estimate, column by column (classes absent from the batch keep their
+column, classes never seen have column 0):
+
+    H̄_c ← (1 − β_c) · sg(H̄_c) + β_c · m_c,        then   H̄ ← H̄ / ‖H̄‖_F
+
+where ``sg`` stops the gradient (the old estimate is detached, gradient flows only through
+the current batch's contribution ``β_c · m_c``) and
+
+- ``"ema"``: ``β_c = α_t = max(2/(t+1), 1e-4)`` with ``t`` the update count (1 for the first
+  update, which therefore takes the batch as is); a class seen for the first time takes its
+  batch mean as is (``β_c = 1``) instead of being averaged with its placeholder 0;
+- ``"cma"``: the cumulative average weighted by per-class sample counts,
+  ``β_c = n_c / (N_c + n_c)`` with ``n_c`` the batch count and ``N_c`` the count seen before.
+
+The same rule keeps a running global mean ``μ_G`` for evaluation (weight ``α_t``, or
+``n/(N + n)`` for CMA), where the bias is ``−W μ_G``.
+
+Under ``torch.distributed`` (initialised) the per-class sums and counts are all-reduced
+before the means are formed, so every rank gets the same ``H̄`` and ``μ_G``. The sums go
+through the autograd-aware ``torch.distributed.nn.functional.all_reduce``, whose backward
+sums the gradients over ranks: each rank's features get the gradient of the summed loss of
+all ranks, which DDP's gradient averaging turns into the gradient of the mean loss.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gnc.validation import all_finite
+
+__all__ = ["ClassMeanTracker", "ClassMeans"]
+
+_UPDATES = ("ema", "cma")
+_MIN_ALPHA = 1e-4
+
+
+class ClassMeans(NamedTuple):
+    """What :class:`ClassMeanTracker` returns for a batch."""
+
+    H_bar: Tensor  # (d, K) Frobenius-normalised running centred means, grad via this batch
+    mu_G: Tensor  # (d,) the batch's global mean (of all ranks), differentiable
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _frobenius_normalise(H: Tensor) -> Tensor:
+    """``H / ‖H‖_F``, and ``H`` itself (zero) when its norm is 0, with a finite gradient."""
+    norm = torch.linalg.matrix_norm(H)
+    return H / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _check_inputs(features: Tensor, labels: Tensor, d: int, K: int) -> None:
+    if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != d:
+        got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"Expected `features` to have shape (B, d={d}), but got {got}")
+    if features.shape[0] == 0:
+        raise ValueError("Expected `features` to hold at least one sample, but got B=0")
+    if not features.is_floating_point():
+        raise ValueError(f"Expected `features` to be floating point, but got {features.dtype}")
+    if not all_finite(features):
+        raise ValueError("Expected `features` to be finite, but got NaN or Inf values")
+    B = features.shape[0]
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != (B,):
+        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"Expected `labels` to have shape (B={B},), but got {got}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"Expected `labels` to be an integer tensor, but got {labels.dtype}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= K:
+        raise ValueError(
+            f"Expected `labels` to be in [0, K={K}), but got values in [{low}, {high}]"
+        )
+
+
+class ClassMeanTracker(nn.Module):
+    r"""Running, Frobenius-normalised centred class means ``H̄`` (d x K) and global mean.
+
+    See the module docstring for the update rule. Calling the module updates the running
+    estimate (in training and in eval mode alike; the caller decides when to call it).
+
+    Args:
+        d: feature dimension.
+        K: number of classes.
+        update: ``"ema"`` (default) or ``"cma"``.
+        device, dtype: of the buffers (computations use the wider of this and the features'
+            dtype).
+
+    Shape:
+        - features: (B, d), B >= 1, floating point, finite
+        - labels: (B,), integer in [0, K)
+        - output: :class:`ClassMeans` with ``H_bar`` (d, K) and ``mu_G`` (d,)
+
+    Attributes (buffers, all in ``state_dict``):
+        H_bar_raw: (d, K) the running centred means before the Frobenius normalisation.
+        mu_G: (d,) the running global mean (for evaluation).
+        counts: (K,) int64, samples seen per class (over all ranks); ``counts > 0`` = seen.
+        t: () int64, the number of updates so far.
+
+    Examples::
+
+        >>> tracker = ClassMeanTracker(d=64, K=10)
+        >>> H_bar, mu_G = tracker(torch.randn(32, 64), torch.arange(32) % 10)
+        >>> H_bar.shape, mu_G.shape
+        (torch.Size([64, 10]), torch.Size([64]))
+    """
+
+    H_bar_raw: Tensor
+    mu_G: Tensor
+    counts: Tensor
+    t: Tensor
+
+    def __init__(
+        self,
+        d: int,
+        K: int,
+        update: str = "ema",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if update not in _UPDATES:
+            raise ValueError(f"Expected `update` to be one of {_UPDATES}, but got {update!r}")
+        if d < 1 or K < 2:
+            raise ValueError(f"Expected `d` >= 1 and `K` >= 2, but got d={d}, K={K}")
+        self.d, self.K, self.update = d, K, update
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("H_bar_raw", torch.zeros(d, K, **factory))
+        self.register_buffer("mu_G", torch.zeros(d, **factory))
+        self.register_buffer("counts", torch.zeros(K, dtype=torch.long, device=device))
+        self.register_buffer("t", torch.zeros((), dtype=torch.long, device=device))
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, K={self.K}, update={self.update!r}"
+
+    def reset(self) -> None:
+        """Forget all updates."""
+        for buffer in (self.H_bar_raw, self.mu_G, self.counts, self.t):
+            buffer.zero_()
+
+    @property
+    def H_bar(self) -> Tensor:
+        """The current running estimate, Frobenius-normalised (d x K, no gradient)."""
+        return _frobenius_normalise(self.H_bar_raw.detach())
+
+    def forward(self, features: Tensor, labels: Tensor) -> ClassMeans:
+        """Update the running means with a batch and return ``(H̄, μ_G of the batch)``."""
+        _check_inputs(features, labels, self.d, self.K)
+        dtype = torch.promote_types(features.dtype, self.H_bar_raw.dtype)
+        sums, counts = self._batch_sums(features.to(dtype), labels.to(torch.long))
+        n = counts.sum()
+        mu_G = sums.sum(dim=0) / n  # (d,)
+        Hb = (sums / counts.clamp_min(1)[:, None] - mu_G).T  # (d, K); absent columns unused
+        beta, gamma = self._weights(counts, dtype)  # (K,), ()
+        H_raw = self.H_bar_raw.to(dtype) * (1 - beta) + Hb * beta  # old part has no grad
+        with torch.no_grad():
+            self.mu_G.copy_(self.mu_G * (1 - gamma) + mu_G * gamma)
+            self.H_bar_raw.copy_(H_raw)
+            self.counts += counts
+            self.t += 1
+        return ClassMeans(_frobenius_normalise(H_raw), mu_G)
+
+    def _batch_sums(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-class sums (K, d) and counts (K,) of the batch, summed over ranks."""
+        sums = h.new_zeros(self.K, self.d).index_add(0, y, h)
+        counts = torch.bincount(y, minlength=self.K)
+        if _is_distributed():
+            import torch.distributed.nn.functional as dist_fn
+
+            sums = dist_fn.all_reduce(sums, op=dist.ReduceOp.SUM)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return sums, counts
+
+    def _weights(self, counts: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Weights of the batch: per class ``β`` (0 if absent) and for the global mean."""
+        present, new = counts > 0, self.counts == 0
+        if self.update == "ema":
+            alpha = (2.0 / (self.t + 2).to(dtype)).clamp_min(_MIN_ALPHA)  # t+1 = this update
+            beta = torch.where(new, torch.ones_like(alpha), alpha).expand(self.K)
+            return torch.where(present, beta, torch.zeros_like(beta)), alpha
+        total = (self.counts + counts).to(dtype)
+        beta = counts.to(dtype) / total.clamp_min(1)
+        return beta, counts.sum().to(dtype) / total.sum()

@@ -1,0 +1,448 @@
+"""Streaming neural-collapse (NC) metrics.
+
+Definitions follow Papyan, Han & Donoho, "Prevalence of neural collapse during the terminal
+phase of deep learning training" (PNAS 2020) for NC1-NC4 and Markou, Ajanthan & Gould,
+"Guiding Neural Collapse" (NeurIPS 2024) for the normalisation of NC2/NC3, the equinorms and
+the cosine margin. Notation: ``K`` classes, width ``d``, ``N`` samples ``(h_i, y_i)``,
+classifier ``W`` (K x d) and bias ``b`` (K), ``M = I_K - 11ᵀ/K``.
+
+    μ_c = mean of the h_i with y_i = c,     μ_G = (1/N) Σ_i h_i,
+    H   = [μ_0 - μ_G, ..., μ_{K-1} - μ_G]   (d x K),
+    Σ_W = (1/N) Σ_i (h_i - μ_{y_i})(h_i - μ_{y_i})ᵀ,     Σ_B = (1/K) H Hᵀ,
+    ETF(G) = ‖G/‖G‖_F - M/√(K-1)‖_F       (distance of a K x K Gram-type matrix to the ETF).
+
+The statistics are accumulated in two passes over the data (torchmetrics style: ``update``
+adds sufficient statistics, ``compute`` derives the numbers), in float64, with memory
+O(d² + dK) independent of N, apart from the per-sample cosine margins of pass 2:
+
+1. :meth:`NCStatistics.update` — per-class sums Σ_{y_i=c} h_i, counts n_c, the total second
+   moment S = Σ_i h_i h_iᵀ (so that ``N Σ_W = S - Σ_c n_c μ_c μ_cᵀ``) and, when logits are
+   given, top-1/top-5 hits.
+2. :meth:`NCStatistics.update_margins` — needs μ_G and μ_c of the *whole* split (all ranks):
+   per-sample cosine margins, the NCC mismatch count, and top-1/top-5 hits.
+
+Under ``torch.distributed`` (initialised) the same code gives the global result: the pass-1
+statistics are all-reduced (SUM) once, when pass 2 starts (:meth:`NCStatistics.sync`), the
+pass-2 counts are all-reduced and the per-sample margins all-gathered in ``compute``. Every
+rank must therefore make the same sequence of collective calls: ``sync()`` (implicitly the
+first ``update_margins`` call, or ``compute``) and ``compute()`` exactly once per rank each.
+
+Example::
+
+    stats = NCStatistics(K=10, d=512)
+    for x, y in loader:
+        stats.update(model.features(x), y)
+    for x, y in loader:
+        stats.update_margins(model.features(x), y, head.weight, head.bias)
+    metrics = stats.compute(head.weight, head.bias)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gnc.validation import all_finite
+
+__all__ = ["NCStatistics", "nc_metrics"]
+
+logger = logging.getLogger(__name__)
+
+_F64 = torch.float64
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """NCCL only reduces CUDA tensors; every other backend reduces tensors where they are."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    """A summed copy of ``tensor`` over all ranks (a plain copy in a single process)."""
+    if not _is_distributed():
+        return tensor.clone()
+    out = tensor.to(_comm_device(tensor.device), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(tensor.device)
+
+
+def _all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenation (in rank order) of the 1-D tensors of all ranks, of varying lengths."""
+    if not _is_distributed():
+        return tensor.clone()
+    device = _comm_device(tensor.device)
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.numel()], device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    lengths = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=tensor.dtype, device=device)
+    padded[: tensor.numel()] = tensor.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, lengths, strict=True)]).to(tensor.device)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_features(features: Tensor, d: int) -> None:
+    if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != d:
+        got = _shape(features) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"Expected `features` to have shape (N, d={d}), but got {got}")
+    if not features.is_floating_point():
+        raise ValueError(f"Expected `features` to be floating point, but got {features.dtype}")
+    if not all_finite(features):
+        raise ValueError("Expected `features` to be finite, but got NaN or Inf values")
+
+
+def _check_labels(labels: Tensor, n: int, K: int) -> None:
+    if not isinstance(labels, Tensor) or _shape(labels) != (n,):
+        got = _shape(labels) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"Expected `labels` to have shape (N={n},), but got {got}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"Expected `labels` to be an integer tensor, but got {labels.dtype}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= K):
+        raise ValueError(
+            f"Expected `labels` to be in [0, K={K}), but got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def _check_logits(logits: Tensor, n: int, K: int) -> None:
+    if not isinstance(logits, Tensor) or _shape(logits) != (n, K):
+        got = _shape(logits) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"Expected `logits` to have shape (N={n}, K={K}), but got {got}")
+    if not all_finite(logits):
+        raise ValueError("Expected `logits` to be finite, but got NaN or Inf values")
+
+
+def _check_classifier(W: Tensor, b: Tensor, K: int, d: int) -> None:
+    if not isinstance(W, Tensor) or _shape(W) != (K, d):
+        got = _shape(W) if isinstance(W, Tensor) else type(W).__name__
+        raise ValueError(f"Expected `W` to have shape (K={K}, d={d}), but got {got}")
+    if not isinstance(b, Tensor) or _shape(b) != (K,):
+        got = _shape(b) if isinstance(b, Tensor) else type(b).__name__
+        raise ValueError(f"Expected `b` to have shape (K={K},), but got {got}")
+    if not (all_finite(W) and all_finite(b)):
+        raise ValueError("Expected `W` and `b` to be finite, but got NaN or Inf values")
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+def _topk_hits(logits: Tensor, labels: Tensor) -> tuple[int, int]:
+    """Number of samples whose label is the top-1 / among the top-min(5, K) logits."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, k)
+    hits = top == labels[:, None]
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+def _etf_distance(G: Tensor) -> float:
+    """``‖G/‖G‖_F - M/√(K-1)‖_F`` for a K x K matrix G (NaN if G = 0)."""
+    K = G.shape[0]
+    M = torch.eye(K, dtype=G.dtype, device=G.device) - 1.0 / K
+    return float(torch.linalg.matrix_norm(G / torch.linalg.matrix_norm(G) - M / math.sqrt(K - 1)))
+
+
+def _coefficient_of_variation(x: Tensor) -> float:
+    """std/mean with the unbiased std (``torch.std``), as in Papyan et al.'s code."""
+    return float(x.std() / x.mean())
+
+
+def _nc1(sigma_W: Tensor, H: Tensor) -> float:
+    """``tr(Σ_W Σ_B†)/K`` without forming the d x d pseudo-inverse.
+
+    With ``Σ_B = HHᵀ/K`` and the thin SVD ``H = U S Vᵀ``: ``Σ_B† = K U S⁻² Uᵀ``, hence
+    ``tr(Σ_W Σ_B†)/K = Σ_i u_iᵀ Σ_W u_i / s_i²`` — O(d²K). Singular values ``s_i <=
+    sqrt(max(d, K)·eps)·s_max`` are treated as zero: this is ``torch.linalg.pinv(Σ_B)``'s
+    default cut (eigenvalues of Σ_B below ``max(d, K)·eps·λ_max``). H has rank <= K-1 since
+    ``Σ_c n_c (μ_c - μ_G) = 0``. NaN when all class means coincide (Σ_B = 0).
+    """
+    U, S, _ = torch.linalg.svd(H, full_matrices=False)
+    if float(S.max()) == 0.0:
+        logger.warning("NC1 undefined: all class means coincide (between-class covariance 0)")
+        return math.nan
+    rtol = math.sqrt(max(H.shape) * torch.finfo(H.dtype).eps)
+    keep = S > rtol * S.max()
+    U, S = U[:, keep], S[keep]
+    return float(((U * (sigma_W @ U)).sum(dim=0) / S**2).sum())
+
+
+def _cos_margins(h: Tensor, labels: Tensor, W: Tensor, mu_G: Tensor) -> Tensor:
+    """``cos(h - μ_G, w̃_y) - max_{c≠y} cos(h - μ_G, w̃_c)`` with ``W̃ = W - mean of rows``.
+
+    A zero vector has cosine 0 with everything.
+    """
+    tiny = torch.finfo(h.dtype).tiny
+    z = h - mu_G  # (N, d)
+    Wt = W - W.mean(dim=0)  # (K, d)
+    cos = (z @ Wt.T) / z.norm(dim=1, keepdim=True).clamp_min(tiny)  # (N, K)
+    cos = cos / Wt.norm(dim=1).clamp_min(tiny)
+    own = cos.gather(1, labels[:, None]).squeeze(1)
+    others = cos.scatter(1, labels[:, None], -math.inf).amax(dim=1)
+    return own - others
+
+
+def _ncc_predictions(h: Tensor, means: Tensor, present: Tensor) -> Tensor:
+    """``argmin_c ‖h - μ_c‖`` over the classes present in pass 1."""
+    dist2 = (means * means).sum(dim=1) - 2.0 * h @ means.T  # ‖h - μ_c‖² - ‖h‖², (N, K)
+    return dist2.masked_fill(~present, math.inf).argmin(dim=1)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class _Pass1:
+    """Pass-1 sufficient statistics."""
+
+    sums: Tensor  # (K, d) float64: Σ_{i: y_i = c} h_i
+    counts: Tensor  # (K,) int64: n_c
+    second_moment: Tensor  # (d, d) float64: Σ_i h_i h_iᵀ
+    hits: Tensor  # (3,) int64: top-1 hits, top-5 hits, samples that came with logits
+
+    def reduced(self) -> _Pass1:
+        tensors = (self.sums, self.counts, self.second_moment, self.hits)
+        return _Pass1(*(_all_reduce_sum(t) for t in tensors))
+
+
+class NCStatistics:
+    r"""Accumulated statistics for the neural-collapse metrics of one data split.
+
+    ``compute(W, b)`` returns (floats unless said; ``H``, ``Σ_W``, ``Σ_B``, ``M`` as in the
+    module docstring):
+
+    - ``nc1`` = tr(Σ_W Σ_B†)/K  (pseudo-inverse through the SVD of H, see ``_nc1``)
+    - ``nc2`` = ETF(W Wᵀ),  ``nc2_h`` = ETF(Hᵀ H),  ``nc3`` = ETF(W H)
+    - ``nc4_bias`` = ‖W μ_G + b‖
+    - ``ncc_mismatch``: % of samples where argmax(logits) ≠ argmin_c ‖h − μ_c‖
+    - ``w_equinorm`` = std/mean of ‖w_c‖, ``h_equinorm`` = std/mean of ‖μ_c − μ_G‖,
+      ``wh_equinorm`` = |w_equinorm − h_equinorm| (unbiased std)
+    - ``avg_cos_margin``: mean over samples of cos(h − μ_G, w̃_y) − max_{c≠y} cos(h − μ_G, w̃_c),
+      W̃ = W − mean of rows; ``cos_margins``: those margins sorted ascending (1-D float64
+      tensor on the CPU)
+    - ``top1``, ``top5``: accuracy in % (top-min(5, K)); from the logits given to
+      :meth:`update` if every sample came with them, else from pass 2's logits.
+
+    Args:
+        K: number of classes (>= 2).
+        d: feature dimension.
+        device: where the statistics live (default CPU); inputs are moved there.
+
+    Shape:
+        - features: (N, d), any floating dtype (accumulated in float64)
+        - labels: (N,), integer, values in [0, K)
+        - logits: (N, K)
+        - W: (K, d), b: (K,)
+
+    Memory is O(d² + dK) plus one float64 per sample for the cosine margins. Invalid inputs
+    raise ``ValueError`` before any state changes.
+    """
+
+    def __init__(self, K: int, d: int, device: torch.device | str | None = None) -> None:
+        if K < 2:
+            raise ValueError(f"Expected `K` >= 2, but got {K}")
+        if d < 1:
+            raise ValueError(f"Expected `d` >= 1, but got {d}")
+        self.K, self.d = K, d
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(K={self.K}, d={self.d}, device={self.device})"
+
+    def reset(self) -> None:
+        """Forget everything (both passes)."""
+        K, d, dev = self.K, self.d, self.device
+        self._pass1 = _Pass1(
+            sums=torch.zeros(K, d, dtype=_F64, device=dev),
+            counts=torch.zeros(K, dtype=torch.long, device=dev),
+            second_moment=torch.zeros(d, d, dtype=_F64, device=dev),
+            hits=torch.zeros(3, dtype=torch.long, device=dev),
+        )
+        self._global: _Pass1 | None = None  # pass 1 of all ranks, set by sync()
+        self._margins: list[Tensor] = []  # per-sample cosine margins, one tensor per batch
+        # NCC mismatches, top-1 hits, top-5 hits, samples seen in pass 2
+        self._pass2 = torch.zeros(4, dtype=torch.long, device=dev)
+
+    # ----------------------------------------------------------------------- pass 1
+
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor, logits: Tensor | None = None) -> None:
+        """Pass 1: add a batch's per-class sums, counts, second moment (and top-k hits).
+
+        Raises:
+            ValueError: on invalid inputs (the state is then unchanged).
+            RuntimeError: if pass 2 has started (call :meth:`reset` first).
+        """
+        _check_features(features, self.d)
+        n = features.shape[0]
+        _check_labels(labels, n, self.K)
+        if logits is not None:
+            _check_logits(logits, n, self.K)
+        if self._global is not None:
+            raise RuntimeError("update() called after pass 2 started; call reset() first")
+        h = features.to(self.device, _F64)
+        y = labels.to(self.device, torch.long)
+        p = self._pass1
+        p.sums.index_add_(0, y, h)
+        p.counts += torch.bincount(y, minlength=self.K)
+        p.second_moment.addmm_(h.T, h)
+        if logits is not None:
+            top1, top5 = _topk_hits(logits.to(self.device), y)
+            p.hits += torch.tensor([top1, top5, n], device=self.device)
+
+    def sync(self) -> None:
+        """End pass 1: sum its statistics over all ranks and fix μ_c, μ_G for pass 2.
+
+        Called implicitly by the first :meth:`update_margins` and by :meth:`compute`; call it
+        explicitly on a rank that has no data for pass 2 (it is a collective call).
+        Idempotent.
+        """
+        if self._global is None:
+            self._global = self._pass1.reduced()
+
+    def _means(self) -> tuple[Tensor, Tensor]:
+        """Global class means μ_c (K, d; 0 for empty classes) and global mean μ_G (d,)."""
+        assert self._global is not None
+        sums, counts = self._global.sums, self._global.counts
+        n = int(counts.sum())
+        if n == 0:
+            raise ValueError("No samples in pass 1: call update(...) before pass 2 / compute")
+        means = sums / counts.clamp_min(1)[:, None].to(_F64)
+        return means, sums.sum(dim=0) / n
+
+    # ----------------------------------------------------------------------- pass 2
+
+    @torch.no_grad()
+    def update_margins(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        W: Tensor,
+        b: Tensor,
+        logits: Tensor | None = None,
+    ) -> None:
+        """Pass 2: per-sample cosine margins, NCC mismatches and top-k hits of a batch.
+
+        Uses the global μ_c, μ_G of pass 1 (the first call runs :meth:`sync`). ``logits``
+        default to ``features @ W.T + b``.
+
+        Raises:
+            ValueError: on invalid inputs (the state is then unchanged) or if pass 1 saw no
+                samples.
+        """
+        _check_features(features, self.d)
+        n = features.shape[0]
+        _check_labels(labels, n, self.K)
+        _check_classifier(W, b, self.K, self.d)
+        if logits is not None:
+            _check_logits(logits, n, self.K)
+        self.sync()
+        means, mu_G = self._means()
+        h = features.to(self.device, _F64)
+        y = labels.to(self.device, torch.long)
+        W, b = W.to(self.device, _F64), b.to(self.device, _F64)
+        logits = h @ W.T + b if logits is None else logits.to(self.device)
+        ncc = _ncc_predictions(h, means, self._global.counts > 0)
+        mismatch = int((logits.argmax(dim=1) != ncc).sum())
+        top1, top5 = _topk_hits(logits, y)
+        self._margins.append(_cos_margins(h, y, W, mu_G))
+        self._pass2 += torch.tensor([mismatch, top1, top5, n], device=self.device)
+
+    # ----------------------------------------------------------------------- compute
+
+    @torch.no_grad()
+    def compute(self, W: Tensor, b: Tensor) -> dict[str, float | Tensor]:
+        """All NC metrics of the data seen (over all ranks), for the classifier ``(W, b)``.
+
+        Raises:
+            ValueError: on an invalid ``(W, b)``; if pass 2 (:meth:`update_margins`) did not
+                see exactly the samples of pass 1; if a class has no sample.
+        """
+        _check_classifier(W, b, self.K, self.d)
+        self.sync()
+        pass2 = _all_reduce_sum(self._pass2)
+        local = torch.cat(self._margins) if self._margins else torch.zeros(0, dtype=_F64)
+        margins = _all_gather_cat(local.to(self.device))
+        means, mu_G = self._means()
+        self._check_complete(pass2)
+        W, b = W.to(self.device, _F64), b.to(self.device, _F64)
+        n = int(self._global.counts.sum())
+        H = (means - mu_G).T  # (d, K)
+        sigma_W = (self._global.second_moment - self._global.sums.T @ means) / n
+        hits = self._global.hits if int(self._global.hits[2]) == n else pass2[1:]
+        w_equinorm = _coefficient_of_variation(W.norm(dim=1))
+        h_equinorm = _coefficient_of_variation(H.norm(dim=0))
+        return {
+            "nc1": _nc1(sigma_W, H),
+            "nc2": _etf_distance(W @ W.T),
+            "nc2_h": _etf_distance(H.T @ H),
+            "nc3": _etf_distance(W @ H),
+            "nc4_bias": float(torch.linalg.vector_norm(W @ mu_G + b)),
+            "ncc_mismatch": 100.0 * int(pass2[0]) / n,
+            "w_equinorm": w_equinorm,
+            "h_equinorm": h_equinorm,
+            "wh_equinorm": abs(w_equinorm - h_equinorm),
+            "avg_cos_margin": float(margins.mean()),
+            "cos_margins": margins.sort().values.cpu(),
+            "top1": 100.0 * int(hits[0]) / n,
+            "top5": 100.0 * int(hits[1]) / n,
+        }
+
+    def _check_complete(self, pass2: Tensor) -> None:
+        assert self._global is not None
+        counts = self._global.counts
+        n1, n2 = int(counts.sum()), int(pass2[3])
+        if n2 == 0:
+            raise ValueError(
+                "Missing pass 2: call update_margins(...) over the data before compute() "
+                "(needed for avg_cos_margin, cos_margins, ncc_mismatch)"
+            )
+        if n2 != n1:
+            raise ValueError(
+                f"Expected pass 2 to see the {n1} samples of pass 1, but it saw {n2}"
+            )
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"Expected every class to have samples, but classes {empty} have none")
+
+
+def nc_metrics(
+    features: Tensor,
+    labels: Tensor,
+    W: Tensor,
+    b: Tensor,
+    logits: Tensor | None = None,
+) -> dict[str, float | Tensor]:
+    """NC metrics of ``features`` (N, d) with ``labels`` (N,) for the classifier ``(W, b)``.
+
+    Runs both passes of :class:`NCStatistics` over the given tensors (``logits`` default to
+    ``features @ W.T + b``) and returns its ``compute(W, b)``. Under ``torch.distributed``
+    each rank passes its own shard and gets the global metrics.
+    """
+    if not isinstance(W, Tensor) or W.ndim != 2:
+        got = _shape(W) if isinstance(W, Tensor) else type(W).__name__
+        raise ValueError(f"Expected `W` to have shape (K, d), but got {got}")
+    stats = NCStatistics(*W.shape, device=getattr(features, "device", None))
+    stats.update(features, labels, logits)
+    stats.update_margins(features, labels, W, b, logits)
+    return stats.compute(W, b)

@@ -1,0 +1,168 @@
+import math
+
+import pytest
+import torch
+
+from gnc.etf import nearest_etf, simplex_etf
+from gnc.heads import (
+    FixedETFHead,
+    ImplicitETFHead,
+    StandardHead,
+    make_head,
+    normalizes_features,
+)
+from gnc.models.classifier import FeatureClassifier
+
+F64 = torch.float64
+
+
+def batch(d=16, K=4, per_class=5, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(K).repeat(per_class)
+    h = torch.randn(K * per_class, d, generator=g, dtype=dtype)
+    return h / h.norm(dim=1, keepdim=True), y
+
+
+def feature_grad(head, h, y):
+    h = h.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(head(h, y), y)
+    loss.backward()
+    return h.grad
+
+
+def test_implicit_logits_use_nearest_etf_of_current_means():
+    head = ImplicitETFHead(16, 4, dtype=F64)
+    h, y = batch()
+    logits = head(h, y)
+    mu_c = torch.stack([h[y == c].mean(0) for c in range(4)])  # K×d
+    mu_G = h.mean(0)
+    H = (mu_c - mu_G).T
+    U = nearest_etf(H / H.norm())
+    W = simplex_etf(4, U)
+    assert torch.allclose(logits, (h - mu_G) @ W.T, atol=1e-10)
+    assert torch.allclose(head.weight, W, atol=1e-10)
+    # the second step is warm-started at the first solution (δ > 0)
+    h2, y2 = batch(seed=1)
+    head(h2, y2)
+    U2 = nearest_etf(head.tracker.H_bar, U, delta=1e-3)
+    assert torch.allclose(head.U, U2, atol=1e-10)
+
+
+def test_implicit_gradient_paths():
+    h, y = batch()
+    g = {b: feature_grad(ImplicitETFHead(16, 4, backward=b, dtype=F64), h, y)
+         for b in ("closed_form", "ddn", "none")}
+    assert torch.allclose(g["closed_form"], g["ddn"], atol=1e-10)
+    assert (g["closed_form"] - g["none"]).norm() > 1e-3 * g["none"].norm()
+
+
+def test_eval_reproduces_last_training_classifier_after_state_dict_round_trip():
+    head = ImplicitETFHead(16, 4)
+    for seed in range(3):
+        head(*batch(seed=seed, dtype=torch.float32))
+    fresh = ImplicitETFHead(16, 4)
+    fresh.load_state_dict(head.state_dict())
+    fresh.eval()
+    x = torch.randn(5, 16)
+    assert torch.equal(fresh.weight, head.weight) and torch.equal(fresh.bias, head.bias)
+    assert torch.allclose(fresh(x), x @ head.weight.T + head.bias)
+    assert torch.allclose(head.bias, -head.weight @ head.tracker.mu_G)
+    assert torch.equal(fresh.U, head.U)
+    # training continues from the stored U (warm start), not from scratch
+    fresh.train()
+    h, y = batch(seed=5, dtype=torch.float32)
+    head(h, y)
+    fresh(h, y)
+    assert torch.allclose(fresh.U, head.U, atol=1e-6)
+
+
+def test_fixed_head_is_a_simplex_etf():
+    for rotation in ("canonical", "random"):
+        head = FixedETFHead(16, 4, rotation=rotation, seed=3)
+        W = head.weight
+        assert torch.allclose(W.norm(dim=1), torch.ones(4), atol=1e-6)
+        cos = (W @ W.T)[~torch.eye(4, dtype=torch.bool)]
+        assert torch.allclose(cos, torch.full_like(cos, -1 / 3), atol=1e-6)
+    h, y = batch(dtype=torch.float32)
+    head = FixedETFHead(16, 4)
+    assert torch.allclose(head(h, y), (h - h.mean(0)) @ head.weight.T, atol=1e-6)
+    head.eval()
+    assert torch.allclose(head.bias, -head.weight @ head.mu_G)
+    assert not any(p.requires_grad for p in head.parameters())
+
+
+def test_standard_head_renormalize():
+    head = StandardHead(16, 4)
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    head.renormalize_()
+    assert torch.allclose(head.weight.norm(dim=1), torch.ones(4), atol=1e-6)
+    raw = StandardHead(16, 4, normalize=False)
+    with torch.no_grad():
+        raw.weight.mul_(3.0)
+    w = raw.weight.clone()
+    raw.renormalize_()
+    assert torch.equal(raw.weight, w)
+
+
+@pytest.mark.parametrize("method", ["standard", "fixed", "implicit", "implicit-nograd",
+                                    "standard-unnormalized"])
+def test_make_head_and_module_conventions(method):
+    head = make_head(method, 16, 4, delta=1e-3, rotation="canonical")
+    assert head.weight.shape == (4, 16) and head.bias.shape == (4,)
+    h, y = batch(dtype=torch.float32)
+    assert head(h, y).shape == (20, 4)
+    head = head.double()
+    assert head.weight.dtype == F64
+    assert head(h.double(), y).dtype == F64
+    fresh = make_head(method, 16, 4).double()
+    fresh.load_state_dict(head.state_dict())
+    head.eval(), fresh.eval()
+    assert torch.allclose(fresh(h.double()), head(h.double()))
+    assert normalizes_features(method) == (method != "standard-unnormalized")
+
+
+def test_make_head_errors():
+    with pytest.raises(ValueError, match="unknown method"):
+        make_head("learned", 16, 4)
+    with pytest.raises(ValueError, match="unknown head option"):
+        make_head("implicit", 16, 4, delta_prime=1.0)
+    with pytest.raises(ValueError, match="d >= K"):
+        make_head("implicit", 3, 4)
+    with pytest.raises(ValueError, match="unknown solver"):
+        make_head("implicit", 16, 4, solver="lbfgs")
+
+
+@pytest.mark.parametrize("method", ["fixed", "implicit"])
+def test_bad_inputs_leave_state_unchanged(method):
+    head = make_head(method, 16, 4)
+    head(*batch(dtype=torch.float32))
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    h, y = batch(dtype=torch.float32)
+    bad_h = h.clone()
+    bad_h[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        head(bad_h, y)
+    with pytest.raises(ValueError, match=r"shape \(B, d=16\)"):
+        head(h[:, :8], y)
+    if method == "implicit":
+        with pytest.raises(ValueError, match="labels"):
+            head(h, y + 4)
+        with pytest.raises(ValueError, match="needs `targets`"):
+            head(h)
+    after = head.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_feature_classifier_normalises_onto_tau_sphere():
+    backbone = torch.nn.Linear(8, 16)
+    model = FeatureClassifier(backbone, make_head("implicit", 16, 4), tau=math.sqrt(2.0))
+    x, y = torch.randn(20, 8), torch.arange(20) % 4
+    logits, h = model(x, y)
+    assert logits.shape == (20, 4)
+    assert torch.allclose(h.norm(dim=1), torch.full((20,), math.sqrt(2.0)), atol=1e-5)
+    raw = FeatureClassifier(backbone, make_head("standard", 16, 4), tau=None)
+    assert torch.allclose(raw(x)[1], backbone(x))
+    with pytest.raises(ValueError, match="tau"):
+        FeatureClassifier(backbone, make_head("standard", 16, 4), tau=0.0)
+

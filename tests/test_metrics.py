@@ -1,0 +1,324 @@
+"""Streaming NC metrics against dense reference formulas computed from all features at once."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from gnc.metrics import NCStatistics, nc_metrics
+
+K, D, N = 4, 6, 50
+TOL = {"rel": 1e-8, "abs": 1e-10}
+SCALAR_KEYS = (
+    "nc1", "nc2", "nc2_h", "nc3", "nc4_bias", "ncc_mismatch", "w_equinorm", "h_equinorm",
+    "wh_equinorm", "avg_cos_margin", "top1", "top5",
+)
+
+
+def make_data(seed: int = 0, n: int = N) -> dict[str, torch.Tensor]:
+    """Unbalanced float64 data: noisy class centres, a random classifier, network logits."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(K), torch.randint(0, K, (n - K,), generator=g)])
+    labels = labels[torch.randperm(n, generator=g)]
+    centres = 2.0 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    features = centres[labels] + torch.randn(n, D, generator=g, dtype=torch.float64) + 3.0
+    W = torch.randn(K, D, generator=g, dtype=torch.float64)
+    b = torch.randn(K, generator=g, dtype=torch.float64)
+    logits = features @ W.T + b + 2.0 * torch.randn(n, K, generator=g, dtype=torch.float64)
+    return {"features": features, "labels": labels, "W": W, "b": b, "logits": logits}
+
+
+def etf_distance(G: torch.Tensor) -> float:
+    k = G.shape[0]
+    M = torch.eye(k, dtype=G.dtype) - torch.ones(k, k, dtype=G.dtype) / k
+    return float(torch.linalg.norm(G / torch.linalg.norm(G) - M / math.sqrt(k - 1)))
+
+
+def dense_metrics(h, y, W, b, logits=None, ncc_logits=None) -> dict:
+    """The definitions, written out sample by sample (DESIGN §1 "NC metrics")."""
+    n, k = h.shape[0], W.shape[0]
+    ncc_logits = (h @ W.T + b if logits is None else logits) if ncc_logits is None else ncc_logits
+    logits = h @ W.T + b if logits is None else logits
+    mu_G = h.mean(dim=0)
+    mu = torch.stack([h[y == c].mean(dim=0) for c in range(k)])
+    sigma_W = sum(torch.outer(h[i] - mu[y[i]], h[i] - mu[y[i]]) for i in range(n)) / n
+    sigma_B = sum(torch.outer(mu[c] - mu_G, mu[c] - mu_G) for c in range(k)) / k
+    H = (mu - mu_G).T
+    Wt = W - W.mean(dim=0)
+    margins, mismatch, top1, top5 = [], 0, 0, 0
+    for i in range(n):
+        cos = [float(F.cosine_similarity(h[i] - mu_G, Wt[c], dim=0)) for c in range(k)]
+        margins.append(cos[y[i]] - max(cos[c] for c in range(k) if c != y[i]))
+        ncc = min(range(k), key=lambda c: float(torch.linalg.norm(h[i] - mu[c])))
+        mismatch += int(int(ncc_logits[i].argmax()) != ncc)
+        order = sorted(range(k), key=lambda c: -float(logits[i, c]))
+        top1 += int(order[0] == y[i])
+        top5 += int(int(y[i]) in order[: min(5, k)])
+    w_eq = float(W.norm(dim=1).std() / W.norm(dim=1).mean())
+    h_eq = float(H.norm(dim=0).std() / H.norm(dim=0).mean())
+    return {
+        "nc1": float(torch.trace(sigma_W @ torch.linalg.pinv(sigma_B))) / k,
+        "nc2": etf_distance(W @ W.T),
+        "nc2_h": etf_distance(H.T @ H),
+        "nc3": etf_distance(W @ H),
+        "nc4_bias": float(torch.linalg.norm(W @ mu_G + b)),
+        "ncc_mismatch": 100.0 * mismatch / n,
+        "w_equinorm": w_eq,
+        "h_equinorm": h_eq,
+        "wh_equinorm": abs(w_eq - h_eq),
+        "avg_cos_margin": sum(margins) / n,
+        "cos_margins": torch.tensor(sorted(margins), dtype=torch.float64),
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+    }
+
+
+def assert_metrics_close(got: dict, expected: dict) -> None:
+    assert set(got) == set(SCALAR_KEYS) | {"cos_margins"}
+    for key in SCALAR_KEYS:
+        assert isinstance(got[key], float), key
+        assert got[key] == pytest.approx(expected[key], **TOL), key
+    margins = got["cos_margins"]
+    assert margins.device.type == "cpu" and margins.ndim == 1
+    torch.testing.assert_close(margins, expected["cos_margins"], rtol=1e-8, atol=1e-10)
+
+
+def chunks(n: int, sizes: list[int]) -> list[slice]:
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    assert bounds[-1] == n
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def stream(data: dict, sizes: list[int], mode: str = "none") -> NCStatistics:
+    """Both passes over ``data`` in batches; ``mode``: which pass gets the network's logits."""
+    h, y, W, b, z = (data[k] for k in ("features", "labels", "W", "b", "logits"))
+    stats = NCStatistics(K, D)
+    for s in chunks(h.shape[0], sizes):
+        stats.update(h[s], y[s], z[s] if mode in ("both", "pass1") else None)
+    for s in chunks(h.shape[0], sizes):
+        stats.update_margins(h[s], y[s], W, b, z[s] if mode == "both" else None)
+    return stats
+
+
+SPLITS = [[N], [1, N - 1], [17, 3, 30], [7] * 7 + [1], [25, 0, 25]]
+
+
+@pytest.mark.parametrize("sizes", SPLITS, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["none", "both", "pass1"])
+def test_streaming_equals_dense(sizes, mode):
+    data = make_data()
+    h, y, W, b, z = (data[k] for k in ("features", "labels", "W", "b", "logits"))
+    # "pass1": top-k from the network's logits of pass 1, NCC from pass 2's default logits
+    logits = None if mode == "none" else z
+    ncc_logits = h @ W.T + b if mode == "pass1" else None
+    expected = dense_metrics(h, y, W, b, logits=logits, ncc_logits=ncc_logits)
+    assert_metrics_close(stream(data, sizes, mode).compute(W, b), expected)
+
+
+def test_nc_metrics_function_and_float32_inputs():
+    data = make_data(seed=1)
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    assert_metrics_close(nc_metrics(h, y, W, b), dense_metrics(h, y, W, b))
+    got = nc_metrics(h.float(), y.int(), W.float(), b.float())
+    expected = dense_metrics(h.float().double(), y, W.float().double(), b.float().double())
+    for key in SCALAR_KEYS:
+        assert got[key] == pytest.approx(expected[key], **TOL), key
+
+
+def test_compute_is_repeatable_and_reset_forgets():
+    data = make_data()
+    stats = stream(data, [20, 30])
+    first, second = stats.compute(data["W"], data["b"]), stats.compute(data["W"], data["b"])
+    assert {k: first[k] for k in SCALAR_KEYS} == {k: second[k] for k in SCALAR_KEYS}
+    stats.reset()
+    with pytest.raises(ValueError, match="No samples in pass 1"):
+        stats.compute(data["W"], data["b"])
+
+
+def simplex_etf(k: int, d: int, seed: int = 0) -> torch.Tensor:
+    """K x d rows with unit norm and pairwise cosine -1/(K-1)."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+    M = torch.eye(k, dtype=torch.float64) - 1.0 / k
+    return math.sqrt(k / (k - 1)) * M @ U.T
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_perfect_collapse(k):
+    d, per_class = 7, 6
+    W = simplex_etf(k, d)
+    y = torch.arange(k).repeat(per_class)
+    offset = torch.linspace(-1.0, 2.0, d, dtype=torch.float64)
+    h = 3.0 * W[y] + offset  # features at the (scaled) ETF vertices of their class
+    b = -W @ offset  # b = -W μ_G
+    got = nc_metrics(h, y, W, b)
+    for key in ("nc1", "nc2", "nc2_h", "nc3", "nc4_bias", "w_equinorm", "h_equinorm",
+                "wh_equinorm", "ncc_mismatch"):
+        assert got[key] == pytest.approx(0.0, abs=1e-10), key
+    torch.testing.assert_close(got["cos_margins"], torch.full((k * per_class,), k / (k - 1),
+                                                              dtype=torch.float64))
+    assert got["avg_cos_margin"] == pytest.approx(k / (k - 1), rel=1e-12)
+    assert got["top1"] == 100.0 and got["top5"] == 100.0
+
+
+def test_nc1_nan_when_class_means_coincide():
+    h = torch.randn(8, D, dtype=torch.float64)
+    h = torch.cat([h, h])  # every class has the same mean
+    y = torch.cat([torch.zeros(8), torch.ones(8)]).long()
+    W, b = torch.randn(2, D, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    assert math.isnan(nc_metrics(h, y, W, b)["nc1"])
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+BAD_UPDATES = [
+    ({"features": torch.zeros(D)}, r"Expected `features` to have shape \(N, d=6\), but got \(6,\)"),
+    ({"features": torch.zeros(3, 5)}, r"shape \(N, d=6\), but got \(3, 5\)"),
+    ({"features": torch.zeros(3, D, dtype=torch.long)}, "`features` to be floating point"),
+    ({"features": torch.full((3, D), math.nan)}, "`features` to be finite"),
+    ({"features": torch.full((3, D), math.inf)}, "`features` to be finite"),
+    ({"labels": torch.zeros(4).long()}, r"`labels` to have shape \(N=3,\), but got \(4,\)"),
+    ({"labels": torch.zeros(3, 1).long()}, r"`labels` to have shape \(N=3,\)"),
+    ({"labels": torch.zeros(3)}, "`labels` to be an integer tensor, but got torch.float32"),
+    ({"labels": torch.tensor([0, 1, K])}, r"`labels` to be in \[0, K=4\), but got .*\[0, 4\]"),
+    ({"labels": torch.tensor([0, -1, 1])}, r"`labels` to be in \[0, K=4\)"),
+    ({"logits": torch.zeros(3, K + 1)}, r"`logits` to have shape \(N=3, K=4\)"),
+    ({"logits": torch.full((3, K), math.nan)}, "`logits` to be finite"),
+]
+BAD_CLASSIFIERS = [
+    ({"W": torch.zeros(K, D + 1)}, r"Expected `W` to have shape \(K=4, d=6\), but got \(4, 7\)"),
+    ({"b": torch.zeros(K, 1)}, r"Expected `b` to have shape \(K=4,\)"),
+    ({"W": torch.full((K, D), math.inf)}, "`W` and `b` to be finite"),
+]
+
+
+def good_batch() -> dict:
+    """Three valid samples (with the classifier), to be spoiled one argument at a time."""
+    data = make_data(seed=2)
+    data = {k: data[k][:3] for k in ("features", "logits")} | {"W": data["W"], "b": data["b"]}
+    return data | {"labels": torch.tensor([0, 1, 2])}
+
+
+@pytest.mark.parametrize(("bad", "match"), BAD_UPDATES)
+def test_update_rejects_bad_inputs_and_keeps_state(bad, match):
+    data = make_data()
+    h, y, W, b, z = (data[k] for k in ("features", "labels", "W", "b", "logits"))
+    args = good_batch() | bad
+    stats = NCStatistics(K, D)
+    stats.update(h[:20], y[:20], z[:20])
+    with pytest.raises(ValueError, match=match):
+        stats.update(args["features"], args["labels"], args["logits"])
+    stats.update(h[20:], y[20:], z[20:])
+    for s in (slice(0, 20), slice(20, N)):
+        stats.update_margins(h[s], y[s], W, b)
+    expected = dense_metrics(h, y, W, b, logits=z, ncc_logits=h @ W.T + b)
+    assert_metrics_close(stats.compute(W, b), expected)
+
+
+@pytest.mark.parametrize(("bad", "match"), BAD_UPDATES + BAD_CLASSIFIERS)
+def test_update_margins_rejects_bad_inputs_and_keeps_state(bad, match):
+    data = make_data()
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    stats = NCStatistics(K, D)
+    stats.update(h, y)
+    stats.update_margins(h[:20], y[:20], W, b)
+    args = good_batch() | bad
+    with pytest.raises(ValueError, match=match):
+        stats.update_margins(args["features"], args["labels"], args["W"], args["b"],
+                             args["logits"])
+    stats.update_margins(h[20:], y[20:], W, b)
+    assert_metrics_close(stats.compute(W, b), dense_metrics(h, y, W, b))
+
+
+@pytest.mark.parametrize(("bad", "match"), BAD_CLASSIFIERS)
+def test_compute_rejects_bad_classifier(bad, match):
+    data = make_data()
+    stats = stream(data, [N])
+    args = {"W": data["W"], "b": data["b"]} | bad
+    with pytest.raises(ValueError, match=match):
+        stats.compute(**args)
+
+
+def test_compute_needs_a_complete_pass_two():
+    data = make_data()
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    stats = NCStatistics(K, D)
+    stats.update(h, y)
+    with pytest.raises(ValueError, match=r"Missing pass 2: call update_margins.*cos_margins"):
+        stats.compute(W, b)
+    stats.update_margins(h[:10], y[:10], W, b)
+    with pytest.raises(ValueError, match="pass 2 to see the 50 samples of pass 1, but it saw 10"):
+        stats.compute(W, b)
+
+
+def test_pass_order_and_empty_classes():
+    data = make_data()
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    stats = NCStatistics(K, D)
+    with pytest.raises(ValueError, match="No samples in pass 1"):
+        stats.update_margins(h, y, W, b)
+    stats.reset()
+    keep = y != 3
+    stats.update(h[keep], y[keep])
+    stats.update_margins(h[keep], y[keep], W, b)
+    with pytest.raises(RuntimeError, match=r"after pass 2 started; call reset\(\)"):
+        stats.update(h, y)
+    with pytest.raises(ValueError, match=r"every class to have samples, but classes \[3\]"):
+        stats.compute(W, b)
+
+
+def test_constructor_and_nc_metrics_validate():
+    with pytest.raises(ValueError, match="Expected `K` >= 2, but got 1"):
+        NCStatistics(1, D)
+    with pytest.raises(ValueError, match="Expected `d` >= 1, but got 0"):
+        NCStatistics(K, 0)
+    with pytest.raises(ValueError, match=r"Expected `W` to have shape \(K, d\), but got \(4,\)"):
+        nc_metrics(torch.zeros(3, D), torch.zeros(3).long(), torch.zeros(K), torch.zeros(K))
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, data: dict, path: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+        shard = slice(0, 13) if rank == 0 else slice(13, N)  # uneven: 13 and 37 samples
+        batches = [slice(0, 5), slice(5, 13)] if rank == 0 else [shard]
+        stats = NCStatistics(K, D)
+        for s in batches:
+            stats.update(h[s], y[s])
+        for s in batches:
+            stats.update_margins(h[s], y[s], W, b)
+        streamed = stats.compute(W, b)
+        one_call = nc_metrics(h[shard], y[shard], W, b)
+        if rank == 0:
+            torch.save({"streamed": streamed, "one_call": one_call}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_equals_single_process(tmp_path):
+    data = make_data(seed=3)
+    path = str(tmp_path / "result.pt")
+    mp.spawn(_ddp_worker, args=(free_port(), data, path), nprocs=2, join=True)
+    result = torch.load(path)
+    expected = stream(data, [N]).compute(data["W"], data["b"])
+    assert_metrics_close(result["streamed"], expected)
+    assert_metrics_close(result["one_call"], expected)
