@@ -1,4 +1,4 @@
-"""The ``gnc`` command line."""
+"""The ``gnc`` command line (DESIGN §3). Errors are one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -6,17 +6,145 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class CLIError(Exception):
     """An error reported as one line on stderr with exit status 2."""
 
 
+# (flag, TrainConfig field, type, help): explicit flags override the preset.
+TRAIN_FLAGS = [
+    ("--dataset", "dataset", str, "dataset name, npz:PATH or imagefolder:PATH"),
+    ("--model", "model", str, "backbone (ufm, mlp, cnn1d, resnet18/34/50, vgg11/13/16_bn)"),
+    ("--method", "method", str, "standard | fixed | implicit | implicit-nograd | "
+                                "standard-unnormalized"),
+    ("--epochs", "epochs", int, "epochs (UFM: full-batch iterations)"),
+    ("--batch-size", "batch_size", int, "global batch size (0 = full batch)"),
+    ("--optimizer", "optimizer", str, "sgd | adam | adamw | agd"),
+    ("--lr", "lr", float, "learning rate"),
+    ("--momentum", "momentum", float, "SGD momentum"),
+    ("--weight-decay", "weight_decay", float, "weight decay"),
+    ("--schedule", "schedule", str, "none | step | multistep | cosine (per epoch)"),
+    ("--tau", "tau", float, "feature-sphere radius (temperature)"),
+    ("--feature-dim", "feature_dim", int, "feature dimension d (adds a projection)"),
+    ("--width", "width", int, "backbone base width"),
+    ("--delta", "delta", float, "proximal weight of the nearest-ETF problem"),
+    ("--solver", "solver", str, "exact | riemannian (the paper's)"),
+    ("--backward", "backward", str, "closed_form | ddn (the paper's) | none"),
+    ("--eval-every", "eval_every", int, "evaluate the NC metrics every N epochs"),
+    ("--checkpoint-every", "checkpoint_every", int, "keep a checkpoint every N epochs"),
+    ("--seed", "seed", int, "seed of everything"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--amp", "amp", str, "none | bf16 | fp16 (backbone autocast)"),
+    ("--data-dir", "data_dir", str, "where datasets are read from"),
+    ("--num-workers", "num_workers", int, "data-loader workers"),
+]
+DATASET_FLAGS = [
+    ("--num-classes", "num_classes", int, "ufm: number of classes K"),
+    ("--per-class", "per_class", int, "ufm: samples per class"),
+    ("--subset", "subset", int, "keep this many training samples per class"),
+]
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    for flag, dest, typ, text in TRAIN_FLAGS + DATASET_FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=text)
+    p.add_argument("--download", action="store_true", default=None,
+                   help="allow torchvision to download a missing dataset")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write TensorBoard events to OUT/tb")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The preset's config (or the defaults), overridden by every flag given."""
+    from gnc.experiments import get_preset
+    from gnc.training import TrainConfig
+
+    base = get_preset(args.preset).config if args.preset else {}
+    cfg = dict(base)
+    cfg["dataset_options"] = dict(base.get("dataset_options", {}))
+    for _, dest, _, _ in TRAIN_FLAGS:
+        if getattr(args, dest) is not None:
+            cfg[dest] = getattr(args, dest)
+    if args.dataset is not None and args.dataset != base.get("dataset"):
+        cfg["dataset_options"] = {}  # the preset's options belong to its own dataset
+    for _, dest, _, _ in DATASET_FLAGS:
+        if getattr(args, dest) is not None:
+            cfg["dataset_options"][dest] = getattr(args, dest)
+    for dest in ("download", "tensorboard", "progress"):
+        if getattr(args, dest) is not None:
+            cfg[dest] = getattr(args, dest)
+    return TrainConfig.from_dict(cfg)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from gnc.training import train
+
+    cfg = train_config_from_args(args)
+    row = train(cfg, args.out, resume=args.resume)
+    keys = ("epoch", "train_loss", "top1", "nc1", "nc3", "avg_cos_margin", "test_top1")
+    print(json.dumps({k: row[k] for k in keys if k in row}))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from gnc.training import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, split=args.split, device=args.device)
+    metrics.pop("cos_margins")
+    print(json.dumps(metrics, indent=1))
+
+
+def _cmd_presets(args: argparse.Namespace) -> None:
+    from gnc.experiments import PRESETS
+
+    width = max(len(n) for n in PRESETS)
+    for name, preset in PRESETS.items():
+        print(f"{name.ljust(width)}  {preset.summary}")
+
+
+def _cmd_experiment(args: argparse.Namespace) -> None:
+    from gnc.experiments import run_experiment
+
+    overrides = {}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.device is not None:
+        overrides["device"] = args.device
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if args.eval_every is not None:
+        overrides["eval_every"] = args.eval_every
+    overrides["progress"] = not args.no_progress
+    methods = args.methods.split(",") if args.methods else None
+    command = "gnc " + " ".join(sys.argv[1:]) if argv_is_cli() else None
+    run_experiment(args.preset, args.out, seeds=args.seeds, methods=methods,
+                   overrides=overrides, command=command)
+    print(f"report: {Path(args.out) / 'report.md'}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from gnc.experiments import PRESETS
+    from gnc.report import make_report
+
+    preset = PRESETS.get(args.preset) if args.preset else None
+    path = make_report(
+        args.exp_dir, title=f"{preset.name}: {preset.summary}" if preset else None,
+        table_epochs=preset.table_epochs if preset else None,
+    )
+    print(f"report: {path}")
+
+
+def argv_is_cli() -> bool:
+    return bool(sys.argv) and Path(sys.argv[0]).name in ("gnc", "__main__.py")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from gnc.bench import bench_layer, format_table, parse_sizes, speedups
 
-    sizes = parse_sizes(args.sizes) if args.sizes else None
-    kw = {"sizes": sizes} if sizes else {}
+    kw = {"sizes": parse_sizes(args.sizes)} if args.sizes else {}
     records = bench_layer(device=args.device, repeats=args.repeats, **kw)
     if args.json:
         print(json.dumps([r.as_dict() for r in records], indent=1))
@@ -31,6 +159,40 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gnc", description="Guided neural collapse: nearest-simplex-ETF classifiers."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("presets", help="list the experiment presets")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("train", help="train one run (method x seed) into a run directory")
+    p.add_argument("--preset", help="start from this preset (gnc presets lists them)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="NC metrics of a run's last checkpoint")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--split", default="train", help="train | test")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("experiment", help="every method x seed of a preset, then the report")
+    p.add_argument("preset", help="preset name (gnc presets lists them)")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
+    p.add_argument("--methods", help="comma-separated methods (default: the preset's; "
+                   "ablations: implicit-nograd, standard-unnormalized)")
+    p.add_argument("--out", required=True, help="experiment directory")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--eval-every", type=int, help="override the preset's evaluation interval")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--data-dir", help="where datasets are read from")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("report", help="figures and report.md from an experiment directory")
+    p.add_argument("exp_dir", help="experiment directory (gnc experiment --out)")
+    p.add_argument("--preset", help="preset the runs came from (title, table epochs)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="timings and memory of the nearest-ETF layer")
     p.add_argument("--sizes", help="comma-separated DxK sizes (default 512x10,512x50,512x100,"
@@ -47,10 +209,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"gnc: error: {msg}", file=sys.stderr)
+    except (CLIError, ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"gnc: error: {err}".splitlines()[0], file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("gnc: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,267 @@
+"""Image datasets: the torchvision sets, ImageNet and ``ImageFolder`` trees.
+
+Files are read from ``DATA_DIR/<name>`` (``DATA_DIR`` itself is also tried, for data kept
+directly there); nothing is downloaded unless ``download=True``, and ``imagenet`` cannot be
+downloaded at all. Transforms (``augment=True``; with ``augment=False`` training uses the test
+transform):
+
+=================  ===============================================  ==========================
+dataset            training augmentation                            test
+=================  ===============================================  ==========================
+mnist, fashion     RandomCrop(28, padding=2)                        —
+cifar10/100        RandomCrop(32, padding=4), horizontal flip       —
+svhn               RandomCrop(32, padding=4)                        —
+stl10              RandomCrop(96, padding=12), horizontal flip      —
+imagenet           RandomResizedCrop(s), horizontal flip            Resize(s·256/224), Crop(s)
+imagefolder        RandomCrop(s, padding=s//8), horizontal flip     Resize(s), CenterCrop(s)
+=================  ===============================================  ==========================
+
+followed by ``ToTensor`` and per-channel normalisation with the dataset's usual mean and std
+(``imagefolder``: ImageNet's unless ``mean``/``std`` are given). ``cifar10`` falls back to the
+JPEG layout ``DATA_DIR/cifar10-jpg/{train,test}/<class>/*.jpg`` when the torchvision binary
+files are absent (same classes in the same order, CIFAR-10 transforms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+from torchvision import transforms as T
+
+from .base import DatasetBundle, DatasetNotFoundError, as_long
+
+__all__ = ["NORMALIZATION", "load_imagefolder", "load_imagenet", "load_torchvision"]
+
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+"""Per-channel (mean, std) of each dataset's training images, for ``Normalize``."""
+
+# name -> (torchvision class, marker path under the root, image side, crop padding, flip)
+_TORCHVISION = {
+    "mnist": (tvd.MNIST, "MNIST/raw", 28, 2, False),
+    "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/raw", 28, 2, False),
+    "cifar10": (tvd.CIFAR10, "cifar-10-batches-py", 32, 4, True),
+    "cifar100": (tvd.CIFAR100, "cifar-100-python", 32, 4, True),
+    "svhn": (tvd.SVHN, "train_32x32.mat", 32, 4, False),
+    "stl10": (tvd.STL10, "stl10_binary", 96, 12, True),
+}
+_NUM_CLASSES = {"cifar100": 100}
+
+
+def _not_found(name: str, path: Path, extra: str = "") -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"{name} not found under {path}{extra}; put the files there or pass --download "
+        "(download=True)"
+    )
+
+
+def _find_root(data_dir: Path, name: str, marker: str) -> Path | None:
+    for root in (data_dir / name, data_dir):
+        if (root / marker).exists():
+            return root
+    return None
+
+
+def _compose(
+    augmentation: Sequence[object], mean: Sequence[float], std: Sequence[float]
+) -> T.Compose:
+    return T.Compose([*augmentation, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _targets(ds: Dataset) -> torch.Tensor:
+    labels = getattr(ds, "targets", None)
+    if labels is None:
+        labels = ds.labels  # SVHN, STL10
+    return as_long(labels)
+
+
+def load_torchvision(
+    name: str, *, data_dir: Path, download: bool = False, augment: bool = True
+) -> DatasetBundle:
+    """MNIST, Fashion-MNIST, CIFAR-10/100, SVHN or STL-10 (labelled splits) via torchvision.
+
+    Args:
+        name: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``, ``stl10``.
+        data_dir: the data folder; files are looked for in ``data_dir/name``, then
+            ``data_dir`` (and, for ``cifar10``, JPEG folders in ``data_dir/cifar10-jpg``).
+        download: download into ``data_dir/name`` when missing.
+        augment: training augmentation (module table).
+
+    Raises:
+        DatasetNotFoundError: files missing and ``download`` False, or present but rejected by
+            torchvision's integrity check.
+    """
+    cls, marker, side, padding, flip = _TORCHVISION[name]
+    mean, std = NORMALIZATION[name]
+    aug: list[object] = [T.RandomCrop(side, padding=padding)] if augment else []
+    if augment and flip:
+        aug.append(T.RandomHorizontalFlip())
+    train_tf, test_tf = _compose(aug, mean, std), _compose([], mean, std)
+    num_classes = _NUM_CLASSES.get(name, 10)
+    channels = len(mean)
+
+    root = _find_root(data_dir, name, marker)
+    if root is None and name == "cifar10":
+        for jpg in (data_dir / "cifar10-jpg", data_dir / "cifar10" / "cifar10-jpg"):
+            if (jpg / "train").is_dir():
+                return _folder_bundle(
+                    "cifar10",
+                    jpg / "train",
+                    jpg / "test",
+                    train_tf,
+                    test_tf,
+                    (channels, side, side),
+                    expected_classes=num_classes,
+                )
+    if root is None and not download:
+        extra = f" (nor JPEG folders under {data_dir / 'cifar10-jpg'})" if name == "cifar10" else ""
+        raise _not_found(name, data_dir / name, extra)
+    if root is None:
+        root = data_dir / name
+
+    def make(train: bool, tf: T.Compose) -> Dataset:
+        split = (
+            {"split": "train" if train else "test"}
+            if name in ("svhn", "stl10")
+            else {"train": train}
+        )
+        try:
+            return cls(str(root), transform=tf, download=download, **split)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise DatasetNotFoundError(
+                f"{name} files under {root} are missing or corrupted ({err}); replace them or "
+                "pass --download (download=True)"
+            ) from err
+
+    train, test = make(True, train_tf), make(False, test_tf)
+    classes = getattr(train, "classes", None)
+    return DatasetBundle(
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        in_shape=(channels, side, side),
+        train_targets=_targets(train),
+        name=name,
+        classes=tuple(classes) if classes else tuple(str(i) for i in range(num_classes)),
+    )
+
+
+def load_imagenet(*, data_dir: Path, augment: bool = True, image_size: int = 224) -> DatasetBundle:
+    """ImageNet (ILSVRC-2012) from ``data_dir/imagenet/{train,val}/<wnid>/*.JPEG``.
+
+    That is the layout torchvision's ``ImageNet`` class extracts to (classes sorted by wnid).
+    It cannot be downloaded automatically: get it from image-net.org.
+
+    Options: ``image_size`` (s, default 224): train ``RandomResizedCrop(s)`` + flip, test
+    ``Resize(round(s·256/224))`` + ``CenterCrop(s)``.
+    """
+    root = _find_root(data_dir, "imagenet", "train")
+    if root is None:
+        raise DatasetNotFoundError(
+            f"imagenet not found under {data_dir / 'imagenet'} (expected train/<wnid>/*.JPEG "
+            "and val/<wnid>/*.JPEG); it cannot be downloaded automatically, even with "
+            "--download: get it from image-net.org"
+        )
+    mean, std = NORMALIZATION["imagenet"]
+    test_tf = _compose(
+        [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)], mean, std
+    )
+    train_tf = (
+        _compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()], mean, std)
+        if augment
+        else test_tf
+    )
+    return _folder_bundle(
+        "imagenet", root / "train", root / "val", train_tf, test_tf, (3, image_size, image_size)
+    )
+
+
+def load_imagefolder(
+    path: str,
+    *,
+    augment: bool = True,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> DatasetBundle:
+    """Your own images: ``ImageFolder`` on ``PATH/train`` and (optional) ``PATH/test``.
+
+    Images are read as RGB. Classes are the sub-folder names of ``PATH/train``, sorted.
+
+    Args:
+        path: folder holding ``train/<class>/*`` and optionally ``test/<class>/*``.
+        augment: training ``RandomCrop(s, padding=s//8)`` + horizontal flip.
+        image_size: s; when given every image is resized (shorter side) and centre-cropped to
+            s×s. Default: the size of the first training image, and all images must share it.
+        mean, std: normalisation (default ImageNet's).
+    """
+    root = Path(path)
+    if not (root / "train").is_dir():
+        raise DatasetNotFoundError(
+            f"imagefolder: no folder {root / 'train'} (expected {root}/train/<class>/<image>)"
+        )
+    mean = tuple(mean) if mean is not None else NORMALIZATION["imagenet"][0]
+    std = tuple(std) if std is not None else NORMALIZATION["imagenet"][1]
+    if image_size is not None:
+        size: tuple[int, int] = (image_size, image_size)
+        base: list[object] = [T.Resize(image_size), T.CenterCrop(image_size)]
+    else:
+        first = tvd.ImageFolder(str(root / "train")).samples
+        if not first:
+            raise DatasetNotFoundError(f"imagefolder: no images under {root / 'train'}")
+        with Image.open(first[0][0]) as im:
+            size = (im.height, im.width)
+        base = []
+    aug = [T.RandomCrop(size, padding=min(size) // 8), T.RandomHorizontalFlip()] if augment else []
+    return _folder_bundle(
+        f"imagefolder:{path}",
+        root / "train",
+        root / "test",
+        _compose([*base, *aug], mean, std),
+        _compose(base, mean, std),
+        (3, *size),
+    )
+
+
+def _folder_bundle(
+    name: str,
+    train_dir: Path,
+    test_dir: Path,
+    train_tf: T.Compose,
+    test_tf: T.Compose,
+    in_shape: tuple[int, ...],
+    *,
+    expected_classes: int | None = None,
+) -> DatasetBundle:
+    train = tvd.ImageFolder(str(train_dir), transform=train_tf)
+    test = tvd.ImageFolder(str(test_dir), transform=test_tf) if test_dir.is_dir() else None
+    if expected_classes is not None and len(train.classes) != expected_classes:
+        raise ValueError(
+            f"{name}: Expected {expected_classes} class folders under {train_dir}, "
+            f"but got {len(train.classes)}"
+        )
+    if test is not None and test.classes != train.classes:
+        raise ValueError(
+            f"{name}: the class folders of {test_dir} differ from those of {train_dir}"
+        )
+    return DatasetBundle(
+        train=train,
+        test=test,
+        num_classes=len(train.classes),
+        in_shape=in_shape,
+        train_targets=as_long(train.targets),
+        name=name,
+        classes=tuple(train.classes),
+    )

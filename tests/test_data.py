@@ -1,0 +1,264 @@
+"""Datasets registry and the stratified (distributed) batch sampler."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gnc.data import (
+    DatasetNotFoundError,
+    StratifiedBatchSampler,
+    load_dataset,
+    make_loader,
+    set_loader_epoch,
+)
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_ufm() -> None:
+    b = load_dataset("ufm", num_classes=4, per_class=5)
+    assert (b.num_classes, len(b.train), b.in_shape, b.test) == (4, 20, (), None)
+    x, y = b.train[7]
+    assert x.dtype == torch.long and int(x) == 7 and int(y) == 1
+    assert torch.equal(b.train_targets, torch.arange(20) // 5)
+    # subset caps per_class (ufm samples are interchangeable)
+    assert len(load_dataset("ufm", num_classes=4, subset=3).train) == 12
+
+
+def test_mnist1d() -> None:
+    state = np.random.get_state()
+    b = load_dataset("mnist1d")
+    assert (b.num_classes, b.in_shape, len(b.train), len(b.test)) == (10, (40,), 4000, 1000)
+    x, y = b.train[0]
+    assert x.dtype == torch.float32 and 0 <= int(y) < 10
+    assert len(b.train_targets) == 4000
+    # the generator's global reseeding is undone
+    assert np.array_equal(np.random.get_state()[1], state[1])
+
+
+def test_digits_split_is_stratified_and_seeded() -> None:
+    b = load_dataset("digits", seed=3)
+    assert (b.num_classes, b.in_shape, len(b.train) + len(b.test)) == (10, (64,), 1797)
+    x, _ = b.train[0]
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    train_counts = torch.bincount(b.train_targets)
+    test_counts = torch.bincount(torch.stack([y for _, y in b.test]))
+    assert ((train_counts - 4 * test_counts).abs() <= 5).all()  # 80/20 in every class
+    again = load_dataset("digits", seed=3)
+    assert torch.equal(b.train_targets, again.train_targets)
+    sub = load_dataset("digits", seed=3, subset=5)
+    assert torch.equal(torch.bincount(sub.train_targets), torch.full((10,), 5))
+    assert len(sub.train) == 50
+
+
+def test_npz(tmp_path: Path) -> None:
+    path = tmp_path / "toy.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x=rng.normal(size=(12, 3, 4)),
+        y=np.arange(12) % 3,
+        x_test=rng.normal(size=(6, 3, 4)),
+        y_test=np.arange(6) % 3,
+    )
+    b = load_dataset(f"npz:{path}")
+    assert (b.num_classes, b.in_shape, len(b.train), len(b.test)) == (3, (3, 4), 12, 6)
+    assert b.train[0][0].dtype == torch.float32
+    assert b.name == f"npz:{path}"
+
+
+def test_npz_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="missing.npz"):
+        load_dataset(f"npz:{tmp_path / 'missing.npz'}")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, inputs=np.zeros((4, 2)), labels=np.zeros(4, dtype=int))
+    with pytest.raises(ValueError, match=r"npz file .*bad\.npz must contain arrays 'x' and 'y'"):
+        load_dataset(f"npz:{bad}")
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, x=np.zeros((4, 2)), y=np.array([0.0, 1.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="integer"):
+        load_dataset(f"npz:{floats}")
+    gap = tmp_path / "gap.npz"
+    np.savez(gap, x=np.zeros((4, 2)), y=np.array([0, 2, 0, 2]))
+    with pytest.raises(ValueError, match=r"0\.\.K-1"):
+        load_dataset(f"npz:{gap}")
+
+
+def test_name_and_option_errors() -> None:
+    with pytest.raises(ValueError, match="unknown dataset 'x'; choose from ufm, mnist1d"):
+        load_dataset("x")
+    with pytest.raises(ValueError, match="needs a path"):
+        load_dataset("npz")
+    with pytest.raises(ValueError, match="does not take option"):
+        load_dataset("digits", per_class=3)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist", "svhn"])
+def test_missing_torchvision_set(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset(name, data_dir=tmp_path)
+    msg = str(info.value)
+    assert str(tmp_path / name) in msg and "--download" in msg
+    assert "\n" not in msg
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_missing_imagenet_says_it_cannot_download(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="cannot be downloaded"):
+        load_dataset("imagenet", data_dir=tmp_path, download=True)
+
+
+def _jpeg_tree(root: Path, classes: list[str], per_class: int, size: int = 32) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 2)):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg")
+
+
+def test_cifar10_from_jpeg_folders(tmp_path: Path) -> None:
+    classes = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    _jpeg_tree(tmp_path / "cifar10-jpg", classes, per_class=3)
+    b = load_dataset("cifar10", data_dir=tmp_path)
+    assert (b.num_classes, b.in_shape, len(b.train), len(b.test)) == (10, (3, 32, 32), 30, 20)
+    assert b.classes == tuple(classes)
+    x, y = b.train[4]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
+    assert torch.equal(b.train_targets, torch.arange(10).repeat_interleave(3))
+    loader = make_loader(b, 10, stratified=True)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (10, 3, 32, 32) and sorted(yb.tolist()) == list(range(10))
+
+
+def test_imagefolder_with_resize(tmp_path: Path) -> None:
+    _jpeg_tree(tmp_path / "mine", ["a", "b"], per_class=2, size=20)
+    b = load_dataset(f"imagefolder:{tmp_path / 'mine'}", image_size=16, augment=False)
+    assert (b.num_classes, b.in_shape) == (2, (3, 16, 16))
+    assert b.train[0][0].shape == (3, 16, 16) and b.test[0][0].shape == (3, 16, 16)
+    inferred = load_dataset(f"imagefolder:{tmp_path / 'mine'}")
+    assert inferred.in_shape == (3, 20, 20) and inferred.train[0][0].shape == (3, 20, 20)
+    with pytest.raises(DatasetNotFoundError, match="nothere"):
+        load_dataset(f"imagefolder:{tmp_path / 'nothere'}")
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def _balanced(k: int = 5, per: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.arange(k).repeat_interleave(per)[torch.randperm(k * per, generator=g)]
+
+
+def _epoch(sampler: StratifiedBatchSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_sampler_balanced_batches_cover_epoch() -> None:
+    labels = _balanced()
+    s = StratifiedBatchSampler(labels, 15, seed=0)
+    batches = _epoch(s, 0)
+    assert len(s) == len(batches) == 4
+    for b in batches:
+        assert Counter(labels[b].tolist()) == {c: 3 for c in range(5)}
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(60))
+
+
+def test_sampler_order_is_seeded_per_epoch() -> None:
+    labels = _balanced()
+    s = StratifiedBatchSampler(labels, 15, seed=0)
+    e0, e1 = _epoch(s, 0), _epoch(s, 1)
+    assert e0 != e1
+    assert _epoch(s, 0) == e0
+    assert _epoch(StratifiedBatchSampler(labels, 15, seed=0), 1) == e1
+    assert _epoch(StratifiedBatchSampler(labels, 15, seed=5), 0) != e0
+
+
+def test_sampler_floor_and_drop_last() -> None:
+    labels = _balanced(k=5, per=12)
+    s = StratifiedBatchSampler(labels, 17, seed=0)  # 3 per class, 2 left out
+    assert all(len(b) == 15 for b in s)
+    partial = StratifiedBatchSampler(labels, 25, seed=0, drop_last=False)  # 5 per class
+    batches = list(partial)
+    assert [len(b) for b in batches] == [25, 25, 10]
+    assert sorted(i for b in batches for i in b) == list(range(60))
+    assert len(StratifiedBatchSampler(labels, 25, seed=0)) == 2
+
+
+def test_sampler_imbalanced_uses_smallest_class() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2] * 7)
+    s = StratifiedBatchSampler(labels, 6, seed=0)
+    batches = list(s)
+    assert len(batches) == 2
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat)) == 12
+    for b in batches:
+        assert Counter(labels[b].tolist()) == {0: 2, 1: 2, 2: 2}
+
+
+def test_sampler_errors() -> None:
+    labels = torch.arange(10).repeat(4)
+    with pytest.raises(ValueError, match="batch size 8 is smaller than the number of classes 10"):
+        StratifiedBatchSampler(labels, 8)
+    with pytest.raises(ValueError, match="does not split evenly over 2 ranks"):
+        StratifiedBatchSampler(labels, 30, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="rank"):
+        StratifiedBatchSampler(labels, 20, num_replicas=2, rank=2)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_sampler_distributed_union_is_single_process_batch(drop_last: bool) -> None:
+    labels = _balanced(k=5, per=13)
+    single = StratifiedBatchSampler(labels, 20, seed=7, drop_last=drop_last)
+    ranks = [
+        StratifiedBatchSampler(labels, 20, seed=7, num_replicas=2, rank=r, drop_last=drop_last)
+        for r in range(2)
+    ]
+    for epoch in (0, 3):
+        glob = _epoch(single, epoch)
+        parts = [_epoch(s, epoch) for s in ranks]
+        assert len(parts[0]) == len(parts[1]) == len(ranks[0])
+        if drop_last:
+            assert len(glob) == len(parts[0]) == 3
+        for b, (p0, p1) in enumerate(zip(*parts, strict=True)):
+            assert len(p0) == len(p1)
+            assert not set(p0) & set(p1)
+            assert Counter(labels[p0].tolist()) == Counter(labels[p1].tolist())
+            assert sorted(p0 + p1) == sorted(glob[b])
+    if not drop_last:
+        # 13 = 3·4 + 1: the single process has a last batch of 1 per class; 2 ranks skip it
+        assert len(single) == 4 and len(ranks[0]) == 3
+
+
+def test_make_loader_shard_and_epochs() -> None:
+    b = load_dataset("ufm", num_classes=3, per_class=4)
+    loader = make_loader(b, 4, shuffle=True, seed=1)
+    set_loader_epoch(loader, 0)
+    e0 = torch.cat([x for x, _ in loader]).tolist()
+    set_loader_epoch(loader, 1)
+    e1 = torch.cat([x for x, _ in loader]).tolist()
+    assert sorted(e0) == sorted(e1) == list(range(12)) and e0 != e1
+    shards = [make_loader(b, 4, num_replicas=2, rank=r) for r in range(2)]
+    seen = [torch.cat([x for x, _ in s]).tolist() for s in shards]
+    assert sorted(seen[0] + seen[1]) == list(range(12))
+    with pytest.raises(ValueError, match="no test split"):
+        make_loader(b, 4, split="test")

@@ -1,0 +1,132 @@
+"""Optimisers and schedules: AGD's step, the factories and their errors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gnc.optim import AGD, agd_init_, build_optimizer, build_scheduler
+
+
+def _problem(bias: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(8, 32, bias=bias),
+        nn.ReLU(),
+        nn.Linear(32, 32, bias=bias),
+        nn.ReLU(),
+        nn.Linear(32, 3, bias=bias),
+    )
+    x = torch.randn(64, 8)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return net, x, y
+
+
+def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(net(x), y)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_agd_lowers_the_loss(bias: bool) -> None:
+    net, x, y = _problem(bias)
+    agd_init_(net)
+    opt = AGD(net.parameters())
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = _loss(net, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    assert losses[-1] < 0.6 * losses[0]
+    assert opt.last_eta > 0
+
+
+def test_agd_step_matches_the_formula() -> None:
+    net, x, y = _problem(bias=True)
+    agd_init_(net)
+    _loss(net, x, y).backward()
+    weights = [p for p in net.parameters() if p.ndim == 2]
+    before = {p: p.detach().clone() for p in net.parameters()}
+    scale = [math.sqrt(p.shape[0] / p.shape[1]) for p in weights]
+    G = sum(s * p.grad.norm().item() for s, p in zip(scale, weights, strict=True)) / 3
+    eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
+    opt = AGD(net.parameters(), gain=2.0)
+    opt.step()
+    assert opt.last_G == pytest.approx(G, rel=1e-5)
+    assert opt.last_eta == pytest.approx(eta, rel=1e-5)
+    for s, p in zip(scale, weights, strict=True):
+        expected = before[p] - 2.0 * eta / 3 * s * p.grad / p.grad.norm()
+        torch.testing.assert_close(p.detach(), expected)
+    for p in net.parameters():
+        if p.ndim == 1:  # biases: plain gradient step of size gain·η/L
+            torch.testing.assert_close(p.detach(), before[p] - 2.0 * eta / 3 * p.grad)
+
+
+def test_agd_init_scales_singular_values() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.Conv2d(3, 8, 3))
+    agd_init_(net)
+    w = net[0].weight.detach()
+    torch.testing.assert_close(torch.linalg.svdvals(w), torch.full((6,), math.sqrt(2.0)))
+    c = net[1].weight.detach().reshape(8, 27)
+    torch.testing.assert_close(torch.linalg.svdvals(c), torch.full((8,), math.sqrt(8 / 27)))
+
+
+def test_agd_rejects_bad_gain() -> None:
+    with pytest.raises(ValueError, match="gain"):
+        AGD([torch.zeros(2, 2, requires_grad=True)], gain=0.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("sgd", torch.optim.SGD),
+        ("adam", torch.optim.Adam),
+        ("adamw", torch.optim.AdamW),
+        ("agd", AGD),
+    ],
+)
+def test_build_optimizer(name: str, cls: type) -> None:
+    net, _, _ = _problem()
+    opt = build_optimizer(name, net.parameters(), lr=0.05, weight_decay=1e-4, gain=1.5)
+    assert isinstance(opt, cls)
+    expected_lr = 1.5 if name == "agd" else 0.05
+    assert opt.param_groups[0]["lr"] == expected_lr
+    if name == "sgd":
+        assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_unknown_names_raise() -> None:
+    net, _, _ = _problem()
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'; choose from sgd, adam"):
+        build_optimizer("lion", net.parameters(), lr=0.1)
+    opt = build_optimizer("sgd", net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="unknown scheduler 'poly'; choose from none, step"):
+        build_scheduler("poly", opt, total_steps=10)
+
+
+def _lrs(name: str | None, **kw: object) -> list[float]:
+    net, _, _ = _problem()
+    opt = build_optimizer("sgd", net.parameters(), lr=1.0)
+    sched = build_scheduler(name, opt, total_steps=9, **kw)
+    out = []
+    for _ in range(9):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules() -> None:
+    assert _lrs(None) == [1.0] * 9
+    assert _lrs("none") == [1.0] * 9
+    assert _lrs("step") == pytest.approx([1.0] * 3 + [0.1] * 3 + [0.01] * 3)
+    assert _lrs("step", step_size=4, gamma=0.5) == pytest.approx([1.0] * 4 + [0.5] * 4 + [0.25])
+    assert _lrs("multistep", milestones=[2, 5]) == pytest.approx([1.0] * 2 + [0.1] * 3 + [0.01] * 4)
+    assert _lrs("multistep") == pytest.approx([1.0] * 3 + [0.1] * 3 + [0.01] * 3)
+    cos = _lrs("cosine")
+    assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:], strict=False))
+    assert cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 9)))

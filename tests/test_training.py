@@ -1,0 +1,150 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gnc.metrics import nc_metrics
+from gnc.training import TrainConfig, Trainer, atomic_save, evaluate_run, train
+
+NC_KEYS = {"nc1", "nc2", "nc2_h", "nc3", "nc4_bias", "ncc_mismatch", "w_equinorm",
+           "h_equinorm", "wh_equinorm", "avg_cos_margin", "cos_margins", "top1", "top5"}
+ROW_KEYS = {"epoch", "train_loss", "train_top1", "time_forward_ms", "time_backward_ms"}
+
+
+def read_rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_npz(path, n_per_class=12, K=3, shape=(6,), test=True, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(K, *shape)) * 3
+    y = np.repeat(np.arange(K), n_per_class)
+    x = centres[y] + rng.normal(size=(len(y), *shape))
+    arrays = {"x": x.astype(np.float32), "y": y}
+    if test:
+        arrays |= {"x_test": x[::2].astype(np.float32), "y_test": y[::2]}
+    np.savez(path, **arrays)
+    return path
+
+
+CASES = {
+    "ufm": dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 10},
+                model="ufm", feature_dim=16, epochs=30, lr=0.5, eval_every=10),
+    "mnist1d": dict(dataset="mnist1d", dataset_options={"num_samples": 400}, model="cnn1d",
+                    width=16, epochs=3, batch_size=100, lr=0.05),
+    "digits": dict(dataset="digits", model="mlp", width=32, feature_dim=16, epochs=4,
+                   batch_size=100, lr=0.05),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", ["standard", "fixed", "implicit"])
+def test_end_to_end_loss_falls_and_metrics_logged(tmp_path, case, method):
+    cfg = TrainConfig(**CASES[case], method=method, progress=False, seed=1)
+    train(cfg, tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
+    assert len(rows) >= 2
+    for row in rows:
+        assert ROW_KEYS | NC_KEYS <= row.keys()
+        if case != "ufm":
+            assert {"test_" + k for k in NC_KEYS} <= row.keys()
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["method"] == method and config["seed"] == 1
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    margins = np.load(tmp_path / "run" / "cos_margins.npy")
+    assert np.all(np.diff(margins) >= 0)
+
+
+def test_npz_and_resnet_backbone_on_random_images(tmp_path):
+    npz = write_npz(tmp_path / "img.npz", n_per_class=8, K=2, shape=(3, 16, 16))
+    for method in ("standard", "implicit"):
+        cfg = TrainConfig(dataset=f"npz:{npz}", model="resnet18", width=4, epochs=3,
+                          batch_size=8, lr=0.05, method=method, progress=False)
+        train(cfg, tmp_path / method)
+        rows = read_rows(tmp_path / method)
+        assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+        assert "test_nc1" in rows[-1]
+
+
+def test_logged_metrics_equal_a_dense_recomputation(tmp_path):
+    cfg = TrainConfig(**CASES["ufm"], method="implicit", progress=False)
+    trainer = Trainer(cfg, tmp_path / "run")
+    row = trainer.fit()
+    model = trainer.model.eval()
+    x, y = trainer.eval_bundle.train.tensors
+    logits, h = model(x)
+    dense = nc_metrics(h.detach(), y, model.head.weight, model.head.bias, logits.detach())
+    for key in ("nc1", "nc3", "wh_equinorm", "avg_cos_margin", "top1", "ncc_mismatch"):
+        assert math.isclose(row[key], dense[key], rel_tol=1e-6, abs_tol=1e-9), key
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+    base = dict(CASES["digits"], method="implicit", progress=False, eval_every=1)
+    train(TrainConfig(**{**base, "epochs": 4}), tmp_path / "full")
+    train(TrainConfig(**{**base, "epochs": 2}), tmp_path / "split")
+    train(TrainConfig(**{**base, "epochs": 4}), tmp_path / "split", resume=True)
+    full, split = read_rows(tmp_path / "full"), read_rows(tmp_path / "split")
+    assert [r["epoch"] for r in split] == [1, 2, 3, 4]
+    for key in ("train_loss", "nc1", "nc3", "top1", "test_top1", "avg_cos_margin"):
+        assert split[-1][key] == pytest.approx(full[-1][key], rel=1e-6, abs=1e-9), key
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), atol=1e-6), k
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    base = dict(CASES["ufm"], method="fixed", progress=False)
+    train(TrainConfig(**{**base, "epochs": 10}), tmp_path / "run")
+    with pytest.raises(ValueError, match="differs in \\['lr'\\]"):
+        train(TrainConfig(**{**base, "epochs": 20, "lr": 0.1}), tmp_path / "run", resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(**base), tmp_path / "nothing", resume=True)
+
+
+def test_checkpoint_killed_mid_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, path)
+
+    def dying_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+
+
+def test_divergence_is_reported_and_checkpoint_kept(tmp_path):
+    base = dict(CASES["digits"], method="standard", progress=False, epochs=2)
+    train(TrainConfig(**base), tmp_path / "run")
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train(TrainConfig(**{**base, "lr": 1e38, "tau": 1e30, "epochs": 2}), tmp_path / "bad")
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_evaluate_run_reproduces_the_logged_metrics(tmp_path):
+    cfg = TrainConfig(**CASES["digits"], method="implicit", progress=False)
+    row = train(cfg, tmp_path / "run")
+    again = evaluate_run(tmp_path / "run", split="train", device="cpu")
+    assert again["epoch"] == cfg.epochs
+    for key in ("nc1", "nc3", "top1", "avg_cos_margin"):
+        assert again[key] == pytest.approx(row[key], rel=1e-6), key
+    test = evaluate_run(tmp_path / "run", split="test", device="cpu")
+    assert test["top1"] == pytest.approx(row["test_top1"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0).validate()
+    with pytest.raises(ValueError, match="unknown amp"):
+        TrainConfig(amp="fp8").validate()
+    with pytest.raises(ValueError, match="unknown config key"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
