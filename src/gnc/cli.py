@@ -121,8 +121,9 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
     methods = args.methods.split(",") if args.methods else None
     command = "gnc " + " ".join(sys.argv[1:]) if argv_is_cli() else None
     run_experiment(args.preset, args.out, seeds=args.seeds, methods=methods,
-                   overrides=overrides, command=command)
-    print(f"report: {Path(args.out) / 'report.md'}")
+                   overrides=overrides, command=command, report=not args.no_report)
+    if not args.no_report:
+        print(f"report: {Path(args.out) / 'report.md'}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--data-dir", help="where datasets are read from")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", action="store_true", help="train only; `gnc report` later")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="figures and report.md from an experiment directory")

@@ -421,14 +421,23 @@ class Trainer:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{100 * correct / seen:.1f}")
         self.scheduler.step()
         self.epoch += 1
+        loss_sum, correct, seen = self._all_reduce([sum(losses), correct, seen])
         return {
-            "train_loss": statistics.fmean(losses),
+            "train_loss": loss_sum / (len(losses) * self.dist.world_size),
             "train_batch_top1": 100.0 * correct / seen,
             "time_forward_ms": statistics.fmean(t_fwd),
             "time_backward_ms": statistics.fmean(t_bwd),
             "time_forward_ms_median": statistics.median(t_fwd),
             "time_backward_ms_median": statistics.median(t_bwd),
         }
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        """Sums over the ranks (the values themselves in a single process)."""
+        if self.dist.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
 
     def _diverged(self, what: str) -> FloatingPointError:
         return FloatingPointError(
