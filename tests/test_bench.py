@@ -33,12 +33,34 @@ def test_parse_sizes():
 
 
 def test_cli_bench_json_and_bad_size():
-    out = subprocess.run([sys.executable, "-m", "gnc", "bench", "--sizes", "32x4", "--repeats",
-                          "1", "--json"], capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "gnc", "bench", "--steps", "none"]
+    out = subprocess.run([*cmd, "--sizes", "32x4", "--repeats", "1", "--json"],
+                         capture_output=True, text=True, check=True)
     recs = json.loads(out.stdout)
     keys = {"case", "method", "device", "forward_ms", "backward_ms", "peak_mem_mb"}
     assert keys <= recs[0].keys()
-    bad = subprocess.run([sys.executable, "-m", "gnc", "bench", "--sizes", "3x4"],
-                         capture_output=True, text=True)
+    bad = subprocess.run([*cmd, "--sizes", "3x4"], capture_output=True, text=True)
     assert bad.returncode != 0
     assert bad.stderr.strip().count("\n") == 0 and "d >= K" in bad.stderr
+
+
+def test_bench_steps_records_and_overheads():
+    from gnc.bench import StepCase, bench_steps, step_overheads
+
+    cases = [StepCase("tiny-ufm", "ufm", 4, 16, (), 8, 16)]
+    records = bench_steps(cases, repeats=1)
+    assert [r.method for r in records] == ["standard", "fixed", "implicit"]
+    for r in records:
+        assert r.case == "step tiny-ufm" and r.forward_ms > 0 and r.backward_ms > 0
+        assert r.peak_mem_mb is not None and r.peak_mem_mb >= 0
+    lines = step_overheads(records)
+    assert any(line.startswith("step tiny-ufm: implicit step =") for line in lines)
+
+
+def test_unknown_step_case():
+    from gnc.bench import step_cases_by_name
+
+    with pytest.raises(ValueError, match="unknown step case"):
+        step_cases_by_name("resnet9", "cpu")
+    assert [c.name for c in step_cases_by_name("ufm100,resnet18", "cpu")] == ["ufm100",
+                                                                              "resnet18"]

@@ -109,3 +109,27 @@ def test_simplex_etf_bad_inputs():
         simplex_etf(1)
     with pytest.raises(ValueError, match="shape"):
         simplex_etf(3, torch.randn(5, 4))
+
+
+def test_large_K_path_matches_float64_svd_reference():
+    """K above FLOAT64_MAX_K: float32 products around a float64 Gram eigenproblem."""
+    from gnc.etf import FLOAT64_MAX_K, GRAM_MIN_K
+
+    d, K = 600, 300
+    assert K > FLOAT64_MAX_K and K > GRAM_MIN_K
+    H, U_prev = random_means(d, K), random_stiefel(d, K, seed=2)
+    G = torch.randn(d, K, dtype=F64, generator=torch.Generator().manual_seed(3))
+    ref = polar_factor(proximal_target(H, U_prev, 1e-3), "svd").U  # float64 SVD
+    h32 = H.float().requires_grad_()
+    U = nearest_etf(h32, U_prev.float())
+    assert U.dtype == torch.float32
+    assert (U.double() - ref).norm() <= 1e-5 * ref.norm()
+    U.backward(G.float())
+    h64 = H.clone().requires_grad_()
+    nearest_etf(h64, U_prev).backward(G)  # the small-K (float64) closed form
+    assert (h32.grad.double() - h64.grad).norm() <= 1e-5 * h64.grad.norm()
+    # first step (rank-deficient C) on the same path
+    M = centering(K)
+    U0 = nearest_etf(H.float()).double()
+    ref0 = polar_factor(proximal_target(H, None, 0.0), "svd").U
+    assert (U0 @ M - ref0 @ M).norm() <= 1e-5 * ref0.norm()

@@ -7,13 +7,21 @@ after one warm-up. Cases:
   ``riemannian/ddn`` (the paper's), on the same inputs: random Frobenius-normalised class
   means and a random warm start ``U_prev``, float32 as in training.
 - ``svd``: one ``torch.linalg.svd`` of a d×K float32 matrix, the floor of any exact method.
+- ``step``: a whole training step (forward = model + loss; backward = backward + optimiser
+  step) per method for the UFM and ResNet cases, with peak memory:
+  ``torch.cuda.max_memory_allocated`` above the pre-step level on GPU, the peak resident-set
+  size above the starting level (sampled every ms) on CPU.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -182,3 +190,164 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
         sizes.append((d, K))
     return sizes
 
+
+
+# --------------------------------------------------------------------------- training steps
+
+@dataclass(frozen=True)
+class StepCase:
+    """One training step to time: a backbone on a batch, the three heads on top."""
+
+    name: str
+    model: str
+    K: int
+    batch: int
+    in_shape: tuple[int, ...]  # () for ufm: the batch is sample indices
+    feature_dim: int | None = None
+    num_samples: int | None = None  # ufm: number of free feature vectors
+    note: str = ""
+
+
+GPU_STEPS = (
+    StepCase("ufm100", "ufm", 100, 10_000, (), 512, 10_000, "full batch"),
+    StepCase("ufm1000", "ufm", 1000, 10_000, (), 1024, 100_000, "batch 10k of N=100k"),
+    StepCase("resnet18", "resnet18", 10, 256, (3, 32, 32)),
+    StepCase("resnet50-k1000", "resnet50", 1000, 256, (3, 224, 224)),
+)
+# On a 2-core CPU the image steps would take minutes: smaller batches, said in the table.
+CPU_STEPS = GPU_STEPS[:2] + (
+    StepCase("resnet18", "resnet18", 10, 64, (3, 32, 32), note="CPU: batch 64, not 256"),
+    StepCase("resnet50-k1000", "resnet50", 1000, 16, (3, 64, 64),
+             note="CPU: batch 16 at 64x64, not 256 at 224x224"),
+)
+STEP_METHODS = ("standard", "fixed", "implicit")
+
+
+class _PeakRSS:
+    """Peak resident-set size above the starting level, sampled every millisecond (CPU)."""
+
+    def __enter__(self) -> _PeakRSS:
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def time_step(case: StepCase, method: str, device: torch.device, repeats: int) -> BenchRecord:
+    """Median forward (model + loss) and backward (+ optimiser step) of one training step."""
+    import torch.nn.functional as F
+
+    from gnc.heads import make_head
+    from gnc.models import FeatureClassifier, build_backbone
+
+    g = torch.Generator().manual_seed(0)
+    backbone, d = build_backbone(case.model, in_shape=case.in_shape,
+                                 num_samples=case.num_samples, feature_dim=case.feature_dim)
+    model = FeatureClassifier(backbone, make_head(method, d, case.K), tau=5.0).to(device)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
+                          momentum=0.9)
+    y = (torch.arange(case.batch) % case.K).to(device)
+    if case.in_shape == ():
+        x = torch.randperm(case.num_samples, generator=g)[: case.batch].to(device)
+    else:
+        x = torch.randn(case.batch, *case.in_shape, generator=g).to(device)
+    fwd, bwd = [], []
+
+    def step() -> None:
+        _sync(device)
+        t0 = time.perf_counter()
+        logits, _ = model(x, y)
+        loss = F.cross_entropy(logits, y)
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        fwd.append((t1 - t0) * 1e3)
+        bwd.append((time.perf_counter() - t1) * 1e3)
+
+    step()  # warm-up: allocations, first-step solve without U_prev
+    fwd.clear(), bwd.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(repeats):
+            step()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        with _PeakRSS() as rss:
+            for _ in range(repeats):
+                step()
+        peak = rss.mb
+    return BenchRecord(f"step {case.name}", method, str(device), statistics.median(fwd),
+                       statistics.median(bwd), peak, case.note)
+
+
+def bench_steps(
+    cases: Sequence[StepCase] | None = None, *, device: str | torch.device = "cpu",
+    repeats: int = 3, methods: Sequence[str] = STEP_METHODS,
+) -> list[BenchRecord]:
+    """Whole training steps per method (GPU sizes on CUDA, reduced sizes on CPU, each in a
+    fresh process so that its peak memory is its own)."""
+    device = torch.device(device)
+    if cases is None:
+        cases = GPU_STEPS if device.type == "cuda" else CPU_STEPS
+    jobs = [(case, m, device, repeats) for case in cases for m in methods]
+    if device.type == "cuda":
+        return [time_step(*job) for job in jobs]
+    # CPU: a fresh process per case, or the allocator's cache from the previous case hides
+    # this one's peak resident memory.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
+        return [pool.submit(time_step, *job).result() for job in jobs]
+
+
+def step_overheads(records: list[BenchRecord]) -> list[str]:
+    """``implicit`` (and ``fixed``) step time relative to ``standard``, per case."""
+    out = []
+    steps: dict[str, dict[str, BenchRecord]] = {}
+    for r in records:
+        if r.case.startswith("step "):
+            steps.setdefault(r.case, {})[r.method] = r
+    for case, by_method in steps.items():
+        base = by_method.get("standard")
+        if base is None:
+            continue
+        t0 = base.forward_ms + base.backward_ms
+        for m in ("fixed", "implicit"):
+            if m in by_method:
+                t = by_method[m].forward_ms + by_method[m].backward_ms
+                out.append(f"{case}: {m} step = {t / t0:.3f}x standard "
+                           f"({100 * (t / t0 - 1):+.1f}%)")
+    return out
+
+
+def step_cases_by_name(names: str, device: str | torch.device) -> list[StepCase]:
+    """``"ufm100,resnet18"`` → the cases of that name for ``device``."""
+    table = GPU_STEPS if torch.device(device).type == "cuda" else CPU_STEPS
+    by_name = {c.name: c for c in table}
+    out = []
+    for name in names.split(","):
+        if name not in by_name:
+            raise ValueError(f"unknown step case {name!r}; choose from {', '.join(by_name)}")
+        out.append(by_name[name])
+    return out

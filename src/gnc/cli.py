@@ -143,15 +143,20 @@ def argv_is_cli() -> bool:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from gnc.bench import bench_layer, format_table, parse_sizes, speedups
+    from gnc import bench
 
-    kw = {"sizes": parse_sizes(args.sizes)} if args.sizes else {}
-    records = bench_layer(device=args.device, repeats=args.repeats, **kw)
+    records = []
+    if args.sizes != "none":
+        kw = {"sizes": bench.parse_sizes(args.sizes)} if args.sizes else {}
+        records += bench.bench_layer(device=args.device, repeats=args.repeats, **kw)
+    if args.steps != "none":
+        cases = bench.step_cases_by_name(args.steps, args.device) if args.steps else None
+        records += bench.bench_steps(cases, device=args.device, repeats=min(args.repeats, 3))
     if args.json:
         print(json.dumps([r.as_dict() for r in records], indent=1))
         return
-    print(format_table(records))
-    for line in speedups(records):
+    print(bench.format_table(records))
+    for line in bench.speedups(records) + bench.step_overheads(records):
         print(line)
 
 
@@ -196,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="preset the runs came from (title, table epochs)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("bench", help="timings and memory of the nearest-ETF layer")
-    p.add_argument("--sizes", help="comma-separated DxK sizes (default 512x10,512x50,512x100,"
-                   "2048x1000)")
+    p = sub.add_parser("bench", help="timings and memory: the nearest-ETF layer, training steps")
+    p.add_argument("--sizes", help="layer sizes DxK, comma-separated (default 512x10,512x50,"
+                   "512x100,2048x1000; 'none' skips the layer)")
+    p.add_argument("--steps", help="training-step cases (default ufm100,ufm1000,resnet18,"
+                   "resnet50-k1000; 'none' skips them)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")

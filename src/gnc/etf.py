@@ -32,10 +32,11 @@ SOLVERS = ("exact", "riemannian")
 BACKWARDS = ("closed_form", "ddn", "none")
 POLAR_METHODS = ("auto", "svd", "gram")
 
-# Above this many classes the polar factor is computed in the input's precision
-# (float32 at least) instead of float64: the O(dK²) work then dominates the step.
-FLOAT64_MAX_K = 1024
-# From this many classes on, float64 polar factors use the K×K Gram matrix (faster than SVD).
+# Up to this many classes the whole solve and backward run in float64 (cheap at that size);
+# above it the O(dK²) products run in the input's precision (float32 at least), and only
+# the K×K eigenproblem stays float64 (see polar_factor).
+FLOAT64_MAX_K = 256
+# Above this many classes the polar factor comes from the K×K Gram matrix, not an SVD.
 GRAM_MIN_K = 256
 
 
@@ -111,10 +112,6 @@ class PolarFactor:
     rank: int
 
 
-def _rank_tolerance(sigma_max: Tensor, d: int, K: int, dtype: torch.dtype) -> float:
-    return float(sigma_max) * max(d, K) * torch.finfo(dtype).eps * 10
-
-
 def _complete_null_space(A_r: Tensor, B_n: Tensor) -> Tensor:
     """Left factor ``A_n`` (d×n) for the null directions ``B_n`` of a rank-deficient C.
 
@@ -145,39 +142,49 @@ def polar_factor(C: Tensor, method: str = "auto") -> PolarFactor:
     feasibility step, where ``C 1 = 0``), the null directions are completed by the
     tie-break of :func:`_complete_null_space`.
 
-    Methods: ``"svd"`` (thin SVD of C), ``"gram"`` (eigendecomposition of the K×K matrix
-    ``CᵀC = B Σ² Bᵀ``, then ``U = C B Σ⁻¹ Bᵀ``: about 2× cheaper than the SVD when d ≫ K, and
-    accurate to ~eps·cond(C)² in float64), ``"auto"`` (gram for float64 with K > 256, where
-    it is the faster, else svd: the SVD's error grows only as eps·cond(C)).
-    Works in C's dtype; callers choose the precision.
+    Methods:
+
+    - ``"svd"``: thin SVD of C, in C's dtype.
+    - ``"gram"``: eigendecomposition of the K×K Gram matrix ``CᵀC = B Σ² Bᵀ``, then
+      ``U = C (B Σ⁻¹ Bᵀ)``. The Gram matrix and its eigendecomposition are always float64
+      (their error grows as eps·cond(C)², so float32 would not do); the two d×K products are
+      in C's dtype (error ~eps·cond(C)). About 2× cheaper than the SVD when d ≫ K.
+    - ``"auto"``: svd up to :data:`GRAM_MIN_K` classes (cheap either way, and the more
+      accurate), gram above.
+
+    Returns the factors in C's dtype.
     """
     if method not in POLAR_METHODS:
         raise ValueError(f"unknown polar method {method!r}; choose from {POLAR_METHODS}")
     d, K = C.shape
     if method == "auto":
-        method = "gram" if C.dtype == torch.float64 and K > GRAM_MIN_K else "svd"
+        method = "gram" if K > GRAM_MIN_K else "svd"
     if method == "svd":
         A, sigma, Bh = torch.linalg.svd(C, full_matrices=False)
-        B = Bh.T
+        B, eps = Bh.T, torch.finfo(C.dtype).eps
     else:
-        lam, B = torch.linalg.eigh(C.T @ C)  # ascending
+        C64 = C.double()
+        lam, B = torch.linalg.eigh(C64.T @ C64)  # ascending
         lam, B = lam.flip(0), B.flip(1)  # descending, like the SVD
         sigma = lam.clamp_min(0).sqrt()
-        A = None
-    tol = _rank_tolerance(sigma[0], d, K, C.dtype)
+        A, eps = None, torch.finfo(torch.float64).eps
+    tol = float(sigma[0]) * max(d, K) * eps * 10
     if method == "gram":
         # An eigenvalue of CᵀC carries absolute error ~eps·σ_max², i.e. σ ~ √eps·σ_max.
-        tol = max(tol, float(sigma[0]) * math.sqrt(K * torch.finfo(C.dtype).eps) * 10)
+        tol = max(tol, float(sigma[0]) * math.sqrt(K * eps) * 10)
     rank = int((sigma > tol).sum())
     if rank == K:
-        U = A @ B.T if A is not None else (C @ (B / sigma)) @ B.T
-        return PolarFactor(U, B, sigma, rank)
+        if A is not None:
+            return PolarFactor(A @ B.T, B, sigma, rank)
+        P_inv = ((B / sigma) @ B.T).to(C.dtype)
+        return PolarFactor(C @ P_inv, B.to(C.dtype), sigma.to(C.dtype), rank)
     B_r, B_n = B[:, :rank], B[:, rank:]
-    A_r = A[:, :rank] if A is not None else C @ (B_r / sigma[:rank])
+    A_r = A[:, :rank] if A is not None else C @ (B_r / sigma[:rank]).to(C.dtype)
+    B_r, B_n = B_r.to(C.dtype), B_n.to(C.dtype)
     A_n = _complete_null_space(A_r, B_n)
     U = A_r @ B_r.T + A_n @ B_n.T
-    sigma = torch.cat([sigma[:rank], sigma.new_zeros(K - rank)])
-    return PolarFactor(U, B, sigma, rank)
+    sigma = torch.cat([sigma[:rank], sigma.new_zeros(K - rank)]).to(C.dtype)
+    return PolarFactor(U, B.to(C.dtype), sigma, rank)
 
 
 def polar(C: Tensor) -> Tensor:
@@ -214,7 +221,8 @@ def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float)
 
 
 def compute_dtype(H_bar: Tensor) -> torch.dtype:
-    """Precision of the inner solve: float64 for K <= FLOAT64_MAX_K, else at least float32."""
+    """Working precision of the solve and backward: float64 up to FLOAT64_MAX_K classes (or
+    for float64 inputs), else float32 (also for bf16/fp16 inputs: never below float32)."""
     if H_bar.shape[1] <= FLOAT64_MAX_K or H_bar.dtype == torch.float64:
         return torch.float64
     return torch.float32
