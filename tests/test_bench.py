@@ -64,3 +64,17 @@ def test_unknown_step_case():
         step_cases_by_name("resnet9", "cpu")
     assert [c.name for c in step_cases_by_name("ufm100,resnet18", "cpu")] == ["ufm100",
                                                                               "resnet18"]
+
+
+def test_peak_memory_sees_a_transient_allocation_on_cpu():
+    import time
+
+    import torch
+
+    from gnc.memory import PeakMemory
+
+    with PeakMemory(torch.device("cpu"), interval=0.001) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.05)
+        del x
+    assert 48 <= mem.mb <= 200

@@ -166,3 +166,12 @@ def test_feature_classifier_normalises_onto_tau_sphere():
     with pytest.raises(ValueError, match="tau"):
         FeatureClassifier(backbone, make_head("standard", 16, 4), tau=0.0)
 
+
+
+def test_public_api():
+    import gnc
+
+    for name in ("nearest_etf", "NearestETF", "ImplicitETFHead", "FixedETFHead", "StandardHead",
+                 "make_head", "ClassMeanTracker", "NCStatistics", "nc_metrics",
+                 "FeatureClassifier"):
+        assert hasattr(gnc, name), name

@@ -5,8 +5,25 @@ class-mean features (Markou, Ajanthan & Gould, NeurIPS 2024), with the paper's b
 the neural-collapse metrics and the experiments.
 """
 
+from gnc.class_means import ClassMeanTracker
 from gnc.declarative import NearestETF
 from gnc.etf import nearest_etf, polar, simplex_etf
+from gnc.heads import FixedETFHead, ImplicitETFHead, StandardHead, make_head
+from gnc.metrics import NCStatistics, nc_metrics
+from gnc.models.classifier import FeatureClassifier
 
-__all__ = ["NearestETF", "nearest_etf", "polar", "simplex_etf"]
+__all__ = [
+    "ClassMeanTracker",
+    "FeatureClassifier",
+    "FixedETFHead",
+    "ImplicitETFHead",
+    "NCStatistics",
+    "NearestETF",
+    "StandardHead",
+    "make_head",
+    "nc_metrics",
+    "nearest_etf",
+    "polar",
+    "simplex_etf",
+]
 __version__ = "0.1.0"

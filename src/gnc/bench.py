@@ -16,9 +16,7 @@ after one warm-up. Cases:
 from __future__ import annotations
 
 import multiprocessing
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from gnc.etf import nearest_etf
+from gnc.memory import PeakMemory
 
 DEFAULT_SIZES = ((512, 10), (512, 50), (512, 100), (2048, 1000))
 # The paper's DDN backward costs ~p²·dK flops (p = K(K+1)/2); above this it takes minutes.
@@ -223,34 +222,6 @@ CPU_STEPS = GPU_STEPS[:2] + (
 STEP_METHODS = ("standard", "fixed", "implicit")
 
 
-class _PeakRSS:
-    """Peak resident-set size above the starting level, sampled every millisecond (CPU)."""
-
-    def __enter__(self) -> _PeakRSS:
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._rss())
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
 def time_step(case: StepCase, method: str, device: torch.device, repeats: int) -> BenchRecord:
     """Median forward (model + loss) and backward (+ optimiser step) of one training step."""
     import torch.nn.functional as F
@@ -287,17 +258,10 @@ def time_step(case: StepCase, method: str, device: torch.device, repeats: int) -
 
     step()  # warm-up: allocations, first-step solve without U_prev
     fwd.clear(), bwd.clear()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+    with PeakMemory(device) as mem:
         for _ in range(repeats):
             step()
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        with _PeakRSS() as rss:
-            for _ in range(repeats):
-                step()
-        peak = rss.mb
+    peak = mem.mb
     return BenchRecord(f"step {case.name}", method, str(device), statistics.median(fwd),
                        statistics.median(bwd), peak, case.note)
 

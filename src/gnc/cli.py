@@ -127,13 +127,15 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from gnc.experiments import PRESETS
+    from gnc.experiments import get_preset
     from gnc.report import make_report
 
-    preset = PRESETS.get(args.preset) if args.preset else None
+    preset = get_preset(args.preset) if args.preset else None
     path = make_report(
         args.exp_dir, title=f"{preset.name}: {preset.summary}" if preset else None,
         table_epochs=preset.table_epochs if preset else None,
+        notes=f"Preset notes: {preset.notes}" if preset else None,
+        command=args.command, machine=args.machine, out_dir=args.out,
     )
     print(f"report: {path}")
 
@@ -199,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="figures and report.md from an experiment directory")
     p.add_argument("exp_dir", help="experiment directory (gnc experiment --out)")
     p.add_argument("--preset", help="preset the runs came from (title, table epochs)")
+    p.add_argument("--out", help="write report.md and figures here (default: EXP_DIR)")
+    p.add_argument("--command", help="the command that produced the runs (shown on top)")
+    p.add_argument("--machine", help="where the runs ran (default: this machine)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="timings and memory: the nearest-ETF layer, training steps")

@@ -77,18 +77,19 @@ register(Preset(
      "width": 64, "epochs": 40, "batch_size": 100, "optimizer": "sgd", "lr": 0.05,
      "momentum": 0.9, "weight_decay": 5e-4, "tau": 5.0, "schedule": "cosine", "eval_every": 2},
     table_epochs=(4, 20),
-    notes="Not in the paper's tables (its released scripts include MNIST-1D): every value is "
-          "our choice; lr picked for `standard` from {0.01, 0.05, 0.2} by final train loss.",
+    notes="Not in the paper's tables: every value is our choice; lr picked for `standard` "
+          "from {0.01, 0.05, 0.2} by final train loss at seed 1 (0.085, 0.048, 0.049).",
 ))
 register(Preset(
     "digits",
     "scikit-learn digits (8x8, K=10), MLP, 60 epochs, batch 100 (CPU, under a minute)",
     {"dataset": "digits", "model": "mlp", "width": 128, "feature_dim": 64, "epochs": 60,
-     "batch_size": 100, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+     "batch_size": 100, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9,
      "weight_decay": 5e-4, "tau": 5.0, "schedule": "cosine", "eval_every": 2},
     table_epochs=(6, 30),
     notes="Not in the paper: a laptop-sized real dataset. Every value is our choice; lr "
-          "picked for `standard` from {0.01, 0.05, 0.2} by final train loss.",
+          "picked for `standard` from {0.01, 0.05, 0.2} by final train loss at seed 1 "
+          "(0.083, 0.055, 0.046).",
 ))
 register(Preset(
     "cifar10-small",
@@ -185,5 +186,6 @@ def run_experiment(
         from gnc.report import make_report
 
         make_report(out, title=f"{preset.name}: {preset.summary}",
-                    table_epochs=preset.table_epochs, command=command)
+                    table_epochs=preset.table_epochs, command=command,
+                    notes=f"Preset notes: {preset.notes}")
     return dirs

@@ -5,7 +5,8 @@ A run directory holds (DESIGN §3):
 - ``config.json``: the full resolved :class:`TrainConfig` (with ``method`` and ``seed``);
 - ``metrics.jsonl``: one JSON object per evaluated epoch — ``epoch``, ``step``, ``lr``,
   ``train_loss`` (mean over the epoch's steps), the time per step split into
-  ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` and
+  ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` (peak
+  memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU) and
   every key of :func:`gnc.metrics.nc_metrics` on the train split (``cos_margins`` as 101
   quantiles of the sorted per-sample margins), then the test split's prefixed ``test_``;
 - ``cos_margins.npy``: every sorted per-sample train cosine margin at the last evaluation;
@@ -30,7 +31,6 @@ import logging
 import math
 import os
 import random
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -45,6 +45,7 @@ from torch import nn
 
 from gnc.data import DatasetBundle, load_dataset, make_loader, set_loader_epoch
 from gnc.heads import make_head, normalizes_features
+from gnc.memory import PeakMemory
 from gnc.metrics import NCStatistics
 from gnc.models import build_backbone
 from gnc.models.classifier import FeatureClassifier
@@ -266,12 +267,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _peak_memory_mb(device: torch.device, rss_start_kb: int) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_start_kb) / 1024
-
-
 def all_finite_params(model: nn.Module) -> bool:
     return all(all_finite(p.detach()) for p in model.parameters())
 
@@ -324,9 +319,7 @@ class Trainer:
             self.eval_loaders["test"] = make_loader(
                 self.eval_bundle, cfg.eval_batch_size, split="test", **common)
         self.epoch, self.step = 0, 0
-        self.rss_start_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.memory = PeakMemory(self.device)  # started by fit()
         self.writer = None
         if resume:
             self._resume()
@@ -478,6 +471,7 @@ class Trainer:
                    desc=f"{cfg.method} seed {cfg.seed}")
         t_start = time.perf_counter()
         row: dict = {}
+        self.memory.start()
         try:
             while self.epoch < cfg.epochs:
                 stats = self.train_epoch(bar)
@@ -487,13 +481,14 @@ class Trainer:
                            "lr": self.optimizer.param_groups[0].get("lr", math.nan), **stats}
                     row = self.evaluate_epoch(row)
                     row["train_top1"] = row["top1"]
-                    row["peak_mem_mb"] = _peak_memory_mb(self.device, self.rss_start_kb)
+                    row["peak_mem_mb"] = self.memory.mb
                     row["elapsed_s"] = time.perf_counter() - t_start
                     self.log(row)
                 # last.pt follows the evaluations: cheap for UFM's 2000 one-step epochs
                 if self._is_due(cfg.eval_every) or self._is_due(cfg.checkpoint_every) or last:
                     self.save_checkpoint()
         finally:
+            self.memory.stop()
             bar.close()
             if self.writer is not None:
                 self.writer.close()

@@ -1,0 +1,512 @@
+"""Figures and tables from an experiment directory (``gnc report DIR``; DESIGN §4).
+
+An experiment directory holds runs at ``DIR/<method>/seed<k>/``, each with ``config.json``,
+``metrics.jsonl`` (one row per evaluated epoch), ``cos_margins.npy`` and, once the runner
+has finished it, a ``DONE`` file. Only finished runs are reported; the others are listed.
+
+:func:`make_report` writes ``DIR/report.md`` and, beside it,
+
+- ``curves.png``: the headline grid of every curve below and the sorted cosine margins;
+- ``curve_<key>.png``: one figure per quantity against epochs (``train_loss``,
+  ``avg_cos_margin``, ``nc1``, ``nc3``, ``wh_equinorm``, ``train_top1``, ``test_top1``);
+- ``cos_margins.png``: the sorted per-sample train cosine margins at the end of training
+  ("PCM at EoT") against the sample rank normalised to [0, 1].
+
+Every curve is the median over seeds (line) with the min–max range over seeds (band), one
+colour per method. Seeds are aligned by epoch (the epochs common to all seeds of a method).
+Tables report ``median [min, max]`` over seeds; NaN values are left out of both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves the backend alone
+
+logger = logging.getLogger(__name__)
+
+METHOD_ORDER = ("standard", "fixed", "implicit", "implicit-nograd", "standard-unnormalized")
+DISPLAY_NAMES = {
+    "standard": "Standard",
+    "fixed": "Fixed ETF",
+    "implicit": "Implicit ETF",
+    "implicit-nograd": "Implicit ETF (no DDN grad)",
+    "standard-unnormalized": "Standard (unnormalised)",
+}
+COLOURS = {
+    "standard": "#1f77b4",  # blue
+    "fixed": "#ff7f0e",  # orange
+    "implicit": "#2ca02c",  # green
+    "implicit-nograd": "#9467bd",  # purple
+    "standard-unnormalized": "#8c564b",  # brown
+}
+_EXTRA_COLOURS = ("#7f7f7f", "#e377c2", "#bcbd22", "#17becf")  # methods not named above
+DPI = 120
+PCM_POINTS = 1000  # common grid of normalised sample ranks for the sorted margins
+
+# (metrics key, title, y-axis label, log y-axis when every value is positive)
+CURVES = (
+    ("train_loss", "Train CE loss", "cross-entropy (nats)", False),
+    ("avg_cos_margin", "Average cosine margin (train)", "cosine margin", False),
+    ("nc1", "NC1: within-class variability", "tr(Σ_W Σ_B†)/K", True),
+    ("nc3", "NC3: self-duality", "‖WH/‖WH‖ − M/√(K−1)‖_F", True),
+    ("wh_equinorm", "WH-equinorm", "|W-equinorm − H-equinorm|", False),
+    ("train_top1", "Train top-1 accuracy", "accuracy (%)", False),
+    ("test_top1", "Test top-1 accuracy", "accuracy (%)", False),
+)
+# (metrics key, column, format) of the final-metrics table
+FINAL_METRICS = (
+    ("train_top1", "train top-1 (%)", ".2f"),
+    ("test_top1", "test top-1 (%)", ".2f"),
+    ("nc1", "NC1", ".3g"),
+    ("nc3", "NC3", ".3g"),
+    ("wh_equinorm", "WH-equinorm", ".3g"),
+    ("avg_cos_margin", "avg cosine margin", ".4f"),
+)
+CONFIG_KEYS = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "momentum",
+               "weight_decay", "schedule", "tau", "eval_every")
+
+
+@dataclass
+class RunData:
+    """One finished run: its config, its evaluated epochs and its final sorted margins."""
+
+    method: str
+    seed: int
+    path: Path
+    config: dict
+    metrics: list[dict]  # one row per evaluated epoch, sorted by epoch
+    margins: np.ndarray | None = None  # sorted per-sample train cosine margins at the end
+
+    @cached_property
+    def by_epoch(self) -> dict[int, dict]:
+        return {int(row["epoch"]): row for row in self.metrics}
+
+    def row_near(self, epoch: int) -> dict:
+        """The metrics row of ``epoch``, or of the nearest evaluated epoch."""
+        rows = self.by_epoch
+        return rows[_nearest(rows, epoch)]
+
+
+@dataclass
+class Table:
+    """A markdown table with footnotes."""
+
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(self.header) - 1)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.notes:
+            lines += [""] + [f"Note: {n}." for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def display_name(method: str) -> str:
+    return DISPLAY_NAMES.get(method, method)
+
+
+def colour(method: str) -> str:
+    if method in COLOURS:
+        return COLOURS[method]
+    return _EXTRA_COLOURS[sum(map(ord, method)) % len(_EXTRA_COLOURS)]
+
+
+def order_methods(methods: Iterable[str]) -> list[str]:
+    """The paper's three, then the ablations, then any other method alphabetically."""
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))
+
+
+def scan_runs(exp_dir: str | Path) -> tuple[dict[str, list[RunData]], list[str]]:
+    """The finished runs of ``exp_dir`` by method (ordered), and a line per skipped run."""
+    root = Path(exp_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"experiment directory not found: {root}")
+    runs: dict[str, list[RunData]] = {}
+    skipped: list[str] = []
+    for method_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        seeds = [(int(m.group(1)), p) for p in method_dir.iterdir()
+                 if p.is_dir() and (m := re.fullmatch(r"seed(\d+)", p.name))]
+        for seed, path in sorted(seeds):
+            name = f"{method_dir.name}/{path.name}"
+            if not (path / "DONE").exists():
+                skipped.append(f"{name}: unfinished (no DONE file)")
+                continue
+            metrics = _read_metrics(path / "metrics.jsonl")
+            if not metrics:
+                skipped.append(f"{name}: finished, but metrics.jsonl is missing or empty")
+                continue
+            config = (json.loads((path / "config.json").read_text())
+                      if (path / "config.json").exists() else {})
+            margins = (np.load(path / "cos_margins.npy")
+                       if (path / "cos_margins.npy").exists() else None)
+            runs.setdefault(method_dir.name, []).append(
+                RunData(method_dir.name, seed, path, config, metrics, margins))
+    if not runs:
+        raise ValueError(f"no finished runs under {root} (expected {root}/<method>/seed<k>/DONE)")
+    return {m: runs[m] for m in order_methods(runs)}, skipped
+
+
+def load_runs(exp_dir: str | Path) -> dict[str, list[RunData]]:
+    """The finished runs of ``exp_dir`` by method, in the report's method order."""
+    return scan_runs(exp_dir)[0]
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows: dict[int, dict] = {}  # a resumed run may repeat an epoch: the later row wins
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: not JSON, line skipped", path, i)
+            continue
+        rows[int(row["epoch"])] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _num(value: object) -> float:
+    return math.nan if value is None else float(value)  # JSON null and NaN both become NaN
+
+
+def _values(rows: Iterable[Mapping], key: str) -> np.ndarray:
+    return np.array([_num(row.get(key)) for row in rows], dtype=float)
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    v = np.asarray(list(values), dtype=float).ravel()
+    return v[~np.isnan(v)]
+
+
+def summarise(values: Iterable[float]) -> tuple[float, float, float]:
+    """``(median, min, max)`` of ``values`` leaving NaN out; all NaN (or none) gives NaNs."""
+    v = _finite(values)
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    return float(np.median(v)), float(v.min()), float(v.max())
+
+
+def format_summary(values: Iterable[float], spec: str = ".2f") -> str:
+    """``"median [min, max]"`` with the format ``spec``; ``"n/a"`` when every value is NaN."""
+    med, lo, hi = summarise(values)
+    return "n/a" if math.isnan(med) else f"{med:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
+def _mean(values: Iterable[float]) -> float:
+    v = _finite(values)
+    return float(v.mean()) if v.size else math.nan
+
+
+def _nearest(epochs: Iterable[int], want: int) -> int:
+    return min(epochs, key=lambda e: (abs(e - want), e))  # ties: the earlier epoch
+
+
+def _common_epochs(runs: Iterable[RunData]) -> list[int]:
+    """Epochs every run evaluated (all evaluated epochs if the runs share none)."""
+    sets = [set(run.by_epoch) for run in runs]
+    common = set.intersection(*sets)
+    return sorted(common or set.union(*sets))
+
+
+def _all_runs(runs: Mapping[str, list[RunData]]) -> list[RunData]:
+    return [run for rs in runs.values() for run in rs]
+
+
+def _has_key(runs: Mapping[str, list[RunData]], key: str) -> bool:
+    return any(key in row for run in _all_runs(runs) for row in run.metrics)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def default_table_epochs(runs: Mapping[str, list[RunData]]) -> tuple[int, int]:
+    """The first evaluated epoch at or above 10% of training, and the last epoch."""
+    epochs = _common_epochs(_all_runs(runs))
+    total = max(int(run.config.get("epochs", 0)) for run in _all_runs(runs)) or epochs[-1]
+    first = next((e for e in epochs if e >= 0.1 * total), epochs[-1])
+    return first, epochs[-1]
+
+
+def accuracy_table(runs: Mapping[str, list[RunData]], epochs: Sequence[int] | None = None,
+                   *, key: str = "train_top1") -> Table:
+    """Top-1 accuracy (``key``, %) at ``epochs`` as ``median [min, max]`` per method.
+
+    An epoch that was not evaluated is replaced by the nearest evaluated one (with a note).
+    """
+    epochs = tuple(epochs) if epochs else default_table_epochs(runs)
+    available = _common_epochs(_all_runs(runs))
+    used, notes = [], []
+    for want in epochs:
+        got = _nearest(available, want)
+        if got != want:
+            notes.append(f"epoch {want} was not evaluated; the nearest evaluated epoch, "
+                         f"{got}, is shown")
+        used.append(got)
+    rows = [[display_name(m)] + [format_summary([_num(run.row_near(e).get(key)) for run in rs])
+                                 for e in used] for m, rs in runs.items()]
+    return Table(["Method"] + [f"epoch {e}" for e in used], rows, notes)
+
+
+def final_metrics_table(runs: Mapping[str, list[RunData]]) -> Table:
+    """The metrics of each run's last evaluation, ``median [min, max]`` per method."""
+    cols = [c for c in FINAL_METRICS if _has_key(runs, c[0])]
+    rows = [[display_name(m)] + [format_summary([_num(run.metrics[-1].get(key)) for run in rs],
+                                                spec) for key, _, spec in cols]
+            for m, rs in runs.items()]
+    return Table(["Method"] + [c[1] for c in cols], rows)
+
+
+def timing_table(runs: Mapping[str, list[RunData]]) -> Table:
+    """Time per training step (forward/backward/total, mean and median) and peak memory.
+
+    Means average the per-epoch means ``time_*_ms`` of every evaluated epoch and seed with
+    equal weights; medians are the median of the per-epoch medians ``time_*_ms_median``.
+    Peak memory is each run's maximum ``peak_mem_mb``, then ``median [min, max]`` over seeds.
+    """
+    header = ["Method", "forward mean (ms)", "forward median (ms)", "backward mean (ms)",
+              "backward median (ms)", "total mean (ms)", "total median (ms)",
+              "peak memory (MB)"]
+    rows = []
+    for m, rs in runs.items():
+        all_rows = [row for run in rs for row in run.metrics]
+        fwd, bwd = _values(all_rows, "time_forward_ms"), _values(all_rows, "time_backward_ms")
+        fwd_med = _values(all_rows, "time_forward_ms_median")
+        bwd_med = _values(all_rows, "time_backward_ms_median")
+        stats = [_mean(fwd), summarise(fwd_med)[0], _mean(bwd), summarise(bwd_med)[0],
+                 _mean(fwd + bwd), summarise(fwd_med + bwd_med)[0]]
+        peaks = [summarise(_values(run.metrics, "peak_mem_mb"))[2] for run in rs]
+        rows.append([display_name(m)] + ["n/a" if math.isnan(s) else f"{s:.3f}" for s in stats]
+                    + [format_summary(peaks, ".1f")])
+    notes = ["means weight every evaluated epoch of every seed equally; the total median is the "
+             "median over epochs of (forward median + backward median)"]
+    return Table(header, rows, notes)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _band(ax: Axes, x: np.ndarray, vals: np.ndarray, method: str, n: int) -> None:
+    """Median over seeds (rows of ``vals``) as a line, min–max as a band."""
+    med, lo, hi = np.array([summarise(col) for col in vals.T]).T
+    style = "-" if method in METHOD_ORDER[:3] else "--"
+    ax.plot(x, med, style, color=colour(method), lw=1.6, marker="o" if len(x) <= 30 else None,
+            ms=3, label=f"{display_name(method)} (n={n})")
+    ax.fill_between(x, lo, hi, color=colour(method), alpha=0.2, lw=0)
+
+
+def _curve(rs: list[RunData], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Epochs common to all seeds and the (seeds × epochs) values of ``key``."""
+    sets = [set(run.by_epoch) for run in rs]
+    common = sorted(set.intersection(*sets))
+    if not common or not any(key in row for run in rs for row in run.metrics):
+        return None
+    vals = np.array([[_num(run.by_epoch[e].get(key)) for e in common] for run in rs])
+    return np.array(common, dtype=float), vals
+
+
+def _sorted_margins(run: RunData) -> np.ndarray | None:
+    """The run's sorted margins on :data:`PCM_POINTS` normalised ranks (NaN left out).
+
+    Falls back to the 101 quantiles of the last ``metrics.jsonl`` row without the ``.npy``.
+    """
+    m = run.margins if run.margins is not None else run.metrics[-1].get("cos_margins")
+    if m is None:
+        return None
+    m = np.sort(_finite(m))
+    if m.size == 0:
+        return None
+    grid = np.linspace(0.0, 1.0, PCM_POINTS)
+    return np.interp(grid, np.linspace(0.0, 1.0, m.size) if m.size > 1 else [0.0], m)
+
+
+def _finish(ax: Axes, title: str, xlabel: str, ylabel: str, log_if_positive: bool) -> None:
+    """Title, labels and grid; a log y-axis when asked and every plotted value is positive."""
+    ys = _finite(np.concatenate([line.get_ydata() for line in ax.get_lines()] or [[]]))
+    log = log_if_positive and ys.size > 0 and bool((ys > 0).all())
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _plot_curve(ax: Axes, runs: Mapping[str, list[RunData]], spec: tuple) -> None:
+    key, title, ylabel, log = spec
+    for m, rs in runs.items():
+        curve = _curve(rs, key)
+        if curve is not None:
+            _band(ax, *curve, m, len(rs))
+    _finish(ax, title, "epoch", ylabel, log)
+
+
+def _plot_margins(ax: Axes, runs: Mapping[str, list[RunData]]) -> None:
+    grid = np.linspace(0.0, 1.0, PCM_POINTS)
+    lowest = math.inf
+    for m, rs in runs.items():
+        curves = [c for run in rs if (c := _sorted_margins(run)) is not None]
+        if curves:
+            _band(ax, grid, np.array(curves), m, len(curves))
+            lowest = min(lowest, float(np.min(curves)))
+    if lowest <= 0:  # misclassified (or tied) samples: mark the zero margin
+        ax.axhline(0.0, color="black", lw=0.8, alpha=0.6)
+    _finish(ax, "PCM at EoT: sorted train cosine margins", "sample rank (normalised)",
+            "cosine margin", False)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=DPI)
+    logger.info("wrote %s", path)
+
+
+def write_figures(runs: Mapping[str, list[RunData]], out_dir: Path, title: str) -> list[str]:
+    """Write every figure into ``out_dir``; returns the file names, the grid first."""
+    specs = [s for s in CURVES if _has_key(runs, s[0])]
+    names = ["curves.png", "cos_margins.png"]
+    fig = Figure(figsize=(20, 9.5))
+    axes = fig.subplots(2, 4).ravel()
+    for ax, spec in zip(axes, specs, strict=False):
+        _plot_curve(ax, runs, spec)
+    _plot_margins(axes[len(specs)], runs)
+    for ax in axes[len(specs) + 1:]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    _save(fig, out_dir / "curves.png")
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    _plot_margins(ax, runs)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, out_dir / "cos_margins.png")
+    for spec in specs:
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.subplots()
+        _plot_curve(ax, runs, spec)
+        ax.legend()
+        fig.tight_layout()
+        names.append(f"curve_{spec[0]}.png")
+        _save(fig, out_dir / names[-1])
+    return names
+
+
+# --------------------------------------------------------------------------- report
+
+
+def describe_machine() -> str:
+    """Platform, CPU count, Python and torch versions, and the CUDA device if there is one."""
+    import torch
+
+    parts = [platform.platform(), f"{os.cpu_count()} CPUs", f"Python {platform.python_version()}",
+             f"torch {torch.__version__}"]
+    if torch.cuda.is_available():
+        parts.append(f"CUDA device: {torch.cuda.get_device_name(0)}")
+    return ", ".join(parts)
+
+
+def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
+    config = _all_runs(runs)[0].config
+    rows = [[key, f"`{json.dumps(config[key])}`"] for key in CONFIG_KEYS if key in config]
+    if config.get("batch_size") == 0:
+        rows = [[k, v + " (full batch)" if k == "batch_size" else v] for k, v in rows]
+    lines = ["## Setup", "", "Run config shared by the methods (from the first run's "
+             "`config.json`):", "", Table(["setting", "value"], rows).markdown(), ""]
+    ignore = {"method", "seed", "progress"}
+    keys = sorted({k for run in _all_runs(runs) for k in run.config} - ignore)
+    differ = [k for k in keys
+              if len({json.dumps(run.config.get(k), sort_keys=True) for run in _all_runs(runs)})
+              > 1]
+    lines.append("Config keys that differ between runs (besides method and seed): "
+                 + (", ".join(f"`{k}`" for k in differ) if differ else "none") + ".")
+    return lines + [""]
+
+
+def make_report(exp_dir: str | Path, *, title: str | None = None,
+                table_epochs: tuple[int, int] | None = None, command: str | None = None,
+                machine: str | None = None, out_dir: str | Path | None = None,
+                notes: str | None = None) -> Path:
+    """Write ``report.md`` and its PNG figures (into ``out_dir``, default ``exp_dir``);
+    returns the report's path.
+
+    Args:
+        exp_dir: experiment directory with runs at ``<method>/seed<k>/``.
+        title: the report's title (default: from the directory name).
+        table_epochs: the two epochs of the top-1 train accuracy table (default: the first
+            evaluated epoch at or above 10% of training, and the last).
+        command: the command that produced the runs (default: ``gnc report exp_dir``).
+        machine: where the runs ran (default: :func:`describe_machine` of this machine).
+        out_dir: where to write the report and figures (default: ``exp_dir``), e.g.
+            ``docs/results/<preset>`` to keep the report without the checkpoints.
+        notes: a paragraph under the header (e.g. where the preset's values come from).
+
+    Raises:
+        FileNotFoundError: ``exp_dir`` does not exist.
+        ValueError: it holds no finished run.
+    """
+    root = Path(exp_dir)
+    runs, skipped = scan_runs(root)
+    out = Path(out_dir) if out_dir is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    title = title or f"Experiment report: {root.resolve().name}"
+    figures = write_figures(runs, out, title)
+    seeds = ", ".join(f"{display_name(m)} {len(rs)} ({', '.join(str(r.seed) for r in rs)})"
+                      for m, rs in runs.items())
+    lines = [
+        f"# {title}", "",
+        "Command:", "", "```", command or f"gnc report {root}", "```", "",
+        f"Machine: {machine or describe_machine() + ' (the machine that wrote this report)'}",
+        "",
+        f"Finished seeds per method: {seeds}.",
+        "",
+        *([notes, ""] if notes else []),
+        *_config_lines(runs),
+        "## Curves", "",
+        "Median over seeds (line) and min–max range over seeds (band).", "",
+        f"![curves]({figures[0]})", "",
+        "Single figures: " + ", ".join(f"[{n}]({n})" for n in figures[2:]) + ".", "",
+        "## Sorted cosine margins at the end of training (PCM at EoT)", "",
+        "Per-sample train cosine margins, sorted, against the sample rank normalised to "
+        "[0, 1]: median over seeds and min–max band.", "",
+        f"![cosine margins]({figures[1]})", "",
+        "## Top-1 train accuracy (%)", "",
+        "Median [min, max] over seeds (the paper's Table 1 form).", "",
+        accuracy_table(runs, table_epochs).markdown(), "",
+        "## Final metrics", "",
+        "At the last evaluation; median [min, max] over seeds.", "",
+        final_metrics_table(runs).markdown(), "",
+        "## Time per training step and peak memory", "",
+        timing_table(runs).markdown(), "",
+    ]
+    if skipped:
+        lines += ["## Skipped runs", "", *(f"- {s}" for s in skipped), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    logger.info("wrote %s", path)
+    return path
