@@ -77,6 +77,7 @@ class TrainConfig:
     rotation: str = "canonical"  # fixed ETF: canonical | random
     epochs: int = 10  # epochs (UFM: full-batch iterations)
     batch_size: int = 0  # global batch size; 0 = full batch
+    sampler: str = "stratified"  # stratified (every class in every batch) | shuffle (K > batch)
     optimizer: str = "sgd"  # sgd | adam | adamw | agd
     lr: float = 0.1
     momentum: float = 0.9
@@ -105,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"Expected `batch_size` >= 0 (0 = full batch), got {self.batch_size}")
         if self.eval_every < 1:
             raise ValueError(f"Expected `eval_every` >= 1, but got {self.eval_every}")
+        if self.sampler not in ("stratified", "shuffle"):
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose 'stratified' or 'shuffle'")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"unknown amp {self.amp!r}; choose from {', '.join(AMP_DTYPES)}")
         if not self.tau > 0:
@@ -310,8 +313,8 @@ class Trainer:
         common = {"num_replicas": self.dist.world_size, "rank": self.dist.rank,
                   "num_workers": cfg.num_workers, "pin_memory": self.device.type == "cuda"}
         self.train_loader = make_loader(
-            self.bundle, _train_batch_size(cfg, self.bundle), stratified=True, drop_last=True,
-            seed=cfg.seed, **common,
+            self.bundle, _train_batch_size(cfg, self.bundle), drop_last=True, seed=cfg.seed,
+            stratified=cfg.sampler == "stratified", shuffle=cfg.sampler == "shuffle", **common,
         )
         self.eval_loaders = {"train": make_loader(
             self.eval_bundle, cfg.eval_batch_size, split="train", **common)}

@@ -1,0 +1,113 @@
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from gnc.data import DatasetBundle, make_loader
+from gnc.experiments import PRESETS, get_preset, run_dir, run_experiment
+from gnc.training import build_model
+
+SHAPES = {"ufm": (), "digits": (64,), "mnist1d": (40,), "cifar10": (3, 32, 32),
+          "cifar100": (3, 32, 32), "stl10": (3, 96, 96), "imagenet": (3, 224, 224)}
+CLASSES = {"ufm": None, "cifar100": 100, "imagenet": 1000}
+
+
+def fake_bundle(cfg) -> DatasetBundle:
+    K = CLASSES.get(cfg.dataset) or cfg.dataset_options.get("num_classes", 10)
+    per_class = 2
+    y = torch.arange(K).repeat(per_class)
+    shape = SHAPES[cfg.dataset]
+    x = torch.arange(len(y)) if shape == () else torch.randn(len(y), *shape)
+    data = TensorDataset(x, y)
+    return DatasetBundle(data, None, K, shape, y, cfg.dataset)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds(name):
+    preset = get_preset(name)
+    cfg = preset.train_config()
+    cfg.validate()
+    bundle = fake_bundle(cfg)
+    model = build_model(cfg, bundle)
+    K = bundle.num_classes
+    loader = make_loader(bundle, 2 * K, stratified=cfg.sampler == "stratified", drop_last=True,
+                         shuffle=cfg.sampler == "shuffle")
+    x, y = next(iter(loader))
+    model.eval()
+    with torch.no_grad():
+        logits, h = model(x[:2])
+    assert logits.shape == (2, K) and h.shape[0] == 2
+    # one training step of the head on features of every class (cheap at any K)
+    model.head.train()
+    feats = torch.randn(2 * K, h.shape[1])
+    assert model.head(feats, torch.arange(K).repeat(2)).shape == (2 * K, K)
+    assert preset.notes and preset.summary
+    assert preset.table_epochs[0] < preset.table_epochs[1] <= cfg.epochs
+
+
+def test_experiment_runs_reports_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    kw = dict(seeds=2, methods=["standard", "implicit"],
+              overrides={"epochs": 4, "eval_every": 2, "progress": False,
+                         "dataset_options": {"num_classes": 3, "per_class": 4},
+                         "feature_dim": 8})
+    dirs = run_experiment("ufm10", out, **kw)
+    assert sorted(p.relative_to(out).as_posix() for p in dirs) == [
+        "implicit/seed1", "implicit/seed2", "standard/seed1", "standard/seed2"]
+    report = (out / "report.md").read_text()
+    for section in ("## Curves", "PCM at EoT", "## Top-1 train accuracy", "## Final metrics",
+                    "## Time per training step"):
+        assert section in report
+    for png in ("curves.png", "cos_margins.png", "curve_nc1.png", "curve_train_loss.png"):
+        assert (out / png).stat().st_size > 1000
+
+    import gnc.experiments as experiments
+
+    calls = []
+    real_train = experiments.train
+    monkeypatch.setattr(experiments, "train",
+                        lambda cfg, path, resume: calls.append(path) or real_train(
+                            cfg, path, resume=resume))
+    run_experiment("ufm10", out, **kw)
+    assert calls == []  # nothing retrained
+    import shutil
+
+    shutil.rmtree(run_dir(out, "implicit", 2))
+    run_experiment("ufm10", out, **kw)
+    assert calls == [run_dir(out, "implicit", 2)]
+
+
+def test_interrupted_run_resumes(tmp_path):
+    out = tmp_path / "exp"
+    kw = dict(seeds=1, methods=["fixed"], report=False,
+              overrides={"epochs": 4, "eval_every": 2, "progress": False,
+                         "dataset_options": {"num_classes": 3, "per_class": 4},
+                         "feature_dim": 8})
+    run_experiment("ufm10", out, **kw)
+    path = run_dir(out, "fixed", 1)
+    (path / "DONE").unlink()  # as if killed after its last checkpoint
+    rows_before = (path / "metrics.jsonl").read_text()
+    run_experiment("ufm10", out, **kw)
+    assert (path / "DONE").exists()
+    assert (path / "metrics.jsonl").read_text() == rows_before
+
+
+def test_report_table_matches_runs(tmp_path):
+    out = tmp_path / "exp"
+    run_experiment("ufm10", out, seeds=3, methods=["implicit"],
+                   overrides={"epochs": 4, "eval_every": 2, "progress": False,
+                              "dataset_options": {"num_classes": 3, "per_class": 4},
+                              "feature_dim": 8})
+    finals = sorted(json.loads((run_dir(out, "implicit", s) / "metrics.jsonl").read_text()
+                               .splitlines()[-1])["train_top1"] for s in (1, 2, 3))
+    expected = f"{finals[1]:.2f} [{finals[0]:.2f}, {finals[2]:.2f}]"
+    assert expected in (out / "report.md").read_text()
+    assert not math.isnan(finals[1])
+
+
+def test_unknown_method_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        run_experiment("ufm10", tmp_path, methods=["standard", "learned"])
+    assert not any(tmp_path.iterdir())
