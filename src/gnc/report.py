@@ -54,6 +54,7 @@ COLOURS = {
 _EXTRA_COLOURS = ("#7f7f7f", "#e377c2", "#bcbd22", "#17becf")  # methods not named above
 DPI = 120
 PCM_POINTS = 1000  # common grid of normalised sample ranks for the sorted margins
+LOG_FLOOR = 1e-14  # log-scale curves draw smaller values (float64 rounding noise) here
 
 # (metrics key, title, y-axis label, log y-axis when every value is positive)
 CURVES = (
@@ -360,7 +361,10 @@ def _plot_curve(ax: Axes, runs: Mapping[str, list[RunData]], spec: tuple) -> Non
     for m, rs in runs.items():
         curve = _curve(rs, key)
         if curve is not None:
-            _band(ax, *curve, m, len(rs))
+            epochs, values = curve
+            if log:  # NC1 at collapse is rounding noise around 0 (sometimes −1e-17)
+                values = np.where(np.isnan(values), values, np.maximum(values, LOG_FLOOR))
+            _band(ax, epochs, values, m, len(rs))
     _finish(ax, title, "epoch", ylabel, log)
 
 
