@@ -14,7 +14,7 @@ def test_bench_layer_small_sizes_table_and_speedups():
     assert ("layer 64x8", "riemannian/ddn") in methods
     assert all(r.forward_ms > 0 for r in records if r.forward_ms is not None)
     table = format_table(records)
-    assert "exact/closed_form" in table and "svd 64x8" in table
+    assert "exact/closed_form" in table and "svd 64x8" in table and "head 64x8" in table
     assert any("faster than riemannian/ddn" in line for line in speedups(records))
 
 

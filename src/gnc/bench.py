@@ -6,6 +6,8 @@ after one warm-up. Cases:
 - ``layer``: ``nearest_etf`` at (d, K) for ``exact/closed_form`` (ours) and
   ``riemannian/ddn`` (the paper's), on the same inputs: random Frobenius-normalised class
   means and a random warm start ``U_prev``, float32 as in training.
+- ``head``: a training-mode :class:`~gnc.heads.ImplicitETFHead` (class means, solve,
+  logits, cross-entropy, backward) on K features, at the largest size.
 - ``svd``: one ``torch.linalg.svd`` of a d×K float32 matrix, the floor of any exact method.
 - ``step``: a whole training step (forward = model + loss; backward = backward + optimiser
   step) per method for the UFM and ResNet cases, with peak memory:
@@ -103,6 +105,31 @@ def time_layer(
     return t_fwd, t_bwd
 
 
+def time_head(d: int, K: int, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median forward/backward (ms) of a training-mode ImplicitETFHead on K features (one per
+    class: the smallest class-stratified batch; the logits' products grow with the batch)."""
+    from gnc.heads import ImplicitETFHead
+
+    g = torch.Generator().manual_seed(0)
+    head = ImplicitETFHead(d, K).to(device)
+    h0 = torch.randn(K, d, generator=g).to(device)
+    y = torch.arange(K, device=device)
+    fwd, bwd = [], []
+    for i in range(repeats + 1):
+        h = h0.clone().requires_grad_()
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(head(h, y), y)
+        _sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        if i:  # the first call is the δ = 0 step
+            fwd.append((t1 - t0) * 1e3)
+            bwd.append((time.perf_counter() - t1) * 1e3)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
 def time_svd(d: int, K: int, device: torch.device, repeats: int) -> float:
     C = torch.randn(d, K, device=device)
     return median_ms(lambda: torch.linalg.svd(C, full_matrices=False), device, repeats)
@@ -121,15 +148,20 @@ def bench_layer(
         records.append(BenchRecord(case, "exact/closed_form", str(device), fwd, bwd))
         p = K * (K + 1) // 2
         if p * p * d * K > DDN_MAX_FLOPS:
-            est = p * p * d * K / 4e10
+            est = p * p * d * K / 4e10  # seconds at ~40 GFLOP/s
+            when = f"~{est:.0f} s" if est < 3600 else "hours"
             records.append(BenchRecord(
                 case, "riemannian/ddn", str(device), None, None,
-                note=f"skipped: the dense DDN backward would take ~{est:.0f} s",
+                note=f"skipped: the dense DDN backward ({p}x{d * K} constraint Jacobian) "
+                     f"would take {when}",
             ))
         else:
             fwd, bwd = time_layer(d, K, "riemannian", "ddn", device, paper_repeats)
             records.append(BenchRecord(case, "riemannian/ddn", str(device), fwd, bwd))
     d, K = max(sizes, key=lambda s: s[0] * s[1])
+    fwd, bwd = time_head(d, K, device, repeats)
+    records.append(BenchRecord(f"head {d}x{K}", "ImplicitETFHead", str(device), fwd, bwd,
+                               note=f"training step of the head, batch of {K} features"))
     records.append(BenchRecord(
         f"svd {d}x{K}", "torch.linalg.svd float32", str(device), time_svd(d, K, device, repeats),
         None, note="floor: one thin SVD of a d×K matrix",

@@ -62,16 +62,18 @@ def polar_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tensor:
     """``∂L/∂C`` for the polar factor ``U`` of ``C = U B diag(σ) Bᵀ``, given ``G = ∂L/∂U``.
 
     ``(I − UUᵀ) G P⁺ + 2 U Z`` with ``PZ + ZP = skew(UᵀG)``; zero σ (rank-deficient C) are
-    pseudo-inverted.
+    pseudo-inverted. Rearranged to three d×K products: with ``T = UᵀG`` and ``T̃ = Bᵀ T B``,
+    ``(U T) P⁺ = U B (T̃ Σ⁺) Bᵀ`` and ``Z = B Z̃ Bᵀ``, so the result is
+    ``G P⁺ + U B (2 Z̃ − T̃ Σ⁺) Bᵀ`` with ``Z̃_ij = skew(T̃)_ij / (σ_i + σ_j)``.
     """
     sigma_inv = torch.where(sigma > 0, 1.0 / sigma, torch.zeros_like(sigma))
-    UtG = U.T @ G  # K×K
-    # (I − UUᵀ) G P⁺ = (G − U UᵀG) B Σ⁺ Bᵀ
-    normal = ((G - U @ UtG) @ (B * sigma_inv)) @ B.T
-    S_tilde = B.T @ (0.5 * (UtG - UtG.T)) @ B  # skew(UᵀG) in the eigenbasis of P
+    T_tilde = B.T @ (U.T @ G) @ B  # K×K, UᵀG in the eigenbasis of P
     denom = sigma[:, None] + sigma[None, :]
-    Z_tilde = torch.where(denom > 0, S_tilde / denom, torch.zeros_like(S_tilde))
-    return normal + 2.0 * U @ (B @ Z_tilde @ B.T)
+    Z_tilde = torch.where(denom > 0, 0.5 * (T_tilde - T_tilde.T) / denom,
+                          torch.zeros_like(T_tilde))
+    X = 2.0 * Z_tilde - T_tilde * sigma_inv  # T̃ Σ⁺ scales column j by 1/σ_j
+    P_pinv = (B * sigma_inv) @ B.T
+    return G @ P_pinv + U @ (B @ X @ B.T)
 
 
 def closed_form_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tensor:

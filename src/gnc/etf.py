@@ -176,8 +176,8 @@ def polar_factor(C: Tensor, method: str = "auto") -> PolarFactor:
     if rank == K:
         if A is not None:
             return PolarFactor(A @ B.T, B, sigma, rank)
-        P_inv = ((B / sigma) @ B.T).to(C.dtype)
-        return PolarFactor(C @ P_inv, B.to(C.dtype), sigma.to(C.dtype), rank)
+        B, sigma = B.to(C.dtype), sigma.to(C.dtype)
+        return PolarFactor(C @ ((B / sigma) @ B.T), B, sigma, rank)
     B_r, B_n = B[:, :rank], B[:, rank:]
     A_r = A[:, :rank] if A is not None else C @ (B_r / sigma[:rank]).to(C.dtype)
     B_r, B_n = B_r.to(C.dtype), B_n.to(C.dtype)
