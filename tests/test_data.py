@@ -262,3 +262,26 @@ def test_make_loader_shard_and_epochs() -> None:
     assert sorted(seen[0] + seen[1]) == list(range(12))
     with pytest.raises(ValueError, match="no test split"):
         make_loader(b, 4, split="test")
+
+
+def test_tensor_batch_loader_yields_the_dataloader_batches():
+    """In-memory datasets skip per-sample collation; the batches stay the same."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gnc.data import StratifiedBatchSampler, make_loader, set_loader_epoch
+    from gnc.data.sampler import TensorBatchLoader
+
+    x, y = torch.randn(40, 3), torch.arange(40) % 4
+    fast = make_loader(TensorDataset(x, y), 8, labels=y, stratified=True, seed=3)
+    assert isinstance(fast, TensorBatchLoader)
+    slow = DataLoader(TensorDataset(x, y),
+                      batch_sampler=StratifiedBatchSampler(y, 8, seed=3))
+    for epoch in (0, 1):
+        set_loader_epoch(fast, epoch)
+        slow.batch_sampler.set_epoch(epoch)
+        got, want = list(fast), list(slow)
+        assert len(got) == len(want) == 5
+        for (xa, ya), (xb, yb) in zip(got, want, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    plain = make_loader(TensorDataset(x, y), 16)
+    assert [len(b[1]) for b in plain] == [16, 16, 8]
