@@ -148,3 +148,16 @@ def test_config_validation():
         TrainConfig(amp="fp8").validate()
     with pytest.raises(ValueError, match="unknown config key"):
         TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_tensorboard_events_and_bf16_backbone(tmp_path):
+    cfg = TrainConfig(**{**CASES["digits"], "epochs": 2}, method="implicit", amp="bf16",
+                      tensorboard=True, progress=False)
+    trainer = Trainer(cfg, tmp_path / "run")
+    row = trainer.fit()
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["nc1"])
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    # the backbone ran in bf16, the head (and its nearest-ETF solve) in float32
+    assert trainer.model.head.U.dtype == torch.float32
+    x = trainer.eval_bundle.train.tensors[0][:4]
+    assert trainer.model.features(x).dtype == torch.float32
