@@ -161,3 +161,18 @@ def test_tensorboard_events_and_bf16_backbone(tmp_path):
     assert trainer.model.head.U.dtype == torch.float32
     x = trainer.eval_bundle.train.tensors[0][:4]
     assert trainer.model.features(x).dtype == torch.float32
+
+
+def test_agd_run_uses_agd_initialisation(tmp_path):
+    from gnc.optim import AGD
+
+    cfg = TrainConfig(**{**CASES["digits"], "epochs": 2, "optimizer": "agd", "lr": 1.0},
+                      method="implicit", progress=False)
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert isinstance(trainer.optimizer, AGD)
+    W = next(p for p in trainer.model.backbone.parameters() if p.ndim == 2)
+    s = torch.linalg.svdvals(W.detach())
+    assert torch.allclose(s, s[0].expand_as(s), rtol=1e-4)  # semi-orthogonal, scaled
+    row = trainer.fit()
+    rows = read_rows(tmp_path / "run")
+    assert math.isfinite(row["train_loss"]) and rows[-1]["train_loss"] < rows[0]["train_loss"]

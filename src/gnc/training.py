@@ -49,7 +49,7 @@ from gnc.memory import PeakMemory
 from gnc.metrics import NCStatistics
 from gnc.models import build_backbone
 from gnc.models.classifier import FeatureClassifier
-from gnc.optim import build_optimizer, build_scheduler
+from gnc.optim import agd_init_, build_optimizer, build_scheduler
 from gnc.validation import all_finite
 
 logger = logging.getLogger(__name__)
@@ -295,6 +295,8 @@ class Trainer:
         self.eval_bundle = load_data(cfg, augment=False)
         self.K = self.bundle.num_classes
         self.model = build_model(cfg, self.bundle).to(self.device)
+        if cfg.optimizer == "agd":  # AGD's step sizes assume its own initialisation
+            agd_init_(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(
             cfg.optimizer, params, lr=cfg.lr, momentum=cfg.momentum,
