@@ -1,20 +1,107 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, as one script for the device machine (about 8 minutes on an H100):
-#   gnc bench on the GPU, then a short cifar10-resnet18 training of the three methods.
-# Run from the repository root with the CIFAR-10 JPEGs unpacked under data/ (carry `data`
-# and `.venv` if they were built there, else this script installs):
-#   tar xzf ../shared/data/cifar10-jpg.tar.gz -C data/
-# Writes $OUT/bench.json, $OUT/bench.txt and $OUT/train-<method>.jsonl (OUT defaults to gpu-out).
-set -euo pipefail
+# The GPU check, for the lent device machine as it is: its own python3 (PyTorch and
+# torchvision preinstalled, no network, nothing of ours installed), our package from src/.
+#
+#   bash benchmarks/gpu_check.sh 1    # stage 1, at most ~5 min on an H100
+#   bash benchmarks/gpu_check.sh 2    # stage 2, only after stage 1 succeeded: longer runs
+#
+# Before the call, on the developer machine (the archive travels with `carry`):
+#   mkdir -p data && cp ../shared/data/cifar10-jpg.tar.gz data/
+#   run(command="bash benchmarks/gpu_check.sh 1", carry=["data/cifar10-jpg.tar.gz"])
+#
+# Stage 1: GPU name; layer bench (512x10, 512x100, 2048x1000, 10240x10000); epoch bench of
+# cifar10-resnet18 per method (+ implicit with the solve on the host); EPOCHS (10) epochs of
+# cifar10-resnet18 per method at seed 1. Stage 2: the same three runs for as many epochs as
+# STAGE2_SECONDS (default 300) allows at stage 1's measured speed, plus a resume check (the
+# implicit run killed a third of the way, then resumed). Every result is written to $OUT as
+# soon as it exists (a call cut by its timeout still returns it); the run directories come
+# back as one archive per stage (at most 8 files return from the device machine).
+#
+# CPU dry run (tests): DEVICE=cpu LAYER=64x10 EPOCHS=1 EXTRA="--width 8 --subset 20
+#   --batch-size 100" BENCH_SET="--set width=8 --set batch_size=100 ..." bash ... 1
+set -uo pipefail
+STAGE=${1:-1}
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-if [ ! -x .venv/bin/gnc ]; then make install >/dev/null; fi
-G=.venv/bin/gnc
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$G bench --device cuda --sizes 512x10,512x100,2048x1000,10240x10000 | tee "$OUT/bench.txt"
-$G bench --device cuda --sizes 2048x1000,10240x10000 --json > "$OUT/bench.json"
+export PYTHONPATH=src GNC_CACHE_DIR=${GNC_CACHE_DIR:-$PWD/.gnc-cache} PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+DATA=${DATA:-data}
+RUNS=${RUNS:-runs/gpu}
+EPOCHS=${EPOCHS:-10}
+DEVICE=${DEVICE:-cuda}
+LAYER=${LAYER:-512x10,512x100,2048x1000}
+read -r -a EXTRA <<< "${EXTRA:-}"
+read -r -a SET <<< "${BENCH_SET:-}"
+LOG="$OUT/log-stage$STAGE.txt"
+gnc() { $PY -m gnc "$@"; }
+say() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
+pack() { tar czf "$OUT/runs-stage$STAGE.tar.gz" --exclude='*.pt' "$RUNS" 2>/dev/null; }
+
+if [ ! -d "$DATA/cifar10-jpg" ] && [ -f "$DATA/cifar10-jpg.tar.gz" ]; then
+  tar xzf "$DATA/cifar10-jpg.tar.gz" -C "$DATA"
+fi
+TRAIN=(--preset cifar10-resnet18 --data-dir "$DATA" --no-progress --device "$DEVICE"
+       "${EXTRA[@]}")
+BENCH=(bench --device "$DEVICE" --sizes none --steps none --epoch cifar10-resnet18
+       --data-dir "$DATA" "${SET[@]}" --json)
+
+if [ "$STAGE" = 1 ]; then
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision",
+torchvision.__version__, "cuda", torch.version.cuda)'
+  } > "$OUT/gpu.txt" 2>&1
+  say "gpu: $(head -1 "$OUT/gpu.txt")"
+  timeout 60 $PY -m gnc bench --device "$DEVICE" --sizes "$LAYER" --steps none \
+    --epoch none --repeats 5 --json > "$OUT/bench-layer.json" 2>>"$LOG"
+  say "layer bench: exit $?"
+  # the largest layer alone, capped at a minute (a float64 eigh of 10000x10000 takes seconds)
+  timeout 60 $PY -m gnc bench --device "$DEVICE" --sizes "${BIG_LAYER:-10240x10000}" \
+    --steps none --epoch none --repeats 3 --json > "$OUT/bench-layer-big.json" 2>>"$LOG"
+  say "layer bench ${BIG_LAYER:-10240x10000}: exit $?"
+  timeout ${BENCH_TIMEOUT:-150} $PY -m gnc "${BENCH[@]}" > "$OUT/bench-epoch.json" 2>>"$LOG"
+  say "epoch bench: exit $?"
+  timeout 45 $PY -m gnc "${BENCH[@]}" --methods implicit --set solve_device=cpu \
+    > "$OUT/bench-epoch-cpu-solve.json" 2>>"$LOG"
+  say "epoch bench, solve on the host: exit $?"
+  for m in standard fixed implicit; do
+    gnc train "${TRAIN[@]}" --method "$m" --seed 1 --epochs "$EPOCHS" --eval-every 5 \
+      --overwrite --out "$RUNS/stage1/$m/seed1" >> "$LOG" 2>&1
+    say "train $m ($EPOCHS epochs): exit $?"
+    pack
+  done
+  say "stage 1 done"
+  exit 0
+fi
+
+# Stage 2: epochs from stage 1's measured seconds per epoch and the budget; three runs plus
+# the resume check (a third of one more run), 10 % margin. Then the resume check's kill time.
+read -r E2 KILL_S < <($PY - "$RUNS/stage1" "${STAGE2_SECONDS:-300}" <<'PYEOF'
+import json, pathlib, sys
+root, budget = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+per = []
+for m in ("standard", "fixed", "implicit"):
+    lines = (root / m / "seed1" / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    per.append(last["elapsed_s"] / last["epoch"])
+e2 = max(5, int(budget / ((sum(per) + per[2] / 3) * 1.1)) // 5 * 5)
+print(e2, int(15 + per[2] * e2 / 3))
+PYEOF
+)
+say "stage 2: ${E2:?stage 1 results missing} epochs per method; resume check killed after ${KILL_S}s"
 for m in standard fixed implicit; do
-  $G train --preset cifar10-resnet18 --method "$m" --epochs 3 --eval-every 1 --seed 1 \
-    --device cuda --amp bf16 --data-dir data --no-progress --out "runs/gpu-$m" | tail -1
-  cp "runs/gpu-$m/metrics.jsonl" "$OUT/train-$m.jsonl"
+  gnc train "${TRAIN[@]}" --method "$m" --seed 1 --epochs "$E2" --eval-every 5 \
+    --checkpoint-every 5 --overwrite --out "$RUNS/stage2/$m/seed1" >> "$LOG" 2>&1
+  say "train $m ($E2 epochs): exit $?"
+  pack
 done
+# Resume check: SIGKILL the implicit run a third of the way, resume it to the end; its
+# metrics should match the uninterrupted stage-2 run within bf16 noise.
+R="$RUNS/stage2-resume/implicit/seed1"
+timeout -s KILL "$KILL_S" $PY -m gnc train "${TRAIN[@]}" --method implicit --seed 1 \
+  --epochs "$E2" --eval-every 5 --checkpoint-every 5 --overwrite --out "$R" >> "$LOG" 2>&1
+say "resume check: killed after ${KILL_S}s (exit $?)"
+gnc train "${TRAIN[@]}" --method implicit --seed 1 --epochs "$E2" --eval-every 5 \
+  --checkpoint-every 5 --resume --out "$R" >> "$LOG" 2>&1
+say "resume check: resumed to $E2 epochs: exit $?"
+pack
+say "stage 2 done"

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from gnc.cli import build_parser, train_config_from_args
 
@@ -77,3 +78,92 @@ def test_train_then_evaluate_through_the_cli(tmp_path):
                          capture_output=True, text=True).stdout
     metrics = json.loads(out)
     assert metrics["epoch"] == 20 and "nc1" in metrics
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    """``gnc.cli.main(argv)`` in-process: (exit status, stderr)."""
+    from gnc.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, match):
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert code != 0 and len(lines) == 1, err
+    assert "error:" in lines[0] and match in lines[0], lines[0]
+
+
+TINY_UFM = ["--num-classes", "3", "--per-class", "4", "--feature-dim", "6", "--no-progress"]
+
+
+def test_experiment_and_bench_check_their_flags(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "exp"
+    cases = [
+        (["experiment", "ufm10", "--seeds", "0", "--out", out], "`seeds` >= 1, but got 0"),
+        (["experiment", "ufm10", "--seeds", "-3", "--out", out], "`seeds` >= 1, but got -3"),
+        (["experiment", "ufm10", "--device", "bogus", "--out", out], "'bogus'"),
+        (["experiment", "ufm10", "--epochs", "0", "--out", out], "`epochs` >= 1"),
+        (["bench", "--device", "bogus", "--sizes", "16x4", "--steps", "none"], "'bogus'"),
+        (["bench", "--repeats", "0", "--sizes", "16x4", "--steps", "none"], "--repeats >= 1"),
+        (["train", "--preset", "digits", "--dataset", "ufm", "--out", out],
+         "Expected input features for backbone 'mlp'"),
+        (["train", "--epochs", "x", "--out", out], "invalid int value: 'x'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["bench", "--device", "cuda", "--sizes", "16x4", "--steps", "none"],
+                      "no CUDA device is available"))
+    for argv, match in cases:
+        assert_one_line_error(*run_main(argv, capsys), match)
+    assert not out.exists()
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    code, _ = run_main(["train", "--preset", "ufm10", "--epochs", "2", *TINY_UFM,
+                        "--out", exp / "fixed" / "seed1", "--method", "fixed"], capsys)
+    assert code == 0
+    (exp / "fixed" / "seed1" / "DONE").write_text("finished\n")
+    with open(exp / "fixed" / "seed1" / "metrics.jsonl", "a") as f:
+        f.write('{"top1": 1}\n[1, 2]\n')
+    assert run_main(["report", exp, "--machine", "m"], capsys)[0] == 0
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(*run_main(["report", exp, "--out", tmp_path / "file"], capsys),
+                          "to be a directory, but it is a file")
+    assert_one_line_error(*run_main(["report", tmp_path / "nothing"], capsys),
+                          "experiment directory not found")
+
+
+def test_experiment_refuses_runs_made_with_other_overrides(tmp_path, capsys):
+    out = tmp_path / "exp"
+    common = ["experiment", "ufm10", "--seeds", "1", "--methods", "fixed", "--out", out,
+              "--no-progress", "--no-report"]
+    # the preset's own K=10 and d=512 are small enough for 2 iterations
+    assert run_main([*common, "--epochs", "2"], capsys)[0] == 0
+    assert_one_line_error(*run_main([*common, "--epochs", "3"], capsys),
+                          "it was made with epochs=2 (now 3)")
+
+
+def test_default_batch_size_of_real_data(capsys):
+    from gnc.cli import DEFAULT_BATCH_SIZE
+
+    parse = build_parser().parse_args
+    cfg = train_config_from_args(parse(["train", "--dataset", "digits", "--out", "x"]))
+    assert cfg.batch_size == DEFAULT_BATCH_SIZE == 100
+    assert train_config_from_args(parse(["train", "--out", "x"])).batch_size == 0  # ufm
+    cfg = train_config_from_args(parse(["train", "--preset", "digits", "--out", "x"]))
+    assert cfg.batch_size == 100
+    cfg = train_config_from_args(parse(["train", "--dataset", "digits", "--batch-size", "0",
+                                        "--out", "x"]))
+    assert cfg.batch_size == 0
+    from gnc.cli import main
+
+    with pytest.raises(SystemExit, match="0"):
+        main(["train", "--help"])
+    assert "else 100; full batch for ufm" in " ".join(capsys.readouterr().out.split())

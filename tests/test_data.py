@@ -88,6 +88,60 @@ def test_npz_errors(tmp_path: Path) -> None:
         load_dataset(f"npz:{gap}")
 
 
+def _npz(tmp_path: Path, **arrays: np.ndarray) -> str:
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def test_npz_huge_label_is_an_error_without_allocating_by_label(tmp_path: Path) -> None:
+    import tracemalloc
+
+    name = _npz(tmp_path, x=np.zeros((4, 2)), y=np.array([0, 1, 2, 2_000_000]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"largest label is 2000000 and `y` has only 4"):
+            load_dataset(name)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20  # O(N), never O(largest label)
+
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"x": np.zeros(6), "y": np.arange(6) % 2}, r"Expected `x` to have shape \(N, \.\.\.\)"),
+    ({"x": np.array([[0.0], [np.nan], [1.0], [2.0]]), "y": np.array([0, 1, 0, 1])},
+     "Expected `x` to be finite"),
+    ({"x": np.array([["a"], ["b"]]), "y": np.array([0, 1])}, "real numeric array"),
+    ({"x": np.zeros((4, 2)), "y": np.array([0, 1, 0, 1]), "x_test": np.zeros((2, 3)),
+      "y_test": np.array([0, 1])}, r"`x_test` rows of shape \(2,\) like `x`, but got \(3,\)"),
+    ({"x": np.zeros((4, 2)), "y": np.array([0, 1, 0, 1]), "x_test": np.zeros((2, 2)),
+      "y_test": np.array([0, 2])}, r"`y_test` labels in the training classes 0\.\.1, but got 2"),
+    ({"x": np.zeros((4, 2)), "y": np.array([0, 1, 0, 1]), "x_test": np.zeros((3, 2)),
+      "y_test": np.array([0, 1])}, "`x_test` and `y_test` to have the same length"),
+    ({"x": np.zeros((4, 2)), "y": np.zeros(4, dtype=int)}, "at least 2 classes"),
+    ({"x": np.zeros((1, 2)), "y": np.zeros(1, dtype=int)}, "at least 2 samples"),
+    ({"x": np.zeros((4, 2)), "y": np.array([0, 1, -1, 1])}, r"labels `y` in 0\.\.K-1"),
+])
+def test_npz_bad_arrays_are_one_clear_error(tmp_path: Path, arrays: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as err:
+        load_dataset(_npz(tmp_path, **arrays))
+    assert "\n" not in str(err.value)
+
+
+def test_npz_test_split_may_lack_classes(tmp_path: Path) -> None:
+    b = load_dataset(_npz(tmp_path, x=np.zeros((6, 2)), y=np.arange(6) % 3,
+                          x_test=np.zeros((2, 2)), y_test=np.array([0, 0])))
+    assert b.num_classes == 3 and len(b.test) == 2
+
+
+def test_npz_not_an_archive(tmp_path: Path) -> None:
+    path = tmp_path / "junk.npz"
+    path.write_text("not a zip")
+    with pytest.raises(ValueError, match="cannot be read as an npz archive"):
+        load_dataset(f"npz:{path}")
+
+
 def test_name_and_option_errors() -> None:
     with pytest.raises(ValueError, match="unknown dataset 'x'; choose from ufm, mnist1d"):
         load_dataset("x")
@@ -285,3 +339,43 @@ def test_tensor_batch_loader_yields_the_dataloader_batches():
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
     plain = make_loader(TensorDataset(x, y), 16)
     assert [len(b[1]) for b in plain] == [16, 16, 8]
+
+
+def test_sampler_full_batch_holds_every_sample_of_imbalanced_data() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2] * 7)
+    for batch_size in (21, 100):
+        s = StratifiedBatchSampler(labels, batch_size, seed=0)
+        assert len(s) == 1
+        e0, e1 = _epoch(s, 0), _epoch(s, 1)
+        assert sorted(e0[0]) == sorted(e1[0]) == list(range(21)) and e0 != e1
+    ranks = [StratifiedBatchSampler(labels, 21, seed=0, num_replicas=2, rank=r)
+             for r in range(2)]
+    parts = [_epoch(r, 0)[0] for r in ranks]
+    assert sorted(parts[0] + parts[1]) == list(range(21))
+
+
+def test_sampler_no_batch_is_an_error_at_construction() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2] * 7)
+    with pytest.raises(ValueError, match=r"smallest class has only 4: .* at most 12, or one of "
+                                         r"at least 21 \(the full batch\)"):
+        StratifiedBatchSampler(labels, 18)
+    assert len(StratifiedBatchSampler(labels, 18, drop_last=False)) == 1
+
+
+def test_sampler_warns_once_about_a_reduced_batch(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="gnc.data.sampler"):
+        s = StratifiedBatchSampler(_balanced(k=5, per=12), 17)
+        list(s), list(s)
+    warnings = [r for r in caplog.records if r.name == "gnc.data.sampler"]
+    assert len(warnings) == 1
+    assert "batch size 17" in warnings[0].getMessage()
+    assert "hold 15 samples (3 per class)" in warnings[0].getMessage()
+
+
+def test_loader_full_batch_on_digits_default() -> None:
+    # `gnc train --dataset digits` with the full batch (batch size 0 in the config) once gave
+    # a loader without batches: digits' classes differ in size.
+    b = load_dataset("digits")
+    loader = make_loader(b, len(b.train), stratified=True, drop_last=True)
+    (x, y), = list(loader)
+    assert len(y) == len(b.train)

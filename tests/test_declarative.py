@@ -110,3 +110,21 @@ def test_riemannian_info_reported():
     NearestETF.apply(random_means(16, 4), random_stiefel(16, 4), 1e-3, "riemannian", "none", info)
     assert {"iterations", "gradient_norm", "stopping_reason"} <= info.keys()
     assert info["iterations"] >= 1
+
+
+@pytest.mark.parametrize("backward", ["closed_form", "ddn"])
+@pytest.mark.parametrize("solver", ["exact", "riemannian"])
+def test_backward_unaffected_by_in_place_change_of_U_prev(solver, backward):
+    # The caller may overwrite its U_prev buffer after the forward (the head does): the saved
+    # tensors must be copies, and the gradient the one of the U_prev used in the forward.
+    H, U_prev = random_means(12, 4), random_stiefel(12, 4, seed=2)
+    G = torch.randn(12, 4, dtype=F64)
+    grads = []
+    for overwrite in (False, True):
+        Hc, Up = H.clone().requires_grad_(), U_prev.clone()
+        U = nearest_etf(Hc, Up, solver=solver, backward=backward)
+        if overwrite:
+            Up.copy_(U.detach())
+        (U * G).sum().backward()
+        grads.append(Hc.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-8)

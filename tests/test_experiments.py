@@ -111,3 +111,42 @@ def test_unknown_method_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         run_experiment("ufm10", tmp_path, methods=["standard", "learned"])
     assert not any(tmp_path.iterdir())
+
+
+TINY = {"epochs": 2, "eval_every": 1, "progress": False,
+        "dataset_options": {"num_classes": 3, "per_class": 4}, "feature_dim": 8}
+
+
+def test_finished_runs_with_other_overrides_are_refused(tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False, overrides=TINY)
+    import gnc.experiments as experiments
+
+    monkeypatch.setattr(experiments, "train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"finished run .*fixed/seed1 does not match this "
+                                         r"experiment: it was made with epochs=2 \(now 3\)"):
+        run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False,
+                       overrides={**TINY, "epochs": 3})
+    # where and how it ran does not matter
+    run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False,
+                   overrides={**TINY, "device": "cpu", "data_dir": "elsewhere"})
+
+
+def test_seeds_must_be_positive_and_configs_valid_before_training(tmp_path):
+    for seeds in (0, -2):
+        with pytest.raises(ValueError, match=f"Expected `seeds` >= 1, but got {seeds}"):
+            run_experiment("ufm10", tmp_path, seeds=seeds, overrides=TINY)
+    with pytest.raises(ValueError, match="Expected `device` to be auto, cpu, cuda or cuda:N"):
+        run_experiment("ufm10", tmp_path, seeds=1, overrides={**TINY, "device": "bogus"})
+    with pytest.raises(ValueError, match="Expected `epochs` >= 1"):
+        run_experiment("ufm10", tmp_path, seeds=1, overrides={**TINY, "epochs": 0})
+    assert not any(tmp_path.iterdir())
+
+
+def test_report_title_names_the_overrides(tmp_path):
+    out = tmp_path / "exp"
+    run_experiment("ufm10", out, seeds=1, methods=["implicit"], overrides=TINY)
+    first = (out / "report.md").read_text().splitlines()[0]
+    assert first.startswith(f"# ufm10: {get_preset('ufm10').summary} (overridden: ")
+    assert "epochs=2" in first and "eval_every=1" in first
+    assert "progress" not in first and "method" not in first

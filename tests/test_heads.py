@@ -175,3 +175,19 @@ def test_public_api():
                  "make_head", "ClassMeanTracker", "NCStatistics", "nc_metrics",
                  "FeatureClassifier"):
         assert hasattr(gnc, name), name
+
+
+@pytest.mark.parametrize("solver", ["exact", "riemannian"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_implicit_ddn_backward_over_several_steps(solver, dtype):
+    # The paper's ddn backward saves U_prev, which is the head's `U` buffer overwritten after
+    # each step: float64 (where no dtype conversion copies it) failed at step 2.
+    torch.manual_seed(0)
+    heads = {b: ImplicitETFHead(32, 5, solver=solver, backward=b).to(dtype)
+             for b in ("ddn", "closed_form")}
+    for step in range(4):
+        h, y = batch(d=32, K=5, per_class=4, seed=step, dtype=dtype)
+        g = {b: feature_grad(head, h, y) for b, head in heads.items()}
+        assert torch.isfinite(g["ddn"]).all(), f"step {step}"
+        tol = 1e-8 if dtype == torch.float64 else 1e-4
+        assert torch.allclose(g["ddn"], g["closed_form"], atol=tol), f"step {step}"

@@ -81,7 +81,8 @@ def dense_metrics(h, y, W, b, logits=None, ncc_logits=None) -> dict:
 
 
 def assert_metrics_close(got: dict, expected: dict) -> None:
-    assert set(got) == set(SCALAR_KEYS) | {"cos_margins"}
+    assert set(got) == set(SCALAR_KEYS) | {"cos_margins", "missing_classes"}
+    assert got["missing_classes"] == []
     for key in SCALAR_KEYS:
         assert isinstance(got[key], float), key
         assert got[key] == pytest.approx(expected[key], **TOL), key
@@ -270,8 +271,28 @@ def test_pass_order_and_empty_classes():
     stats.update_margins(h[keep], y[keep], W, b)
     with pytest.raises(RuntimeError, match=r"after pass 2 started; call reset\(\)"):
         stats.update(h, y)
-    with pytest.raises(ValueError, match=r"every class to have samples, but classes \[3\]"):
-        stats.compute(W, b)
+
+
+def test_missing_class_metrics_over_present_classes():
+    # A test split may lack a class: NC1/NC2(H)/NC3 cover the present classes, the result
+    # names the missing ones, and the classifier's own metrics keep all K rows.
+    data = make_data()
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    keep = y != 3
+    got = nc_metrics(h[keep], y[keep], W, b)
+    assert got["missing_classes"] == [3]
+    present = dense_metrics(h[keep], y[keep], W[:3], b[:3])  # classes 0..2 = rows 0..2
+    for key in ("nc1", "nc2_h", "nc3", "h_equinorm"):
+        assert got[key] == pytest.approx(present[key], **TOL), key
+    full = dense_metrics(h, y, W, b)
+    for key in ("nc2", "w_equinorm"):
+        assert got[key] == pytest.approx(full[key], **TOL), key
+    top1 = 100.0 * float(((h[keep] @ W.T + b).argmax(1) == y[keep]).double().mean())
+    assert got["top1"] == pytest.approx(top1, **TOL)
+    one = nc_metrics(h[y == 1], y[y == 1], W, b)
+    assert one["missing_classes"] == [0, 2, 3]
+    assert all(math.isnan(one[k]) for k in ("nc1", "nc2_h", "nc3", "h_equinorm"))
+    assert math.isfinite(one["nc2"]) and math.isfinite(one["avg_cos_margin"])
 
 
 def test_constructor_and_nc_metrics_validate():

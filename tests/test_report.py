@@ -174,3 +174,121 @@ def test_errors(tmp_path):
               done=False)
     with pytest.raises(ValueError, match=f"no finished runs under {tmp_path}"):
         load_runs(tmp_path)
+
+
+def test_bad_metrics_lines_are_skipped_with_file_and_line(exp, caplog):
+    root, rows = exp
+    path = root / "standard" / "seed1" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1:1] = ['{"top1": 3.0}', "[1, 2, 3]", '{"epoch": "two"}', "{not json"]
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="gnc.report"):
+        runs = load_runs(root)
+    assert [r["epoch"] for r in runs["standard"][0].metrics] == list(EPOCHS)
+    messages = [r.getMessage() for r in caplog.records]
+    for line_no, what in ((2, "no integer `epoch`"), (3, "not a JSON object"),
+                          (4, "no integer `epoch`"), (5, "not JSON")):
+        assert any(m.startswith(f"{path}:{line_no}: {what}") for m in messages), line_no
+
+
+def test_unreadable_run_files_do_not_break_the_report(exp):
+    root, _ = exp
+    (root / "standard" / "seed2" / "config.json").write_text("[1, 2]")
+    (root / "standard" / "seed3" / "cos_margins.npy").write_text("garbage")
+    row = json.loads((root / "implicit" / "seed1" / "metrics.jsonl").read_text()
+                     .splitlines()[-1])
+    row["nc1"], row["cos_margins"] = "high", ["a"]
+    (root / "implicit" / "seed1" / "cos_margins.npy").unlink()  # margins from that row
+    with open(root / "implicit" / "seed1" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    text = make_report(root, machine="m").read_text()
+    assert "standard/seed2: finished, but config.json is not a JSON object" in text
+
+
+def test_out_that_is_a_file_is_one_clear_error(exp, tmp_path_factory):
+    root, _ = exp
+    target = tmp_path_factory.mktemp("elsewhere") / "report.txt"
+    target.write_text("x")
+    with pytest.raises(ValueError, match=r"output .*report\.txt to be a directory, but it is a "
+                                         "file"):
+        make_report(root, out_dir=target)
+
+
+def test_title_names_the_settings_that_override_the_preset(exp):
+    root, _ = exp
+    preset = {**CONFIG, "epochs": 2000, "device": "cuda", "method": "fixed", "seed": 9}
+    text = make_report(root, machine="m", title="p: 2000 iterations",
+                       preset_config=preset).read_text()
+    assert text.splitlines()[0] == "# p: 2000 iterations (overridden: epochs=10)"
+    same = make_report(root, machine="m", title="p", preset_config=CONFIG).read_text()
+    assert same.splitlines()[0] == "# p"
+
+
+def test_figures_draw_each_method_median_line_and_band(exp, monkeypatch):
+    """The figures' content, not only their files: per method one line in its colour through
+    the median over seeds, one min–max band, and the colours in the rendered pixels."""
+    from pathlib import Path
+
+    from matplotlib import colors
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    from gnc.report import COLOURS, display_name
+
+    root, rows = exp
+    figures, real_savefig = {}, Figure.savefig
+
+    def capture(self, fname, *args, **kwargs):
+        figures[Path(fname).name] = self
+        return real_savefig(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    make_report(root, machine="m")
+    assert set(figures) == {"curves.png", "cos_margins.png",
+                            *(f"curve_{k}.png" for k in CURVE_KEYS)}
+    labels = {m: f"{display_name(m)} (n={len(SEEDS)})" for m in METHODS}
+
+    def lines_and_bands(ax):
+        lines = {line.get_label(): line for line in ax.get_lines()
+                 if not line.get_label().startswith("_")}
+        assert set(lines) == set(labels.values()), ax.get_title()
+        bands = {}
+        for c in ax.collections:
+            bands.setdefault(colors.to_hex(c.get_facecolor()[0], keep_alpha=False), []).append(c)
+        for m in METHODS:
+            assert colors.to_hex(lines[labels[m]].get_color()) == COLOURS[m]
+            assert len(bands.get(COLOURS[m], [])) == 1, (ax.get_title(), m)
+        return {m: lines[labels[m]] for m in METHODS}, {m: bands[COLOURS[m]][0] for m in METHODS}
+
+    for key in CURVE_KEYS:
+        (ax,) = figures[f"curve_{key}.png"].axes
+        lines, bands = lines_and_bands(ax)
+        for m in METHODS:
+            values = np.array([at(rows[m], e, key) for e in EPOCHS])  # epochs × seeds
+            np.testing.assert_array_equal(lines[m].get_xdata(), EPOCHS)
+            np.testing.assert_allclose(lines[m].get_ydata(), np.median(values, axis=1),
+                                       rtol=1e-12)
+            y = np.concatenate([p.vertices[:, 1] for p in bands[m].get_paths()])
+            assert y.min() == pytest.approx(values.min()) and y.max() == pytest.approx(values.max())
+
+    (ax,) = figures["cos_margins.png"].axes
+    lines, _ = lines_and_bands(ax)
+    for m in METHODS:
+        margins = [np.load(root / m / f"seed{s}" / "cos_margins.npy") for s in SEEDS]
+        y = np.asarray(lines[m].get_ydata())
+        assert np.all(np.diff(y) >= 0)  # sorted margins
+        assert y[0] == pytest.approx(np.median([v.min() for v in margins]))
+        assert y[-1] == pytest.approx(np.median([v.max() for v in margins]))
+
+    grid = [ax for ax in figures["curves.png"].axes if ax.get_visible()]
+    assert len(grid) == len(CURVE_KEYS) + 1  # every curve and the margins
+    for ax in grid:
+        lines_and_bands(ax)
+
+    for name in figures:
+        pixels = imread(root / name)[..., :3]
+        assert (pixels < 0.9).any(axis=-1).mean() > 0.01, name  # not a blank canvas
+        for m in METHODS:
+            rgb = np.array(colors.to_rgb(COLOURS[m]))
+            # the legend's sample alone is < 100 pixels of the colour; the lines are more
+            assert (np.abs(pixels - rgb).max(axis=-1) < 0.02).sum() > 400, (name, m)

@@ -121,13 +121,66 @@ def test_checkpoint_killed_mid_write_keeps_the_last_good_one(tmp_path, monkeypat
     assert torch.load(path, weights_only=False) == {"epoch": 1}
 
 
-def test_divergence_is_reported_and_checkpoint_kept(tmp_path):
-    base = dict(CASES["digits"], method="standard", progress=False, epochs=2)
-    train(TrainConfig(**base), tmp_path / "run")
-    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
-    with pytest.raises(FloatingPointError, match="diverged"):
-        train(TrainConfig(**{**base, "lr": 1e38, "tau": 1e30, "epochs": 2}), tmp_path / "bad")
-    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+# UFM, 4 classes x 10 samples, stratified batches of 16: two steps per epoch
+DIVERGE = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 10}, model="ufm",
+               feature_dim=8, batch_size=16, lr=0.5, eval_every=1, progress=False)
+
+
+def assert_epoch1_checkpoint_kept(run, reference):
+    """``run``'s own last.pt is epoch 1's, finite and equal to a clean 1-epoch run's."""
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1
+    ref = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert ckpt["model"].keys() == ref.keys()
+    for key, value in ckpt["model"].items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+        assert torch.equal(value, ref[key]), key
+    assert [r["epoch"] for r in read_rows(run)] == [1]
+
+
+def test_divergence_of_the_loss_is_reported_and_checkpoint_kept(tmp_path, monkeypatch):
+    """A NaN loss at epoch 2 (gradients and weights stay finite) stops the run."""
+    cfg = TrainConfig(**DIVERGE, method="standard", epochs=3)
+    train(TrainConfig(**{**DIVERGE, "method": "standard", "epochs": 1}), tmp_path / "ref")
+    real_ce, calls = torch.nn.functional.cross_entropy, []
+
+    def nan_loss_from_epoch_2(logits, target, *args, **kwargs):
+        loss = real_ce(logits, target, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) > 2:  # the loss value is NaN, its gradient the real one
+                loss = loss + torch.tensor(float("nan"))
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_loss_from_epoch_2)
+    with pytest.raises(FloatingPointError,
+                       match="training diverged: the loss is .* at epoch 2, step 3 ") as err:
+        train(cfg, tmp_path / "bad")
+    assert "weights" not in str(err.value) and "last checkpoint is kept" in str(err.value)
+    monkeypatch.undo()
+    assert_epoch1_checkpoint_kept(tmp_path / "bad", tmp_path / "ref")
+
+
+@pytest.mark.parametrize("poisoned_step", [3, 4], ids=["mid-epoch", "last-step-of-epoch"])
+def test_divergence_of_the_weights_is_reported_and_checkpoint_kept(tmp_path, poisoned_step):
+    """The optimiser step `poisoned_step` (in epoch 2) leaves NaN weights."""
+    train(TrainConfig(**{**DIVERGE, "method": "implicit", "epochs": 1}), tmp_path / "ref")
+    trainer = Trainer(TrainConfig(**DIVERGE, method="implicit", epochs=3), tmp_path / "bad")
+    assert len(trainer.train_loader) == 2
+    steps = []
+
+    def poison(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == poisoned_step:
+            with torch.no_grad():
+                next(trainer.model.backbone.parameters()).fill_(float("nan"))
+
+    trainer.optimizer.register_step_post_hook(poison)
+    with pytest.raises(FloatingPointError, match="training diverged: .*the weights are NaN/Inf "
+                       "at epoch 2"):
+        trainer.fit()
+    assert_epoch1_checkpoint_kept(tmp_path / "bad", tmp_path / "ref")
 
 
 def test_evaluate_run_reproduces_the_logged_metrics(tmp_path):
@@ -150,17 +203,58 @@ def test_config_validation():
         TrainConfig.from_dict({"learning_rate": 0.1})
 
 
+def record_dtypes(model):
+    """Output dtypes of the backbone's first Linear layer and input dtypes of the head."""
+    seen = {"backbone": set(), "head": set()}
+    linear = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda m, args, out: seen["backbone"].add(out.dtype))
+    model.head.register_forward_pre_hook(lambda m, args: seen["head"].add(args[0].dtype))
+    return seen
+
+
 def test_tensorboard_events_and_bf16_backbone(tmp_path):
     cfg = TrainConfig(**{**CASES["digits"], "epochs": 2}, method="implicit", amp="bf16",
                       tensorboard=True, progress=False)
     trainer = Trainer(cfg, tmp_path / "run")
+    seen = record_dtypes(trainer.model)
     row = trainer.fit()
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["nc1"])
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
-    # the backbone ran in bf16, the head (and its nearest-ETF solve) in float32
+    # the backbone ran in bf16 (training and evaluation), the head (and its nearest-ETF
+    # solve) in float32
+    assert seen == {"backbone": {torch.bfloat16}, "head": {torch.float32}}
     assert trainer.model.head.U.dtype == torch.float32
     x = trainer.eval_bundle.train.tensors[0][:4]
     assert trainer.model.features(x).dtype == torch.float32
+
+
+def test_fp16_backbone_with_grad_scaler_resumes_exactly(tmp_path):
+    base = dict(CASES["digits"], method="implicit", amp="fp16", progress=False, eval_every=1)
+    full = Trainer(TrainConfig(**{**base, "epochs": 3}), tmp_path / "full")
+    seen = record_dtypes(full.model)
+    full.fit()
+    assert seen == {"backbone": {torch.float16}, "head": {torch.float32}}
+    assert full.scaler.is_enabled()
+
+    first = Trainer(TrainConfig(**{**base, "epochs": 2}), tmp_path / "split")
+    first.fit()
+    saved = first.scaler.state_dict()
+    # the scaler took part: it counted unskipped steps (or backed off after an overflow)
+    assert saved["_growth_tracker"] > 0 or saved["scale"] < 2.0**16
+    resumed = Trainer(TrainConfig(**{**base, "epochs": 3}), tmp_path / "split", resume=True)
+    assert resumed.scaler.is_enabled() and resumed.scaler.state_dict() == saved
+    resumed.fit()
+    assert resumed.scaler.state_dict() == full.scaler.state_dict()
+
+    a, b = read_rows(tmp_path / "full"), read_rows(tmp_path / "split")
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("train_loss", "nc1", "nc3", "top1", "test_top1", "avg_cos_margin"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["epoch"], key)
+    ca = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    cb = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for k in ca:
+        assert torch.allclose(ca[k].double(), cb[k].double(), atol=1e-6), k
 
 
 def test_agd_run_uses_agd_initialisation(tmp_path):

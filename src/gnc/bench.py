@@ -32,6 +32,14 @@ from gnc.memory import PeakMemory
 DEFAULT_SIZES = ((512, 10), (512, 50), (512, 100), (2048, 1000))
 # The paper's DDN backward costs ~p²·dK flops (p = K(K+1)/2); above this it takes minutes.
 DDN_MAX_FLOPS = 2e11
+# Layers above this d·K² are timed once (after the warm-up): 10240x10000 takes seconds a call.
+BIG_LAYER_FLOPS = 1e11
+
+
+def _has_pymanopt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pymanopt") is not None
 
 
 @dataclass
@@ -45,6 +53,8 @@ class BenchRecord:
     backward_ms: float | None
     peak_mem_mb: float | None = None
     note: str = ""
+    epoch_s: float | None = None  # epoch cases: wall seconds of one training epoch
+    data_wait_pct: float | None = None  # epoch cases: share of the epoch outside the steps
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,10 +154,15 @@ def bench_layer(
     records = []
     for d, K in sizes:
         case = f"layer {d}x{K}"
-        fwd, bwd = time_layer(d, K, "exact", "closed_form", device, repeats)
-        records.append(BenchRecord(case, "exact/closed_form", str(device), fwd, bwd))
+        reps = repeats if d * K * K <= BIG_LAYER_FLOPS else 1
+        fwd, bwd = time_layer(d, K, "exact", "closed_form", device, reps)
+        records.append(BenchRecord(case, "exact/closed_form", str(device), fwd, bwd,
+                                   note="" if reps == repeats else "1 timed run"))
         p = K * (K + 1) // 2
-        if p * p * d * K > DDN_MAX_FLOPS:
+        if not _has_pymanopt():
+            records.append(BenchRecord(case, "riemannian/ddn", str(device), None, None,
+                                       note="skipped: pymanopt is not installed"))
+        elif p * p * d * K > DDN_MAX_FLOPS:
             est = p * p * d * K / 4e10  # seconds at ~40 GFLOP/s
             when = f"~{est:.0f} s" if est < 3600 else "hours"
             records.append(BenchRecord(
@@ -159,11 +174,12 @@ def bench_layer(
             fwd, bwd = time_layer(d, K, "riemannian", "ddn", device, paper_repeats)
             records.append(BenchRecord(case, "riemannian/ddn", str(device), fwd, bwd))
     d, K = max(sizes, key=lambda s: s[0] * s[1])
-    fwd, bwd = time_head(d, K, device, repeats)
+    reps = repeats if d * K * K <= BIG_LAYER_FLOPS else 1
+    fwd, bwd = time_head(d, K, device, reps)
     records.append(BenchRecord(f"head {d}x{K}", "ImplicitETFHead", str(device), fwd, bwd,
                                note=f"training step of the head, batch of {K} features"))
     records.append(BenchRecord(
-        f"svd {d}x{K}", "torch.linalg.svd float32", str(device), time_svd(d, K, device, repeats),
+        f"svd {d}x{K}", "torch.linalg.svd float32", str(device), time_svd(d, K, device, reps),
         None, note="floor: one thin SVD of a d×K matrix",
     ))
     return records
@@ -178,11 +194,17 @@ def _fmt(x: float | None) -> str:
 def format_table(records: list[BenchRecord]) -> str:
     """A plain-text table of the records, with forward+backward totals."""
     head = ("case", "method", "device", "fwd ms", "bwd ms", "total ms", "peak MiB", "note")
+    epochs = any(r.epoch_s is not None for r in records)
+    if epochs:
+        head = head[:-1] + ("s/epoch", "data wait %", "note")
     rows = []
     for r in records:
         total = None if r.forward_ms is None else r.forward_ms + (r.backward_ms or 0.0)
-        rows.append((r.case, r.method, r.device, _fmt(r.forward_ms), _fmt(r.backward_ms),
-                     _fmt(total), _fmt(r.peak_mem_mb), r.note))
+        row = (r.case, r.method, r.device, _fmt(r.forward_ms), _fmt(r.backward_ms),
+               _fmt(total), _fmt(r.peak_mem_mb))
+        if epochs:
+            row += (_fmt(r.epoch_s), _fmt(r.data_wait_pct))
+        rows.append((*row, r.note))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
              for row in (head, *rows)]
@@ -322,17 +344,21 @@ def step_overheads(records: list[BenchRecord]) -> list[str]:
     out = []
     steps: dict[str, dict[str, BenchRecord]] = {}
     for r in records:
-        if r.case.startswith("step "):
+        if r.case.startswith(("step ", "epoch ")):
             steps.setdefault(r.case, {})[r.method] = r
+
+    def cost(r: BenchRecord) -> float:
+        return r.epoch_s if r.epoch_s is not None else r.forward_ms + r.backward_ms
+
     for case, by_method in steps.items():
         base = by_method.get("standard")
         if base is None:
             continue
-        t0 = base.forward_ms + base.backward_ms
+        t0 = cost(base)
         for m in ("fixed", "implicit"):
             if m in by_method:
-                t = by_method[m].forward_ms + by_method[m].backward_ms
-                out.append(f"{case}: {m} step = {t / t0:.3f}x standard "
+                t = cost(by_method[m])
+                out.append(f"{case}: {m} = {t / t0:.3f}x standard "
                            f"({100 * (t / t0 - 1):+.1f}%)")
     return out
 
@@ -347,3 +373,83 @@ def step_cases_by_name(names: str, device: str | torch.device) -> list[StepCase]
             raise ValueError(f"unknown step case {name!r}; choose from {', '.join(by_name)}")
         out.append(by_name[name])
     return out
+
+
+# --------------------------------------------------------------------------- whole epochs
+
+
+def synthetic_cifar10(num_train: int = 50_000, num_test: int = 10_000, seed: int = 0):
+    """Random uint8 images of CIFAR-10's shape, as torchvision ``CIFAR10`` datasets with the
+    CIFAR-10 transforms, in (training, evaluation) bundles — for the epoch bench without data."""
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
+    from gnc.data import DatasetBundle
+    from gnc.data.vision import NORMALIZATION
+
+    g = torch.Generator().manual_seed(seed)
+    mean, std = NORMALIZATION["cifar10"]
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    augmented = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *norm])
+
+    def split(n: int, transform) -> tvd.CIFAR10:
+        ds = tvd.CIFAR10.__new__(tvd.CIFAR10)  # no files: the arrays are the dataset
+        ds.data = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        ds.targets = (torch.arange(n) % 10).tolist()
+        ds.transform, ds.target_transform, ds.transforms = transform, None, None
+        ds.classes = [str(c) for c in range(10)]
+        return ds
+
+    def bundle(train_tf) -> DatasetBundle:
+        train, test = split(num_train, train_tf), split(num_test, T.Compose(norm))
+        return DatasetBundle(train, test, 10, (3, 32, 32), torch.tensor(train.targets),
+                             "random-cifar10", tuple(train.classes))
+
+    return bundle(augmented), bundle(T.Compose(norm))
+
+
+def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 2,
+               data_dir: str = "data", **overrides) -> BenchRecord:
+    """Seconds of the last of ``epochs`` training epochs of ``preset`` (the first warms up
+    cuDNN's autotuner and the allocator), its mean step times and the peak memory.
+
+    Real data when ``data_dir`` has it, otherwise :func:`synthetic_cifar10` (said in the note).
+    "data wait" is the share of the epoch spent outside the timed steps: fetching batches.
+    """
+    import tempfile
+
+    from gnc.data import DatasetNotFoundError
+    from gnc.experiments import get_preset
+    from gnc.training import Trainer, load_data
+
+    cfg = get_preset(preset).train_config(
+        **{"method": method, "device": str(device), "data_dir": data_dir, "progress": False,
+           "epochs": epochs, "eval_every": 10**6, **overrides})
+    try:
+        data, note = (load_data(cfg), load_data(cfg, augment=False)), "real data"
+    except DatasetNotFoundError:
+        data, note = synthetic_cifar10(), "random images of CIFAR's shape"
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tmp, data=data)
+        note += f", {len(trainer.train_loader)} steps, data on device: " + (
+            "yes" if type(trainer.train_loader).__name__ == "DeviceImageLoader" else "no")
+        for _ in range(epochs - 1):
+            trainer.train_epoch(None)
+        _sync(device)
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            stats = trainer.train_epoch(None)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+    steps = len(trainer.train_loader)
+    busy = (stats["time_forward_ms"] + stats["time_backward_ms"]) * steps / 1e3
+    return BenchRecord(f"epoch {preset}", method, str(device), stats["time_forward_ms"],
+                       stats["time_backward_ms"], mem.mb, note, epoch_s=seconds,
+                       data_wait_pct=max(0.0, 100 * (1 - busy / seconds)))
+
+
+def bench_epochs(preset: str = "cifar10-resnet18", *, device: str | torch.device = "cpu",
+                 methods: Sequence[str] = STEP_METHODS, **kw) -> list[BenchRecord]:
+    """:func:`time_epoch` for each method (same data, same settings)."""
+    device = torch.device(device)
+    return [time_epoch(preset, m, device, **kw) for m in methods]

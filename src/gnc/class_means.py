@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gnc.validation import all_finite
+from gnc.validation import all_finite, value_checks_enabled
 
 __all__ = ["ClassMeanTracker", "ClassMeans"]
 
@@ -70,7 +70,7 @@ def _check_inputs(features: Tensor, labels: Tensor, d: int, K: int) -> None:
         raise ValueError("Expected `features` to hold at least one sample, but got B=0")
     if not features.is_floating_point():
         raise ValueError(f"Expected `features` to be floating point, but got {features.dtype}")
-    if not all_finite(features):
+    if value_checks_enabled() and not all_finite(features):
         raise ValueError("Expected `features` to be finite, but got NaN or Inf values")
     B = features.shape[0]
     if not isinstance(labels, Tensor) or tuple(labels.shape) != (B,):
@@ -78,6 +78,8 @@ def _check_inputs(features: Tensor, labels: Tensor, d: int, K: int) -> None:
         raise ValueError(f"Expected `labels` to have shape (B={B},), but got {got}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"Expected `labels` to be an integer tensor, but got {labels.dtype}")
+    if not value_checks_enabled():
+        return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= K:
         raise ValueError(
@@ -166,11 +168,15 @@ class ClassMeanTracker(nn.Module):
         Hb = (sums / counts.clamp_min(1)[:, None] - mu_G).T  # (d, K); absent columns unused
         beta, gamma = self._weights(counts, dtype)  # (K,), ()
         H_raw = self.H_bar_raw.to(dtype) * (1 - beta) + Hb * beta  # old part has no grad
+        # A batch with NaN/Inf features (unchecked inside the trainer's step, an fp16 overflow)
+        # leaves the running state as it was, decided on the device without a host sync.
+        ok = torch.isfinite(sums).all()
+        H_raw = torch.where(ok, H_raw, self.H_bar_raw.to(dtype))
         with torch.no_grad():
-            self.mu_G.copy_(self.mu_G * (1 - gamma) + mu_G * gamma)
+            self.mu_G.copy_(torch.where(ok, self.mu_G * (1 - gamma) + mu_G * gamma, self.mu_G))
             self.H_bar_raw.copy_(H_raw)
-            self.counts += counts
-            self.t += 1
+            self.counts += counts * ok
+            self.t += ok.long()
         return ClassMeans(_frobenius_normalise(H_raw), mu_G)
 
     def _batch_sums(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

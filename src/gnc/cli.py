@@ -7,10 +7,26 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 
 class CLIError(Exception):
     """An error reported as one line on stderr with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line too (then see ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Errors of the library (and of torch) that ``main`` reports as one line: bad settings or
+# inputs (ValueError), missing or unwritable files (OSError, e.g. DatasetNotFoundError),
+# diverged training (FloatingPointError), device failures (RuntimeError, e.g. CUDA OOM).
+USER_ERRORS = (CLIError, ValueError, OSError, FloatingPointError, RuntimeError)
+
+DEFAULT_BATCH_SIZE = 100  # `gnc train` on a dataset other than ufm without preset or flag
 
 
 # (flag, TrainConfig field, type, help): explicit flags override the preset.
@@ -20,7 +36,8 @@ TRAIN_FLAGS = [
     ("--method", "method", str, "standard | fixed | implicit | implicit-nograd | "
                                 "standard-unnormalized"),
     ("--epochs", "epochs", int, "epochs (UFM: full-batch iterations)"),
-    ("--batch-size", "batch_size", int, "global batch size (0 = full batch)"),
+    ("--batch-size", "batch_size", int, "global batch size (0 = full batch; default: the "
+                                        "preset's, else 100; full batch for ufm)"),
     ("--optimizer", "optimizer", str, "sgd | adam | adamw | agd"),
     ("--lr", "lr", float, "learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),
@@ -39,6 +56,12 @@ TRAIN_FLAGS = [
     ("--amp", "amp", str, "none | bf16 | fp16 (backbone autocast)"),
     ("--data-dir", "data_dir", str, "where datasets are read from"),
     ("--num-workers", "num_workers", int, "data-loader workers"),
+    ("--data-on-device", "data_on_device", str, "auto | on | off: image pixels kept on the "
+     "device, augmented there (auto: on a GPU that holds them)"),
+    ("--eval-stats", "eval_stats", str, "precise (default: BN statistics and mu_G recomputed "
+     "over the training split before each evaluation) | running (the paper's protocol)"),
+    ("--solve-device", "solve_device", str, "auto | same | cpu: where the implicit head's "
+     "exact solve runs"),
 ]
 DATASET_FLAGS = [
     ("--num-classes", "num_classes", int, "ufm: number of classes K"),
@@ -56,6 +79,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="write TensorBoard events to OUT/tb")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the backbone (the head stays eager)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last memory layout for image backbones (GPU)")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -74,9 +101,11 @@ def train_config_from_args(args: argparse.Namespace):
     for _, dest, _, _ in DATASET_FLAGS:
         if getattr(args, dest) is not None:
             cfg["dataset_options"][dest] = getattr(args, dest)
-    for dest in ("download", "tensorboard", "progress"):
+    for dest in ("download", "tensorboard", "progress", "compile", "channels_last"):
         if getattr(args, dest) is not None:
             cfg[dest] = getattr(args, dest)
+    if "batch_size" not in cfg and cfg.get("dataset", "ufm") != "ufm":
+        cfg["batch_size"] = DEFAULT_BATCH_SIZE  # the full batch suits UFM, not real data
     return TrainConfig.from_dict(cfg)
 
 
@@ -84,7 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from gnc.training import train
 
     cfg = train_config_from_args(args)
-    row = train(cfg, args.out, resume=args.resume)
+    row = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     keys = ("epoch", "train_loss", "top1", "nc1", "nc3", "avg_cos_margin", "test_top1")
     print(json.dumps({k: row[k] for k in keys if k in row}))
 
@@ -127,7 +156,7 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from gnc.experiments import get_preset
+    from gnc.experiments import get_preset, resolved_config
     from gnc.report import make_report
 
     preset = get_preset(args.preset) if args.preset else None
@@ -136,17 +165,53 @@ def _cmd_report(args: argparse.Namespace) -> None:
         table_epochs=preset.table_epochs if preset else None,
         notes=f"Preset notes: {preset.notes}" if preset else None,
         command=args.command, machine=args.machine, out_dir=args.out,
+        preset_config=resolved_config(preset) if preset else None,
     )
     print(f"report: {path}")
+
+
+def _one_line(err: BaseException) -> str:
+    """``gnc: error: <message>``: the first line of the message (the type if it is empty)."""
+    text = str(err).strip() or type(err).__name__
+    return f"gnc: error: {text.splitlines()[0]}"
+
+
+def _check_device(name: str) -> None:
+    """One line for a device torch does not know, or CUDA asked for where there is none."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise CLIError(f"Expected --device to be cpu, cuda or cuda:N, but got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name} was asked for, but no CUDA device is available")
 
 
 def argv_is_cli() -> bool:
     return bool(sys.argv) and Path(sys.argv[0]).name in ("gnc", "__main__.py")
 
 
+def _overrides(items: Sequence[str]) -> dict:
+    """``["width=16", "solve_device=cpu"]`` → ``{"width": 16, "solve_device": "cpu"}``."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise CLIError(f"bad --set {item!r}: expected KEY=VALUE (a TrainConfig field)")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from gnc import bench
 
+    _check_device(args.device)
+    if args.repeats < 1:
+        raise CLIError(f"Expected --repeats >= 1, but got {args.repeats}")
     records = []
     if args.sizes != "none":
         kw = {"sizes": bench.parse_sizes(args.sizes)} if args.sizes else {}
@@ -154,6 +219,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.steps != "none":
         cases = bench.step_cases_by_name(args.steps, args.device) if args.steps else None
         records += bench.bench_steps(cases, device=args.device, repeats=min(args.repeats, 3))
+    epoch = args.epoch or ("cifar10-resnet18" if args.device.startswith("cuda") else "none")
+    if epoch != "none":
+        methods = args.methods.split(",") if args.methods else bench.STEP_METHODS
+        records += bench.bench_epochs(epoch, device=args.device, methods=methods,
+                                      data_dir=args.data_dir, **_overrides(args.set or []))
     if args.json:
         print(json.dumps([r.as_dict() for r in records], indent=1))
         return
@@ -163,7 +233,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gnc", description="Guided neural collapse: nearest-simplex-ETF classifiers."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -175,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="start from this preset (gnc presets lists them)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (default: refuse)")
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
 
@@ -213,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "resnet50-k1000; 'none' skips them)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    p.add_argument("--epoch", help="time whole training epochs of this preset per method "
+                   "(default cifar10-resnet18 on CUDA, 'none' on CPU)")
+    p.add_argument("--methods", help="methods of the epoch case (default standard,fixed,"
+                   "implicit)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a training setting of the epoch case (repeatable), e.g. "
+                   "--set solve_device=cpu --set dataset_options='{\"subset\": 50}'")
+    p.add_argument("--data-dir", default="data", help="where the epoch case reads its data "
+                   "(random images of the same shape when absent)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_cmd_bench)
     return parser
@@ -223,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"gnc: error: {err}".splitlines()[0], file=sys.stderr)
+    except USER_ERRORS as err:
+        print(_one_line(err), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("gnc: interrupted", file=sys.stderr)

@@ -47,6 +47,7 @@ from gnc.etf import (
     polar_factor,
     proximal_target,
 )
+from gnc.validation import value_checks_enabled
 
 
 def _centre_rows(X: Tensor) -> Tensor:
@@ -138,6 +139,15 @@ def ddn_backward(
     return -(2.0 / s) * _centre_rows(u - v)  # Bᵀ(u − v), B = −(2/√(K−1)) I ⊗ M
 
 
+def _exact_solve(C: Tensor, *, full_rank: bool, on_host: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The polar factor's ``U, B, σ``, computed on the host when ``on_host`` (then moved back)."""
+    if not on_host or C.device.type == "cpu":
+        pf = polar_factor(C, full_rank=full_rank)
+        return pf.U, pf.B, pf.sigma
+    pf = polar_factor(C.cpu())  # the copy waits for C anyway: the rank test is free here
+    return tuple(t.to(C.device, non_blocking=True) for t in (pf.U, pf.B, pf.sigma))
+
+
 class NearestETF(torch.autograd.Function):
     """``U* = nearest_etf(H_bar, U_prev)`` with a choice of solver and backward.
 
@@ -147,20 +157,23 @@ class NearestETF(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, H_bar, U_prev, delta, solver, backward, info=None):  # noqa: D102
+    def forward(ctx, H_bar, U_prev, delta, solver, backward, info=None, solve_device="same"):  # noqa: D102,E501
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
         if backward not in BACKWARDS:
             raise ValueError(f"unknown backward {backward!r}; choose from {BACKWARDS}")
         check_nearest_etf_inputs(H_bar, U_prev, delta)
         dtype = compute_dtype(H_bar)
-        H = H_bar.detach().to(dtype)
-        Up = None if U_prev is None else U_prev.detach().to(dtype)
+        # Copies, never views: the ddn backward saves them, and the caller may overwrite its
+        # U_prev in place after the step (ImplicitETFHead copies U* into its `U` buffer).
+        H = H_bar.detach().to(dtype, copy=True)
+        Up = None if U_prev is None else U_prev.detach().to(dtype, copy=True)
         delta = float(delta) if Up is not None else 0.0
         C = proximal_target(H, Up, delta)
         if solver == "exact":
-            pf = polar_factor(C)
-            U, B, sigma = pf.U, pf.B, pf.sigma
+            U, B, sigma = _exact_solve(C, full_rank=Up is not None and delta > 0
+                                       and not value_checks_enabled(),
+                                       on_host=solve_device == "cpu")
         else:
             from gnc.riemannian import solve_riemannian
 
@@ -192,11 +205,11 @@ class NearestETF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G):  # noqa: D102
         if ctx.backward_mode == "none" or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if ctx.backward_mode == "closed_form":
             U, B, sigma = ctx.saved_tensors
             grad = closed_form_backward(U, B, sigma, G.to(U.dtype))
         else:
             U, H, Up = ctx.saved_tensors
             grad = ddn_backward(U, H, Up if ctx.has_prev else None, ctx.delta, G.to(U.dtype))
-        return grad.to(ctx.in_dtype), None, None, None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None, None, None

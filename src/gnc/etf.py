@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gnc.validation import all_finite
+from gnc.validation import all_finite, value_checks_enabled
 
 SOLVERS = ("exact", "riemannian")
 BACKWARDS = ("closed_form", "ddn", "none")
 POLAR_METHODS = ("auto", "svd", "gram")
+SOLVE_DEVICES = ("same", "cpu")
 
 # Up to this many classes the whole solve and backward run in float64 (cheap at that size);
 # above it the O(dK²) products run in the input's precision (float32 at least), and only
@@ -134,7 +135,7 @@ def _complete_null_space(A_r: Tensor, B_n: Tensor) -> Tensor:
     return Qa @ Qvh
 
 
-def polar_factor(C: Tensor, method: str = "auto") -> PolarFactor:
+def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False) -> PolarFactor:
     """Polar decomposition ``C = U P`` of a d×K matrix (d >= K), with the factors of ``P``.
 
     ``U = A Bᵀ`` where ``C = A Σ Bᵀ`` is the thin SVD; it is the unique maximiser of
@@ -152,6 +153,9 @@ def polar_factor(C: Tensor, method: str = "auto") -> PolarFactor:
     - ``"auto"``: svd up to :data:`GRAM_MIN_K` classes (cheap either way, and the more
       accurate), gram above.
 
+    ``full_rank=True`` skips the rank test (which reads ``σ_max`` on the host, a device sync
+    on a GPU): for a C known to have ``σ_min > 0``, such as the proximal target with δ > 0.
+
     Returns the factors in C's dtype.
     """
     if method not in POLAR_METHODS:
@@ -168,6 +172,11 @@ def polar_factor(C: Tensor, method: str = "auto") -> PolarFactor:
         lam, B = lam.flip(0), B.flip(1)  # descending, like the SVD
         sigma = lam.clamp_min(0).sqrt()
         A, eps = None, torch.finfo(torch.float64).eps
+    if full_rank:
+        if A is not None:
+            return PolarFactor(A @ B.T, B, sigma, K)
+        B, sigma = B.to(C.dtype), sigma.to(C.dtype)
+        return PolarFactor(C @ ((B / sigma) @ B.T), B, sigma, K)
     tol = float(sigma[0]) * max(d, K) * eps * 10
     if method == "gram":
         # An eigenvalue of CᵀC carries absolute error ~eps·σ_max², i.e. σ ~ √eps·σ_max.
@@ -206,7 +215,7 @@ def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float)
         )
     if not H_bar.is_floating_point():
         raise ValueError(f"Expected `H_bar` to be floating point, but got {H_bar.dtype}")
-    if not all_finite(H_bar):
+    if value_checks_enabled() and not all_finite(H_bar):
         raise ValueError("`H_bar` contains NaN or Inf")
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"Expected `delta` to be a finite number >= 0, but got {delta}")
@@ -216,7 +225,7 @@ def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float)
                 f"Expected `U_prev` to have the shape of `H_bar` {tuple(H_bar.shape)}, "
                 f"but got {tuple(U_prev.shape)}"
             )
-        if not all_finite(U_prev):
+        if value_checks_enabled() and not all_finite(U_prev):
             raise ValueError("`U_prev` contains NaN or Inf")
 
 
@@ -236,6 +245,7 @@ def nearest_etf(
     solver: str = "exact",
     backward: str = "closed_form",
     info: dict | None = None,
+    solve_device: str = "same",
 ) -> Tensor:
     """Rotation ``U* ∈ St(d,K)`` of the simplex ETF nearest the class means ``H_bar``.
 
@@ -255,6 +265,9 @@ def nearest_etf(
             differentiation, small K) or ``"none"`` (no gradient through U*).
         info: optional dict that receives the solver's diagnostics (Riemannian: iterations,
             gradient_norm, stopping_reason).
+        solve_device: ``"same"`` (the tensors' device) or ``"cpu"``: the exact solve on the
+            host, for small K on a GPU, where a d×K SVD is a few launch-bound kernels (the
+            factors return to the device for the backward; ``docs/bench.md`` compares both).
 
     Returns:
         ``U*``, d×K, same dtype and device as ``H_bar``.
@@ -268,4 +281,4 @@ def nearest_etf(
     # Imported here: gnc.declarative builds on the maths of this module.
     from gnc.declarative import NearestETF
 
-    return NearestETF.apply(H_bar, U_prev, delta, solver, backward, info)
+    return NearestETF.apply(H_bar, U_prev, delta, solver, backward, info, solve_device)

@@ -26,8 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gnc.class_means import ClassMeanTracker
-from gnc.etf import BACKWARDS, SOLVERS, canonical_stiefel, nearest_etf, simplex_etf
-from gnc.validation import all_finite
+from gnc.etf import (
+    BACKWARDS,
+    SOLVE_DEVICES,
+    SOLVERS,
+    canonical_stiefel,
+    nearest_etf,
+    simplex_etf,
+)
+from gnc.validation import all_finite, value_checks_enabled
 
 _MIN_ALPHA = 1e-4
 
@@ -37,7 +44,7 @@ def _check_features(features: Tensor, d: int) -> None:
         raise ValueError(
             f"Expected `features` to have shape (B, d={d}), but got {tuple(features.shape)}"
         )
-    if not all_finite(features):
+    if value_checks_enabled() and not all_finite(features):
         raise ValueError("`features` contains NaN or Inf")
 
 
@@ -51,6 +58,10 @@ def _batch_mean(features: Tensor) -> Tensor:
         dist.all_reduce(n, op=dist.ReduceOp.SUM)
         return total / n
     return features.mean(dim=0)
+
+
+def _forget_host_steps(module: nn.Module, incompatible_keys) -> None:
+    module._host_steps = None
 
 
 class StandardHead(nn.Module):
@@ -116,6 +127,16 @@ class _ETFHead(nn.Module):
         self.register_buffer("bias", torch.zeros(K, **factory))
         self.register_buffer("mu_G", torch.zeros(d, **factory))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
+        # the step count on the host: reading the buffer each step would wait for the GPU
+        self._host_steps: int | None = None
+        self.register_load_state_dict_post_hook(_forget_host_steps)
+
+    @property
+    def num_steps(self) -> int:
+        """Training steps taken (the ``steps`` buffer, read from the device once)."""
+        if self._host_steps is None:
+            self._host_steps = int(self.steps)
+        return self._host_steps
 
     def _eval_logits(self, features: Tensor) -> Tensor:
         return F.linear(features.to(self.weight.dtype), self.weight, self.bias)
@@ -123,9 +144,19 @@ class _ETFHead(nn.Module):
     @torch.no_grad()
     def _store(self, W: Tensor, mu_G_running: Tensor) -> None:
         self.weight.copy_(W)
-        self.mu_G.copy_(mu_G_running)
-        self.bias.copy_(-W @ mu_G_running)
+        # a non-finite batch (see ClassMeanTracker.forward) keeps the previous μ_G
+        self.mu_G.copy_(torch.where(torch.isfinite(mu_G_running).all(), mu_G_running,
+                                    self.mu_G))
+        self.bias.copy_(-W @ self.mu_G)
+        self._host_steps = self.num_steps + 1
         self.steps += 1
+
+    @torch.no_grad()
+    def set_global_mean(self, mu_G: Tensor) -> None:
+        """Set the evaluation global mean ``μ_G`` (and so ``b = −W μ_G``), e.g. recomputed
+        over the training split by :func:`gnc.evaluation.recompute_statistics`."""
+        self.mu_G.copy_(mu_G)
+        self.bias.copy_(-self.weight @ self.mu_G)
 
     def extra_repr(self) -> str:
         return f"d={self.d}, K={self.K}"
@@ -168,7 +199,7 @@ class FixedETFHead(_ETFHead):
             return self._eval_logits(features)
         h = features.to(self.weight.dtype)
         mu_G = _batch_mean(h)
-        alpha = max(2.0 / (int(self.steps) + 2), _MIN_ALPHA)
+        alpha = max(2.0 / (self.num_steps + 2), _MIN_ALPHA)
         self._store(self.weight, (1 - alpha) * self.mu_G + alpha * mu_G.detach())
         return F.linear(h - mu_G, self.weight)
 
@@ -194,6 +225,8 @@ class ImplicitETFHead(_ETFHead):
         backward: ``"closed_form"`` (default), ``"ddn"`` (the paper's) or ``"none"``
             (no gradient through U*: the paper's ablation).
         update: running class means, ``"ema"`` (default) or ``"cma"``.
+        solve_device: ``"same"`` (default) or ``"cpu"``: where the exact solve runs (see
+            :func:`~gnc.etf.nearest_etf`).
 
     Shape:
         features (B, d), targets (B,) in training → logits (B, K).
@@ -212,14 +245,18 @@ class ImplicitETFHead(_ETFHead):
 
     def __init__(
         self, d: int, K: int, delta: float = 1e-3, solver: str = "exact",
-        backward: str = "closed_form", update: str = "ema", *, device=None, dtype=None,
+        backward: str = "closed_form", update: str = "ema", solve_device: str = "same", *,
+        device=None, dtype=None,
     ) -> None:
         super().__init__(d, K, device=device, dtype=dtype)
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
         if backward not in BACKWARDS:
             raise ValueError(f"unknown backward {backward!r}; choose from {BACKWARDS}")
+        if solve_device not in SOLVE_DEVICES:
+            raise ValueError(f"unknown solve_device {solve_device!r}; choose from {SOLVE_DEVICES}")
         self.delta, self.solver, self.backward = delta, solver, backward
+        self.solve_device = solve_device
         self.tracker = ClassMeanTracker(d, K, update, device=device, dtype=dtype)
         self.register_buffer("U", canonical_stiefel(d, K, dtype=self.weight.dtype, device=device))
         self.weight.copy_(simplex_etf(K, self.U))
@@ -234,9 +271,10 @@ class ImplicitETFHead(_ETFHead):
         h = features.to(self.weight.dtype)
         # The tracker validates labels before it changes any state.
         H_bar, mu_G = self.tracker(h, targets)
-        U_prev = self.U if int(self.steps) > 0 else None
+        U_prev = self.U if self.num_steps > 0 else None
         U = nearest_etf(H_bar, U_prev, delta=self.delta, solver=self.solver,
-                        backward=self.backward, info=self.solver_info)
+                        backward=self.backward, info=self.solver_info,
+                        solve_device=self.solve_device)
         W = simplex_etf(self.K, U).to(h.dtype)  # K×d
         with torch.no_grad():
             self.U.copy_(U)
@@ -259,8 +297,8 @@ METHODS: dict[str, tuple[type[nn.Module], dict, bool]] = {
 }
 
 
-HEAD_OPTIONS = ("bias", "rotation", "seed", "delta", "solver", "backward", "update", "device",
-                "dtype")
+HEAD_OPTIONS = ("bias", "rotation", "seed", "delta", "solver", "backward", "update",
+                "solve_device", "device", "dtype")
 
 
 def normalizes_features(method: str) -> bool:

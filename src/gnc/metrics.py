@@ -156,8 +156,10 @@ def _topk_hits(logits: Tensor, labels: Tensor) -> tuple[int, int]:
 
 
 def _etf_distance(G: Tensor) -> float:
-    """``‖G/‖G‖_F - M/√(K-1)‖_F`` for a K x K matrix G (NaN if G = 0)."""
+    """``‖G/‖G‖_F - M/√(K-1)‖_F`` for a K x K matrix G (NaN if G = 0 or K < 2)."""
     K = G.shape[0]
+    if K < 2:
+        return math.nan
     M = torch.eye(K, dtype=G.dtype, device=G.device) - 1.0 / K
     return float(torch.linalg.matrix_norm(G / torch.linalg.matrix_norm(G) - M / math.sqrt(K - 1)))
 
@@ -241,6 +243,13 @@ class NCStatistics:
       tensor on the CPU)
     - ``top1``, ``top5``: accuracy in % (top-min(5, K)); from the logits given to
       :meth:`update` if every sample came with them, else from pass 2's logits.
+    - ``missing_classes``: the classes without a sample (a list of ints, usually empty).
+
+    A split may lack classes (a small test split): ``H`` then holds the K' present classes
+    only, so ``nc1`` (tr(Σ_W Σ_B†)/K' with Σ_B = HHᵀ/K'), ``nc2_h``, ``h_equinorm`` and ``nc3``
+    (the present rows of W against H) describe them, and the NCC prediction chooses among them;
+    ``nc2``, ``w_equinorm`` and the cosine margins use all K rows of the classifier. With
+    fewer than two present classes the between-class metrics are NaN.
 
     Args:
         K: number of classes (>= 2).
@@ -376,7 +385,7 @@ class NCStatistics:
 
         Raises:
             ValueError: on an invalid ``(W, b)``; if pass 2 (:meth:`update_margins`) did not
-                see exactly the samples of pass 1; if a class has no sample.
+                see exactly the samples of pass 1.
         """
         _check_classifier(W, b, self.K, self.d)
         self.sync()
@@ -387,16 +396,19 @@ class NCStatistics:
         self._check_complete(pass2)
         W, b = W.to(self.device, _F64), b.to(self.device, _F64)
         n = int(self._global.counts.sum())
-        H = (means - mu_G).T  # (d, K)
+        present = self._global.counts > 0
+        missing = (~present).nonzero().flatten().tolist()
+        H = (means[present] - mu_G).T  # (d, K') over the K' classes with samples
         sigma_W = (self._global.second_moment - self._global.sums.T @ means) / n
         hits = self._global.hits if int(self._global.hits[2]) == n else pass2[1:]
+        spread = H.shape[1] >= 2  # between-class statistics need two classes with samples
         w_equinorm = _coefficient_of_variation(W.norm(dim=1))
-        h_equinorm = _coefficient_of_variation(H.norm(dim=0))
+        h_equinorm = _coefficient_of_variation(H.norm(dim=0)) if spread else math.nan
         return {
-            "nc1": _nc1(sigma_W, H),
+            "nc1": _nc1(sigma_W, H) if spread else math.nan,
             "nc2": _etf_distance(W @ W.T),
             "nc2_h": _etf_distance(H.T @ H),
-            "nc3": _etf_distance(W @ H),
+            "nc3": _etf_distance(W[present] @ H),
             "nc4_bias": float(torch.linalg.vector_norm(W @ mu_G + b)),
             "ncc_mismatch": 100.0 * int(pass2[0]) / n,
             "w_equinorm": w_equinorm,
@@ -406,6 +418,7 @@ class NCStatistics:
             "cos_margins": margins.sort().values.cpu(),
             "top1": 100.0 * int(hits[0]) / n,
             "top5": 100.0 * int(hits[1]) / n,
+            "missing_classes": missing,
         }
 
     def _check_complete(self, pass2: Tensor) -> None:
@@ -421,9 +434,6 @@ class NCStatistics:
             raise ValueError(
                 f"Expected pass 2 to see the {n1} samples of pass 1, but it saw {n2}"
             )
-        empty = (counts == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"Expected every class to have samples, but classes {empty} have none")
 
 
 def nc_metrics(

@@ -155,12 +155,13 @@ def scan_runs(exp_dir: str | Path) -> tuple[dict[str, list[RunData]], list[str]]
             if not metrics:
                 skipped.append(f"{name}: finished, but metrics.jsonl is missing or empty")
                 continue
-            config = (json.loads((path / "config.json").read_text())
-                      if (path / "config.json").exists() else {})
-            margins = (np.load(path / "cos_margins.npy")
-                       if (path / "cos_margins.npy").exists() else None)
+            config = _read_config(path / "config.json")
+            if config is None:
+                skipped.append(f"{name}: finished, but config.json is not a JSON object")
+                continue
             runs.setdefault(method_dir.name, []).append(
-                RunData(method_dir.name, seed, path, config, metrics, margins))
+                RunData(method_dir.name, seed, path, config, metrics,
+                        _read_margins(path / "cos_margins.npy")))
     if not runs:
         raise ValueError(f"no finished runs under {root} (expected {root}/<method>/seed<k>/DONE)")
     return {m: runs[m] for m in order_methods(runs)}, skipped
@@ -172,10 +173,12 @@ def load_runs(exp_dir: str | Path) -> dict[str, list[RunData]]:
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
+    """The rows of a ``metrics.jsonl`` by epoch; a line that is not a JSON object with an
+    integer ``epoch`` is skipped with a warning naming the file and line."""
+    if not path.is_file():
         return []
     rows: dict[int, dict] = {}  # a resumed run may repeat an epoch: the later row wins
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -183,15 +186,49 @@ def _read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             logger.warning("%s:%d: not JSON, line skipped", path, i)
             continue
-        rows[int(row["epoch"])] = row
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            what = "no integer `epoch`" if isinstance(row, dict) else "not a JSON object"
+            logger.warning("%s:%d: %s, line skipped", path, i, what)
+            continue
+        rows[epoch] = row
     return [rows[e] for e in sorted(rows)]
+
+
+def _read_config(path: Path) -> dict | None:
+    """A run's ``config.json`` ({} when absent), or None when it is not a JSON object."""
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _read_margins(path: Path) -> np.ndarray | None:
+    """The sorted margins of ``cos_margins.npy``; None (with a warning) if unreadable."""
+    if not path.exists():
+        return None
+    try:
+        margins = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        logger.warning("%s: unreadable (%s), using the metrics' margin quantiles", path, err)
+        return None
+    if margins.ndim != 1 or not np.issubdtype(margins.dtype, np.number):
+        logger.warning("%s: not a 1-D numeric array, using the metrics' margin quantiles", path)
+        return None
+    return margins
 
 
 # --------------------------------------------------------------------------- statistics
 
 
 def _num(value: object) -> float:
-    return math.nan if value is None else float(value)  # JSON null and NaN both become NaN
+    """A metric as a float: JSON null, NaN and anything that is not a number become NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
 
 
 def _values(rows: Iterable[Mapping], key: str) -> np.ndarray:
@@ -247,7 +284,8 @@ def _has_key(runs: Mapping[str, list[RunData]], key: str) -> bool:
 def default_table_epochs(runs: Mapping[str, list[RunData]]) -> tuple[int, int]:
     """The first evaluated epoch at or above 10% of training, and the last epoch."""
     epochs = _common_epochs(_all_runs(runs))
-    total = max(int(run.config.get("epochs", 0)) for run in _all_runs(runs)) or epochs[-1]
+    total = max(_num(run.config.get("epochs")) for run in _all_runs(runs))
+    total = epochs[-1] if math.isnan(total) or total <= 0 else total
     first = next((e for e in epochs if e >= 0.1 * total), epochs[-1])
     return first, epochs[-1]
 
@@ -337,7 +375,10 @@ def _sorted_margins(run: RunData) -> np.ndarray | None:
     m = run.margins if run.margins is not None else run.metrics[-1].get("cos_margins")
     if m is None:
         return None
-    m = np.sort(_finite(m))
+    try:
+        m = np.sort(_finite(m))
+    except (TypeError, ValueError):  # not a list of numbers
+        return None
     if m.size == 0:
         return None
     grid = np.linspace(0.0, 1.0, PCM_POINTS)
@@ -452,10 +493,30 @@ def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
     return lines + [""]
 
 
+def overrides(runs: Mapping[str, list[RunData]], preset_config: Mapping) -> list[str]:
+    """``key=value`` for every setting where the runs differ from ``preset_config``.
+
+    Values that differ between runs are joined by ``/``; method, seed and
+    :data:`gnc.experiments.RUNTIME_KEYS` (where and how a run ran) are ignored.
+    """
+    from gnc.experiments import RUNTIME_KEYS
+
+    out = []
+    for key in sorted(preset_config):
+        if key in ("method", "seed", *RUNTIME_KEYS):
+            continue
+        want = json.dumps(preset_config[key], sort_keys=True)
+        got = sorted({json.dumps(run.config.get(key), sort_keys=True)
+                      for run in _all_runs(runs) if key in run.config})
+        if got and got != [want]:
+            out.append(f"{key}={'/'.join(got)}")
+    return out
+
+
 def make_report(exp_dir: str | Path, *, title: str | None = None,
                 table_epochs: tuple[int, int] | None = None, command: str | None = None,
                 machine: str | None = None, out_dir: str | Path | None = None,
-                notes: str | None = None) -> Path:
+                notes: str | None = None, preset_config: Mapping | None = None) -> Path:
     """Write ``report.md`` and its PNG figures (into ``out_dir``, default ``exp_dir``);
     returns the report's path.
 
@@ -469,16 +530,24 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
         out_dir: where to write the report and figures (default: ``exp_dir``), e.g.
             ``docs/results/<preset>`` to keep the report without the checkpoints.
         notes: a paragraph under the header (e.g. where the preset's values come from).
+        preset_config: the full config of the preset the ``title`` describes: settings where
+            the runs differ from it are appended to the title (figures and report), as in
+            ``"(overridden: epochs=500)"``, so the title never describes runs not made.
 
     Raises:
         FileNotFoundError: ``exp_dir`` does not exist.
-        ValueError: it holds no finished run.
+        ValueError: it holds no finished run, or ``out_dir`` is not a directory.
     """
     root = Path(exp_dir)
-    runs, skipped = scan_runs(root)
     out = Path(out_dir) if out_dir is not None else root
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"Expected the report's output {out} to be a directory, but it is a file")
+    runs, skipped = scan_runs(root)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"Experiment report: {root.resolve().name}"
+    changed = overrides(runs, preset_config) if preset_config is not None else []
+    if changed:
+        title += f" (overridden: {', '.join(changed)})"
     figures = write_figures(runs, out, title)
     seeds = ", ".join(f"{display_name(m)} {len(rs)} ({', '.join(str(r.seed) for r in rs)})"
                       for m, rs in runs.items())

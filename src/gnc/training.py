@@ -15,7 +15,9 @@ A run directory holds (DESIGN §3):
 - ``tb/``: TensorBoard events when enabled.
 
 ``resume=True`` continues from ``checkpoints/last.pt`` to the same result as an uninterrupted
-run: the data order is a function of (seed, epoch) and the RNG states are checkpointed.
+run: the data order is a function of (seed, epoch) and the RNG states are checkpointed. An
+unreadable ``last.pt`` falls back to the newest readable ``epoch_XXXX.pt``; a fresh run into a
+directory that holds a run is refused unless ``overwrite=True`` (see :mod:`gnc.checkpoint`).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in ``DistributedDataParallel``,
 the stratified sampler splits every global batch over the ranks, class statistics and NC
@@ -43,19 +45,36 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gnc.data import DatasetBundle, load_dataset, make_loader, set_loader_epoch
+from gnc.checkpoint import (
+    append_line,
+    atomic_save,
+    atomic_write_text,
+    check_fresh_run_dir,
+    load_latest_checkpoint,
+    prepare_run_dir,
+    resolve_data_paths,
+    rng_state,
+    set_rng_state,
+    trim_metrics,
+)
+from gnc.data import DatasetBundle, batch_sampler_for, load_dataset, make_loader, set_loader_epoch
+from gnc.data.device import DeviceImageLoader, device_images, estimated_bytes, fits_on_device
+from gnc.data.sampler import TensorBatchLoader
+from gnc.evaluation import EVAL_STATS, evaluate, quantiles, recompute_statistics
 from gnc.heads import make_head, normalizes_features
 from gnc.memory import PeakMemory
-from gnc.metrics import NCStatistics
 from gnc.models import build_backbone
 from gnc.models.classifier import FeatureClassifier
 from gnc.optim import agd_init_, build_optimizer, build_scheduler
-from gnc.validation import all_finite
+from gnc.validation import all_finite, trusted_inputs
 
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MARGIN_QUANTILES = 101  # points of the sorted cosine margins kept per metrics line
+DATA_ON_DEVICE = ("auto", "on", "off")
+SOLVE_DEVICES = ("auto", "same", "cpu")
+# The step loop reads the loss on the host only every this many steps (and at the epoch end).
+NONFINITE_CHECK_EVERY = 25
 
 
 @dataclass
@@ -97,6 +116,11 @@ class TrainConfig:
     num_workers: int = 0
     tensorboard: bool = False
     progress: bool = True  # tqdm bar on rank 0
+    data_on_device: str = "auto"  # images decoded once, augmented on the device: auto | on | off
+    channels_last: bool = False  # image backbones in channels-last memory layout (GPU)
+    compile: bool = False  # torch.compile the backbone in place (the head stays eager)
+    solve_device: str = "auto"  # implicit head's exact solve: auto | same | cpu
+    eval_stats: str = "precise"  # BN statistics and mu_G at evaluation: precise | running
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings no run can use (names are checked where used)."""
@@ -108,10 +132,39 @@ class TrainConfig:
             raise ValueError(f"Expected `eval_every` >= 1, but got {self.eval_every}")
         if self.sampler not in ("stratified", "shuffle"):
             raise ValueError(f"unknown sampler {self.sampler!r}; choose 'stratified' or 'shuffle'")
+        for name, choices in (("data_on_device", DATA_ON_DEVICE), ("eval_stats", EVAL_STATS),
+                              ("solve_device", SOLVE_DEVICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from "
+                                 f"{', '.join(choices)}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"unknown amp {self.amp!r}; choose from {', '.join(AMP_DTYPES)}")
-        if not self.tau > 0:
-            raise ValueError(f"Expected `tau` > 0, but got {self.tau}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"Expected `tau` to be finite and > 0, but got {self.tau}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Expected `lr` to be finite and > 0, but got {self.lr}")
+        for name in ("delta", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Expected `{name}` to be finite and >= 0, but got {value}")
+        minimum = {"eval_batch_size": 1, "checkpoint_every": 0, "num_workers": 0, "width": 1,
+                   "seed": 0}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"Expected `{name}` >= {low}, but got {getattr(self, name)}")
+        if self.seed >= 2**32:
+            raise ValueError(f"Expected `seed` < 2**32, but got {self.seed}")
+        if self.feature_dim is not None and self.feature_dim < 1:
+            raise ValueError(f"Expected `feature_dim` >= 1, but got {self.feature_dim}")
+        try:
+            device = torch.device("cpu" if self.device == "auto" else self.device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(
+                f"Expected `device` to be auto, cpu, cuda or cuda:N, but got {self.device!r}"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device} was asked for, but no CUDA device is "
+                             "available")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -137,17 +190,29 @@ class DistInfo:
 
 
 def init_distributed(device: str) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment (if any)."""
+    """Join the process group that ``torchrun`` describes in the environment (if any).
+
+    The device is resolved first (``auto`` → this rank's GPU when CUDA is present) and made
+    current with ``torch.cuda.set_device`` before the group is created; the backend is NCCL
+    whenever that device is a GPU, gloo otherwise.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        info = DistInfo(int(os.environ.get("RANK", 0)), world, local_rank)
+        backend = "nccl" if resolve_device(device, info).type == "cuda" else "gloo"
         dist.init_process_group(backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """The ``torch.device`` of ``name`` for this rank; a GPU is made the current device.
+
+    ``auto`` is CUDA when available, else the CPU; ``cuda`` without an index is the
+    ``LOCAL_RANK``-th GPU under ``torchrun`` (GPU 0 otherwise).
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -170,8 +235,26 @@ def load_data(cfg: TrainConfig, *, augment: bool | None = None) -> DatasetBundle
     )
 
 
-def build_model(cfg: TrainConfig, bundle: DatasetBundle) -> FeatureClassifier:
-    """Backbone → τ-sphere → head of ``cfg.method``, for the dataset of ``bundle``."""
+# The exact solve of the implicit head runs on the host up to this many classes when training
+# on a GPU: there a d×K SVD is a handful of launch-bound kernels (docs/bench.md measures both).
+CPU_SOLVE_MAX_K = 0
+
+
+def solve_device_for(cfg: TrainConfig, K: int, device: torch.device) -> str:
+    """``cfg.solve_device`` with ``auto`` resolved for K classes on ``device``."""
+    if cfg.solve_device != "auto":
+        return cfg.solve_device
+    return "cpu" if device.type == "cuda" and K <= CPU_SOLVE_MAX_K else "same"
+
+
+def build_model(cfg: TrainConfig, bundle: DatasetBundle,
+                device: torch.device | None = None) -> FeatureClassifier:
+    """Backbone → τ-sphere → head of ``cfg.method``, for the dataset of ``bundle``.
+
+    On ``device`` when given, in channels-last layout when ``cfg.channels_last``; the
+    backbone is compiled in place when ``cfg.compile`` (its state-dict keys are unchanged).
+    """
+    device = torch.device("cpu") if device is None else device
     backbone, d = build_backbone(
         cfg.model, in_shape=bundle.in_shape, num_samples=len(bundle.train),
         feature_dim=cfg.feature_dim, small_input=cfg.small_input, width=cfg.width,
@@ -179,89 +262,32 @@ def build_model(cfg: TrainConfig, bundle: DatasetBundle) -> FeatureClassifier:
     head = make_head(
         cfg.method, d, bundle.num_classes, delta=cfg.delta, solver=cfg.solver,
         backward=cfg.backward, update=cfg.update, rotation=cfg.rotation, seed=cfg.seed,
+        solve_device=solve_device_for(cfg, bundle.num_classes, device),
     )
     tau = cfg.tau if normalizes_features(cfg.method) else None
-    return FeatureClassifier(backbone, head, tau=tau, amp_dtype=AMP_DTYPES[cfg.amp])
+    model = FeatureClassifier(backbone, head, tau=tau, amp_dtype=AMP_DTYPES[cfg.amp])
+    model = model.to(device)
+    if cfg.channels_last and len(bundle.in_shape) == 3:
+        model.backbone.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.backbone.compile()
+    return model
 
 
 def _train_batch_size(cfg: TrainConfig, bundle: DatasetBundle) -> int:
-    return cfg.batch_size or len(bundle.train)
+    """The global training batch size: ``cfg.batch_size``, where 0 or anything above the
+    training split's N means the full batch of all N samples (one step per epoch)."""
+    n = len(bundle.train)
+    if cfg.batch_size > n:
+        logger.warning("batch size %d is above the %d training samples: one full batch "
+                       "per epoch", cfg.batch_size, n)
+    return min(cfg.batch_size, n) if cfg.batch_size else n
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def _quantiles(sorted_values: torch.Tensor, n: int = MARGIN_QUANTILES) -> list[float]:
-    if sorted_values.numel() == 0:
-        return []
-    q = torch.linspace(0, 1, n, dtype=torch.float64)
-    return torch.quantile(sorted_values.double(), q).tolist()
-
-
-def _outputs(model: FeatureClassifier, loader, device: torch.device):
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, h = model(x)
-        yield h, y, logits
-
-
-@torch.no_grad()
-def evaluate(model: FeatureClassifier, loader, K: int, device: torch.device) -> tuple[dict, Any]:
-    """Every NC metric of ``model`` (eval mode) over ``loader``'s samples.
-
-    Two passes as :class:`~gnc.metrics.NCStatistics` needs; the features and logits of the
-    first are kept for the second when they fit in 2 GiB, otherwise the data is read twice.
-    Returns ``(metrics without cos_margins, sorted cos_margins tensor)``.
-    """
-    was_training = model.training
-    model.eval()
-    stats: NCStatistics | None = None
-    cache: list | None = []
-    cached_bytes = 0
-    for h, y, logits in _outputs(model, loader, device):
-        if stats is None:
-            stats = NCStatistics(K, h.shape[1], device=device)
-        stats.update(h, y, logits)
-        if cache is not None:
-            cached_bytes += (h.numel() + logits.numel()) * h.element_size()
-            cache = cache + [(h, y, logits)] if cached_bytes < 2**31 else None
-    if stats is None:
-        raise ValueError("evaluation loader produced no batches")
-    W = model.head.weight.detach()
-    b = model.head.bias
-    b = torch.zeros(K, device=W.device, dtype=W.dtype) if b is None else b.detach()
-    for h, y, logits in cache if cache is not None else _outputs(model, loader, device):
-        stats.update_margins(h, y, W, b, logits)
-    out = stats.compute(W, b)
-    model.train(was_training)
-    margins = out.pop("cos_margins")
-    return out, margins
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --------------------------------------------------------------------------- helpers
 
 
 def seed_everything(seed: int) -> None:
@@ -271,12 +297,111 @@ def seed_everything(seed: int) -> None:
 
 
 def all_finite_params(model: nn.Module) -> bool:
+    """Whether every parameter is finite (one host sync: a NaN/Inf makes its sum non-finite)."""
+    sums = [p.detach().float().sum() for p in model.parameters()]
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
+        return True
     return all(all_finite(p.detach()) for p in model.parameters())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _progress_bar(total: int, initial: int, disable: bool, desc: str):
+    """A tqdm bar; without tqdm installed (a bare GPU machine), a silent stand-in."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(disable=True, update=lambda n=1: None, close=lambda: None,
+                               set_postfix=lambda **kw: None)
+    return tqdm(total=total, initial=initial, unit="step", disable=disable,
+                dynamic_ncols=True, desc=desc)
+
+
+class StepTimer:
+    """Forward and backward times of the steps of an epoch, without a host sync per step.
+
+    ``mark()`` three times per step (start, after the loss, after the optimiser step); on
+    CUDA the marks are events recorded in the stream and read once, in :meth:`times_ms`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def times_ms(self) -> tuple[list[float], list[float]]:
+        """Per step: (forward ms, backward ms)."""
+        if self.cuda and self.marks:
+            self.marks[-1].synchronize()
+            ms = [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        else:
+            ms = [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return ms[0::3], ms[1::3]
+
+
+def make_train_loaders(cfg: TrainConfig, bundle: DatasetBundle, eval_bundle: DatasetBundle,
+                       device: torch.device, dist_info: DistInfo) -> tuple[Any, dict]:
+    """The training loader and the evaluation loaders (``train``, and ``test`` if any).
+
+    Image data lives on the device (:mod:`gnc.data.device`) when ``cfg.data_on_device`` is
+    ``on``, or ``auto`` on a GPU that holds it; tensor datasets are moved to a GPU whole.
+    """
+    ranks = {"num_replicas": dist_info.world_size, "rank": dist_info.rank}
+    batch = _train_batch_size(cfg, bundle)
+    stratified = cfg.sampler == "stratified"
+    images = _device_images(cfg, bundle, device)
+    if images is None:
+        common = {**ranks, "num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
+        train = make_loader(bundle, batch, drop_last=True, seed=cfg.seed,
+                            stratified=stratified, shuffle=not stratified, **common)
+        evals = {"train": make_loader(eval_bundle, cfg.eval_batch_size, split="train", **common)}
+        if cfg.eval_test and eval_bundle.test is not None:
+            evals["test"] = make_loader(eval_bundle, cfg.eval_batch_size, split="test", **common)
+        if device.type == "cuda":
+            for loader in (train, *evals.values()):
+                if isinstance(loader, TensorBatchLoader):
+                    loader.tensors = tuple(t.to(device) for t in loader.tensors)
+        return train, evals
+    cl = cfg.channels_last
+    sampler = batch_sampler_for(len(bundle.train), batch, labels=bundle.train_targets,
+                                stratified=stratified, shuffle=not stratified, drop_last=True,
+                                seed=cfg.seed, **ranks)
+    train = DeviceImageLoader(images["train"], sampler, augment=cfg.augment, channels_last=cl,
+                              seed=cfg.seed)
+    evals = {}
+    for split in ("train", "test"):
+        if split in images and (split == "train" or cfg.eval_test):
+            order = batch_sampler_for(len(images[split].labels), cfg.eval_batch_size, **ranks)
+            evals[split] = DeviceImageLoader(images[split], order, augment=False,
+                                             channels_last=cl)
+    return train, evals
+
+
+def _device_images(cfg: TrainConfig, bundle: DatasetBundle, device: torch.device) -> dict | None:
+    if cfg.data_on_device == "off" or not bundle.in_shape or len(bundle.in_shape) != 3:
+        if cfg.data_on_device == "on" and len(bundle.in_shape) != 3:
+            raise ValueError(f"--data-on-device on: dataset '{cfg.dataset}' holds no images")
+        return None
+    if cfg.data_on_device == "auto" and not fits_on_device(estimated_bytes(bundle), device):
+        return None
+    images = {"train": device_images(bundle.train, device)}
+    if images["train"] is None:
+        if cfg.data_on_device == "on":
+            raise ValueError(f"--data-on-device on: the transforms of '{cfg.dataset}' cannot "
+                             "run on the device (only pad, crop, flip and normalise can)")
+        return None
+    if bundle.test is not None:
+        images["test"] = device_images(bundle.test, device)
+        if images["test"] is None:
+            del images["test"]
+    return images
 
 
 # --------------------------------------------------------------------------- the loop
@@ -285,16 +410,27 @@ def _sync(device: torch.device) -> None:
 class Trainer:
     """One run: model, data, optimiser and the run directory. Use :func:`train`."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
+                 overwrite: bool = False,
+                 data: tuple[DatasetBundle, DatasetBundle] | None = None) -> None:
+        """``data``: the (training, un-augmented evaluation) bundles, when not loaded from
+        ``cfg`` (benchmarks on synthetic data)."""
         cfg.validate()
+        if resume and overwrite:
+            raise ValueError("choose one of resume (continue the run) and overwrite (replace it)")
         self.cfg, self.out = cfg, Path(out_dir)
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
+        if not resume and self.dist.is_main:  # refuse before any work, change nothing yet
+            check_fresh_run_dir(self.out, overwrite=overwrite)
         seed_everything(cfg.seed)
-        self.bundle = load_data(cfg)
-        self.eval_bundle = load_data(cfg, augment=False)
+        if data is None:
+            data = load_data(cfg), load_data(cfg, augment=False)
+        self.bundle, self.eval_bundle = data
         self.K = self.bundle.num_classes
-        self.model = build_model(cfg, self.bundle).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
+        self.model = build_model(cfg, self.bundle, self.device)
         if cfg.optimizer == "agd":  # AGD's step sizes assume its own initialisation
             agd_init_(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -312,28 +448,19 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None, broadcast_buffers=False,
             )
-        common = {"num_replicas": self.dist.world_size, "rank": self.dist.rank,
-                  "num_workers": cfg.num_workers, "pin_memory": self.device.type == "cuda"}
-        self.train_loader = make_loader(
-            self.bundle, _train_batch_size(cfg, self.bundle), drop_last=True, seed=cfg.seed,
-            stratified=cfg.sampler == "stratified", shuffle=cfg.sampler == "shuffle", **common,
-        )
-        self.eval_loaders = {"train": make_loader(
-            self.eval_bundle, cfg.eval_batch_size, split="train", **common)}
-        if cfg.eval_test and self.eval_bundle.test is not None:
-            self.eval_loaders["test"] = make_loader(
-                self.eval_bundle, cfg.eval_batch_size, split="test", **common)
+        self.train_loader, self.eval_loaders = make_train_loaders(
+            cfg, self.bundle, self.eval_bundle, self.device, self.dist)
         self.epoch, self.step = 0, 0
         self.memory = PeakMemory(self.device)  # started by fit()
         self.writer = None
         if resume:
             self._resume()
         elif self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").write_text("")
+            prepare_run_dir(self.out, overwrite=overwrite)
         if self.dist.is_main:
             (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            atomic_write_text(self.out / "config.json",
+                              json.dumps(dataclasses.asdict(cfg), indent=2))
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -345,10 +472,11 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg), "epoch": self.epoch, "step": self.step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(), "cwd": os.getcwd(),  # relative data paths start here
         }
 
     def save_checkpoint(self) -> None:
+        """Write ``last.pt`` (and ``epoch_XXXX.pt`` when due) atomically, on rank 0 only."""
         if not self.dist.is_main:
             return
         ckpt = self._checkpoint()
@@ -360,74 +488,105 @@ class Trainer:
         return bool(every) and self.epoch % every == 0
 
     def _resume(self) -> None:
-        path = self.out / "checkpoints" / "last.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        """Continue from the newest readable checkpoint (``last.pt``, else ``epoch_XXXX.pt``).
+
+        The checkpoint is read onto the CPU: ``load_state_dict`` moves the model and optimiser
+        state to their device and the RNG states stay CPU ``ByteTensor`` objects. Rows of
+        ``metrics.jsonl`` after its epoch, and torn or foreign lines, are dropped.
+        """
+        ckpt, _ = load_latest_checkpoint(self.out, "resume")
         saved = {k: v for k, v in ckpt["config"].items() if k not in ("epochs", "progress")}
-        now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in saved}
-        changed = sorted(k for k in saved if saved[k] != now[k])
+        now = dataclasses.asdict(self.cfg)
+        changed = sorted(k for k in saved if saved[k] != now.get(k))
         if changed:
             raise ValueError(f"cannot resume {self.out}: the configuration differs in {changed}")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         if self.dist.is_main:  # drop lines of epochs after the checkpoint (a crash between)
-            lines = (self.out / "metrics.jsonl").read_text().splitlines()
-            keep = [ln for ln in lines if ln and json.loads(ln)["epoch"] <= self.epoch]
-            (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
+            trim_metrics(self.out / "metrics.jsonl", self.epoch)
 
     # ----------------------------------------------------------------- one epoch
     def train_epoch(self, bar) -> dict:
+        """One epoch. On a GPU nothing in a step waits for the device: losses and accuracy
+        add up on the device, step times are CUDA events, and the loss is checked for
+        NaN/Inf every :data:`NONFINITE_CHECK_EVERY` steps and at the end of the epoch."""
         model, device = self.model, self.device
         self.ddp.train()
         set_loader_epoch(self.train_loader, self.epoch)
-        losses, t_fwd, t_bwd, correct, seen = [], [], [], 0, 0
-        for x, y in self.train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _sync(device)
-            t0 = time.perf_counter()
-            try:
+        timer = StepTimer(device)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum, correct, bad = zero.clone(), zero.clone(), zero.clone()
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        seen = steps = 0
+        show = bar is not None and not bar.disable
+        with trusted_inputs():  # data were validated at load time; the loss is checked here
+            for x, y in self.train_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                timer.mark()
                 logits, _ = self.ddp(x, y)
-            except ValueError as err:  # the heads reject non-finite features
-                if not all_finite_params(model):
-                    raise self._diverged("the weights are NaN/Inf") from err
-                raise
-            loss = F.cross_entropy(logits, y)
-            _sync(device)
-            t1 = time.perf_counter()
-            if not torch.isfinite(loss):
-                raise self._diverged(f"the loss is {loss.item()}")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if hasattr(model.head, "renormalize_"):
-                model.head.renormalize_()
-            _sync(device)
-            t2 = time.perf_counter()
-            self.step += 1
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.numel()
-            t_fwd.append((t1 - t0) * 1e3)
-            t_bwd.append((t2 - t1) * 1e3)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{100 * correct / seen:.1f}")
+                loss = F.cross_entropy(logits, y)
+                timer.mark()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)  # fp16: skipped when the gradients overflow
+                self.scaler.update()
+                if hasattr(model.head, "renormalize_"):
+                    model.head.renormalize_()
+                timer.mark()
+                loss = loss.detach()
+                finite = torch.isfinite(loss)
+                first_bad = torch.where(finite | (first_bad >= 0), first_bad,
+                                        torch.full_like(first_bad, self.step + 1))
+                loss_sum += torch.where(finite, loss, 0.0)
+                bad += ~finite
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += y.numel()
+                steps += 1
+                self.step += 1
+                if steps % NONFINITE_CHECK_EVERY == 0:
+                    self._check_finite(bad, first_bad, steps, end=False)
+                if bar is not None:
+                    bar.update(1)
+                    if show and steps % NONFINITE_CHECK_EVERY == 0:
+                        bar.set_postfix(loss=f"{float(loss_sum) / max(steps - float(bad), 1):.4f}",
+                                        acc=f"{100 * float(correct) / seen:.1f}")
+        self._check_finite(bad, first_bad, steps, end=True)
         self.scheduler.step()
         self.epoch += 1
-        loss_sum, correct, seen = self._all_reduce([sum(losses), correct, seen])
+        t_fwd, t_bwd = timer.times_ms()
+        loss_sum, bad, correct, seen_all, n_steps = self._all_reduce(
+            [float(loss_sum), float(bad), float(correct), seen, steps])
         return {
-            "train_loss": loss_sum / (len(losses) * self.dist.world_size),
-            "train_batch_top1": 100.0 * correct / seen,
+            "train_loss": loss_sum / max(n_steps - bad, 1),
+            "train_batch_top1": 100.0 * correct / seen_all,
+            "skipped_steps": int(bad),
             "time_forward_ms": statistics.fmean(t_fwd),
             "time_backward_ms": statistics.fmean(t_bwd),
             "time_forward_ms_median": statistics.median(t_fwd),
             "time_backward_ms_median": statistics.median(t_bwd),
         }
+
+    def _check_finite(self, bad: torch.Tensor, first_bad: torch.Tensor, steps: int,
+                      end: bool) -> None:
+        """Raise "training diverged" for a non-finite loss (fp16: only when every step of
+        the epoch overflowed — the scaler skips the others) or non-finite weights."""
+        n_bad = int(self._all_reduce([float(bad)])[0])
+        if self.scaler.is_enabled():
+            diverged = end and n_bad == steps * self.dist.world_size
+        else:
+            diverged = n_bad > 0
+        if end and not diverged and not all_finite_params(self.model):
+            raise self._diverged("the weights are NaN/Inf")
+        if diverged:
+            step = int(first_bad)
+            what = "the loss is NaN/Inf"
+            if not all_finite_params(self.model):
+                what += " and the weights are NaN/Inf"
+            raise self._diverged(what, step=step if step > 0 else None)
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         """Sums over the ranks (the values themselves in a single process)."""
@@ -437,18 +596,30 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
-    def _diverged(self, what: str) -> FloatingPointError:
+    def _diverged(self, what: str, step: int | None = None) -> FloatingPointError:
         return FloatingPointError(
-            f"training diverged: {what} at epoch {self.epoch + 1}, step {self.step + 1} "
-            "(try a smaller --lr); the last checkpoint is kept"
+            f"training diverged: {what} at epoch {self.epoch + 1}, step "
+            f"{step or self.step + 1} (try a smaller --lr); the last checkpoint is kept"
         )
 
     def evaluate_epoch(self, row: dict) -> dict:
+        """NC metrics of both splits; first, with ``eval_stats="precise"``, the BN statistics
+        and μ_G recomputed over the (un-augmented) training split (:mod:`gnc.evaluation`)."""
+        if not all_finite_params(self.model):
+            raise self._diverged("the weights are NaN/Inf")
+        if self.cfg.eval_stats == "precise":
+            recompute_statistics(self.model, self.eval_loaders["train"], self.device)
+        row["eval_stats"] = self.cfg.eval_stats
         for split, loader in self.eval_loaders.items():
-            metrics, margins = evaluate(self.model, loader, self.K, self.device)
+            try:
+                metrics, margins = evaluate(self.model, loader, self.K, self.device)
+            except ValueError as err:
+                if "NaN" not in str(err):
+                    raise
+                raise self._diverged(f"the {split} features are NaN/Inf at evaluation") from err
             prefix = "" if split == "train" else "test_"
             row.update({prefix + k: v for k, v in metrics.items()})
-            row[prefix + "cos_margins"] = _quantiles(margins)
+            row[prefix + "cos_margins"] = quantiles(margins)
             if split == "train" and self.dist.is_main:
                 np.save(self.out / "cos_margins.npy", margins.numpy())
         return row
@@ -456,8 +627,7 @@ class Trainer:
     def log(self, row: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.out / "metrics.jsonl", json.dumps(row))  # fsynced; a tear is trimmed
         if self.writer is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -465,15 +635,13 @@ class Trainer:
             self.writer.flush()
 
     def fit(self) -> dict:
-        from tqdm import tqdm
-
         cfg = self.cfg
         steps = len(self.train_loader)
         if steps == 0:
             raise ValueError("the training loader has no batches (batch size above the data?)")
-        bar = tqdm(total=cfg.epochs * steps, initial=self.epoch * steps, unit="step",
-                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True,
-                   desc=f"{cfg.method} seed {cfg.seed}")
+        bar = _progress_bar(total=cfg.epochs * steps, initial=self.epoch * steps,
+                            disable=not (cfg.progress and self.dist.is_main),
+                            desc=f"{cfg.method} seed {cfg.seed}")
         t_start = time.perf_counter()
         row: dict = {}
         self.memory.start()
@@ -500,38 +668,67 @@ class Trainer:
         return row
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False) -> dict:
-    """Train one run into ``out_dir`` (see the module docstring); returns the last metrics."""
-    return Trainer(cfg, out_dir, resume=resume).fit()
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+          overwrite: bool = False) -> dict:
+    """Train one run into ``out_dir`` (see the module docstring); returns the last metrics.
+
+    A directory that already holds a run is refused unless ``resume`` (continue it) or
+    ``overwrite`` (replace it) is given; a missing or empty one is fine.
+    """
+    return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite).fit()
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> tuple[TrainConfig, FeatureClassifier,
-                                                                  dict]:
-    """The config, the model (from ``checkpoints/last.pt``) and the checkpoint of a run."""
+def _read_config(run_dir: Path, action: str) -> dict:
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"not a run directory: {path} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"cannot {action} {run_dir}: {path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"cannot {action} {run_dir}: {path} is not a JSON object")
+    return config
+
+
+def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load"
+             ) -> tuple[TrainConfig, FeatureClassifier, dict]:
+    """The config, the model and facts of a run's newest readable checkpoint.
+
+    The checkpoint is ``checkpoints/last.pt``, or when that is unreadable the newest readable
+    ``epoch_XXXX.pt`` (with a warning); errors are one line starting ``cannot {action} RUN:``.
+    Returns ``(config, model on the device, {"bundle", "epoch", "device"})``.
+
+    Relative data paths (``data_dir`` and the path of ``npz:PATH`` / ``imagefolder:PATH``)
+    are read as the run was: kept when they exist from the current directory, else taken
+    relative to the directory the run was trained from (recorded in its checkpoints), else
+    relative to ``run_dir`` (see :func:`gnc.checkpoint.resolve_data_paths`). The returned
+    config holds the paths used.
+    """
     run_dir = Path(run_dir)
-    cfg_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoints" / "last.pt"
-    for p in (cfg_path, ckpt_path):
-        if not p.exists():
-            raise FileNotFoundError(f"not a run directory: {p} is missing")
-    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    config = _read_config(run_dir, action)
+    ckpt, _ = load_latest_checkpoint(run_dir, action)
+    cfg = TrainConfig.from_dict(resolve_data_paths(config, run_dir, ckpt.get("cwd")))
     dev = resolve_device(device, DistInfo())
     bundle = load_data(cfg, augment=False)
     model = build_model(cfg, bundle).to(dev)
-    ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"])  # copies the CPU tensors onto the model's device
     return cfg, model, {"bundle": bundle, "epoch": ckpt["epoch"], "device": dev}
 
 
 def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto") -> dict:
-    """NC metrics of a run's last checkpoint on ``split`` (``gnc evaluate``)."""
+    """NC metrics of a run's newest readable checkpoint on ``split`` (``gnc evaluate``).
+
+    Checkpoint fallback and data paths as in :func:`load_run`.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
-    cfg, model, info = load_run(run_dir, device)
+    cfg, model, info = load_run(run_dir, device, action="evaluate")
     bundle = info["bundle"]
     if split == "test" and bundle.test is None:
         raise ValueError(f"dataset '{cfg.dataset}' has no test split")
     loader = make_loader(bundle, cfg.eval_batch_size, split=split)
     metrics, margins = evaluate(model, loader, bundle.num_classes, info["device"])
     metrics["epoch"] = info["epoch"]
-    metrics["cos_margins"] = _quantiles(margins)
+    metrics["cos_margins"] = quantiles(margins)
     return metrics

@@ -2,7 +2,13 @@
 
 from .base import DatasetBundle, DatasetNotFoundError, stratified_subset
 from .datasets import DATASETS, load_dataset
-from .sampler import ShardSampler, StratifiedBatchSampler, make_loader, set_loader_epoch
+from .sampler import (
+    ShardSampler,
+    StratifiedBatchSampler,
+    batch_sampler_for,
+    make_loader,
+    set_loader_epoch,
+)
 
 __all__ = [
     "DATASETS",
@@ -10,6 +16,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ShardSampler",
     "StratifiedBatchSampler",
+    "batch_sampler_for",
     "load_dataset",
     "make_loader",
     "set_loader_epoch",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import zipfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -120,6 +121,21 @@ def _load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> DatasetBundle:
     return bundle
 
 
+def _check_inputs(path: str, x: np.ndarray, key: str) -> None:
+    """``x`` must be a numeric (N, ...) array with at least one feature axis, and finite."""
+    if x.ndim < 2:
+        raise ValueError(
+            f"npz file {path}: Expected `{key}` to have shape (N, ...) with one row per sample "
+            f"and at least one feature axis, but got shape {x.shape}"
+        )
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+        raise ValueError(
+            f"npz file {path}: Expected `{key}` to be a real numeric array, but got dtype {x.dtype}"
+        )
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise ValueError(f"npz file {path}: Expected `{key}` to be finite, but it holds NaN or Inf")
+
+
 def _check_labels(path: str, y: np.ndarray, key: str) -> None:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(
@@ -127,19 +143,73 @@ def _check_labels(path: str, y: np.ndarray, key: str) -> None:
             f"but got shape {y.shape} and dtype {y.dtype}"
         )
     if y.size and y.min() < 0:
-        raise ValueError(f"npz file {path}: labels `{key}` must be 0..K-1, but got {y.min()}")
+        raise ValueError(f"npz file {path}: Expected labels `{key}` in 0..K-1, but got {y.min()}")
+
+
+def _num_classes(path: str, y: np.ndarray) -> int:
+    """K = 1 + the largest training label, every class 0..K−1 holding a training sample.
+
+    K is bounded by the data (K <= N) before anything of size K is allocated, so a stray
+    huge label is an error, not an out-of-memory kill.
+    """
+    if y.size < 2:
+        raise ValueError(
+            f"npz file {path}: Expected `y` to hold at least 2 samples, but got {y.size}"
+        )
+    top = int(y.max())
+    if top >= y.size:
+        raise ValueError(
+            f"npz file {path}: Expected labels 0..K-1 with every class in `y`, but the largest "
+            f"label is {top} and `y` has only {y.size} samples"
+        )
+    missing = np.flatnonzero(np.bincount(y.astype(np.int64), minlength=top + 1) == 0)
+    if missing.size:
+        raise ValueError(
+            f"npz file {path}: Expected labels 0..K-1 with every class in `y`, but classes "
+            f"{missing[:10].tolist()}{' ...' if missing.size > 10 else ''} (of 0..{top}) "
+            "have no training sample"
+        )
+    if top < 1:
+        raise ValueError(f"npz file {path}: Expected at least 2 classes in `y`, but got 1")
+    return top + 1
+
+
+def _check_test_split(path: str, x: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                      num_classes: int) -> None:
+    _check_inputs(path, x_test, "x_test")
+    _check_labels(path, y_test, "y_test")
+    if len(x_test) != len(y_test):
+        raise ValueError(
+            f"npz file {path}: Expected `x_test` and `y_test` to have the same length, but got "
+            f"{len(x_test)} and {len(y_test)}"
+        )
+    if x_test.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"npz file {path}: Expected `x_test` rows of shape {x.shape[1:]} like `x`, but got "
+            f"{x_test.shape[1:]}"
+        )
+    if y_test.size and int(y_test.max()) >= num_classes:
+        raise ValueError(
+            f"npz file {path}: Expected `y_test` labels in the training classes "
+            f"0..{num_classes - 1}, but got {int(y_test.max())}"
+        )
 
 
 def _load_npz(path: str) -> DatasetBundle:
     """Arrays ``x`` (N, ...), ``y`` (N,) integer labels 0..K−1, optional ``x_test``, ``y_test``.
 
-    Float or integer ``x`` is converted to float32; K = 1 + the largest label, and every class
-    0..K−1 must occur in ``y``.
+    Float, integer or boolean ``x`` (at least 2-D, finite) is converted to float32. K = 1 + the
+    largest label of ``y`` and every class 0..K−1 must occur in ``y`` (so K <= N);
+    ``y_test`` labels must be training classes, but the test split may lack some classes
+    (its metrics then cover the classes present and name the missing ones).
     """
     if not os.path.isfile(path):
         raise DatasetNotFoundError(f"npz file {path} not found")
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"npz file {path} cannot be read as an npz archive ({err})") from None
     if "x" not in arrays or "y" not in arrays:
         raise ValueError(
             f"npz file {path} must contain arrays 'x' and 'y' (and optionally 'x_test', "
@@ -149,25 +219,17 @@ def _load_npz(path: str) -> DatasetBundle:
     x_test, y_test = arrays.get("x_test"), arrays.get("y_test")
     if (x_test is None) != (y_test is None):
         raise ValueError(f"npz file {path} must contain both 'x_test' and 'y_test' or neither")
+    _check_inputs(path, x, "x")
     _check_labels(path, y, "y")
     if len(x) != len(y):
-        raise ValueError(f"npz file {path}: 'x' has {len(x)} rows but 'y' has {len(y)}")
-    num_classes = int(y.max()) + 1
-    if y_test is not None and x_test is not None:
-        _check_labels(path, y_test, "y_test")
-        if len(x_test) != len(y_test):
-            raise ValueError(
-                f"npz file {path}: 'x_test' has {len(x_test)} rows but 'y_test' has {len(y_test)}"
-            )
-        if y_test.size:
-            num_classes = max(num_classes, int(y_test.max()) + 1)
-        x_test = as_float32(x_test)
-    missing = sorted(set(range(num_classes)) - set(np.unique(y).tolist()))
-    if missing:
         raise ValueError(
-            f"npz file {path}: labels must be 0..K-1 with every class in 'y'; "
-            f"classes {missing[:10]} have no training sample"
+            f"npz file {path}: Expected `x` and `y` to have the same length, but got "
+            f"{len(x)} and {len(y)}"
         )
+    num_classes = _num_classes(path, y)
+    if x_test is not None and y_test is not None:
+        _check_test_split(path, x, x_test, y_test, num_classes)
+        x_test = as_float32(x_test)
     return tensor_bundle(f"npz:{path}", as_float32(x), y, x_test, y_test, num_classes)
 
 

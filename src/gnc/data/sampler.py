@@ -7,6 +7,7 @@ that the ranks together see exactly the single-process batch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -23,10 +24,13 @@ from torch.utils.data import (
 
 from .base import DatasetBundle, as_long
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ShardSampler",
     "StratifiedBatchSampler",
     "TensorBatchLoader",
+    "batch_sampler_for",
     "make_loader",
     "set_loader_epoch",
 ]
@@ -48,6 +52,12 @@ class StratifiedBatchSampler(Sampler[list[int]]):
     ``drop_last=False``). With balanced classes whose size p divides, every sample is used
     exactly once per epoch; larger classes contribute a fresh random ``n_min``-sample share each
     epoch (the rest waits for later epochs), so imbalanced data is effectively class-balanced.
+
+    Full batch: a ``batch_size`` of at least N (the number of samples) gives one batch of all
+    N samples per epoch, shuffled, whatever the class sizes (on R ranks, rank r takes positions
+    ``r, r+R, …`` of it). Otherwise a ``batch_size`` that K does not divide is reduced to
+    ``K·p`` with one logged warning, and when the smallest class cannot fill one batch
+    (``n_min < p`` with ``drop_last``) construction raises ``ValueError``.
 
     Distributed: with ``num_replicas = R``, rank r gets ``p/R`` samples of every class from
     each global batch (the class chunk's elements ``r, r+R, r+2R, …``), so the union over ranks
@@ -89,6 +99,18 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         k = len(classes)
         if k == 0:
             raise ValueError("the stratified sampler needs at least one labelled sample")
+        self.batch_size = batch_size
+        self.num_classes = k
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.full_batch = batch_size >= len(labels)
+        if self.full_batch:  # one batch of every sample, whatever the class sizes
+            self.per_class = 0
+            self._counts = [len(labels)]
+            return
         if batch_size < k:
             raise ValueError(
                 f"batch size {batch_size} is smaller than the number of classes {k}; the "
@@ -101,16 +123,21 @@ class StratifiedBatchSampler(Sampler[list[int]]):
                 f"split evenly over {num_replicas} ranks; choose a batch size whose per-class "
                 f"count ({k} classes) is a multiple of {num_replicas}"
             )
-        self.batch_size = batch_size
-        self.num_classes = k
         self.per_class = per_class
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.drop_last = drop_last
-        self.epoch = 0
         self._class_indices = [torch.nonzero(labels == c).flatten() for c in classes]
         n_min = min(len(idx) for idx in self._class_indices)
+        if drop_last and n_min < per_class:
+            raise ValueError(
+                f"batch size {batch_size} takes {per_class} samples of each of the {k} classes, "
+                f"but the smallest class has only {n_min}: no batch can be formed; choose a "
+                f"batch size of at most {k * n_min}, or one of at least {len(labels)} (the full "
+                "batch)"
+            )
+        if batch_size % k:
+            logger.warning(
+                "batch size %d is not a multiple of the %d classes: the stratified batches "
+                "hold %d samples (%d per class)", batch_size, k, k * per_class, per_class,
+            )
         self._counts = [per_class] * (n_min // per_class)  # per-class count of each batch
         rest = n_min % per_class
         rest -= rest % num_replicas
@@ -126,6 +153,10 @@ class StratifiedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.full_batch:
+            batch = torch.randperm(self._counts[0], generator=gen)
+            yield batch[self.rank :: self.num_replicas].tolist()
+            return
         perms = [idx[torch.randperm(len(idx), generator=gen)] for idx in self._class_indices]
         start = 0
         for count in self._counts:
@@ -263,40 +294,45 @@ def make_loader(
     else:
         dataset = data
     gen = torch.Generator().manual_seed(seed)
-    common = {"num_workers": num_workers, "pin_memory": pin_memory, "generator": gen}
+    batches = batch_sampler_for(
+        len(dataset), batch_size, labels=labels, stratified=stratified, shuffle=shuffle,
+        drop_last=drop_last, seed=seed, num_replicas=num_replicas, rank=rank,
+    )
+    tensors = _tensors_of(dataset) if num_workers == 0 else None
+    if tensors is not None:
+        return TensorBatchLoader(tensors, batches, gen)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=gen)
+
+
+def batch_sampler_for(
+    num_samples: int,
+    batch_size: int,
+    *,
+    labels: Tensor | None = None,
+    stratified: bool = False,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> Sampler[list[int]]:
+    """The batch sampler of :func:`make_loader` (same arguments): the order of every loader."""
     if stratified:
         if labels is None:
             raise ValueError("a stratified loader needs `labels` (or a bundle's train split)")
         if shuffle:
             raise ValueError("`stratified` batches are always shuffled; leave `shuffle` False")
-        sampler = StratifiedBatchSampler(
-            labels,
-            batch_size,
-            seed=seed,
-            num_replicas=num_replicas,
-            rank=rank,
+        return StratifiedBatchSampler(
+            labels, batch_size, seed=seed, num_replicas=num_replicas, rank=rank,
             drop_last=drop_last,
         )
-        tensors = _tensors_of(dataset) if num_workers == 0 else None
-        if tensors is not None:
-            return TensorBatchLoader(tensors, sampler, gen)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
     if batch_size % num_replicas:
         raise ValueError(f"batch size {batch_size} does not split evenly over {num_replicas} ranks")
     shard = ShardSampler(
-        len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank
+        num_samples, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank
     )
-    tensors = _tensors_of(dataset) if num_workers == 0 else None
-    if tensors is not None:
-        batches = BatchSampler(shard, batch_size // num_replicas, drop_last)
-        return TensorBatchLoader(tensors, batches, gen)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size // num_replicas,
-        sampler=shard,
-        drop_last=drop_last,
-        **common,
-    )
+    return BatchSampler(shard, batch_size // num_replicas, drop_last)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
@@ -305,9 +341,9 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     Worker RNGs (``num_workers > 0``) are then seeded from ``(seed, epoch)``, so a resumed run
     draws the same augmentations; with ``num_workers=0`` augmentations use torch's global RNG.
     """
-    sampler = loader.batch_sampler if hasattr(loader.batch_sampler, "set_epoch") else None
-    if sampler is None and hasattr(loader.sampler, "set_epoch"):
-        sampler = loader.sampler
+    candidates = (loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None),
+                  loader.sampler)
+    sampler = next((s for s in candidates if hasattr(s, "set_epoch")), None)
     if sampler is None:
         raise ValueError("the loader's sampler has no `set_epoch`; build it with make_loader")
     sampler.set_epoch(epoch)

@@ -361,6 +361,20 @@ BACKBONES: dict[str, Callable[..., tuple[nn.Module, int, bool]]] = {
 """Backbone builders by name. Use :func:`build_backbone` rather than calling them directly."""
 
 
+def _check_fits_data(name: str, in_shape: tuple[int, ...]) -> None:
+    """``ufm`` reads sample indices (``in_shape == ()``), every other backbone real inputs."""
+    if name == "ufm" and in_shape != ():
+        raise ValueError(
+            f"Expected inputs of shape () (sample indices, the `ufm` dataset) for backbone "
+            f"'ufm', but got inputs of shape {in_shape}; choose another --model (e.g. mlp)"
+        )
+    if name != "ufm" and in_shape == ():
+        raise ValueError(
+            f"Expected input features for backbone '{name}', but got sample indices (inputs "
+            "of shape (), the `ufm` dataset); use --model ufm"
+        )
+
+
 def build_backbone(
     name: str,
     *,
@@ -399,7 +413,7 @@ def build_backbone(
 
     Raises:
         ValueError: unknown name, an option the backbone does not take, or an ``in_shape``
-            the backbone cannot read.
+            the backbone cannot read (``ufm`` takes only ``()``, the others never ``()``).
 
     Example:
         >>> net, d = build_backbone("resnet18", in_shape=(3, 32, 32), width=16)
@@ -423,6 +437,7 @@ def build_backbone(
     if width < 1:
         raise ValueError(f"Expected `width` >= 1, but got {width}")
     in_shape = tuple(int(s) for s in in_shape)
+    _check_fits_data(name, in_shape)
     module, d, projected = BACKBONES[name](
         in_shape,
         num_samples=num_samples,

@@ -1,0 +1,130 @@
+"""Evaluation of a model as it is: precise statistics, then every NC metric (DESIGN §5).
+
+Two running averages trail a network in training: BatchNorm's running mean and variance
+(momentum 0.1) and the ETF heads' running global mean ``μ_G`` (their bias is ``−W μ_G``; late
+in training an average over ~10⁴ steps). Early in training both lag far enough that every
+sample lands in one class. :func:`recompute_statistics` replaces them by their values over
+the training split — "precise BN" as in pycls and detectron2, and the exact ``μ_G`` — and
+stores them in the model, so a saved checkpoint's ``eval()`` logits equal the logged ones.
+``eval_stats="running"`` (the paper's protocol) evaluates the running averages as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gnc.metrics import NCStatistics
+from gnc.models.classifier import FeatureClassifier
+
+__all__ = ["EVAL_STATS", "evaluate", "quantiles", "recompute_statistics"]
+
+EVAL_STATS = ("precise", "running")
+MARGIN_QUANTILES = 101  # points of the sorted cosine margins kept per metrics line
+
+
+def quantiles(sorted_values: Tensor, n: int = MARGIN_QUANTILES) -> list[float]:
+    """``n`` evenly spaced quantiles of a 1-D tensor (float64), ``[]`` when it is empty."""
+    if sorted_values.numel() == 0:
+        return []
+    q = torch.linspace(0, 1, n, dtype=torch.float64)
+    return torch.quantile(sorted_values.double().cpu(), q).tolist()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _mean_over_ranks(t: Tensor) -> None:
+    if _distributed():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+
+
+@torch.no_grad()
+def recompute_statistics(model: FeatureClassifier, loader, device: torch.device) -> None:
+    """Set BatchNorm's running statistics and the ETF head's ``μ_G`` from ``loader``'s data.
+
+    BatchNorm: running mean and variance reset, then the cumulative average (momentum None)
+    of the per-batch statistics over one pass in training mode (only the BN layers train;
+    under DDP the ranks' results are averaged). ``μ_G``: the mean of the normalised features
+    over a second pass in eval mode, with the new BN statistics. Use un-augmented training
+    data: the statistics the network sees at test time.
+    """
+    was_training = model.training
+    model.eval()
+    bns = bn_layers(model.backbone)
+    if bns:
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for x, _ in loader:
+            model.features(x.to(device, non_blocking=True))
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
+            _mean_over_ranks(m.running_mean)
+            _mean_over_ranks(m.running_var)
+    if hasattr(model.head, "set_global_mean"):
+        total, n = None, torch.zeros((), dtype=torch.float64, device=device)
+        for x, _ in loader:
+            h = model.features(x.to(device, non_blocking=True)).double()
+            total = h.sum(0) if total is None else total + h.sum(0)
+            n += h.shape[0]
+        if total is not None:
+            if _distributed():
+                dist.all_reduce(total)
+                dist.all_reduce(n)
+            model.head.set_global_mean((total / n).to(model.head.mu_G.dtype))
+    model.train(was_training)
+
+
+def _outputs(model: FeatureClassifier, loader, device: torch.device):
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits, h = model(x)
+        yield h, y, logits
+
+
+@torch.no_grad()
+def evaluate(model: FeatureClassifier, loader, K: int, device: torch.device) -> tuple[dict, Any]:
+    """Every NC metric of ``model`` (eval mode, statistics as stored) over ``loader``.
+
+    Two passes as :class:`~gnc.metrics.NCStatistics` needs; the features and logits of the
+    first are kept for the second when they fit in 2 GiB, otherwise the data is read twice.
+    Returns ``(metrics without cos_margins, sorted cos_margins tensor on the CPU)``.
+    """
+    was_training = model.training
+    model.eval()
+    stats: NCStatistics | None = None
+    cache: list | None = []
+    cached_bytes = 0
+    for h, y, logits in _outputs(model, loader, device):
+        if stats is None:
+            stats = NCStatistics(K, h.shape[1], device=device)
+        stats.update(h, y, logits)
+        if cache is not None:
+            cached_bytes += (h.numel() + logits.numel()) * h.element_size()
+            cache = cache + [(h, y, logits)] if cached_bytes < 2**31 else None
+    if stats is None:
+        raise ValueError("evaluation loader produced no batches")
+    W = model.head.weight.detach()
+    b = model.head.bias
+    b = torch.zeros(K, device=W.device, dtype=W.dtype) if b is None else b.detach()
+    for h, y, logits in cache if cache is not None else _outputs(model, loader, device):
+        stats.update_margins(h, y, W, b, logits)
+    out = stats.compute(W, b)
+    model.train(was_training)
+    margins = out.pop("cos_margins")
+    return out, margins.cpu()
+
+
+def bn_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers whose running statistics :func:`recompute_statistics` sets."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
