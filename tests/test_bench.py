@@ -54,7 +54,7 @@ def test_bench_steps_records_and_overheads():
         assert r.case == "step tiny-ufm" and r.forward_ms > 0 and r.backward_ms > 0
         assert r.peak_mem_mb is not None and r.peak_mem_mb >= 0
     lines = step_overheads(records)
-    assert any(line.startswith("step tiny-ufm: implicit step =") for line in lines)
+    assert any(line.startswith("step tiny-ufm: implicit =") for line in lines)
 
 
 def test_unknown_step_case():
@@ -78,3 +78,47 @@ def test_peak_memory_sees_a_transient_allocation_on_cpu():
         time.sleep(0.05)
         del x
     assert 48 <= mem.mb <= 200
+
+
+def test_epoch_bench_on_random_images_of_cifar_shape(tmp_path):
+    from gnc.bench import bench_epochs, format_table, step_overheads
+
+    records = bench_epochs(
+        "cifar10-resnet18", device="cpu", methods=("standard", "implicit"),
+        data_dir=str(tmp_path / "absent"), width=4, batch_size=20, data_on_device="on",
+        dataset_options={"subset": 4}, amp="none", channels_last=False,
+    )
+    assert [r.method for r in records] == ["standard", "implicit"]
+    for r in records:
+        assert r.case == "epoch cifar10-resnet18" and r.epoch_s > 0
+        assert 0 <= r.data_wait_pct < 100
+        assert "random images of CIFAR's shape, 2 steps, data on device: yes" in r.note
+    assert "s/epoch" in format_table(records)
+    assert any(line.startswith("epoch cifar10-resnet18: implicit =")
+               for line in step_overheads(records))
+
+
+def test_gpu_check_script_parses_and_names_its_stages():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "PYTHONPATH=src" in text and "make install" not in text  # the bare device machine
+    for entry in ("gnc bench", "--epoch cifar10-resnet18", "--resume", "runs-stage"):
+        assert entry.split()[-1] in text
+
+
+def test_cli_bench_epoch_case(tmp_path, capsys):
+    import json
+
+    from gnc.cli import main
+
+    main(["bench", "--sizes", "none", "--steps", "none", "--epoch", "cifar10-resnet18",
+          "--methods", "implicit", "--data-dir", str(tmp_path), "--set", "width=4",
+          "--set", "batch_size=20", "--set", 'dataset_options={"subset": 4}',
+          "--set", "amp=none", "--set", "solve_device=cpu", "--set", "data_on_device=on",
+          "--json"])
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["method"] == "implicit" and record["epoch_s"] > 0

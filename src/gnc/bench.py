@@ -428,7 +428,9 @@ def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 
     try:
         data, note = (load_data(cfg), load_data(cfg, augment=False)), "real data"
     except DatasetNotFoundError:
-        data, note = synthetic_cifar10(), "random images of CIFAR's shape"
+        per_class = cfg.dataset_options.get("subset")  # a small stand-in when asked for
+        sizes = (10 * per_class, 10 * per_class) if per_class else ()
+        data, note = synthetic_cifar10(*sizes), "random images of CIFAR's shape"
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, data=data)
         note += f", {len(trainer.train_loader)} steps, data on device: " + (

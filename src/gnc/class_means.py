@@ -182,7 +182,9 @@ class ClassMeanTracker(nn.Module):
     def _batch_sums(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-class sums (K, d) and counts (K,) of the batch, summed over ranks."""
         sums = h.new_zeros(self.K, self.d).index_add(0, y, h)
-        counts = torch.bincount(y, minlength=self.K)
+        # not bincount: on a GPU it reads max(y) back to size its output (a host sync)
+        counts = torch.zeros(self.K, dtype=torch.long, device=y.device).index_add_(
+            0, y, torch.ones_like(y))
         if _is_distributed():
             import torch.distributed.nn.functional as dist_fn
 

@@ -160,9 +160,17 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from gnc.report import make_report
 
     preset = get_preset(args.preset) if args.preset else None
+    table_epochs = preset.table_epochs if preset else None
+    if args.table_epochs:
+        try:
+            a, b = (int(e) for e in args.table_epochs.split(","))
+        except ValueError:
+            raise CLIError(f"bad --table-epochs {args.table_epochs!r}: expected A,B, "
+                           "e.g. 50,200") from None
+        table_epochs = (a, b)
     path = make_report(
         args.exp_dir, title=f"{preset.name}: {preset.summary}" if preset else None,
-        table_epochs=preset.table_epochs if preset else None,
+        table_epochs=table_epochs,
         notes=f"Preset notes: {preset.notes}" if preset else None,
         command=args.command, machine=args.machine, out_dir=args.out,
         preset_config=resolved_config(preset) if preset else None,
@@ -276,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write report.md and figures here (default: EXP_DIR)")
     p.add_argument("--command", help="the command that produced the runs (shown on top)")
     p.add_argument("--machine", help="where the runs ran (default: this machine)")
+    p.add_argument("--table-epochs", help="the two epochs of the top-1 table, A,B "
+                   "(default: the preset's)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="timings and memory: the nearest-ETF layer, training steps")

@@ -24,6 +24,7 @@ lives in ``$GNC_CACHE_DIR`` (default ``~/.cache/gnc``); it is never written next
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -237,7 +238,8 @@ def _write_cache(file: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
     except OSError as err:
         logger.warning("could not write the image cache %s (%s); the next run decodes again",
                        file, err)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def device_images(ds: Dataset, device: torch.device | str, *, cache: bool = True
