@@ -68,8 +68,8 @@ def test_experiment_runs_reports_and_resumes(tmp_path, monkeypatch):
     calls = []
     real_train = experiments.train
     monkeypatch.setattr(experiments, "train",
-                        lambda cfg, path, resume: calls.append(path) or real_train(
-                            cfg, path, resume=resume))
+                        lambda cfg, path, **kw: calls.append(path) or real_train(
+                            cfg, path, **kw))
     run_experiment("ufm10", out, **kw)
     assert calls == []  # nothing retrained
     import shutil
@@ -82,16 +82,37 @@ def test_experiment_runs_reports_and_resumes(tmp_path, monkeypatch):
 def test_interrupted_run_resumes(tmp_path):
     out = tmp_path / "exp"
     kw = dict(seeds=1, methods=["fixed"], report=False,
-              overrides={"epochs": 4, "eval_every": 2, "progress": False,
-                         "dataset_options": {"num_classes": 3, "per_class": 4},
-                         "feature_dim": 8})
+              overrides={"epochs": 4, "eval_every": 2, "checkpoint_every": 2,
+                         "progress": False, "feature_dim": 8,
+                         "dataset_options": {"num_classes": 3, "per_class": 4}})
     run_experiment("ufm10", out, **kw)
     path = run_dir(out, "fixed", 1)
-    (path / "DONE").unlink()  # as if killed after its last checkpoint
-    rows_before = (path / "metrics.jsonl").read_text()
+    rows_full = (path / "metrics.jsonl").read_text()
+    # as if killed during epoch 3: the last checkpoint is epoch 2, no DONE
+    (path / "DONE").unlink()
+    ckpts = path / "checkpoints"
+    (ckpts / "last.pt").write_bytes((ckpts / "epoch_0002.pt").read_bytes())
+    (ckpts / "epoch_0004.pt").unlink()
+    lines = rows_full.splitlines(keepends=True)
+    (path / "metrics.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # torn
     run_experiment("ufm10", out, **kw)
     assert (path / "DONE").exists()
-    assert (path / "metrics.jsonl").read_text() == rows_before
+    assert _untimed(path / "metrics.jsonl") == _untimed(rows_full)  # epochs 3-4 trained again
+    # killed before its first checkpoint: started afresh, same result
+    (path / "DONE").unlink()
+    for f in ckpts.iterdir():
+        f.unlink()
+    (path / "metrics.jsonl").write_text(lines[0])
+    run_experiment("ufm10", out, **kw)
+    assert _untimed(path / "metrics.jsonl") == _untimed(rows_full)
+
+
+def _untimed(source) -> list[dict]:
+    """Metrics rows without the fields that measure time or memory."""
+    text = source if isinstance(source, str) else source.read_text()
+    drop = ("time_", "elapsed_s", "peak_mem_mb")
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(drop)}
+            for line in text.splitlines()]
 
 
 def test_report_table_matches_runs(tmp_path):

@@ -256,7 +256,8 @@ def run_experiment(
             logger.info("%s: finished, skipped", path)
             continue
         resume = (path / "checkpoints" / "last.pt").exists()
-        train(cfg, path, resume=resume)
+        # a run killed before its first checkpoint has nothing to resume: start it afresh
+        train(cfg, path, resume=resume, overwrite=not resume)
         (path / "DONE").write_text("finished\n")
     if report:
         from gnc.report import make_report
