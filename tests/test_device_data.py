@@ -249,3 +249,18 @@ def test_eval_loaders_hold_every_sample(tmp_path):
     pil = make_loader(trainer.eval_bundle, 4, split="test")
     for (x, _), (x_pil, _) in zip(trainer.eval_loaders["test"], pil, strict=True):
         assert torch.equal(x, x_pil)
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_precise_statistics_leave_training_unchanged(tmp_path, mode):
+    """The BN pass of the precise statistics reads augmented training batches (as trained
+    on); training must not notice: the losses equal those of the running protocol."""
+    root = _image_folder(tmp_path / "imgs", classes=3, per_class=12)
+    rows = {}
+    for stats in ("precise", "running"):
+        cfg = _image_cfg(root, data_on_device=mode, eval_stats=stats, checkpoint_every=0)
+        train(cfg, tmp_path / f"{mode}-{stats}")
+        rows[stats] = [json.loads(ln)["train_loss"] for ln in
+                       (tmp_path / f"{mode}-{stats}" / "metrics.jsonl").read_text().split("\n")
+                       if ln]
+    assert rows["precise"] == rows["running"]

@@ -46,14 +46,19 @@ def _mean_over_ranks(t: Tensor) -> None:
 
 
 @torch.no_grad()
-def recompute_statistics(model: FeatureClassifier, loader, device: torch.device) -> None:
-    """Set BatchNorm's running statistics and the ETF head's ``μ_G`` from ``loader``'s data.
+def recompute_statistics(model: FeatureClassifier, loader, device: torch.device,
+                         mean_loader=None) -> None:
+    """Set BatchNorm's running statistics from ``loader`` and the ETF head's ``μ_G`` from
+    ``mean_loader`` (default: ``loader``).
 
     BatchNorm: running mean and variance reset, then the cumulative average (momentum None)
     of the per-batch statistics over one pass in training mode (only the BN layers train;
-    under DDP the ranks' results are averaged). ``μ_G``: the mean of the normalised features
-    over a second pass in eval mode, with the new BN statistics. Use un-augmented training
-    data: the statistics the network sees at test time.
+    under DDP the ranks' results are averaged). Give it training batches *as trained on*
+    (augmented), as pycls and detectron2 do: the layers after a BN learnt to expect the
+    statistics of augmented batches, and statistics of un-augmented images (zero-padded
+    crops change them) cost CIFAR-10 three points of train accuracy at the end of training.
+    ``μ_G``: the mean of the normalised features over ``mean_loader`` in eval mode, with the
+    new BN statistics — the un-augmented split that the evaluation measures.
     """
     was_training = model.training
     model.eval()
@@ -73,7 +78,7 @@ def recompute_statistics(model: FeatureClassifier, loader, device: torch.device)
             _mean_over_ranks(m.running_var)
     if hasattr(model.head, "set_global_mean"):
         total, n = None, torch.zeros((), dtype=torch.float64, device=device)
-        for x, _ in loader:
+        for x, _ in loader if mean_loader is None else mean_loader:
             h = model.features(x.to(device, non_blocking=True)).double()
             total = h.sum(0) if total is None else total + h.sum(0)
             n += h.shape[0]

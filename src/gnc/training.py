@@ -608,7 +608,7 @@ class Trainer:
         if not all_finite_params(self.model):
             raise self._diverged("the weights are NaN/Inf")
         if self.cfg.eval_stats == "precise":
-            recompute_statistics(self.model, self.eval_loaders["train"], self.device)
+            self._precise_statistics()
         row["eval_stats"] = self.cfg.eval_stats
         for split, loader in self.eval_loaders.items():
             try:
@@ -623,6 +623,15 @@ class Trainer:
             if split == "train" and self.dist.is_main:
                 np.save(self.out / "cos_margins.npy", margins.numpy())
         return row
+
+    def _precise_statistics(self) -> None:
+        """BN statistics over one pass of training batches as trained on (the next epoch's
+        order and augmentation, so training is unchanged), μ_G over the un-augmented split."""
+        rng = torch.get_rng_state()  # the PIL path draws its augmentation from it
+        set_loader_epoch(self.train_loader, self.epoch)
+        recompute_statistics(self.model, self.train_loader, self.device,
+                             mean_loader=self.eval_loaders["train"])
+        torch.set_rng_state(rng)
 
     def log(self, row: dict) -> None:
         if not self.dist.is_main:
