@@ -12,20 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gnc.cli import main
+from test_cli import run_main
 
 NPZ_TRIALS = 30
 FLAG_TRIALS = 40
-
-
-def run_main(argv: list, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    """``main(argv)`` in-process: (exit status, stderr); any other exception fails the test."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
 
 
 def assert_clean_exit(code: int, err: str, argv: list) -> None:

@@ -174,15 +174,20 @@ def _num_classes(path: str, y: np.ndarray) -> int:
     return top + 1
 
 
+def _check_pair(path: str, x: np.ndarray, y: np.ndarray, x_key: str, y_key: str) -> None:
+    """One split's inputs and labels, and that they have the same length."""
+    _check_inputs(path, x, x_key)
+    _check_labels(path, y, y_key)
+    if len(x) != len(y):
+        raise ValueError(
+            f"npz file {path}: Expected `{x_key}` and `{y_key}` to have the same length, but "
+            f"got {len(x)} and {len(y)}"
+        )
+
+
 def _check_test_split(path: str, x: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                       num_classes: int) -> None:
-    _check_inputs(path, x_test, "x_test")
-    _check_labels(path, y_test, "y_test")
-    if len(x_test) != len(y_test):
-        raise ValueError(
-            f"npz file {path}: Expected `x_test` and `y_test` to have the same length, but got "
-            f"{len(x_test)} and {len(y_test)}"
-        )
+    _check_pair(path, x_test, y_test, "x_test", "y_test")
     if x_test.shape[1:] != x.shape[1:]:
         raise ValueError(
             f"npz file {path}: Expected `x_test` rows of shape {x.shape[1:]} like `x`, but got "
@@ -219,13 +224,7 @@ def _load_npz(path: str) -> DatasetBundle:
     x_test, y_test = arrays.get("x_test"), arrays.get("y_test")
     if (x_test is None) != (y_test is None):
         raise ValueError(f"npz file {path} must contain both 'x_test' and 'y_test' or neither")
-    _check_inputs(path, x, "x")
-    _check_labels(path, y, "y")
-    if len(x) != len(y):
-        raise ValueError(
-            f"npz file {path}: Expected `x` and `y` to have the same length, but got "
-            f"{len(x)} and {len(y)}"
-        )
+    _check_pair(path, x, y, "x", "y")
     num_classes = _num_classes(path, y)
     if x_test is not None and y_test is not None:
         _check_test_split(path, x, x_test, y_test, num_classes)
