@@ -167,3 +167,52 @@ def test_default_batch_size_of_real_data(capsys):
     with pytest.raises(SystemExit, match="0"):
         main(["train", "--help"])
     assert "else 100; full batch for ufm" in " ".join(capsys.readouterr().out.split())
+
+
+def test_experiment_on_npz_with_train_flags_end_to_end(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    K = 3
+    y = np.arange(30) % K
+    x = rng.normal(size=(30, 6)).astype(np.float32) + 3 * np.eye(K, 6)[y]
+    data = tmp_path / "mine.npz"
+    np.savez(data, x=x, y=y, x_test=x[:6], y_test=y[:6])
+    out = tmp_path / "exp"
+    argv = ["experiment", "--dataset", f"npz:{data}", "--model", "mlp", "--width", "16",
+            "--feature-dim", "4", "--batch-size", "6", "--epochs", "2", "--seeds", "2",
+            "--sampler", "shuffle", "--label-noise", "0.1", "--lr", "0.05", "--out", out,
+            "--no-progress"]
+    code, _ = run_main(argv, capsys)
+    assert code == 0
+    runs = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/*/DONE"))
+    assert runs == [f"{m}/seed{s}" for m in ("fixed", "implicit", "standard") for s in (1, 2)]
+    cfg = json.loads((out / "standard" / "seed2" / "config.json").read_text())
+    assert (cfg["dataset"], cfg["model"], cfg["seed"], cfg["lr"], cfg["label_noise"],
+            cfg["sampler"]) == (f"npz:{data}", "mlp", 2, 0.05, 0.1, "shuffle")
+    report = (out / "report.md").read_text()
+    title = report.splitlines()[0]
+    assert title.startswith(f"# custom: npz:{data}, mlp width 16, 2 epochs, batch 6, sgd lr "
+                            "0.05") and "label noise 0.1" in title
+    assert "## Top-1 train accuracy" in report
+    # a preset as the start, flags on top (the report's title then names the overrides;
+    # test_experiments checks that): the preset's values stay where no flag is given
+    code, _ = run_main(["experiment", "digits", "--dataset", f"npz:{data}", "--epochs", "1",
+                        "--seeds", "1", "--methods", "implicit", "--feature-dim", "4",
+                        "--out", tmp_path / "exp2", "--no-progress", "--no-report"], capsys)
+    assert code == 0
+    cfg = json.loads((tmp_path / "exp2" / "implicit" / "seed1" / "config.json").read_text())
+    assert (cfg["dataset"], cfg["epochs"], cfg["model"], cfg["width"], cfg["lr"]) == (
+        f"npz:{data}", 1, "mlp", 128, 0.2)
+    # rerunning with other settings is refused, naming them
+    assert_one_line_error(*run_main([*argv[:-3], "--lr", "0.1", "--out", out, "--no-progress"],
+                                    capsys), "made with lr=0.05 (now 0.1)")
+
+
+def test_experiment_seeds_and_methods_are_its_own_flags_and_the_new_train_flags():
+    args = build_parser().parse_args(["experiment", "ufm10", "--seed", "3", "--out", "x"])
+    assert args.seeds == 3 and args.seed is None and args.method is None  # not train's --seed
+    args = build_parser().parse_args(["train", "--out", "x", "--sampler", "shuffle",
+                                      "--imbalance", "0.1", "--label-noise", "0.2",
+                                      "--dataset", "mnist", "--transforms", "released"])
+    cfg = train_config_from_args(args)
+    assert (cfg.sampler, cfg.imbalance, cfg.label_noise, cfg.dataset_options) == (
+        "shuffle", 0.1, 0.2, {"transforms": "released"})

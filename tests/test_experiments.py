@@ -1,15 +1,17 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from gnc.data import DatasetBundle, make_loader
-from gnc.experiments import PRESETS, get_preset, run_dir, run_experiment
+from gnc.experiments import PRESETS, custom_preset, get_preset, run_dir, run_experiment
 from gnc.training import build_model
 
-SHAPES = {"ufm": (), "digits": (64,), "mnist1d": (40,), "cifar10": (3, 32, 32),
+SHAPES = {"ufm": (), "digits": (64,), "mnist1d": (40,), "mnist": (3, 32, 32),
+          "cifar10": (3, 32, 32),
           "cifar100": (3, 32, 32), "stl10": (3, 96, 96), "imagenet": (3, 224, 224)}
 CLASSES = {"ufm": None, "cifar100": 100, "imagenet": 1000}
 
@@ -151,6 +153,16 @@ def test_finished_runs_with_other_overrides_are_refused(tmp_path, monkeypatch):
     # where and how it ran does not matter
     run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False,
                    overrides={**TINY, "device": "cpu", "data_dir": "elsewhere"})
+    # a run made before a setting existed used that setting's default: still the same run
+    config = out / "fixed" / "seed1" / "config.json"
+    saved = json.loads(config.read_text())
+    for key in ("bias", "loss", "imbalance", "label_noise", "save_classifier"):
+        saved.pop(key)
+    config.write_text(json.dumps(saved))
+    run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False, overrides=TINY)
+    with pytest.raises(ValueError, match=r"it was made with bias=true \(now false\)"):
+        run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False,
+                       overrides={**TINY, "bias": False})
 
 
 def test_seeds_must_be_positive_and_configs_valid_before_training(tmp_path):
@@ -171,3 +183,44 @@ def test_report_title_names_the_overrides(tmp_path):
     assert first.startswith(f"# ufm10: {get_preset('ufm10').summary} (overridden: ")
     assert "epochs=2" in first and "eval_every=1" in first
     assert "progress" not in first and "method" not in first
+
+
+def test_released_and_long_tailed_presets():
+    mnist = get_preset("mnist-resnet18-agd").config
+    assert {k: mnist[k] for k in ("dataset", "model", "optimizer", "lr", "bias", "tau",
+                                  "batch_size", "epochs", "schedule", "sampler")} == {
+        "dataset": "mnist", "model": "resnet18", "optimizer": "agd", "lr": 10.0, "bias": False,
+        "tau": 5.0, "batch_size": 256, "epochs": 200, "schedule": "none",
+        "sampler": "stratified"}
+    assert mnist["dataset_options"] == {"transforms": "released"}
+    for name, data in (("cifar10-lt-resnet18", "cifar10"), ("cifar100-lt-resnet18", "cifar100")):
+        preset = get_preset(name)
+        assert preset.gpu and preset.config["dataset"] == data
+        assert preset.config["imbalance"] == 0.01 and preset.config["sampler"] == "shuffle"
+
+
+def test_experiment_without_preset_on_imagefolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 2)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "img" / split / c / f"{i}.png")
+    out = tmp_path / "exp"
+    config = {"dataset": f"imagefolder:{tmp_path / 'img'}", "model": "mlp", "width": 16,
+              "feature_dim": 4, "batch_size": 6, "epochs": 2, "progress": False,
+              "label_noise": 0.25, "imbalance": 0.5, "sampler": "shuffle"}
+    dirs = run_experiment(None, out, seeds=1, overrides=config, report=False)
+    assert len(dirs) == 3 and all((d / "DONE").exists() for d in dirs)
+    saved = json.loads((out / "implicit" / "seed1" / "config.json").read_text())
+    assert saved["label_noise"] == 0.25 and saved["imbalance"] == 0.5
+    summary = custom_preset(config).summary  # the report's title (checked in test_cli)
+    assert summary.startswith(f"imagefolder:{tmp_path / 'img'}, mlp width 16, 2 epochs, "
+                              "batch 6, sgd lr 0.1")
+    assert "long tail R=0.5" in summary and "label noise 0.25" in summary
+    assert "shuffle batches" in summary
+    with pytest.raises(ValueError, match=r"made with imbalance=0.5 \(now 1.0\)"):
+        run_experiment(None, out, seeds=1, overrides={**config, "imbalance": 1.0})

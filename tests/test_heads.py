@@ -191,3 +191,32 @@ def test_implicit_ddn_backward_over_several_steps(solver, dtype):
         assert torch.isfinite(g["ddn"]).all(), f"step {step}"
         tol = 1e-8 if dtype == torch.float64 else 1e-4
         assert torch.allclose(g["ddn"], g["closed_form"], atol=tol), f"step {step}"
+
+
+@pytest.mark.parametrize("method", ["standard", "fixed", "implicit", "implicit-nograd",
+                                    "standard-unnormalized"])
+def test_no_bias_heads_have_logits_W_h_and_nothing_else_changes(method):
+    torch.manual_seed(0)  # the standard heads' W is random
+    with_b = make_head(method, 16, 4).double()
+    torch.manual_seed(0)
+    without = make_head(method, 16, 4, bias=False).double()
+    # no bias parameter or buffer; every other piece of state is there
+    assert without.bias is None
+    assert "bias" not in dict(without.named_parameters()) | dict(without.named_buffers())
+    assert set(without.state_dict()) == set(with_b.state_dict()) - {"bias"}
+    assert "bias=False" in repr(without)
+    h, y = batch()
+    for _ in range(2):  # the implicit heads' second step is warm-started at U_prev
+        z_b, z = with_b(h, y), without(h, y)
+        W = without.weight
+        torch.testing.assert_close(z, h @ W.T)
+        torch.testing.assert_close(with_b.weight, W)  # the same classifier, only b differs
+        if method.startswith("standard"):  # a learned b, zero at initialisation
+            torch.testing.assert_close(z_b, z + with_b.bias)
+        else:  # b = −W μ_G with the batch mean
+            torch.testing.assert_close(z_b, z - W @ h.mean(0))
+    with_b.eval(), without.eval()
+    torch.testing.assert_close(without(h), h @ without.weight.T)
+    fresh = make_head(method, 16, 4, bias=False).double()
+    fresh.load_state_dict(without.state_dict())
+    torch.testing.assert_close(fresh.eval()(h), without(h))

@@ -12,13 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from gnc.metrics import NCStatistics, nc_metrics
+from gnc import metrics as metrics_module
+from gnc.metrics import NCStatistics, etf_distances, nc_metrics
 
 K, D, N = 4, 6, 50
 TOL = {"rel": 1e-8, "abs": 1e-10}
 SCALAR_KEYS = (
     "nc1", "nc2", "nc2_h", "nc3", "nc4_bias", "ncc_mismatch", "w_equinorm", "h_equinorm",
-    "wh_equinorm", "avg_cos_margin", "top1", "top5",
+    "wh_equinorm", "avg_cos_margin", "top1", "top5", "vci", "numerical_rank",
 )
 
 
@@ -61,6 +62,14 @@ def dense_metrics(h, y, W, b, logits=None, ncc_logits=None) -> dict:
         order = sorted(range(k), key=lambda c: -float(logits[i, c]))
         top1 += int(order[0] == y[i])
         top5 += int(int(y[i]) in order[: min(5, k)])
+    # VCI as the released code (scipy.linalg.pinv's default cut: singular values <= d·eps·max)
+    sigma_T = sigma_W + sigma_B
+    vci = 1.0 - float(torch.trace(torch.linalg.pinv(sigma_T) @ sigma_B)) / min(h.shape[1], k - 1)
+    # numerical rank: the SVD of each class's raw feature matrix (n_c x d)
+    ranks = []
+    for c in range(k):
+        s = torch.linalg.svdvals(h[y == c])
+        ranks.append(float(s.sum() ** 2 / torch.linalg.matrix_norm(h[y == c]) ** 2))
     w_eq = float(W.norm(dim=1).std() / W.norm(dim=1).mean())
     h_eq = float(H.norm(dim=0).std() / H.norm(dim=0).mean())
     return {
@@ -77,6 +86,8 @@ def dense_metrics(h, y, W, b, logits=None, ncc_logits=None) -> dict:
         "cos_margins": torch.tensor(sorted(margins), dtype=torch.float64),
         "top1": 100.0 * top1 / n,
         "top5": 100.0 * top5 / n,
+        "vci": vci,
+        "numerical_rank": sum(ranks) / k,
     }
 
 
@@ -161,12 +172,119 @@ def test_perfect_collapse(k):
     b = -W @ offset  # b = -W μ_G
     got = nc_metrics(h, y, W, b)
     for key in ("nc1", "nc2", "nc2_h", "nc3", "nc4_bias", "w_equinorm", "h_equinorm",
-                "wh_equinorm", "ncc_mismatch"):
+                "wh_equinorm", "ncc_mismatch", "vci"):
         assert got[key] == pytest.approx(0.0, abs=1e-10), key
+    # every class's raw features are one vector repeated: rank one, whatever the offset
+    assert got["numerical_rank"] == pytest.approx(1.0, abs=1e-10)
     torch.testing.assert_close(got["cos_margins"], torch.full((k * per_class,), k / (k - 1),
                                                               dtype=torch.float64))
     assert got["avg_cos_margin"] == pytest.approx(k / (k - 1), rel=1e-12)
     assert got["top1"] == 100.0 and got["top5"] == 100.0
+
+
+def test_vci_and_numerical_rank_against_dense_definitions_of_larger_data():
+    # d = 9 > K - 1 = 4 and classes of 3 samples (n_c < d: rank-deficient H_c, where the
+    # Gram route must not count rounding noise as singular values)
+    g = torch.Generator().manual_seed(5)
+    k, d = 5, 9
+    y = torch.arange(k).repeat_interleave(torch.tensor([3, 3, 12, 20, 3]))
+    h = 4.0 * torch.randn(k, d, generator=g, dtype=torch.float64)[y]
+    h = h + torch.randn(len(y), d, generator=g, dtype=torch.float64) + 1.5
+    W, b = torch.randn(k, d, generator=g, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    got, want = nc_metrics(h, y, W, b), dense_metrics(h, y, W, b)
+    for key in ("vci", "numerical_rank"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    assert 0.0 < got["vci"] < 1.0 and 1.0 < got["numerical_rank"] < 9.0
+
+
+def test_vci_limits():
+    # VCI = 1 − tr(Σ_T†Σ_B)/min(d, K−1): 0 at exact variability collapse (Σ_W = 0, asserted in
+    # test_perfect_collapse) and → 1 when the class means carry none of the variance
+    g = torch.Generator().manual_seed(6)
+    y = torch.arange(3).repeat(40)
+    h = torch.randn(120, D, generator=g, dtype=torch.float64)
+    h = h + 1e-4 * torch.randn(3, D, generator=g, dtype=torch.float64)[y]
+    W, b = torch.randn(3, D, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    assert nc_metrics(h, y, W, b)["vci"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_numerical_rank_memory_budget(caplog):
+    data = make_data()
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    full = nc_metrics(h, y, W, b)
+    need = K * D * D * 8
+    assert NCStatistics(K, D, class_moments_bytes=need).keeps_class_moments
+    metrics_module._warned_rank_budget.discard((K, D))
+    with caplog.at_level("WARNING", logger="gnc.metrics"):
+        small = [NCStatistics(K, D, class_moments_bytes=need - 1) for _ in range(2)]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "numerical_rank is NaN" in warnings[0]  # once per (K, d)
+    stats = small[0]
+    assert not stats.keeps_class_moments
+    stats.update(h, y)
+    stats.update_margins(h, y, W, b)
+    got = stats.compute(W, b)
+    assert math.isnan(got["numerical_rank"])
+    for key in set(SCALAR_KEYS) - {"numerical_rank"}:  # nothing else changes
+        assert got[key] == full[key], key
+    with pytest.raises(ValueError, match="`class_moments_bytes` >= 0, but got -1"):
+        NCStatistics(K, D, class_moments_bytes=-1)
+
+
+def dense_nearest_etf(Y: torch.Tensor) -> torch.Tensor:
+    """U M/√(K−1) for the polar factor U of Y M, from a plain SVD (rank K−1 part only: the
+    direction 1/√K that M removes does not enter)."""
+    k = Y.shape[1]
+    A, S, Bh = torch.linalg.svd(Y - Y.mean(dim=1, keepdim=True), full_matrices=False)
+    return A[:, : k - 1] @ Bh[: k - 1] / math.sqrt(k - 1)
+
+
+def test_etf_distances_of_an_exact_etf_are_zero():
+    k, d = 5, 9
+    W = 3.0 * simplex_etf(k, d, seed=1)  # rows: any scale
+    H = 0.7 * simplex_etf(k, d, seed=2).T  # another rotation
+    got, state = etf_distances(W, H)
+    assert got["etf_w_dist"] == pytest.approx(0.0, abs=1e-12)
+    assert got["etf_h_dist"] == pytest.approx(0.0, abs=1e-12)
+    expected_wh = float(torch.linalg.norm(W.T / W.norm() - H / H.norm()))
+    assert got["etf_wh_dist"] == pytest.approx(expected_wh, rel=1e-10)
+    assert math.isnan(got["etf_w_moved"]) and math.isnan(got["etf_h_moved"])
+    again, _ = etf_distances(W, H, state)
+    assert again["etf_w_moved"] == pytest.approx(0.0, abs=1e-12)
+    assert again["etf_h_moved"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_etf_distances_against_a_dense_reference():
+    g = torch.Generator().manual_seed(7)
+    k, d = 4, 7
+    W1, W2 = (torch.randn(k, d, generator=g, dtype=torch.float64) for _ in range(2))
+    H1, H2 = (torch.randn(d, k, generator=g, dtype=torch.float64) for _ in range(2))
+    _, state = etf_distances(W1, H1)
+    got, _ = etf_distances(W2, H2, state)
+    E = {name: dense_nearest_etf(Y / Y.norm())
+         for name, Y in (("w1", W1.T), ("w2", W2.T), ("h1", H1), ("h2", H2))}
+    norm = torch.linalg.norm
+    want = {"etf_w_dist": norm(W2.T / W2.norm() - E["w2"]), "etf_h_dist": norm(H2 / H2.norm()
+                                                                               - E["h2"]),
+            "etf_wh_dist": norm(E["w2"] - E["h2"]), "etf_w_moved": norm(E["w2"] - E["w1"]),
+            "etf_h_moved": norm(E["h2"] - E["h1"])}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(float(value), rel=1e-9), key
+        assert 0.0 < got[key] < 2.0, key
+
+
+def test_etf_distances_undefined_cases_are_nan():
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    H = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    missing, state = etf_distances(W, H[:, :3])  # a split without class 3
+    assert math.isfinite(missing["etf_w_dist"]) and set(state) == {"etf_w"}
+    assert all(math.isnan(missing[k]) for k in ("etf_h_dist", "etf_wh_dist", "etf_h_moved"))
+    zero, _ = etf_distances(torch.zeros(4, 6, dtype=torch.float64), H)
+    assert math.isnan(zero["etf_w_dist"]) and math.isfinite(zero["etf_h_dist"])
+    narrow, state = etf_distances(torch.randn(4, 3, dtype=torch.float64),
+                                  torch.randn(3, 4, dtype=torch.float64))  # d < K: no ETF
+    assert state == {} and all(math.isnan(v) for v in narrow.values())
 
 
 def test_nc1_nan_when_class_means_coincide():
@@ -282,7 +400,7 @@ def test_missing_class_metrics_over_present_classes():
     got = nc_metrics(h[keep], y[keep], W, b)
     assert got["missing_classes"] == [3]
     present = dense_metrics(h[keep], y[keep], W[:3], b[:3])  # classes 0..2 = rows 0..2
-    for key in ("nc1", "nc2_h", "nc3", "h_equinorm"):
+    for key in ("nc1", "nc2_h", "nc3", "h_equinorm", "vci", "numerical_rank"):
         assert got[key] == pytest.approx(present[key], **TOL), key
     full = dense_metrics(h, y, W, b)
     for key in ("nc2", "w_equinorm"):
@@ -291,7 +409,7 @@ def test_missing_class_metrics_over_present_classes():
     assert got["top1"] == pytest.approx(top1, **TOL)
     one = nc_metrics(h[y == 1], y[y == 1], W, b)
     assert one["missing_classes"] == [0, 2, 3]
-    assert all(math.isnan(one[k]) for k in ("nc1", "nc2_h", "nc3", "h_equinorm"))
+    assert all(math.isnan(one[k]) for k in ("nc1", "nc2_h", "nc3", "h_equinorm", "vci"))
     assert math.isfinite(one["nc2"]) and math.isfinite(one["avg_cos_margin"])
 
 

@@ -45,6 +45,12 @@ def test_registry_is_covered() -> None:
         "resnet18",
         "resnet34",
         "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnext50_32x4d",
+        "resnext101_32x8d",
+        "wide_resnet50_2",
+        "wide_resnet101_2",
         "vgg11_bn",
         "vgg13_bn",
         "vgg16_bn",
@@ -146,3 +152,26 @@ def test_bad_inputs_raise() -> None:
         build_backbone("cnn1d", in_shape=IMAGE)
     with pytest.raises(ValueError, match="feature_dim"):
         build_backbone("mlp", in_shape=(4,), feature_dim=0)
+
+
+@pytest.mark.parametrize(("name", "width", "d", "mid"), [
+    ("resnet101", 8, 256, 8),  # plain bottleneck: planes channels
+    ("resnext50_32x4d", 16, 512, 32),  # 32 groups x 1 channel = 2 x planes, grouped
+    ("wide_resnet50_2", 8, 256, 16),  # twice the bottleneck width
+])
+def test_resnet_family_uses_the_cifar_stem_and_scales_with_width(name, width, d, mid) -> None:
+    net, got = build_backbone(name, in_shape=(3, 32, 32), width=width)
+    assert got == d == net.out_dim
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    assert net.layer1[0].conv2.out_channels == mid
+    if name.startswith("resnext"):
+        assert net.layer1[0].conv2.groups == 32
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, d)
+    big, _ = build_backbone(name, in_shape=(3, 224, 224), width=width)
+    assert big.conv1.kernel_size == (7, 7) and isinstance(big.maxpool, torch.nn.MaxPool2d)
+
+
+def test_resnext_too_narrow_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"'resnext50_32x4d' needs `width` >= 16"):
+        build_backbone("resnext50_32x4d", in_shape=(3, 32, 32), width=8)

@@ -67,12 +67,52 @@ def test_agd_step_matches_the_formula() -> None:
 
 def test_agd_init_scales_singular_values() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 12), nn.Conv2d(3, 8, 3))
+    net = nn.Sequential(nn.Linear(6, 12), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3))
     agd_init_(net)
     w = net[0].weight.detach()
     torch.testing.assert_close(torch.linalg.svdvals(w), torch.full((6,), math.sqrt(2.0)))
-    c = net[1].weight.detach().reshape(8, 27)
-    torch.testing.assert_close(torch.linalg.svdvals(c), torch.full((8,), math.sqrt(8 / 27)))
+    # as the released code: every kernel position an out×in semi-orthogonal slice scaled by
+    # √(out/in)/√(kh·kw)
+    for conv, (out, inp) in ((net[1], (8, 3)), (net[2], (4, 8))):
+        c = conv.weight.detach()
+        for i in range(3):
+            for j in range(3):
+                torch.testing.assert_close(
+                    torch.linalg.svdvals(c[:, :, i, j]),
+                    torch.full((min(out, inp),), math.sqrt(out / inp) / 3))
+    # out <= in: the flattened out×(in·9) matrix then has singular values √(out/in)
+    flat = net[2].weight.detach().reshape(4, 72)
+    torch.testing.assert_close(torch.linalg.svdvals(flat), torch.full((4,), math.sqrt(0.5)))
+
+
+def test_agd_conv_step_is_per_kernel_position() -> None:
+    """AGD on a conv net against the released code's formula, written densely: G sums the
+    per-position gradient norms, each position moves by s·gain·η/L along its own unit
+    gradient (a position with zero gradient stays put)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 3, bias=False))
+    agd_init_(net)
+    x, y = torch.randn(8, 2, 6, 6), torch.arange(8) % 3
+    nn.functional.cross_entropy(net(x), y).backward()
+    conv, lin = net[0].weight, net[3].weight
+    conv.grad[:, :, 1, 2] = 0.0  # a kernel position without gradient
+    before = {p: p.detach().clone() for p in (conv, lin)}
+    s_conv, s_lin = math.sqrt(4 / 2) / 3, math.sqrt(3 / 64)
+    pos_norms = {(i, j): conv.grad[:, :, i, j].norm().item() for i in range(3) for j in range(3)}
+    G = (s_conv * sum(pos_norms.values()) + s_lin * lin.grad.norm().item()) / 2
+    eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
+    opt = AGD(net.parameters(), gain=10.0)
+    opt.step()
+    assert opt.last_G == pytest.approx(G, rel=1e-5)
+    step = 10.0 * eta / 2
+    for (i, j), n in pos_norms.items():
+        expected = before[conv][:, :, i, j]
+        if n > 0:
+            expected = expected - step * s_conv * conv.grad[:, :, i, j] / n
+        torch.testing.assert_close(conv.detach()[:, :, i, j], expected)
+    torch.testing.assert_close(lin.detach(),
+                               before[lin] - step * s_lin * lin.grad / lin.grad.norm())
 
 
 def test_agd_rejects_bad_gain() -> None:
@@ -130,3 +170,33 @@ def test_schedules() -> None:
     cos = _lrs("cosine")
     assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:], strict=False))
     assert cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 9)))
+
+
+def _onecycle(name: str, **kw: object) -> tuple[list[float], list[float | None], object]:
+    net, _, _ = _problem()
+    opt = build_optimizer(name, net.parameters(), lr=2.0, gain=2.0, **kw)
+    sched = build_scheduler("onecycle", opt, total_steps=100)
+    lrs, moms = [], []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0].get("momentum"))
+        opt.step()
+        sched.step()
+    return lrs, moms, opt
+
+
+def test_onecycle_schedule_has_the_released_settings() -> None:
+    lrs, moms, _ = _onecycle("sgd")
+    peak = max(range(100), key=lrs.__getitem__)
+    assert lrs[0] == pytest.approx(2.0 / 25)  # div factor 25
+    assert peak == 29 and lrs[peak] == pytest.approx(2.0)  # 30% warm-up to the given lr
+    assert lrs[58] == pytest.approx(2.0 / 25)  # three phases: back to the start by 60%
+    assert lrs[-1] == pytest.approx(2.0 / 25 / 1e4)  # final div factor 1e4
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:], strict=False))
+    assert moms[0] == pytest.approx(0.95) and moms[peak] == pytest.approx(0.85)
+    # no momentum to cycle: SGD without momentum keeps 0, AGD has none and cycles its gain
+    _, moms, _ = _onecycle("sgd", momentum=0.0)
+    assert set(moms) == {0.0}
+    lrs, moms, opt = _onecycle("agd")
+    assert isinstance(opt, AGD) and set(moms) == {None}
+    assert max(lrs) == pytest.approx(2.0) and lrs[0] == pytest.approx(2.0 / 25)

@@ -6,10 +6,12 @@ import pytest
 
 from gnc.report import (
     accuracy_table,
+    format_seed_stats,
     format_summary,
     load_runs,
     make_report,
     scan_runs,
+    seed_statistics,
     summarise,
 )
 
@@ -60,8 +62,10 @@ def exp(tmp_path):
 
 
 def expected(values, spec=".2f") -> str:
+    """A table cell: median [min, max] (mean ± std with ddof 1) over the non-NaN values."""
     v = [x for x in values if not math.isnan(x)]
-    return f"{np.median(v):{spec}} [{min(v):{spec}}, {max(v):{spec}}]"
+    std = f"{np.std(v, ddof=1):{spec}}" if len(v) > 1 else "n/a"
+    return f"{np.median(v):{spec}} [{min(v):{spec}}, {max(v):{spec}}] ({np.mean(v):{spec}} ± {std})"
 
 
 def at(rows, epoch, key):
@@ -74,6 +78,78 @@ def test_summarise_and_format():
     assert all(math.isnan(x) for x in summarise([]))
     assert format_summary([1.0, 4.0, 2.0], ".1f") == "2.0 [1.0, 4.0]"
     assert format_summary([math.nan, math.nan]) == "n/a"
+
+
+def test_seed_statistics_and_format():
+    stats = seed_statistics([1.0, 4.0, 2.0, math.nan])
+    assert stats == pytest.approx({"n": 3, "mean": 7 / 3, "std": float(np.std([1, 4, 2], ddof=1)),
+                                   "median": 2.0, "min": 1.0, "max": 4.0})
+    assert format_seed_stats([1.0, 4.0, 2.0], ".1f") == "2.0 [1.0, 4.0] (2.3 ± 1.5)"
+    assert format_seed_stats([3.0, math.nan], ".1f") == "3.0 [3.0, 3.0] (3.0 ± n/a)"
+    assert format_seed_stats([math.nan]) == "n/a"
+    one = seed_statistics([5.0])
+    assert one["n"] == 1 and one["mean"] == 5.0 and math.isnan(one["std"])
+    assert seed_statistics([])["n"] == 0
+
+
+def test_summary_csv_and_json_hold_every_metric_per_method_and_epoch(exp):
+    import csv
+
+    root, rows = exp
+    make_report(root, machine="m")
+    records = list(csv.DictReader((root / "summary.csv").open()))
+    assert list(records[0]) == ["method", "epoch", "metric", "n", "mean", "std", "median",
+                                "min", "max"]
+    metrics = set(METRIC_KEYS) | {"test_" + k for k in ("top1", "top5", "nc1", "nc3",
+                                                         "avg_cos_margin")}
+    assert len(records) == len(METHODS) * len(EPOCHS) * len(metrics)
+    assert {r["metric"] for r in records} == metrics  # no epoch/step/cos_margins
+    summary = json.loads((root / "summary.json").read_text())
+    assert list(summary) == ["standard", "implicit"]
+    for m in METHODS:
+        for epoch in EPOCHS:
+            for key in ("nc1", "train_top1", "test_nc3"):
+                v = at(rows[m], epoch, key)
+                got = summary[m][str(epoch)][key]
+                assert got == pytest.approx({"n": 3, "mean": np.mean(v),
+                                             "std": np.std(v, ddof=1), "median": np.median(v),
+                                             "min": min(v), "max": max(v)}, rel=1e-12)
+                rec = next(r for r in records
+                           if (r["method"], r["epoch"], r["metric"]) == (m, str(epoch), key))
+                assert float(rec["std"]) == pytest.approx(np.std(v, ddof=1), rel=1e-12)
+    assert "[summary.csv](summary.csv)" in (root / "report.md").read_text()
+
+
+def test_summary_counts_seeds_per_epoch_and_nan(tmp_path):
+    rng = np.random.default_rng(3)
+    write_run(tmp_path / "fixed" / "seed1", "fixed", 1, rng, nan_keys=[("nc1", 3)])
+    write_run(tmp_path / "fixed" / "seed2", "fixed", 2, rng, epochs=(1, 3))
+    make_report(tmp_path, machine="m")
+    summary = json.loads((tmp_path / "summary.json").read_text())["fixed"]
+    assert summary["3"]["nc1"]["n"] == 1 and summary["3"]["nc1"]["std"] is None
+    assert summary["10"]["top1"]["n"] == 1 and summary["1"]["top1"]["n"] == 2
+    assert "NaN" not in (tmp_path / "summary.json").read_text()
+
+
+def test_etf_distances_vci_and_numerical_rank_are_plotted(tmp_path):
+    rng = np.random.default_rng(4)
+    keys = ("etf_w_dist", "etf_h_dist", "etf_wh_dist", "etf_w_moved", "etf_h_moved", "vci",
+            "numerical_rank")
+    for m in METHODS:
+        for s in (1, 2):
+            path = tmp_path / m / f"seed{s}"
+            rows = write_run(path, m, s, rng)
+            for row in rows:
+                row.update({k: float(rng.uniform(0.01, 1.0)) for k in keys})
+            rows[0]["etf_w_moved"] = rows[0]["etf_h_moved"] = math.nan  # no previous ETF
+            (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = make_report(tmp_path, machine="m").read_text()
+    for name in ["etf_distances.png", *(f"curve_{k}.png" for k in keys)]:
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
+    assert "## Distance to the nearest simplex ETF" in text
+    assert "![ETF distances](etf_distances.png)" in text
+    header = next(line for line in text.splitlines() if line.startswith("| Method | train top-1"))
+    assert "VCI" in header and "numerical rank" in header and "ETF_W − ETF_H" in header
 
 
 def test_load_runs_skips_unfinished(exp):

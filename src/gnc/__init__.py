@@ -9,7 +9,8 @@ from gnc.class_means import ClassMeanTracker
 from gnc.declarative import NearestETF
 from gnc.etf import nearest_etf, polar, simplex_etf
 from gnc.heads import FixedETFHead, ImplicitETFHead, StandardHead, make_head
-from gnc.metrics import NCStatistics, nc_metrics
+from gnc.measure import measure  # shadows the module on the package: helpers from gnc.measure
+from gnc.metrics import NCStatistics, etf_distances, nc_metrics
 from gnc.models.classifier import FeatureClassifier
 
 __all__ = [
@@ -20,7 +21,9 @@ __all__ = [
     "NCStatistics",
     "NearestETF",
     "StandardHead",
+    "etf_distances",
     "make_head",
+    "measure",
     "nc_metrics",
     "nearest_etf",
     "polar",

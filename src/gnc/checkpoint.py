@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_KEYS = frozenset(
     {"config", "epoch", "step", "model", "optimizer", "scheduler", "scaler", "rng"}
 )
-RUN_ENTRIES = ("config.json", "metrics.jsonl", "cos_margins.npy", "DONE", "checkpoints", "tb")
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "cos_margins.npy", "DONE", "checkpoints", "tb",
+               "classifier", "evaluate_train.jsonl", "evaluate_test.jsonl")
 DATA_PREFIXES = ("npz:", "imagefolder:")  # dataset names that carry a path
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 
@@ -262,7 +263,9 @@ def holds_results(run_dir: Path) -> bool:
             return True
         if entry.name == "metrics.jsonl" and entry.read_text().strip():
             return True
-        if entry.name == "checkpoints" and any(entry.glob("*.pt")):
+        if entry.name in ("checkpoints", "classifier") and any(entry.glob("*.pt")):
+            return True
+        if entry.name.startswith("evaluate_") and entry.read_text().strip():
             return True
     return False
 

@@ -32,17 +32,27 @@ DEFAULT_BATCH_SIZE = 100  # `gnc train` on a dataset other than ufm without pres
 # (flag, TrainConfig field, type, help): explicit flags override the preset.
 TRAIN_FLAGS = [
     ("--dataset", "dataset", str, "dataset name, npz:PATH or imagefolder:PATH"),
-    ("--model", "model", str, "backbone (ufm, mlp, cnn1d, resnet18/34/50, vgg11/13/16_bn)"),
+    ("--model", "model", str, "backbone (ufm, mlp, cnn1d, resnet18/34/50/101/152, "
+     "resnext50_32x4d, resnext101_32x8d, wide_resnet50_2/101_2, vgg11/13/16_bn)"),
     ("--method", "method", str, "standard | fixed | implicit | implicit-nograd | "
                                 "standard-unnormalized"),
     ("--epochs", "epochs", int, "epochs (UFM: full-batch iterations)"),
     ("--batch-size", "batch_size", int, "global batch size (0 = full batch; default: the "
                                         "preset's, else 100; full batch for ufm)"),
+    ("--sampler", "sampler", str, "stratified (equal class shares per batch, epochs cut to "
+     "the smallest class) | shuffle (the data's own distribution)"),
+    ("--imbalance", "imbalance", float, "long tail R in (0, 1]: class c keeps "
+     "floor(n_max*R^(c/(K-1))) training samples (1: as is)"),
+    ("--label-noise", "label_noise", float, "p in [0, 1]: floor(p*N) training labels "
+     "re-drawn uniformly over the K classes"),
     ("--optimizer", "optimizer", str, "sgd | adam | adamw | agd"),
-    ("--lr", "lr", float, "learning rate"),
+    ("--lr", "lr", float, "learning rate (agd: its gain; onecycle: the maximum)"),
     ("--momentum", "momentum", float, "SGD momentum"),
     ("--weight-decay", "weight_decay", float, "weight decay"),
-    ("--schedule", "schedule", str, "none | step | multistep | cosine (per epoch)"),
+    ("--schedule", "schedule", str, "none | step | multistep | cosine | onecycle"),
+    ("--gamma", "gamma", float, "step/multistep: lr factor per decay (0.1)"),
+    ("--step-every", "step_every", int, "step: decay every N epochs"),
+    ("--loss", "loss", str, "ce | dr (dot regression)"),
     ("--tau", "tau", float, "feature-sphere radius (temperature)"),
     ("--feature-dim", "feature_dim", int, "feature dimension d (adds a projection)"),
     ("--width", "width", int, "backbone base width"),
@@ -63,16 +73,27 @@ TRAIN_FLAGS = [
     ("--solve-device", "solve_device", str, "auto | same | cpu: where the implicit head's "
      "exact solve runs"),
 ]
+# `gnc experiment` takes every training flag but these (it runs every method x seed)
+NOT_EXPERIMENT_FLAGS = ("method", "seed")
 DATASET_FLAGS = [
     ("--num-classes", "num_classes", int, "ufm: number of classes K"),
     ("--per-class", "per_class", int, "ufm: samples per class"),
     ("--subset", "subset", int, "keep this many training samples per class"),
+    ("--transforms", "transforms", str, "torchvision sets: default | released (the paper "
+     "code's; MNIST-like: 3x32x32)"),
 ]
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """The training flags (all defaulting to None = "not given"), but those whose
+    TrainConfig field is in ``exclude``."""
     for flag, dest, typ, text in TRAIN_FLAGS + DATASET_FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=text)
+        if dest in exclude:
+            p.set_defaults(**{dest: None})  # train_config_from_args reads every dest
+            continue
+        # short metavars keep each flag on one line of --help
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=text,
+                       metavar={int: "N", float: "X"}.get(typ, "S"))
     p.add_argument("--download", action="store_true", default=None,
                    help="allow torchvision to download a missing dataset")
     p.add_argument("--tensorboard", action="store_true", default=None,
@@ -83,6 +104,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the backbone (the head stays eager)")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory layout for image backbones (GPU)")
+    p.add_argument("--no-bias", dest="bias", action="store_false", default=None,
+                   help="no classifier bias, non-affine BatchNorm")
+    p.add_argument("--save-classifier", action="store_true", default=None,
+                   help="write OUT/classifier/epoch_XXXX.pt (W, b, class means, U) at every "
+                   "evaluation")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -101,7 +127,8 @@ def train_config_from_args(args: argparse.Namespace):
     for _, dest, _, _ in DATASET_FLAGS:
         if getattr(args, dest) is not None:
             cfg["dataset_options"][dest] = getattr(args, dest)
-    for dest in ("download", "tensorboard", "progress", "compile", "channels_last"):
+    for dest in ("download", "tensorboard", "progress", "compile", "channels_last",
+                 "save_classifier", "bias"):
         if getattr(args, dest) is not None:
             cfg[dest] = getattr(args, dest)
     if "batch_size" not in cfg and cfg.get("dataset", "ufm") != "ufm":
@@ -119,9 +146,21 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from gnc.training import evaluate_run
+    from gnc.training import evaluate_checkpoints, evaluate_run
 
-    metrics = evaluate_run(args.run_dir, split=args.split, device=args.device)
+    if args.all and args.checkpoint is not None:
+        raise CLIError("choose one of --checkpoint N (one epoch) and --all (every kept one)")
+    if args.out is not None and not args.all:
+        raise CLIError("--out is the metrics file of --all; without --all nothing is written")
+    if args.all:
+        rows = evaluate_checkpoints(args.run_dir, split=args.split, device=args.device,
+                                    out=args.out, save_classifier=args.save_classifier)
+        for row in rows:
+            row.pop("cos_margins")
+            print(json.dumps(row))
+        return
+    metrics = evaluate_run(args.run_dir, split=args.split, device=args.device,
+                           checkpoint=args.checkpoint, save_classifier=args.save_classifier)
     metrics.pop("cos_margins")
     print(json.dumps(metrics, indent=1))
 
@@ -135,18 +174,16 @@ def _cmd_presets(args: argparse.Namespace) -> None:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from gnc.experiments import run_experiment
 
-    overrides = {}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.device is not None:
-        overrides["device"] = args.device
-    if args.data_dir is not None:
-        overrides["data_dir"] = args.data_dir
-    if args.eval_every is not None:
-        overrides["eval_every"] = args.eval_every
-    overrides["progress"] = not args.no_progress
+    # The preset (or the defaults) with every flag given, as `gnc train` resolves them; the
+    # settings are shared by every method x seed (fairness), each run records them in its
+    # config.json, and a finished run made with other settings is refused.
+    cfg = train_config_from_args(args)
+    overrides = {k: v for k, v in dataclasses.asdict(cfg).items()
+                 if k not in NOT_EXPERIMENT_FLAGS}
     methods = args.methods.split(",") if args.methods else None
     command = "gnc " + " ".join(sys.argv[1:]) if argv_is_cli() else None
     run_experiment(args.preset, args.out, seeds=args.seeds, methods=methods,
@@ -240,6 +277,43 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _cmd_measure(args: argparse.Namespace) -> None:
+    from gnc.measure import expand_weights, measure_files, write_measure_dir
+
+    if args.overwrite and not args.out:
+        raise CLIError("--overwrite replaces the directory of --out; without --out nothing "
+                       "is written")
+    single = bool(args.out) and args.out.endswith(".json")
+    if single and len(expand_weights(args.weights or [])) > 1:
+        raise CLIError("several checkpoints make several rows: give --out a directory "
+                       "(metrics.jsonl), not a .json file")
+    rows = measure_files(
+        args.model, args.weights, dataset=args.dataset, data_dir=args.data_dir,
+        split=args.split, batch_size=args.batch_size, device=args.device,
+        eval_stats=args.eval_stats, features=args.features, classifier=args.classifier,
+        num_workers=args.num_workers)
+    if single:  # one checkpoint: one JSON object
+        (row, _), = rows
+        Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+        return
+    if args.out:
+        config = {"measure": {k: getattr(args, k) for k in (
+            "model", "weights", "dataset", "split", "eval_stats", "features", "classifier")},
+            "model": args.model, "dataset": args.dataset, "method": "measured"}
+        out = write_measure_dir(args.out, _echo(rows), config, overwrite=args.overwrite)
+        print(f"metrics: {out / 'metrics.jsonl'}")
+        return
+    for _ in _echo(rows):
+        pass
+
+
+def _echo(rows):
+    """Print each row (without its margin quantiles) as one JSON line, as it comes."""
+    for row, margins in rows:
+        print(json.dumps({k: v for k, v in row.items() if k != "cos_margins"}), flush=True)
+        yield row, margins
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gnc", description="Guided neural collapse: nearest-simplex-ETF classifiers."
@@ -249,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the experiment presets")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser("train", help="train one run (method x seed) into a run directory")
+    # a short usage line: the full list of the training flags follows under "options"
+    p = sub.add_parser("train", help="train one run (method x seed) into a run directory",
+                       usage="gnc train [--preset NAME] --out DIR [training flags]")
     p.add_argument("--preset", help="start from this preset (gnc presets lists them)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
@@ -258,24 +334,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="NC metrics of a run's last checkpoint")
+    p = sub.add_parser("evaluate", help="NC metrics of a run's last (or any kept) checkpoint")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--split", default="train", help="train | test")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--checkpoint", type=int, metavar="N",
+                   help="the checkpoint of epoch N (default: the last)")
+    p.add_argument("--all", action="store_true",
+                   help="every kept checkpoint, by epoch; one JSON line each appended to "
+                   "--out and printed")
+    p.add_argument("--out", help="metrics file of --all (default RUN/evaluate_SPLIT.jsonl)")
+    p.add_argument("--save-classifier", action="store_true",
+                   help="also write RUN/classifier/epoch_XXXX.pt (W, b, class means, U; "
+                   "epoch_XXXX_test.pt for --split test)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("experiment", help="every method x seed of a preset, then the report")
-    p.add_argument("preset", help="preset name (gnc presets lists them)")
-    p.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
+    p = sub.add_parser(
+        "experiment", help="every method x seed of a preset or of your settings, then the report",
+        usage="gnc experiment [PRESET] --out DIR [--seeds N] [--methods M,...] [training flags]",
+        description="Train every method x seed with one set of settings, then write the "
+        "report: a preset's, with any training flag overriding it, or, without a preset, "
+        "the flags alone (e.g. gnc experiment --dataset npz:x.npz --model mlp --out runs/x).")
+    p.add_argument("preset", nargs="?", help="preset to start from (gnc presets lists them); "
+                   "omit it to give every setting by flags")
+    p.add_argument("--seeds", type=int, help="number of seeds 1..N (default: the preset's, "
+                   "else 5)")
     p.add_argument("--methods", help="comma-separated methods (default: the preset's; "
                    "ablations: implicit-nograd, standard-unnormalized)")
     p.add_argument("--out", required=True, help="experiment directory")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
-    p.add_argument("--eval-every", type=int, help="override the preset's evaluation interval")
-    p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--data-dir", help="where datasets are read from")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="train only; `gnc report` later")
+    _add_train_flags(p, exclude=NOT_EXPERIMENT_FLAGS)
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="figures and report.md from an experiment directory")
@@ -287,6 +375,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-epochs", help="the two epochs of the top-1 table, A,B "
                    "(default: the preset's)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "measure", help="NC metrics of any model's penultimate layer (torchvision or a run)",
+        usage="gnc measure --model torchvision:NAME|run:RUN_DIR [--weights PATH|GLOB ...] "
+        "[--dataset NAME] [--split train|test] [--out FILE.json|DIR]",
+        description="Neural-collapse metrics at the input of the model's last nn.Linear "
+        "(forward hooks; gnc.measure). Several --weights (a glob) measure a whole run: one "
+        "line per checkpoint in OUT/metrics.jsonl, which `gnc report` plots when OUT is "
+        "EXP/<name>/seed<k>.")
+    p.add_argument("--model", required=True, help="torchvision:NAME (random init, K from the "
+                   "dataset) or run:RUN_DIR (a gnc run; its newest checkpoint without --weights)")
+    p.add_argument("--weights", nargs="+", metavar="PATH", help="weights files or glob "
+                   "patterns (a state dict, or a dict with 'model'/'state_dict'); read from "
+                   "files only, never downloaded; the epoch is the file's 'epoch' entry, else "
+                   "the last number in its name, else its index")
+    p.add_argument("--dataset", help="dataset name, npz:PATH or imagefolder:PATH (default for "
+                   "run:RUN_DIR: the run's own)")
+    p.add_argument("--data-dir", default="data", help="where datasets are read from")
+    p.add_argument("--split", default="train", help="train | test")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader workers")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--eval-stats", default="running", help="running (default: BatchNorm "
+                   "statistics as stored) | precise (recomputed over the data first)")
+    p.add_argument("--features", help="layer whose output are the features (default: the "
+                   "classifier's input)")
+    p.add_argument("--classifier", help="classifier layer (default: the last nn.Linear the "
+                   "forward pass uses)")
+    p.add_argument("--out", help="FILE.json (one checkpoint) or a directory: config.json, "
+                   "metrics.jsonl, cos_margins.npy, DONE (default: JSON lines on stdout)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the measurement already in OUT (default: refuse)")
+    p.set_defaults(func=_cmd_measure)
 
     p = sub.add_parser("bench", help="timings and memory: the nearest-ETF layer, training steps")
     p.add_argument("--sizes", help="layer sizes DxK, comma-separated (default 512x10,512x50,"

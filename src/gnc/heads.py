@@ -1,7 +1,8 @@
 """Classifier heads: the paper's three methods (DESIGN §1) and its two ablations.
 
 Every head maps features ``h`` (B×d, normalised by the caller onto the sphere of radius τ)
-to logits ``W h + b`` and exposes ``.weight`` (K×d) and ``.bias`` (K) for the metrics:
+to logits ``W h + b`` and exposes ``.weight`` (K×d) and ``.bias`` (K; ``None`` without bias)
+for the metrics:
 
 - ``standard``: a learned linear classifier whose rows are renormalised to unit norm after
   each optimiser step (:meth:`StandardHead.renormalize_`).
@@ -13,6 +14,11 @@ to logits ``W h + b`` and exposes ``.weight`` (K×d) and ``.bias`` (K) for the m
 ``μ_G`` is the batch global mean in training and a running mean (a buffer) in evaluation, so
 evaluation needs no targets and reproduces the last training ``W`` after a ``state_dict``
 round trip.
+
+``bias=False`` (the released scripts' ``--no-bias``) drops ``b`` from every head: logits are
+``W h`` and ``.bias`` is ``None`` (no parameter, no buffer). For the ETF heads this is not the
+same classifier: ``W h = W(h − μ_G) + W μ_G``, so the features' global mean now shifts
+every sample's logits by ``W μ_G`` (zero only when μ_G lies in the null space of ``W``).
 """
 
 from __future__ import annotations
@@ -110,21 +116,25 @@ class StandardHead(nn.Module):
 
 
 class _ETFHead(nn.Module):
-    """Shared parts of the ETF heads: ``W``, ``b`` buffers and the running ``μ_G``."""
+    """Shared parts of the ETF heads: ``W``, ``b`` buffers and the running ``μ_G``.
+
+    With ``bias=False`` the ``bias`` buffer is ``None`` (absent from the ``state_dict``);
+    ``μ_G`` is still tracked (the metrics and :func:`set_global_mean` use it).
+    """
 
     weight: Tensor
-    bias: Tensor
+    bias: Tensor | None
     mu_G: Tensor
     steps: Tensor
 
-    def __init__(self, d: int, K: int, *, device=None, dtype=None) -> None:
+    def __init__(self, d: int, K: int, bias: bool = True, *, device=None, dtype=None) -> None:
         super().__init__()
         if K < 2 or d < K:
             raise ValueError(f"an ETF head needs K >= 2 and d >= K, but got d={d}, K={K}")
         self.d, self.K = d, K
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.zeros(K, d, **factory))
-        self.register_buffer("bias", torch.zeros(K, **factory))
+        self.register_buffer("bias", torch.zeros(K, **factory) if bias else None)
         self.register_buffer("mu_G", torch.zeros(d, **factory))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
         # the step count on the host: reading the buffer each step would wait for the GPU
@@ -141,13 +151,19 @@ class _ETFHead(nn.Module):
     def _eval_logits(self, features: Tensor) -> Tensor:
         return F.linear(features.to(self.weight.dtype), self.weight, self.bias)
 
+    def _train_logits(self, h: Tensor, W: Tensor, mu_G: Tensor) -> Tensor:
+        """``W h + b`` with ``b = −W μ_G`` (μ_G the batch mean, differentiable), or ``W h``
+        without bias."""
+        return F.linear(h - mu_G if self.bias is not None else h, W)
+
     @torch.no_grad()
     def _store(self, W: Tensor, mu_G_running: Tensor) -> None:
         self.weight.copy_(W)
         # a non-finite batch (see ClassMeanTracker.forward) keeps the previous μ_G
         self.mu_G.copy_(torch.where(torch.isfinite(mu_G_running).all(), mu_G_running,
                                     self.mu_G))
-        self.bias.copy_(-W @ self.mu_G)
+        if self.bias is not None:
+            self.bias.copy_(-W @ self.mu_G)
         self._host_steps = self.num_steps + 1
         self.steps += 1
 
@@ -156,10 +172,11 @@ class _ETFHead(nn.Module):
         """Set the evaluation global mean ``μ_G`` (and so ``b = −W μ_G``), e.g. recomputed
         over the training split by :func:`gnc.evaluation.recompute_statistics`."""
         self.mu_G.copy_(mu_G)
-        self.bias.copy_(-self.weight @ self.mu_G)
+        if self.bias is not None:
+            self.bias.copy_(-self.weight @ self.mu_G)
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, K={self.K}"
+        return f"d={self.d}, K={self.K}" + ("" if self.bias is not None else ", bias=False")
 
 
 class FixedETFHead(_ETFHead):
@@ -170,6 +187,7 @@ class FixedETFHead(_ETFHead):
         rotation: ``"canonical"`` (``U₀ = I_{d×K}``) or ``"random"`` (a seeded random point of
             St(d,K)).
         seed: seed of the random rotation.
+        bias: use ``b = −W μ_G`` (default True); ``False``: logits ``W h``.
 
     Training uses the batch global mean in the bias; a running mean (EMA with
     ``α_t = max(2/(t+1), 1e-4)``) is kept for evaluation.
@@ -178,10 +196,10 @@ class FixedETFHead(_ETFHead):
     U: Tensor
 
     def __init__(
-        self, d: int, K: int, rotation: str = "canonical", seed: int = 0, *, device=None,
-        dtype=None,
+        self, d: int, K: int, rotation: str = "canonical", seed: int = 0, bias: bool = True, *,
+        device=None, dtype=None,
     ) -> None:
-        super().__init__(d, K, device=device, dtype=dtype)
+        super().__init__(d, K, bias, device=device, dtype=dtype)
         if rotation == "canonical":
             U0 = canonical_stiefel(d, K)
         elif rotation == "random":
@@ -201,10 +219,10 @@ class FixedETFHead(_ETFHead):
         mu_G = _batch_mean(h)
         alpha = max(2.0 / (self.num_steps + 2), _MIN_ALPHA)
         self._store(self.weight, (1 - alpha) * self.mu_G + alpha * mu_G.detach())
-        return F.linear(h - mu_G, self.weight)
+        return self._train_logits(h, self.weight, mu_G)
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, K={self.K}, rotation={self.rotation!r}"
+        return super().extra_repr() + f", rotation={self.rotation!r}"
 
 
 class ImplicitETFHead(_ETFHead):
@@ -214,7 +232,7 @@ class ImplicitETFHead(_ETFHead):
     (:class:`~gnc.class_means.ClassMeanTracker`) and ``U_prev`` the previous solution:
 
         U* = argmin_{U ∈ St(d,K)} ‖H̄ − U M/√(K−1)‖²_F + (δ/2)‖U − U_prev‖²_F
-        W  = √(K/(K−1)) M U*ᵀ,    b = −W μ_G,    logits = W h + b
+        W  = √(K/(K−1)) M U*ᵀ,    b = −W μ_G (none when ``bias=False``),    logits = W h + b
 
     Gradients reach the features directly and through ``U*(H̄)`` (the declarative node).
 
@@ -227,12 +245,14 @@ class ImplicitETFHead(_ETFHead):
         update: running class means, ``"ema"`` (default) or ``"cma"``.
         solve_device: ``"same"`` (default) or ``"cpu"``: where the exact solve runs (see
             :func:`~gnc.etf.nearest_etf`).
+        bias: use ``b = −W μ_G`` (default True); ``False``: logits ``W h``.
 
     Shape:
         features (B, d), targets (B,) in training → logits (B, K).
 
     Attributes (buffers): ``U`` (d×K, the last U*; ``I_{d×K}`` before the first step),
-    ``weight`` (K×d), ``bias`` (K), ``mu_G`` (d, running global mean), and the tracker's.
+    ``weight`` (K×d), ``bias`` (K, or ``None``), ``mu_G`` (d, running global mean), and the
+    tracker's.
 
     Example:
         >>> head = ImplicitETFHead(64, 10)
@@ -245,10 +265,10 @@ class ImplicitETFHead(_ETFHead):
 
     def __init__(
         self, d: int, K: int, delta: float = 1e-3, solver: str = "exact",
-        backward: str = "closed_form", update: str = "ema", solve_device: str = "same", *,
-        device=None, dtype=None,
+        backward: str = "closed_form", update: str = "ema", solve_device: str = "same",
+        bias: bool = True, *, device=None, dtype=None,
     ) -> None:
-        super().__init__(d, K, device=device, dtype=dtype)
+        super().__init__(d, K, bias, device=device, dtype=dtype)
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
         if backward not in BACKWARDS:
@@ -279,10 +299,10 @@ class ImplicitETFHead(_ETFHead):
         with torch.no_grad():
             self.U.copy_(U)
         self._store(W.detach(), self.tracker.mu_G.to(W.dtype))
-        return F.linear(h - mu_G, W)
+        return self._train_logits(h, W, mu_G)
 
     def extra_repr(self) -> str:
-        return (f"d={self.d}, K={self.K}, delta={self.delta}, solver={self.solver!r}, "
+        return (super().extra_repr() + f", delta={self.delta}, solver={self.solver!r}, "
                 f"backward={self.backward!r}")
 
 

@@ -13,11 +13,14 @@ classifier ``W`` (K x d) and bias ``b`` (K), ``M = I_K - 11ᵀ/K``.
 
 The statistics are accumulated in two passes over the data (torchmetrics style: ``update``
 adds sufficient statistics, ``compute`` derives the numbers), in float64, with memory
-O(d² + dK) independent of N, apart from the per-sample cosine margins of pass 2:
+O(d² + dK) independent of N (O(K·d²) with the per-class second moments), apart from the
+per-sample cosine margins of pass 2:
 
 1. :meth:`NCStatistics.update` — per-class sums Σ_{y_i=c} h_i, counts n_c, the total second
-   moment S = Σ_i h_i h_iᵀ (so that ``N Σ_W = S - Σ_c n_c μ_c μ_cᵀ``) and, when logits are
-   given, top-1/top-5 hits.
+   moment S = Σ_i h_i h_iᵀ (so that ``N Σ_W = S - Σ_c n_c μ_c μ_cᵀ``), the per-class raw
+   second moments S_c = Σ_{y_i=c} h_i h_iᵀ for the numerical rank (K·d² floats: kept only
+   under a memory budget, see :class:`NCStatistics`) and, when logits are given, top-1/top-5
+   hits.
 2. :meth:`NCStatistics.update_margins` — needs μ_G and μ_c of the *whole* split (all ranks):
    per-sample cosine margins, the NCC mismatch count, and top-1/top-5 hits.
 
@@ -49,11 +52,15 @@ from torch import Tensor
 
 from gnc.validation import all_finite
 
-__all__ = ["NCStatistics", "nc_metrics"]
+__all__ = ["CLASS_MOMENTS_BYTES", "NCStatistics", "etf_distances", "nc_metrics"]
 
 logger = logging.getLogger(__name__)
 
 _F64 = torch.float64
+# Largest K·d²·8 bytes of per-class second moments NCStatistics keeps for the numerical rank
+# (K = 100, d = 512 is 0.2 GiB; K = 1000, d = 512 is 2 GiB and gets NaN instead).
+CLASS_MOMENTS_BYTES = 2**30
+_warned_rank_budget: set[tuple[int, int]] = set()  # (K, d) already warned about, once each
 
 
 # --------------------------------------------------------------------------- distributed
@@ -188,6 +195,123 @@ def _nc1(sigma_W: Tensor, H: Tensor) -> float:
     return float(((U * (sigma_W @ U)).sum(dim=0) / S**2).sum())
 
 
+def _vci(sigma_W: Tensor, H: Tensor) -> float:
+    """Variability collapse index ``1 − tr(Σ_T† Σ_B)/min(d, K−1)``, ``Σ_T = Σ_W + Σ_B``.
+
+    Xu & Liu, "Quantifying the variability collapse of neural networks" (ICML 2023), as the
+    released code of Markou et al. computes it (``compute_Variability_Collapse_index``):
+    ``Σ_B = HHᵀ/K`` over the K present classes, ``Σ_W`` the (1/N) within-class covariance,
+    and the pseudo-inverse with ``scipy.linalg.pinv``'s default cut — singular values of Σ_T
+    at or below ``d·eps·σ_max`` are treated as zero. Σ_T is symmetric, so its singular
+    values are the absolute eigenvalues and ``tr(Σ_T† Σ_B) = Σ_i (v_iᵀ H)²/(λ_i K)`` over
+    the kept eigenpairs ``(λ_i, v_i)`` — one d×d ``eigh``, O(d³).
+
+    In [0, 1] (``Σ_T ⪰ Σ_B``): 0 at exact variability collapse (Σ_W = 0, then the trace is
+    rank(Σ_B) = min(d, K−1)), 1 when the class means carry none of the variance. NaN when
+    Σ_T = 0.
+    """
+    d, K = H.shape
+    sigma_T = sigma_W + H @ H.T / K
+    lam, V = torch.linalg.eigh(0.5 * (sigma_T + sigma_T.T))  # symmetrised: rounding only
+    top = float(lam.abs().max())
+    if top == 0.0:
+        return math.nan
+    keep = lam.abs() > d * torch.finfo(lam.dtype).eps * top
+    proj = V[:, keep].T @ H  # (r, K)
+    trace = float((proj.square().sum(dim=1) / lam[keep]).sum()) / K
+    return 1.0 - trace / min(d, K - 1)
+
+
+def _numerical_rank(moments: Tensor, present: Tensor, chunk: int = 16) -> float:
+    """Mean over the present classes of ``(‖H_c‖_*/‖H_c‖_F)²`` from ``S_c = H_cᵀ H_c``.
+
+    ``H_c`` is the n_c × d matrix of the *raw* (uncentred) features of class c, as in the
+    released code (``compute_numerical_rank``: the SVD of each class's features). Its
+    singular values are the square roots of the eigenvalues of S_c, so ``‖H_c‖_* = Σ √λ_i``
+    and ``‖H_c‖²_F = tr(S_c)``. An eigenvalue of S_c carries rounding error ~``d·eps·λ_max``
+    (a singular value of H_c only ~``eps·σ_max``): eigenvalues below ``d·eps·λ_max`` are set
+    to 0 so that this noise does not add ~``d·√(d·eps)`` to a rank-one class's value. Classes
+    whose features are all zero are left out; NaN if no class is left. Between 1 (the class
+    collapsed to one direction) and rank(H_c).
+    """
+    S = moments[present]
+    values = []
+    for start in range(0, S.shape[0], chunk):  # bounds eigvalsh's workspace to chunk·d²
+        block = S[start:start + chunk]
+        lam = torch.linalg.eigvalsh(block)  # (c, d) ascending
+        cut = block.shape[-1] * torch.finfo(lam.dtype).eps * lam[:, -1:].clamp_min(0)
+        lam = torch.where(lam > cut, lam, torch.zeros_like(lam))
+        fro2 = block.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+        nonzero = fro2 > 0
+        values.append(lam.sqrt().sum(dim=-1)[nonzero] ** 2 / fro2[nonzero])
+    ranks = torch.cat(values) if values else torch.zeros(0, dtype=moments.dtype)
+    return float(ranks.mean()) if ranks.numel() else math.nan
+
+
+def _unit(Y: Tensor) -> Tensor | None:
+    norm = torch.linalg.matrix_norm(Y)
+    return Y / norm if bool(torch.isfinite(norm)) and float(norm) > 0 else None
+
+
+@torch.no_grad()
+def etf_distances(W: Tensor, H: Tensor, previous: dict[str, Tensor] | None = None
+                  ) -> tuple[dict[str, float], dict[str, Tensor]]:
+    r"""Distances to the nearest simplex ETFs of the classifier and of the class means.
+
+    The released code's ETF-distance study (Markou et al., ``nc/ETF_distance.py``): with
+    ``Y_W = Wᵀ/‖W‖_F`` and ``Y_H = H/‖H‖_F`` (both d×K, unit Frobenius norm, ``H`` the
+    centred class means), the nearest simplex ETF of each,
+
+        E_Y = U* M/√(K−1),   U* = argmin_{U ∈ St(d,K)} ‖Y − U M/√(K−1)‖_F
+
+    (:func:`gnc.etf.nearest_etf` without a previous solution: the δ = 0 problem, solved
+    exactly; ``E_Y`` is unique whenever ``Y M`` has rank K−1, so no warm start is needed),
+    and
+
+    - ``etf_w_dist`` = ‖Y_W − E_W‖_F, ``etf_h_dist`` = ‖Y_H − E_H‖_F;
+    - ``etf_wh_dist`` = ‖E_W − E_H‖_F (the two ETFs);
+    - ``etf_w_moved`` = ‖E_W − E_W^prev‖_F, ``etf_h_moved`` = ‖E_H − E_H^prev‖_F, against
+      the ETFs of the previous evaluation (``previous``, as returned by the previous call;
+      NaN without one).
+
+    The released code reports the squares of these Frobenius distances; these are the
+    distances themselves (all in [0, 2]). ``W`` is not centred (as there): a classifier whose
+    rows do not sum to zero stays away from every simplex ETF.
+
+    Args:
+        W: K×d classifier.
+        H: d×K centred class means; NaN entries or fewer than K columns (a split missing a
+            class) make the H-side distances NaN.
+        previous: the second return value of the previous call, or None.
+
+    Returns:
+        ``(distances, state)``: the five floats above (NaN where undefined: d < K, a zero
+        matrix, a missing class) and ``{"etf_w": E_W, "etf_h": E_H}`` (float64 d×K, the
+        entries that are defined) to pass as ``previous`` next time.
+    """
+    from gnc.etf import nearest_etf  # gnc.etf imports nothing from here; kept local anyway
+
+    K, d = W.shape
+    targets = {"etf_w": W.T, "etf_h": H if H.shape == (d, K) else None}
+    state: dict[str, Tensor] = {}
+    out = dict.fromkeys(("etf_w_dist", "etf_h_dist", "etf_wh_dist", "etf_w_moved",
+                         "etf_h_moved"), math.nan)
+    for name, Y in targets.items():
+        Y = None if Y is None or d < K or not all_finite(Y) else _unit(Y.to(_F64))
+        if Y is None:
+            continue
+        U = nearest_etf(Y, None, delta=0.0, backward="none")
+        E = (U - U.mean(dim=1, keepdim=True)) / math.sqrt(K - 1)  # U M/√(K−1)
+        state[name] = E
+        out[f"{name}_dist"] = float(torch.linalg.matrix_norm(Y - E))
+        prev = (previous or {}).get(name)
+        if prev is not None and prev.shape == E.shape:
+            out[f"{name}_moved"] = float(torch.linalg.matrix_norm(E - prev.to(E)))
+    if "etf_w" in state and "etf_h" in state:
+        out["etf_wh_dist"] = float(torch.linalg.matrix_norm(state["etf_w"] - state["etf_h"]))
+    return out, state
+
+
 def _cos_margins(h: Tensor, labels: Tensor, W: Tensor, mu_G: Tensor) -> Tensor:
     """``cos(h - μ_G, w̃_y) - max_{c≠y} cos(h - μ_G, w̃_c)`` with ``W̃ = W - mean of rows``.
 
@@ -220,10 +344,12 @@ class _Pass1:
     counts: Tensor  # (K,) int64: n_c
     second_moment: Tensor  # (d, d) float64: Σ_i h_i h_iᵀ
     hits: Tensor  # (3,) int64: top-1 hits, top-5 hits, samples that came with logits
+    class_moments: Tensor | None  # (K, d, d) float64: Σ_{y_i = c} h_i h_iᵀ, None over budget
 
     def reduced(self) -> _Pass1:
         tensors = (self.sums, self.counts, self.second_moment, self.hits)
-        return _Pass1(*(_all_reduce_sum(t) for t in tensors))
+        moments = None if self.class_moments is None else _all_reduce_sum(self.class_moments)
+        return _Pass1(*(_all_reduce_sum(t) for t in tensors), moments)
 
 
 class NCStatistics:
@@ -233,6 +359,12 @@ class NCStatistics:
     module docstring):
 
     - ``nc1`` = tr(Σ_W Σ_B†)/K  (pseudo-inverse through the SVD of H, see ``_nc1``)
+    - ``vci`` = 1 − tr(Σ_T† Σ_B)/min(d, K−1), Σ_T = Σ_W + Σ_B: the variability collapse
+      index (0 at collapse; see ``_vci``)
+    - ``numerical_rank`` = mean over classes of (‖H_c‖_*/‖H_c‖_F)², H_c the raw n_c × d
+      features of class c (1 at collapse; see ``_numerical_rank``). Needs the per-class
+      second moments (K·d² float64, in pass 1); NaN, with one logged warning per (K, d),
+      when they exceed ``class_moments_bytes``
     - ``nc2`` = ETF(W Wᵀ),  ``nc2_h`` = ETF(Hᵀ H),  ``nc3`` = ETF(W H)
     - ``nc4_bias`` = ‖W μ_G + b‖
     - ``ncc_mismatch``: % of samples where argmax(logits) ≠ argmin_c ‖h − μ_c‖
@@ -255,6 +387,9 @@ class NCStatistics:
         K: number of classes (>= 2).
         d: feature dimension.
         device: where the statistics live (default CPU); inputs are moved there.
+        class_moments_bytes: the most memory (bytes) the per-class second moments of
+            ``numerical_rank`` may take, default :data:`CLASS_MOMENTS_BYTES` (1 GiB); above
+            it they are not kept and ``numerical_rank`` is NaN. 0 turns them off.
 
     Shape:
         - features: (N, d), any floating dtype (accumulated in float64)
@@ -262,17 +397,29 @@ class NCStatistics:
         - logits: (N, K)
         - W: (K, d), b: (K,)
 
-    Memory is O(d² + dK) plus one float64 per sample for the cosine margins. Invalid inputs
+    Memory is O(d² + dK) plus one float64 per sample for the cosine margins, and K·d²
+    float64 for the per-class second moments when they fit the budget. Invalid inputs
     raise ``ValueError`` before any state changes.
     """
 
-    def __init__(self, K: int, d: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, K: int, d: int, device: torch.device | str | None = None, *,
+                 class_moments_bytes: int = CLASS_MOMENTS_BYTES) -> None:
         if K < 2:
             raise ValueError(f"Expected `K` >= 2, but got {K}")
         if d < 1:
             raise ValueError(f"Expected `d` >= 1, but got {d}")
+        if class_moments_bytes < 0:
+            raise ValueError(f"Expected `class_moments_bytes` >= 0, but got {class_moments_bytes}")
         self.K, self.d = K, d
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        need = K * d * d * 8
+        self.keeps_class_moments = 0 < need <= class_moments_bytes
+        if not self.keeps_class_moments and class_moments_bytes and (K, d) not in \
+                _warned_rank_budget:
+            _warned_rank_budget.add((K, d))
+            logger.warning("numerical_rank is NaN: its per-class second moments (K=%d, d=%d) "
+                           "need %.1f GiB, above the budget of %.1f GiB", K, d, need / 2**30,
+                           class_moments_bytes / 2**30)
         self.reset()
 
     def __repr__(self) -> str:
@@ -286,6 +433,8 @@ class NCStatistics:
             counts=torch.zeros(K, dtype=torch.long, device=dev),
             second_moment=torch.zeros(d, d, dtype=_F64, device=dev),
             hits=torch.zeros(3, dtype=torch.long, device=dev),
+            class_moments=torch.zeros(K, d, d, dtype=_F64, device=dev)
+            if self.keeps_class_moments else None,
         )
         self._global: _Pass1 | None = None  # pass 1 of all ranks, set by sync()
         self._margins: list[Tensor] = []  # per-sample cosine margins, one tensor per batch
@@ -296,7 +445,7 @@ class NCStatistics:
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor, logits: Tensor | None = None) -> None:
-        """Pass 1: add a batch's per-class sums, counts, second moment (and top-k hits).
+        """Pass 1: add a batch's per-class sums, counts, second moments (and top-k hits).
 
         Raises:
             ValueError: on invalid inputs (the state is then unchanged).
@@ -315,6 +464,10 @@ class NCStatistics:
         p.sums.index_add_(0, y, h)
         p.counts += torch.bincount(y, minlength=self.K)
         p.second_moment.addmm_(h.T, h)
+        if p.class_moments is not None:
+            for c in y.unique().tolist():  # one d×d product per class in the batch
+                hc = h[y == c]
+                p.class_moments[c].addmm_(hc.T, hc)
         if logits is not None:
             top1, top5 = _topk_hits(logits.to(self.device), y)
             p.hits += torch.tensor([top1, top5, n], device=self.device)
@@ -404,8 +557,12 @@ class NCStatistics:
         spread = H.shape[1] >= 2  # between-class statistics need two classes with samples
         w_equinorm = _coefficient_of_variation(W.norm(dim=1))
         h_equinorm = _coefficient_of_variation(H.norm(dim=0)) if spread else math.nan
+        moments = self._global.class_moments
         return {
             "nc1": _nc1(sigma_W, H) if spread else math.nan,
+            "vci": _vci(sigma_W, H) if spread else math.nan,
+            "numerical_rank": math.nan if moments is None else _numerical_rank(moments,
+                                                                                present),
             "nc2": _etf_distance(W @ W.T),
             "nc2_h": _etf_distance(H.T @ H),
             "nc3": _etf_distance(W[present] @ H),
@@ -420,6 +577,14 @@ class NCStatistics:
             "top5": 100.0 * int(hits[1]) / n,
             "missing_classes": missing,
         }
+
+    @torch.no_grad()
+    def class_means(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(μ_c (K, d; 0 for a class without samples), μ_G (d,), n_c (K,))`` over all ranks,
+        float64 (ends pass 1: calls :meth:`sync`, a collective call)."""
+        self.sync()
+        means, mu_G = self._means()
+        return means, mu_G, self._global.counts.clone()
 
     def _check_complete(self, pass2: Tensor) -> None:
         assert self._global is not None

@@ -6,6 +6,7 @@ AGD is Automatic Gradient Descent (Bernstein, Mingard, Huang, Azizan & Yue 2023,
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from torch.optim import lr_scheduler as sched
 __all__ = [
     "AGD",
     "OPTIMIZERS",
+    "PER_STEP_SCHEDULES",
     "SCHEDULERS",
     "agd_init_",
     "build_optimizer",
@@ -27,47 +29,58 @@ __all__ = [
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
-def _dims(p: Tensor) -> tuple[int, int]:
-    """(d_l, d_{l-1}) of a weight viewed as a matrix (out, in·kh·kw·…)."""
-    return p.shape[0], p[0].numel()
-
-
 def _scale(p: Tensor) -> float:
-    """√(d_l / d_{l−1}) of a weight viewed as a matrix."""
-    d_out, d_in = _dims(p)
-    return math.sqrt(d_out / d_in)
+    """AGD's scale of a weight ``(d_l, d_{l−1}, k₁, …)``: √(d_l/d_{l−1}) / √(k₁·…).
+
+    For a matrix √(d_l/d_{l−1}); for a conv weight the scale of each of its P = k₁·… kernel
+    positions, √(out/in)/√P, which equals √(out/(in·P)).
+    """
+    return math.sqrt(p.shape[0] / p[0].numel())
+
+
+def _position_norms(g: Tensor) -> Tensor:
+    """Frobenius norms of the ``out × in`` slices ``g[:, :, i, j, …]``, one per kernel
+    position, shaped ``(1, 1, k₁, …)`` to broadcast against ``g`` (a matrix: its norm, (1, 1))."""
+    return torch.linalg.vector_norm(g, dim=(0, 1), keepdim=True)
 
 
 class AGD(Optimizer):
     r"""Automatic Gradient Descent (Bernstein et al. 2023, arXiv:2304.05187, Algorithm 1).
 
-    For the L weight matrices :math:`W_l \in \mathbb{R}^{d_l \times d_{l-1}}` (parameters with
-    ``ndim >= 2``; a conv weight ``(out, in, kh, kw)`` is read as the matrix
-    ``(out, in·kh·kw)``), one step is
+    For the L weights (parameters with ``ndim >= 2``) read as matrices
+    :math:`W_{l,p} \in \mathbb{R}^{d_l \times d_{l-1}}` — a linear weight is one matrix
+    (P = 1); a conv weight ``(out, in, k₁, …)`` is P = k₁·… matrices ``out × in``, one per
+    kernel position p — with :math:`s_l = \sqrt{d_l/d_{l-1}}/\sqrt{P_l}`, one step is
 
     .. math::
-        G &= \frac1L \sum_{l=1}^L \sqrt{d_l/d_{l-1}}\,\|\nabla_{W_l}\mathcal L\|_F \\
+        G &= \frac1L \sum_{l=1}^L s_l \sum_{p=1}^{P_l} \|\nabla_{W_{l,p}}\mathcal L\|_F \\
         \eta &= \log\frac{1 + \sqrt{1 + 4G}}{2} \\
-        W_l &\leftarrow W_l - \mathrm{gain}\cdot\frac{\eta}{L}\,\sqrt{d_l/d_{l-1}}\,
-               \frac{\nabla_{W_l}\mathcal L}{\|\nabla_{W_l}\mathcal L\|_F}
+        W_{l,p} &\leftarrow W_{l,p} - \mathrm{gain}\cdot\frac{\eta}{L}\, s_l\,
+               \frac{\nabla_{W_{l,p}}\mathcal L}{\|\nabla_{W_{l,p}}\mathcal L\|_F}
 
-    so every layer moves by a relative spectral amount ≈ η/L, with η set automatically from
-    the gradient sizes: there is no learning rate. ``gain`` (1 in the paper) multiplies η; it
-    is stored as each parameter group's ``"lr"`` so that ``torch.optim.lr_scheduler``
-    schedules act on it.
+    so every matrix moves by a relative spectral amount ≈ η/L, with η set automatically from
+    the gradient sizes: there is no learning rate. ``gain`` (1 in the paper; the Guiding
+    Neural Collapse paper's released scripts use 10) multiplies η; it is stored as each
+    parameter group's ``"lr"`` so that ``torch.optim.lr_scheduler`` schedules act on it.
 
-    The paper's reference code normalises a conv weight per kernel position (``kh·kw``
-    separate ``out × in`` matrices, each ``√(out/in)/√(kh·kw)``); here the whole flattened
-    matrix is normalised at once with the same scale ``√(out/(in·kh·kw))``; the two coincide
-    for linear layers.
+    Conv weights are treated per kernel position, as in the Guiding Neural Collapse paper's
+    released AGD: :func:`agd_init_` makes each ``out × in`` slice semi-orthogonal with
+    singular values s_l, and each slice's step is normalised by its own gradient norm.
+    Reading the conv as one ``out × (in·P)`` matrix with the same scale s_l = √(out/(in·P))
+    (what this class did before) gives that whole matrix singular values s_l, √P times
+    smaller than the per-position initialisation gives it when out ≤ in, a larger G (the sum
+    of the P slice norms is up to √P times their joint norm), and one step of Frobenius size
+    s_l·η/L for the whole weight instead of √P·s_l·η/L; the released gain of 10 is tuned for
+    the per-position reading. For linear layers the two coincide.
 
     Parameters with ``ndim < 2`` (biases, BatchNorm affine parameters), which the original AGD
-    does not have, take a plain gradient step with the same step size:
-    ``b ← b − gain·(η/L)·∇b``. Matrices whose gradient is ``None`` are not counted in L;
-    a zero gradient contributes 0 to G and leaves its matrix unchanged.
+    does not have (the released code refuses them; train with ``--no-bias`` to have none),
+    take a plain gradient step with the same step size: ``b ← b − gain·(η/L)·∇b``. Weights
+    whose gradient is ``None`` are not counted in L; a zero gradient (of a weight or of one
+    kernel position) contributes 0 to G and leaves its slice unchanged.
 
-    Initialise the network with :func:`agd_init_` (orthogonal, scaled by √(d_l/d_{l−1})),
-    as the paper does: the step-size derivation assumes weights of that scale.
+    Initialise the network with :func:`agd_init_` (orthogonal, scaled by s_l), as the paper
+    does: the step-size derivation assumes weights of that scale.
 
     Args:
         params: parameters or parameter groups.
@@ -79,8 +92,8 @@ class AGD(Optimizer):
     """
 
     def __init__(self, params: ParamsT, *, gain: float = 1.0) -> None:
-        if gain <= 0:
-            raise ValueError(f"Expected `gain` > 0, but got {gain}")
+        if not (math.isfinite(gain) and gain > 0):
+            raise ValueError(f"Expected `gain` to be finite and > 0, but got {gain}")
         super().__init__(params, {"lr": gain})
         self.last_eta = 0.0
         self.last_G = 0.0
@@ -98,9 +111,8 @@ class AGD(Optimizer):
         num_layers = len(matrices)
         if num_layers == 0:
             return loss
-        norms = {p: torch.linalg.vector_norm(p.grad) for p in matrices}
-        G = sum(_scale(p) * norms[p] for p in matrices) / num_layers  # 0-d tensor
-        G = float(G)
+        norms = {p: _position_norms(p.grad) for p in matrices}  # (1, 1, k₁, …) each
+        G = float(sum(_scale(p) * norms[p].sum() for p in matrices)) / num_layers  # one sync
         eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
         self.last_G, self.last_eta = G, eta
         for group in self.param_groups:
@@ -109,9 +121,11 @@ class AGD(Optimizer):
                 if p.grad is None:
                     continue
                 if p.ndim >= 2:
-                    norm = norms[p]
-                    if norm > 0:
-                        p.add_(p.grad, alpha=-step * _scale(p) / float(norm))
+                    n = norms[p]
+                    # s_l/‖g_p‖ per kernel position; a zero slice stays put (0, not 0/0)
+                    factor = torch.where(n > 0, _scale(p) / n.clamp_min(torch.finfo(n.dtype).tiny),
+                                         torch.zeros_like(n))
+                    p.add_(p.grad * factor, alpha=-step)
                 else:
                     p.add_(p.grad, alpha=-step)
         return loss
@@ -119,18 +133,25 @@ class AGD(Optimizer):
 
 @torch.no_grad()
 def agd_init_(module: nn.Module) -> nn.Module:
-    r"""AGD's initialisation, in place: every weight matrix semi-orthogonal, scaled.
+    r"""AGD's initialisation, in place: every weight slice semi-orthogonal, scaled.
 
-    For each parameter with ``ndim >= 2`` read as the matrix ``(d_l, d_{l-1})`` (conv weights
-    flattened to ``(out, in·kh·kw)``): :math:`W_l \leftarrow \sqrt{d_l/d_{l-1}}\;Q` with Q a
-    random semi-orthogonal matrix (``torch.nn.init.orthogonal_``, all singular values 1), so
-    :math:`\|W_l\|_* = \sqrt{d_l/d_{l-1}}`. Vectors (biases, BatchNorm) are left as they are.
-    Uses torch's global RNG. Returns ``module``.
+    For each parameter with ``ndim >= 2``, shaped ``(d_l, d_{l−1}, k₁, …)``: each of its
+    P = k₁·… ``d_l × d_{l−1}`` slices (one per kernel position; a matrix is its own single
+    slice) becomes :math:`s_l\,Q` with Q a random semi-orthogonal matrix
+    (``torch.nn.init.orthogonal_``, all singular values 1) and
+    :math:`s_l = \sqrt{d_l/d_{l-1}}/\sqrt{P}`, as the released code does (see :class:`AGD`).
+    A matrix thus gets :math:`\|W_l\|_* = \sqrt{d_l/d_{l-1}}`. Vectors (biases, BatchNorm)
+    are left as they are. Uses torch's global RNG. Returns ``module``.
     """
     for p in module.parameters():
-        if p.ndim >= 2:
-            nn.init.orthogonal_(p)
-            p.mul_(_scale(p))
+        if p.ndim < 2:
+            continue
+        d_out, d_in = p.shape[:2]
+        for pos in itertools.product(*(range(k) for k in p.shape[2:])):
+            # a fresh contiguous matrix per slice: orthogonal_ cannot write a strided view
+            q = nn.init.orthogonal_(torch.empty(d_out, d_in, dtype=p.dtype, device=p.device))
+            p[(slice(None), slice(None), *pos)] = q
+        p.mul_(_scale(p))
     return module
 
 
@@ -168,7 +189,8 @@ def build_optimizer(
     Args:
         name: one of :data:`OPTIMIZERS`.
         params: parameters or parameter groups.
-        lr: learning rate (not used by ``agd``, whose step size is automatic).
+        lr: learning rate (not used by ``agd``, whose step size is automatic; the training
+            loop passes its ``lr`` as ``gain``).
         momentum: SGD momentum.
         weight_decay: weight decay.
         betas: Adam/AdamW coefficients.
@@ -188,8 +210,16 @@ def build_optimizer(
     return AGD(params, gain=gain)
 
 
-SCHEDULERS = ("none", "step", "multistep", "cosine")
+SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle")
 """Schedule names accepted by :func:`build_scheduler`."""
+
+PER_STEP_SCHEDULES = ("onecycle",)
+"""Schedules stepped after every optimiser step (``total_steps`` = epochs × steps per epoch);
+the others are stepped once per epoch (``total_steps`` = epochs)."""
+
+ONECYCLE_DIV_FACTOR = 25.0  # initial lr = max lr / 25 (the released code's default)
+ONECYCLE_FINAL_DIV_FACTOR = 1e4  # final lr = initial lr / 1e4 (the released code's default)
+ONECYCLE_PCT_START = 0.3  # fraction of the steps spent rising to the max lr
 
 
 def build_scheduler(
@@ -204,7 +234,8 @@ def build_scheduler(
     """Build a learning-rate schedule by name.
 
     ``total_steps`` and the other step counts are in the unit in which the caller calls
-    ``scheduler.step()`` (optimiser steps or epochs).
+    ``scheduler.step()``: epochs for all but the :data:`PER_STEP_SCHEDULES`, optimiser steps
+    for those (the training loop does so).
 
     ============  ============================================================================
     name          schedule
@@ -214,6 +245,13 @@ def build_scheduler(
     ``multistep`` ``MultiStepLR``: × ``gamma`` at each of ``milestones`` (default
                   ``[total_steps // 3, 2 * total_steps // 3]``)
     ``cosine``    ``CosineAnnealingLR`` from the initial rate to 0 over ``total_steps``
+    ``onecycle``  ``OneCycleLR`` with the optimiser's rate as the *maximum* ``η_max``, the
+                  released code's settings: three phases with cosine annealing,
+                  ``η_max/25 → η_max`` over the first 30% of ``total_steps``, back to
+                  ``η_max/25`` by 60%, then to ``η_max/(25·10⁴)`` at the end; the momentum
+                  (SGD) or β₁ (Adam/AdamW) cycles inversely between 0.95 and 0.85 (torch's
+                  defaults, replacing the optimiser's own) when the optimiser has one (SGD
+                  with momentum 0 and AGD keep theirs)
     ============  ============================================================================
 
     With :class:`AGD` the schedule scales ``gain``.
@@ -235,4 +273,13 @@ def build_scheduler(
         if milestones is None:
             milestones = [max(1, total_steps // 3), max(1, 2 * total_steps // 3)]
         return sched.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+    if name == "onecycle":
+        # cycling a momentum of 0 would switch momentum on: only cycle one that is in use
+        cycle = bool(optimizer.defaults.get("momentum", 0)) or "betas" in optimizer.defaults
+        return sched.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total_steps, pct_start=ONECYCLE_PCT_START, anneal_strategy="cos",
+            cycle_momentum=cycle, div_factor=ONECYCLE_DIV_FACTOR,
+            final_div_factor=ONECYCLE_FINAL_DIV_FACTOR, three_phase=True,
+        )
     return sched.CosineAnnealingLR(optimizer, T_max=total_steps)

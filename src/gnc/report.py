@@ -10,15 +10,25 @@ has finished it, a ``DONE`` file. Only finished runs are reported; the others ar
 - ``curve_<key>.png``: one figure per quantity against epochs (``train_loss``,
   ``avg_cos_margin``, ``nc1``, ``nc3``, ``wh_equinorm``, ``train_top1``, ``test_top1``);
 - ``cos_margins.png``: the sorted per-sample train cosine margins at the end of training
-  ("PCM at EoT") against the sample rank normalised to [0, 1].
+  ("PCM at EoT") against the sample rank normalised to [0, 1];
+- ``etf_distances.png`` (when the runs logged them): the released code's ETF-distance study
+  over training — the distances of W and H̄ to their nearest simplex ETFs, between the two
+  ETFs, and how far each ETF moved since the previous evaluation
+  (:func:`gnc.metrics.etf_distances`), with ``curve_<key>.png`` for each of those keys and
+  for ``vci`` and ``numerical_rank``;
+- ``summary.csv`` / ``summary.json``: every numeric metric per method and evaluated epoch
+  over seeds — n, mean, std (ddof 1), median, min, max — the released code's seed statistics
+  (``nc/seed_statistics.py``) in machine-readable form.
 
 Every curve is the median over seeds (line) with the min–max range over seeds (band), one
 colour per method. Seeds are aligned by epoch (the epochs common to all seeds of a method).
-Tables report ``median [min, max]`` over seeds; NaN values are left out of both.
+Tables report ``median [min, max] (mean ± std)`` over seeds, std with ddof 1 (n/a for one
+seed); NaN values are left out of all of them.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -58,13 +68,29 @@ LOG_FLOOR = 1e-14  # log-scale curves draw smaller values (float64 rounding nois
 
 # (metrics key, title, y-axis label, log y-axis when every value is positive)
 CURVES = (
-    ("train_loss", "Train CE loss", "cross-entropy (nats)", False),
+    ("train_loss", "Train loss", "the run's loss (CE in nats, or DR)", False),
     ("avg_cos_margin", "Average cosine margin (train)", "cosine margin", False),
     ("nc1", "NC1: within-class variability", "tr(Σ_W Σ_B†)/K", True),
     ("nc3", "NC3: self-duality", "‖WH/‖WH‖ − M/√(K−1)‖_F", True),
     ("wh_equinorm", "WH-equinorm", "|W-equinorm − H-equinorm|", False),
     ("train_top1", "Train top-1 accuracy", "accuracy (%)", False),
     ("test_top1", "Test top-1 accuracy", "accuracy (%)", False),
+)
+# Curves drawn as single figures only (not in the headline grid), when the runs logged them.
+EXTRA_CURVES = (
+    ("vci", "Variability collapse index (train)", "1 − tr(Σ_T†Σ_B)/min(d, K−1)", True),
+    ("numerical_rank", "Numerical rank of the class features (train)",
+     "mean_c (‖H_c‖_*/‖H_c‖_F)²", False),
+)
+# The ETF-distance study (gnc.metrics.etf_distances): its own grid, etf_distances.png.
+ETF_CURVES = (
+    ("etf_w_dist", "W to its nearest ETF", "‖W/‖W‖ − ETF_W‖_F", True),
+    ("etf_h_dist", "H̄ to its nearest ETF", "‖H̄/‖H̄‖ − ETF_H‖_F", True),
+    ("etf_wh_dist", "Between the two ETFs", "‖ETF_W − ETF_H‖_F", True),
+    ("etf_w_moved", "ETF_W moved since the previous evaluation", "‖ETF_W − ETF_W(prev)‖_F",
+     True),
+    ("etf_h_moved", "ETF_H moved since the previous evaluation", "‖ETF_H − ETF_H(prev)‖_F",
+     True),
 )
 # (metrics key, column, format) of the final-metrics table
 FINAL_METRICS = (
@@ -74,7 +100,12 @@ FINAL_METRICS = (
     ("nc3", "NC3", ".3g"),
     ("wh_equinorm", "WH-equinorm", ".3g"),
     ("avg_cos_margin", "avg cosine margin", ".4f"),
+    ("vci", "VCI", ".3g"),
+    ("numerical_rank", "numerical rank", ".3g"),
+    ("etf_wh_dist", "‖ETF_W − ETF_H‖", ".3g"),
 )
+SUMMARY_STATS = ("n", "mean", "std", "median", "min", "max")  # summary.csv / .json columns
+SUMMARY_SKIP = ("epoch", "step", "seed")  # row keys that are not metrics
 CONFIG_KEYS = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "momentum",
                "weight_decay", "schedule", "tau", "eval_every")
 
@@ -254,6 +285,29 @@ def format_summary(values: Iterable[float], spec: str = ".2f") -> str:
     return "n/a" if math.isnan(med) else f"{med:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
+def seed_statistics(values: Iterable[float]) -> dict[str, float]:
+    """``n`` (finite values), ``mean``, ``std`` (ddof 1, as the released code's
+    ``seed_statistics.py``), ``median``, ``min``, ``max`` of ``values`` leaving NaN out.
+
+    NaN where undefined: every statistic without values, ``std`` with one.
+    """
+    v = _finite(values)
+    med, lo, hi = summarise(v)
+    return {"n": int(v.size), "mean": float(v.mean()) if v.size else math.nan,
+            "std": float(v.std(ddof=1)) if v.size > 1 else math.nan,
+            "median": med, "min": lo, "max": hi}
+
+
+def format_seed_stats(values: Iterable[float], spec: str = ".2f") -> str:
+    """``"median [min, max] (mean ± std)"``: :func:`format_summary` and the mean ± std (ddof
+    1; ``n/a`` for a single value) next to it; ``"n/a"`` when every value is NaN."""
+    s = seed_statistics(values)
+    if s["n"] == 0:
+        return "n/a"
+    std = "n/a" if math.isnan(s["std"]) else f"{s['std']:{spec}}"
+    return f"{format_summary(values, spec)} ({s['mean']:{spec}} ± {std})"
+
+
 def _mean(values: Iterable[float]) -> float:
     v = _finite(values)
     return float(v.mean()) if v.size else math.nan
@@ -292,7 +346,8 @@ def default_table_epochs(runs: Mapping[str, list[RunData]]) -> tuple[int, int]:
 
 def accuracy_table(runs: Mapping[str, list[RunData]], epochs: Sequence[int] | None = None,
                    *, key: str = "train_top1") -> Table:
-    """Top-1 accuracy (``key``, %) at ``epochs`` as ``median [min, max]`` per method.
+    """Top-1 accuracy (``key``, %) at ``epochs`` as ``median [min, max] (mean ± std)`` per
+    method.
 
     An epoch that was not evaluated is replaced by the nearest evaluated one (with a note).
     """
@@ -305,16 +360,19 @@ def accuracy_table(runs: Mapping[str, list[RunData]], epochs: Sequence[int] | No
             notes.append(f"epoch {want} was not evaluated; the nearest evaluated epoch, "
                          f"{got}, is shown")
         used.append(got)
-    rows = [[display_name(m)] + [format_summary([_num(run.row_near(e).get(key)) for run in rs])
-                                 for e in used] for m, rs in runs.items()]
+    rows = [[display_name(m)] + [format_seed_stats([_num(run.row_near(e).get(key))
+                                                    for run in rs]) for e in used]
+            for m, rs in runs.items()]
     return Table(["Method"] + [f"epoch {e}" for e in used], rows, notes)
 
 
 def final_metrics_table(runs: Mapping[str, list[RunData]]) -> Table:
-    """The metrics of each run's last evaluation, ``median [min, max]`` per method."""
+    """The metrics of each run's last evaluation, ``median [min, max] (mean ± std)`` per
+    method."""
     cols = [c for c in FINAL_METRICS if _has_key(runs, c[0])]
-    rows = [[display_name(m)] + [format_summary([_num(run.metrics[-1].get(key)) for run in rs],
-                                                spec) for key, _, spec in cols]
+    rows = [[display_name(m)] + [format_seed_stats([_num(run.metrics[-1].get(key))
+                                                    for run in rs], spec)
+                                 for key, _, spec in cols]
             for m, rs in runs.items()]
     return Table(["Method"] + [c[1] for c in cols], rows)
 
@@ -324,7 +382,8 @@ def timing_table(runs: Mapping[str, list[RunData]]) -> Table:
 
     Means average the per-epoch means ``time_*_ms`` of every evaluated epoch and seed with
     equal weights; medians are the median of the per-epoch medians ``time_*_ms_median``.
-    Peak memory is each run's maximum ``peak_mem_mb``, then ``median [min, max]`` over seeds.
+    Peak memory is each run's maximum ``peak_mem_mb``, then ``median [min, max] (mean ±
+    std)`` over seeds.
     """
     header = ["Method", "forward mean (ms)", "forward median (ms)", "backward mean (ms)",
               "backward median (ms)", "total mean (ms)", "total median (ms)",
@@ -339,10 +398,58 @@ def timing_table(runs: Mapping[str, list[RunData]]) -> Table:
                  _mean(fwd + bwd), summarise(fwd_med + bwd_med)[0]]
         peaks = [summarise(_values(run.metrics, "peak_mem_mb"))[2] for run in rs]
         rows.append([display_name(m)] + ["n/a" if math.isnan(s) else f"{s:.3f}" for s in stats]
-                    + [format_summary(peaks, ".1f")])
+                    + [format_seed_stats(peaks, ".1f")])
     notes = ["means weight every evaluated epoch of every seed equally; the total median is the "
              "median over epochs of (forward median + backward median)"]
     return Table(header, rows, notes)
+
+
+# --------------------------------------------------------------------------- seed summary
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def seed_summary(runs: Mapping[str, list[RunData]]) -> list[dict]:
+    """One record per method, evaluated epoch and numeric metric: ``method``, ``epoch``,
+    ``metric`` and the :func:`seed_statistics` over the seeds (``n`` counts the seeds with a
+    finite value at that epoch; a seed that did not evaluate the epoch is not counted).
+
+    Metrics are every key with a number in some row (``epoch``, ``step`` left out), sorted;
+    lists (``cos_margins``, ``missing_classes``) and strings are not metrics.
+    """
+    records = []
+    for m, rs in runs.items():
+        keys = sorted({k for run in rs for row in run.metrics for k, v in row.items()
+                       if _is_number(v) and k not in SUMMARY_SKIP})
+        epochs = sorted(set().union(*(run.by_epoch for run in rs)))
+        for epoch in epochs:
+            rows = [run.by_epoch[epoch] for run in rs if epoch in run.by_epoch]
+            for key in keys:
+                stats = seed_statistics(_values(rows, key))
+                records.append({"method": m, "epoch": epoch, "metric": key, **stats})
+    return records
+
+
+def write_summary(runs: Mapping[str, list[RunData]], out_dir: Path) -> tuple[Path, Path]:
+    """Write :func:`seed_summary` as ``summary.csv`` (one record a line, ``nan`` where
+    undefined) and ``summary.json`` (``{method: {epoch: {metric: {n, mean, std, median, min,
+    max}}}}``, ``null`` where undefined: JSON has no NaN); returns both paths."""
+    records = seed_summary(runs)
+    csv_path, json_path = out_dir / "summary.csv", out_dir / "summary.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["method", "epoch", "metric", *SUMMARY_STATS])
+        writer.writeheader()
+        writer.writerows(records)
+    nested: dict = {}
+    for r in records:
+        stats = {k: None if isinstance(r[k], float) and math.isnan(r[k]) else r[k]
+                 for k in SUMMARY_STATS}
+        nested.setdefault(r["method"], {}).setdefault(str(r["epoch"]), {})[r["metric"]] = stats
+    json_path.write_text(json.dumps(nested, indent=1, allow_nan=False) + "\n")
+    logger.info("wrote %s and %s", csv_path, json_path)
+    return csv_path, json_path
 
 
 # --------------------------------------------------------------------------- figures
@@ -429,7 +536,8 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def write_figures(runs: Mapping[str, list[RunData]], out_dir: Path, title: str) -> list[str]:
-    """Write every figure into ``out_dir``; returns the file names, the grid first."""
+    """Write every figure into ``out_dir``; returns the file names: the grid, the margins,
+    ``etf_distances.png`` when the runs logged the ETF distances, then the single curves."""
     specs = [s for s in CURVES if _has_key(runs, s[0])]
     names = ["curves.png", "cos_margins.png"]
     fig = Figure(figsize=(20, 9.5))
@@ -451,7 +559,19 @@ def write_figures(runs: Mapping[str, list[RunData]], out_dir: Path, title: str) 
     ax.legend()
     fig.tight_layout()
     _save(fig, out_dir / "cos_margins.png")
-    for spec in specs:
+    etf = [s for s in ETF_CURVES if _has_key(runs, s[0])]
+    if etf:
+        fig = Figure(figsize=(5 * len(etf), 4.5))
+        axes = np.atleast_1d(fig.subplots(1, len(etf))).ravel()
+        for ax, spec in zip(axes, etf, strict=True):
+            _plot_curve(ax, runs, spec)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        fig.suptitle(f"{title}: distance to the nearest simplex ETF (train)")
+        fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+        names.append("etf_distances.png")
+        _save(fig, out_dir / names[-1])
+    for spec in specs + [s for s in EXTRA_CURVES if _has_key(runs, s[0])] + etf:
         fig = Figure(figsize=(7, 4.5))
         ax = fig.subplots()
         _plot_curve(ax, runs, spec)
@@ -503,7 +623,7 @@ def overrides(runs: Mapping[str, list[RunData]], preset_config: Mapping) -> list
 
     out = []
     for key in sorted(preset_config):
-        if key in ("method", "seed", *RUNTIME_KEYS):
+        if key in ("method", "seed", "save_classifier", *RUNTIME_KEYS):  # not the results
             continue
         want = json.dumps(preset_config[key], sort_keys=True)
         got = sorted({json.dumps(run.config.get(key), sort_keys=True)
@@ -517,8 +637,8 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
                 table_epochs: tuple[int, int] | None = None, command: str | None = None,
                 machine: str | None = None, out_dir: str | Path | None = None,
                 notes: str | None = None, preset_config: Mapping | None = None) -> Path:
-    """Write ``report.md`` and its PNG figures (into ``out_dir``, default ``exp_dir``);
-    returns the report's path.
+    """Write ``report.md``, its PNG figures and ``summary.csv`` / ``summary.json`` (into
+    ``out_dir``, default ``exp_dir``); returns the report's path.
 
     Args:
         exp_dir: experiment directory with runs at ``<method>/seed<k>/``.
@@ -549,6 +669,14 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
     if changed:
         title += f" (overridden: {', '.join(changed)})"
     figures = write_figures(runs, out, title)
+    write_summary(runs, out)
+    singles = [n for n in figures[2:] if n != "etf_distances.png"]
+    etf = ["## Distance to the nearest simplex ETF", "",
+           "The released code's ETF-distance study, on the train split at every evaluation: "
+           "the distance of W/‖W‖ and of H̄/‖H̄‖ to their nearest simplex ETFs, between the "
+           "two ETFs, and how far each ETF moved since the previous evaluation (Frobenius "
+           "norms; the released code reports their squares).", "",
+           "![ETF distances](etf_distances.png)", ""] if "etf_distances.png" in figures else []
     seeds = ", ".join(f"{display_name(m)} {len(rs)} ({', '.join(str(r.seed) for r in rs)})"
                       for m, rs in runs.items())
     lines = [
@@ -563,16 +691,19 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
         "## Curves", "",
         "Median over seeds (line) and min–max range over seeds (band).", "",
         f"![curves]({figures[0]})", "",
-        "Single figures: " + ", ".join(f"[{n}]({n})" for n in figures[2:]) + ".", "",
+        "Single figures: " + ", ".join(f"[{n}]({n})" for n in singles) + ".", "",
         "## Sorted cosine margins at the end of training (PCM at EoT)", "",
         "Per-sample train cosine margins, sorted, against the sample rank normalised to "
         "[0, 1]: median over seeds and min–max band.", "",
         f"![cosine margins]({figures[1]})", "",
+        *etf,
         "## Top-1 train accuracy (%)", "",
-        "Median [min, max] over seeds (the paper's Table 1 form).", "",
+        "Median [min, max] over seeds (the paper's Table 1 form), then mean ± std (ddof 1). "
+        "Every metric per method and evaluated epoch: [summary.csv](summary.csv), "
+        "[summary.json](summary.json).", "",
         accuracy_table(runs, table_epochs).markdown(), "",
         "## Final metrics", "",
-        "At the last evaluation; median [min, max] over seeds.", "",
+        "At the last evaluation; median [min, max] (mean ± std) over seeds.", "",
         final_metrics_table(runs).markdown(), "",
         "## Time per training step and peak memory", "",
         timing_table(runs).markdown(), "",

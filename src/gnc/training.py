@@ -8,7 +8,11 @@ A run directory holds (DESIGN §3):
   ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` (peak
   memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU) and
   every key of :func:`gnc.metrics.nc_metrics` on the train split (``cos_margins`` as 101
-  quantiles of the sorted per-sample margins), then the test split's prefixed ``test_``;
+  quantiles of the sorted per-sample margins), then the test split's prefixed ``test_``, and
+  the train split's distances to the nearest simplex ETFs (``etf_w_dist``, ``etf_h_dist``,
+  ``etf_wh_dist``, ``etf_w_moved``, ``etf_h_moved``: :func:`gnc.metrics.etf_distances`);
+- ``classifier/epoch_XXXX.pt`` with ``save_classifier``: W, b, the train class means and U
+  at every evaluation (:func:`gnc.evaluation.save_classifier`);
 - ``cos_margins.npy``: every sorted per-sample train cosine margin at the last evaluation;
 - ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` every ``checkpoint_every`` epochs), written
   to a temporary file and renamed, so a crash never leaves a corrupt checkpoint;
@@ -42,14 +46,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from gnc.checkpoint import (
+    CheckpointError,
     append_line,
     atomic_save,
     atomic_write_text,
     check_fresh_run_dir,
+    load_checkpoint,
     load_latest_checkpoint,
     prepare_run_dir,
     resolve_data_paths,
@@ -59,13 +64,22 @@ from gnc.checkpoint import (
 )
 from gnc.data import DatasetBundle, batch_sampler_for, load_dataset, make_loader, set_loader_epoch
 from gnc.data.device import DeviceImageLoader, device_images, estimated_bytes, fits_on_device
+from gnc.data.perturb import check_rates
 from gnc.data.sampler import TensorBatchLoader
-from gnc.evaluation import EVAL_STATS, evaluate, quantiles, recompute_statistics
+from gnc.evaluation import (
+    EVAL_STATS,
+    etf_distances_of,
+    evaluate,
+    quantiles,
+    recompute_statistics,
+    save_classifier,
+)
 from gnc.heads import make_head, normalizes_features
+from gnc.losses import LOSSES, classification_loss
 from gnc.memory import PeakMemory
-from gnc.models import build_backbone
+from gnc.models import build_backbone, without_bn_affine
 from gnc.models.classifier import FeatureClassifier
-from gnc.optim import agd_init_, build_optimizer, build_scheduler
+from gnc.optim import PER_STEP_SCHEDULES, agd_init_, build_optimizer, build_scheduler
 from gnc.validation import all_finite, trusted_inputs
 
 logger = logging.getLogger(__name__)
@@ -94,14 +108,21 @@ class TrainConfig:
     backward: str = "closed_form"  # closed_form | ddn | none
     update: str = "ema"  # running class means: ema | cma
     rotation: str = "canonical"  # fixed ETF: canonical | random
+    bias: bool = True  # classifier bias (ETF heads: b = −Wμ_G) and affine BatchNorm; False:
+    # logits = W h and every BatchNorm non-affine (the released scripts' --no-bias)
+    loss: str = "ce"  # ce (cross-entropy) | dr (dot regression: ½·mean (logit_y − 1)²)
+    gamma: float = 0.1  # step / multistep schedules: lr × gamma at each decay
+    step_every: int | None = None  # step schedule: decay every N epochs; None = epochs // 3
     epochs: int = 10  # epochs (UFM: full-batch iterations)
     batch_size: int = 0  # global batch size; 0 = full batch
     sampler: str = "stratified"  # stratified (every class in every batch) | shuffle (K > batch)
+    imbalance: float = 1.0  # long tail: class c keeps n_max*R^(c/(K-1)) samples; 1 = as is
+    label_noise: float = 0.0  # share p of training labels re-drawn uniformly (test stays clean)
     optimizer: str = "sgd"  # sgd | adam | adamw | agd
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "none"  # none | step | multistep | cosine (per epoch)
+    schedule: str = "none"  # none | step | multistep | cosine (per epoch) | onecycle (per step)
     milestones: list[int] | None = None  # multistep epochs
     eval_every: int = 1  # evaluate every N epochs (and at the last)
     eval_test: bool = True  # also evaluate the test split when there is one
@@ -121,6 +142,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone in place (the head stays eager)
     solve_device: str = "auto"  # implicit head's exact solve: auto | same | cpu
     eval_stats: str = "precise"  # BN statistics and mu_G at evaluation: precise | running
+    save_classifier: bool = False  # write classifier/epoch_XXXX.pt (W, b, class means, U) at evals
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings no run can use (names are checked where used)."""
@@ -132,6 +154,7 @@ class TrainConfig:
             raise ValueError(f"Expected `eval_every` >= 1, but got {self.eval_every}")
         if self.sampler not in ("stratified", "shuffle"):
             raise ValueError(f"unknown sampler {self.sampler!r}; choose 'stratified' or 'shuffle'")
+        check_rates(self.imbalance, self.label_noise)
         for name, choices in (("data_on_device", DATA_ON_DEVICE), ("eval_stats", EVAL_STATS),
                               ("solve_device", SOLVE_DEVICES)):
             if getattr(self, name) not in choices:
@@ -143,6 +166,14 @@ class TrainConfig:
             raise ValueError(f"Expected `tau` to be finite and > 0, but got {self.tau}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Expected `lr` to be finite and > 0, but got {self.lr}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"Expected `bias` to be true or false, but got {self.bias!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"Expected `gamma` to be finite and > 0, but got {self.gamma}")
+        if self.step_every is not None and self.step_every < 1:
+            raise ValueError(f"Expected `step_every` >= 1 (or None), but got {self.step_every}")
         for name in ("delta", "momentum", "weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -231,7 +262,8 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
 def load_data(cfg: TrainConfig, *, augment: bool | None = None) -> DatasetBundle:
     return load_dataset(
         cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed,
-        augment=cfg.augment if augment is None else augment, **cfg.dataset_options,
+        augment=cfg.augment if augment is None else augment, imbalance=cfg.imbalance,
+        label_noise=cfg.label_noise, **cfg.dataset_options,
     )
 
 
@@ -253,16 +285,20 @@ def build_model(cfg: TrainConfig, bundle: DatasetBundle,
 
     On ``device`` when given, in channels-last layout when ``cfg.channels_last``; the
     backbone is compiled in place when ``cfg.compile`` (its state-dict keys are unchanged).
+    ``cfg.bias=False`` (``--no-bias``): the head has no bias (logits ``W h``) and every
+    BatchNorm of the backbone is made non-affine (:func:`gnc.models.without_bn_affine`).
     """
     device = torch.device("cpu") if device is None else device
     backbone, d = build_backbone(
         cfg.model, in_shape=bundle.in_shape, num_samples=len(bundle.train),
         feature_dim=cfg.feature_dim, small_input=cfg.small_input, width=cfg.width,
     )
+    if not cfg.bias:
+        without_bn_affine(backbone)
     head = make_head(
         cfg.method, d, bundle.num_classes, delta=cfg.delta, solver=cfg.solver,
         backward=cfg.backward, update=cfg.update, rotation=cfg.rotation, seed=cfg.seed,
-        solve_device=solve_device_for(cfg, bundle.num_classes, device),
+        solve_device=solve_device_for(cfg, bundle.num_classes, device), bias=cfg.bias,
     )
     tau = cfg.tau if normalizes_features(cfg.method) else None
     model = FeatureClassifier(backbone, head, tau=tau, amp_dtype=AMP_DTYPES[cfg.amp])
@@ -434,12 +470,9 @@ class Trainer:
         if cfg.optimizer == "agd":  # AGD's step sizes assume its own initialisation
             agd_init_(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(
+        self.optimizer = build_optimizer(  # AGD has no learning rate: `lr` is its gain
             cfg.optimizer, params, lr=cfg.lr, momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-        )
-        self.scheduler = build_scheduler(
-            cfg.schedule, self.optimizer, total_steps=cfg.epochs, milestones=cfg.milestones
+            weight_decay=cfg.weight_decay, gain=cfg.lr,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.ddp = self.model
@@ -450,7 +483,15 @@ class Trainer:
             )
         self.train_loader, self.eval_loaders = make_train_loaders(
             cfg, self.bundle, self.eval_bundle, self.device, self.dist)
+        # one-cycle steps after every optimiser step, the others once per epoch
+        self.step_schedule_per_step = cfg.schedule in PER_STEP_SCHEDULES
+        self.scheduler = build_scheduler(
+            cfg.schedule, self.optimizer, milestones=cfg.milestones, gamma=cfg.gamma,
+            step_size=cfg.step_every, total_steps=cfg.epochs * (
+                max(len(self.train_loader), 1) if self.step_schedule_per_step else 1),
+        )
         self.epoch, self.step = 0, 0
+        self._etf_prev: dict = {}  # nearest ETFs of W and H at the last evaluation (etf_distances)
         self.memory = PeakMemory(self.device)  # started by fit()
         self.writer = None
         if resume:
@@ -473,6 +514,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": rng_state(), "cwd": os.getcwd(),  # relative data paths start here
+            "etf_prev": self._etf_prev,  # the last evaluation's nearest ETFs ("moved" after resume)
         }
 
     def save_checkpoint(self) -> None:
@@ -500,12 +542,17 @@ class Trainer:
         changed = sorted(k for k in saved if saved[k] != now.get(k))
         if changed:
             raise ValueError(f"cannot resume {self.out}: the configuration differs in {changed}")
+        if self.cfg.schedule in PER_STEP_SCHEDULES and ckpt["config"]["epochs"] != self.cfg.epochs:
+            raise ValueError(  # its length is fixed when the run starts: it cannot be extended
+                f"cannot resume {self.out} with epochs={self.cfg.epochs}: its {self.cfg.schedule} "
+                f"schedule spans the {ckpt['config']['epochs']} epochs it was started with")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self._etf_prev = ckpt.get("etf_prev") or {}  # absent in older checkpoints
         if self.dist.is_main:  # drop lines of epochs after the checkpoint (a crash between)
             trim_metrics(self.out / "metrics.jsonl", self.epoch)
 
@@ -528,7 +575,7 @@ class Trainer:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 timer.mark()
                 logits, _ = self.ddp(x, y)
-                loss = F.cross_entropy(logits, y)
+                loss = classification_loss(self.cfg.loss, logits, y)
                 timer.mark()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -536,6 +583,8 @@ class Trainer:
                 self.scaler.update()
                 if hasattr(model.head, "renormalize_"):
                     model.head.renormalize_()
+                if self.step_schedule_per_step:
+                    self.scheduler.step()
                 timer.mark()
                 loss = loss.detach()
                 finite = torch.isfinite(loss)
@@ -555,7 +604,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{float(loss_sum) / max(steps - float(bad), 1):.4f}",
                                         acc=f"{100 * float(correct) / seen:.1f}")
         self._check_finite(bad, first_bad, steps, end=True)
-        self.scheduler.step()
+        if not self.step_schedule_per_step:
+            self.scheduler.step()
         self.epoch += 1
         t_fwd, t_bwd = timer.times_ms()
         loss_sum, bad, correct, seen_all, n_steps = self._all_reduce(
@@ -611,8 +661,10 @@ class Trainer:
             self._precise_statistics()
         row["eval_stats"] = self.cfg.eval_stats
         for split, loader in self.eval_loaders.items():
+            geometry: dict = {}
             try:
-                metrics, margins = evaluate(self.model, loader, self.K, self.device)
+                metrics, margins = evaluate(self.model, loader, self.K, self.device,
+                                            geometry=geometry)
             except ValueError as err:
                 if "NaN" not in str(err):
                     raise
@@ -620,8 +672,13 @@ class Trainer:
             prefix = "" if split == "train" else "test_"
             row.update({prefix + k: v for k, v in metrics.items()})
             row[prefix + "cos_margins"] = quantiles(margins)
+            if split == "train":  # the ETF-distance study and the saved geometry: train split
+                distances, self._etf_prev = etf_distances_of(geometry, self._etf_prev)
+                row.update(distances)
             if split == "train" and self.dist.is_main:
                 np.save(self.out / "cos_margins.npy", margins.numpy())
+                if self.cfg.save_classifier:
+                    save_classifier(self.out, self.model.head, geometry, self.epoch, split)
         return row
 
     def _precise_statistics(self) -> None:
@@ -700,12 +757,42 @@ def _read_config(run_dir: Path, action: str) -> dict:
     return config
 
 
-def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load"
-             ) -> tuple[TrainConfig, FeatureClassifier, dict]:
+def kept_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """Epoch → file of every checkpoint a run kept, by epoch: the ``epoch_XXXX.pt`` files and
+    ``last.pt`` (read to learn its epoch; left out when unreadable or when an epoch file has
+    the same epoch)."""
+    folder = Path(run_dir) / "checkpoints"
+    kept = {int(p.stem.split("_")[1]): p for p in folder.glob("epoch_*.pt")
+            if p.stem.split("_")[1].isdigit()}
+    last = folder / "last.pt"
+    if last.exists():
+        try:
+            kept.setdefault(load_checkpoint(last)["epoch"], last)
+        except CheckpointError as err:
+            logger.warning("%s", err)
+    return dict(sorted(kept.items()))
+
+
+def _checkpoint_of_epoch(run_dir: Path, epoch: int, action: str) -> dict:
+    """The checkpoint of ``epoch`` (``epoch_XXXX.pt``, else ``last.pt`` if it is that epoch)."""
+    kept = kept_checkpoints(run_dir)
+    if epoch not in kept:
+        have = ", ".join(map(str, kept)) or "none"
+        raise FileNotFoundError(f"cannot {action} {run_dir}: no checkpoint of epoch {epoch} "
+                                f"(kept epochs: {have}; see --checkpoint-every)")
+    try:
+        return load_checkpoint(kept[epoch])
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot {action} {run_dir}: {err}") from None
+
+
+def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load",
+             checkpoint: int | None = None) -> tuple[TrainConfig, FeatureClassifier, dict]:
     """The config, the model and facts of a run's newest readable checkpoint.
 
     The checkpoint is ``checkpoints/last.pt``, or when that is unreadable the newest readable
-    ``epoch_XXXX.pt`` (with a warning); errors are one line starting ``cannot {action} RUN:``.
+    ``epoch_XXXX.pt`` (with a warning); with ``checkpoint=N`` the one of epoch N (see
+    :func:`kept_checkpoints`). Errors are one line starting ``cannot {action} RUN:``.
     Returns ``(config, model on the device, {"bundle", "epoch", "device"})``.
 
     Relative data paths (``data_dir`` and the path of ``npz:PATH`` / ``imagefolder:PATH``)
@@ -716,7 +803,10 @@ def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load"
     """
     run_dir = Path(run_dir)
     config = _read_config(run_dir, action)
-    ckpt, _ = load_latest_checkpoint(run_dir, action)
+    if checkpoint is None:
+        ckpt, _ = load_latest_checkpoint(run_dir, action)
+    else:
+        ckpt = _checkpoint_of_epoch(run_dir, checkpoint, action)
     cfg = TrainConfig.from_dict(resolve_data_paths(config, run_dir, ckpt.get("cwd")))
     dev = resolve_device(device, DistInfo())
     bundle = load_data(cfg, augment=False)
@@ -725,19 +815,76 @@ def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load"
     return cfg, model, {"bundle": bundle, "epoch": ckpt["epoch"], "device": dev}
 
 
-def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto") -> dict:
-    """NC metrics of a run's newest readable checkpoint on ``split`` (``gnc evaluate``).
+def _evaluate_loaded(run_dir: Path, cfg: TrainConfig, model: FeatureClassifier, info: dict,
+                     split: str, save: bool, previous: dict | None) -> tuple[dict, dict]:
+    """One checkpoint's row (metrics, ETF distances against ``previous``, ``epoch``,
+    ``split``, margin quantiles) and the ETF state for the next one."""
+    bundle = info["bundle"]
+    loader = make_loader(bundle, cfg.eval_batch_size, split=split)
+    geometry: dict = {}
+    metrics, margins = evaluate(model, loader, bundle.num_classes, info["device"],
+                                geometry=geometry)
+    distances, state = etf_distances_of(geometry, previous)
+    if save:
+        save_classifier(run_dir, model.head, geometry, info["epoch"], split)
+    row = {"epoch": info["epoch"], "split": split, **metrics, **distances,
+           "cos_margins": quantiles(margins)}
+    return row, state
 
-    Checkpoint fallback and data paths as in :func:`load_run`.
-    """
+
+def _check_split(split: str, cfg: TrainConfig, bundle: DatasetBundle) -> None:
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
-    cfg, model, info = load_run(run_dir, device, action="evaluate")
-    bundle = info["bundle"]
     if split == "test" and bundle.test is None:
         raise ValueError(f"dataset '{cfg.dataset}' has no test split")
-    loader = make_loader(bundle, cfg.eval_batch_size, split=split)
-    metrics, margins = evaluate(model, loader, bundle.num_classes, info["device"])
-    metrics["epoch"] = info["epoch"]
-    metrics["cos_margins"] = quantiles(margins)
-    return metrics
+
+
+def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto", *,
+                 checkpoint: int | None = None, save_classifier: bool = False) -> dict:
+    """NC metrics of a run's newest readable checkpoint on ``split`` (``gnc evaluate``).
+
+    ``checkpoint=N``: the checkpoint of epoch N instead (``--checkpoint N``). Besides the
+    metrics of :func:`gnc.evaluation.evaluate` the result has ``epoch``, ``split``, the
+    ETF distances of :func:`gnc.metrics.etf_distances` (``etf_*_moved`` NaN: one checkpoint
+    has no previous evaluation) and ``cos_margins`` (101 quantiles). ``save_classifier``
+    also writes :func:`gnc.evaluation.save_classifier`'s file. The model is evaluated with
+    the statistics its checkpoint stores (precise ones when the epoch was evaluated in
+    training with ``eval_stats="precise"``). Checkpoint fallback and data paths as in
+    :func:`load_run`.
+    """
+    if split not in ("train", "test"):  # before any loading
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint)
+    _check_split(split, cfg, info["bundle"])
+    return _evaluate_loaded(Path(run_dir), cfg, model, info, split, save_classifier, None)[0]
+
+
+def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str = "auto", *,
+                         out: str | Path | None = None, save_classifier: bool = False
+                         ) -> list[dict]:
+    """:func:`evaluate_run` of every kept checkpoint, by epoch (``gnc evaluate --all``).
+
+    Appends one JSON line per checkpoint to ``out`` (default ``RUN/evaluate_{split}.jsonl``;
+    never the training's ``metrics.jsonl``) as it goes, and returns the rows. ``etf_*_moved``
+    is measured from the previous checkpoint of the sequence. Data are loaded and the model
+    built once.
+    """
+    run_dir = Path(run_dir)
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    kept = kept_checkpoints(run_dir)
+    if not kept:
+        raise FileNotFoundError(f"cannot evaluate {run_dir}: no checkpoint in "
+                                f"{run_dir / 'checkpoints'}")
+    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=next(iter(kept)))
+    _check_split(split, cfg, info["bundle"])
+    path = Path(out) if out is not None else run_dir / f"evaluate_{split}.jsonl"
+    rows, state = [], None
+    for epoch in kept:
+        if epoch != info["epoch"]:
+            model.load_state_dict(_checkpoint_of_epoch(run_dir, epoch, "evaluate")["model"])
+            info["epoch"] = epoch
+        row, state = _evaluate_loaded(run_dir, cfg, model, info, split, save_classifier, state)
+        append_line(path, json.dumps(row))
+        rows.append(row)
+    return rows

@@ -1,7 +1,9 @@
-"""Datasets (a registry loaded by name) and class-stratified, distributed batch sampling."""
+"""Datasets (a registry loaded by name), long-tail and label-noise perturbations of their
+training splits, and class-stratified, distributed batch sampling."""
 
 from .base import DatasetBundle, DatasetNotFoundError, stratified_subset
 from .datasets import DATASETS, load_dataset
+from .perturb import RelabelledDataset, apply_imbalance, apply_label_noise, long_tailed_counts
 from .sampler import (
     ShardSampler,
     StratifiedBatchSampler,
@@ -14,10 +16,14 @@ __all__ = [
     "DATASETS",
     "DatasetBundle",
     "DatasetNotFoundError",
+    "RelabelledDataset",
     "ShardSampler",
     "StratifiedBatchSampler",
+    "apply_imbalance",
+    "apply_label_noise",
     "batch_sampler_for",
     "load_dataset",
+    "long_tailed_counts",
     "make_loader",
     "set_loader_epoch",
     "stratified_subset",

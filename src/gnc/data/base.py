@@ -35,6 +35,12 @@ class DatasetBundle:
     """The name the bundle was loaded under, e.g. ``"cifar10"`` or ``"npz:data/x.npz"``."""
     classes: tuple[str, ...] | None = None
     """Class names when the source has them."""
+    noisy_indices: Tensor | None = None
+    """With label noise: the sorted positions in ``train`` whose label was re-drawn (some
+    re-drawn labels equal the old one; see :mod:`gnc.data.perturb`)."""
+    clean_targets: Tensor | None = None
+    """With label noise: the training labels before the noise (``train_targets`` holds the
+    noisy ones, which training and the train-split metrics use)."""
 
 
 # --------------------------------------------------------------------------- helpers

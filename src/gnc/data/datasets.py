@@ -12,11 +12,17 @@ name                        source                                         one `
 ``npz:PATH``                your arrays ``x``, ``y`` (+ ``x_test``, ...)    as stored
 ``imagefolder:PATH``        ``PATH/train/<class>/*``, ``PATH/test/...``     float ``(3, H, W)``
 ``mnist``, ``fashion-mnist``  torchvision, under ``DATA_DIR/<name>``        ``(1, 28, 28)``
+``emnist``                  torchvision EMNIST ``balanced`` (K = 47)       ``(1, 28, 28)``
 ``cifar10``, ``cifar100``   torchvision (cifar10 also reads JPEG folders)   ``(3, 32, 32)``
 ``svhn``                    torchvision, splits train/test                 ``(3, 32, 32)``
 ``stl10``                   torchvision, labelled splits train/test        ``(3, 96, 96)``
 ``imagenet``                ``DATA_DIR/imagenet/{train,val}/<wnid>/*``      ``(3, 224, 224)``
 ==========================  =============================================  =====================
+
+The torchvision sets take ``transforms="released"`` for the paper's released code's
+transforms (MNIST-like sets then give ``(3, 32, 32)``; see :mod:`gnc.data.vision`). Every
+dataset takes ``subset``, and :func:`load_dataset` the long tail ``imbalance`` and
+``label_noise`` (:mod:`gnc.data.perturb`).
 
 Nothing is downloaded unless ``download=True``; a missing dataset raises
 :class:`DatasetNotFoundError` with a one-line message naming the path and the flag.
@@ -45,6 +51,7 @@ from .base import (
     stratified_subset,
     tensor_bundle,
 )
+from .perturb import apply_imbalance, apply_label_noise, check_rates
 
 __all__ = [
     "DATASETS",
@@ -242,7 +249,7 @@ DATASETS: dict[str, Callable[..., DatasetBundle]] = {
     "imagefolder": vision.load_imagefolder,
     **{
         n: partial(vision.load_torchvision, n)
-        for n in ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "stl10")
+        for n in ("mnist", "fashion-mnist", "emnist", "cifar10", "cifar100", "svhn", "stl10")
     },
     "imagenet": vision.load_imagenet,
 }
@@ -260,6 +267,8 @@ def load_dataset(
     download: bool = False,
     augment: bool = True,
     seed: int = 0,
+    imbalance: float = 1.0,
+    label_noise: float = 0.0,
     **opts: Any,
 ) -> DatasetBundle:
     """Load a dataset by name (table in the module docstring).
@@ -272,13 +281,24 @@ def load_dataset(
         augment: training-split augmentation of the image datasets (torchvision sets,
             ``imagefolder``); the tensor datasets (``ufm``, ``mnist1d``, ``digits``, ``npz``)
             have none.
-        seed: seed of the ``digits`` train/test split and of ``subset``.
+        seed: seed of the ``digits`` train/test split, of ``subset``, of the long-tail
+            choice and of the label noise.
+        imbalance: long-tail ratio R in (0, 1]: class c keeps ⌊n_max·R^{c/(K−1)}⌋ training
+            samples (:func:`gnc.data.perturb.apply_imbalance`); 1 = as the dataset is.
+        label_noise: rate p in [0, 1]: ⌊p·N⌋ training labels re-drawn uniformly over the K
+            classes (:func:`gnc.data.perturb.apply_label_noise`); the test split stays clean.
         **opts: ``subset`` (any dataset: keep a seeded stratified subset of ``subset``
             training samples *per class*, smaller classes keeping all theirs; for ``ufm``,
             whose samples are interchangeable, it caps ``per_class``) and the dataset's own
             options: ``ufm``: ``num_classes``, ``per_class``; ``mnist1d``: ``num_samples``,
             ``train_split``; ``digits``: ``test_fraction``; ``imagefolder``: ``image_size``,
-            ``mean``, ``std``; ``imagenet``: ``image_size``.
+            ``mean``, ``std``; ``imagenet``: ``image_size``; the torchvision sets:
+            ``transforms`` (``"default"``, or ``"released"``: the paper's released code's
+            transforms, e.g. MNIST as 3-channel 32 px with ``RandomRotation(25)``; see
+            :mod:`gnc.data.vision`).
+
+    The order is: load, ``subset``, ``imbalance``, ``label_noise`` (each on the training
+    split only).
 
     Returns:
         The :class:`DatasetBundle`.
@@ -293,6 +313,7 @@ def load_dataset(
         (4, 20, ())
     """
     key, _, path = name.partition(":")
+    check_rates(imbalance, label_noise)  # before any (slow) loading
     if key not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; choose from {', '.join(_names())}")
     if key in _PATH_DATASETS and not path:
@@ -324,6 +345,8 @@ def load_dataset(
         idx = stratified_subset(bundle.train_targets, int(subset), seed=seed)
         bundle.train = Subset(bundle.train, idx.tolist())
         bundle.train_targets = bundle.train_targets[idx]
+    apply_imbalance(bundle, imbalance, seed=seed)
+    apply_label_noise(bundle, label_noise, seed=seed)
     return bundle
 
 

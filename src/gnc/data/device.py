@@ -44,6 +44,7 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from .base import DatasetBundle, as_long
+from .perturb import RelabelledDataset
 
 __all__ = [
     "DeviceImageLoader",
@@ -244,7 +245,14 @@ def _write_cache(file: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
 
 def device_images(ds: Dataset, device: torch.device | str, *, cache: bool = True
                   ) -> DeviceImages | None:
-    """A split's pixels on ``device``, or None when its transform or storage is unsupported."""
+    """A split's pixels on ``device``, or None when its transform or storage is unsupported.
+
+    A :class:`~gnc.data.perturb.RelabelledDataset` (label noise) gives its own labels, not
+    those stored with the pixels.
+    """
+    relabelled = None
+    if isinstance(ds, RelabelledDataset):
+        ds, relabelled = ds.dataset, ds.targets
     base, idx = _base_and_indices(ds)
     spec = image_spec(getattr(base, "transform", None))
     if spec is None:
@@ -260,6 +268,8 @@ def device_images(ds: Dataset, device: torch.device | str, *, cache: bool = True
         arr, labels = decode_files(samples, spec.prefix, cache=cache)
     else:
         return None
+    if relabelled is not None:
+        labels = relabelled.numpy()
     pixels = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
     return DeviceImages(pixels, torch.as_tensor(labels, dtype=torch.long).to(device), spec)
 

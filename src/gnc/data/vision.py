@@ -2,13 +2,14 @@
 
 Files are read from ``DATA_DIR/<name>`` (``DATA_DIR`` itself is also tried, for data kept
 directly there); nothing is downloaded unless ``download=True``, and ``imagenet`` cannot be
-downloaded at all. Transforms (``augment=True``; with ``augment=False`` training uses the test
-transform):
+downloaded at all. ``emnist`` is EMNIST's ``balanced`` split (K = 47, 28×28). Transforms
+(``augment=True``; with ``augment=False`` training uses the test transform):
 
 =================  ===============================================  ==========================
 dataset            training augmentation                            test
 =================  ===============================================  ==========================
 mnist, fashion     RandomCrop(28, padding=2)                        —
+emnist             RandomCrop(28, padding=2)                        —
 cifar10/100        RandomCrop(32, padding=4), horizontal flip       —
 svhn               RandomCrop(32, padding=4)                        —
 stl10              RandomCrop(96, padding=12), horizontal flip      —
@@ -20,6 +21,26 @@ followed by ``ToTensor`` and per-channel normalisation with the dataset's usual 
 (``imagefolder``: ImageNet's unless ``mean``/``std`` are given). ``cifar10`` falls back to the
 JPEG layout ``DATA_DIR/cifar10-jpg/{train,test}/<class>/*.jpg`` when the torchvision binary
 files are absent (same classes in the same order, CIFAR-10 transforms).
+
+The dataset option ``transforms="released"`` (torchvision sets only) uses instead the
+transforms of the paper's released code (``nc/datasets.py``), for runs comparable with it:
+
+=================  ===============================================  ==========================
+dataset            training (before ToTensor, Normalize)            test
+=================  ===============================================  ==========================
+mnist              Grayscale(3), Resize(32), RandomRotation(25)     Grayscale(3), Resize(32)
+fashion-mnist      Grayscale(3), Resize(32), flip, RandomCrop(32,4)  Grayscale(3), Resize(32)
+emnist             Grayscale(3), Resize(32)                         Grayscale(3), Resize(32)
+cifar10, cifar100  flip, RandomCrop(32, padding=4)                  —
+svhn               RandomRotation(25)                               —
+stl10              flip, RandomCrop(96, padding=4)                  —
+=================  ===============================================  ==========================
+
+with the released code's normalisation (the one-channel mean and std of the grey sets
+applied to all three channels; CIFAR-10 std (0.2023, 0.1994, 0.2010)). So MNIST-like sets
+become ``(3, 32, 32)`` images. Rotations, grey-to-RGB and a flip before the crop are not
+among the transforms :mod:`gnc.data.device` performs: these sets take the PIL path (with
+``data_on_device="auto"``; ``"on"`` is an error).
 """
 
 from __future__ import annotations
@@ -40,6 +61,7 @@ __all__ = ["NORMALIZATION", "load_imagefolder", "load_imagenet", "load_torchvisi
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
+    "emnist": ((0.1751,), (0.3332,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
@@ -52,12 +74,32 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 _TORCHVISION = {
     "mnist": (tvd.MNIST, "MNIST/raw", 28, 2, False),
     "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/raw", 28, 2, False),
+    "emnist": (tvd.EMNIST, "EMNIST/raw", 28, 2, False),
     "cifar10": (tvd.CIFAR10, "cifar-10-batches-py", 32, 4, True),
     "cifar100": (tvd.CIFAR100, "cifar-100-python", 32, 4, True),
     "svhn": (tvd.SVHN, "train_32x32.mat", 32, 4, False),
     "stl10": (tvd.STL10, "stl10_binary", 96, 12, True),
 }
-_NUM_CLASSES = {"cifar100": 100}
+_NUM_CLASSES = {"cifar100": 100, "emnist": 47}
+_GREY = ("mnist", "fashion-mnist", "emnist")
+TRANSFORMS = ("default", "released")
+
+
+def _released(name: str, augment: bool) -> tuple[list[object], list[object], tuple, tuple, int]:
+    """The released code's (training, test) transforms before ``ToTensor``, its normalisation
+    and image side (module table)."""
+    mean, std = NORMALIZATION[name]
+    if name == "cifar10":
+        std = (0.2023, 0.1994, 0.2010)  # the released code's (widespread) CIFAR-10 std
+    side = {"stl10": 96}.get(name, 32)
+    test: list[object] = [T.Grayscale(3), T.Resize(32)] if name in _GREY else []
+    flip_crop = [T.RandomHorizontalFlip(), T.RandomCrop(side, padding=4)]
+    aug: list[object] = {
+        "mnist": [T.RandomRotation(25)], "fashion-mnist": flip_crop, "emnist": [],
+        "cifar10": flip_crop, "cifar100": flip_crop, "svhn": [T.RandomRotation(25)],
+        "stl10": flip_crop,
+    }[name]
+    return [*test, *aug] if augment else test, test, mean, std, side
 
 
 def _not_found(name: str, path: Path, extra: str = "") -> DatasetNotFoundError:
@@ -88,29 +130,41 @@ def _targets(ds: Dataset) -> torch.Tensor:
 
 
 def load_torchvision(
-    name: str, *, data_dir: Path, download: bool = False, augment: bool = True
+    name: str, *, data_dir: Path, download: bool = False, augment: bool = True,
+    transforms: str = "default",
 ) -> DatasetBundle:
-    """MNIST, Fashion-MNIST, CIFAR-10/100, SVHN or STL-10 (labelled splits) via torchvision.
+    """MNIST, Fashion-MNIST, EMNIST (balanced), CIFAR-10/100, SVHN or STL-10 via torchvision.
 
     Args:
-        name: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``, ``stl10``.
+        name: ``mnist``, ``fashion-mnist``, ``emnist``, ``cifar10``, ``cifar100``, ``svhn``,
+            ``stl10``.
         data_dir: the data folder; files are looked for in ``data_dir/name``, then
             ``data_dir`` (and, for ``cifar10``, JPEG folders in ``data_dir/cifar10-jpg``).
         download: download into ``data_dir/name`` when missing.
         augment: training augmentation (module table).
+        transforms: ``"default"`` (the first table) or ``"released"`` (the paper's released
+            code, the second table).
 
     Raises:
         DatasetNotFoundError: files missing and ``download`` False, or present but rejected by
             torchvision's integrity check.
     """
+    if transforms not in TRANSFORMS:
+        raise ValueError(f"unknown transforms {transforms!r} for dataset '{name}'; choose "
+                         f"from {', '.join(TRANSFORMS)}")
     cls, marker, side, padding, flip = _TORCHVISION[name]
-    mean, std = NORMALIZATION[name]
-    aug: list[object] = [T.RandomCrop(side, padding=padding)] if augment else []
-    if augment and flip:
-        aug.append(T.RandomHorizontalFlip())
-    train_tf, test_tf = _compose(aug, mean, std), _compose([], mean, std)
+    if transforms == "released":
+        train_aug, test_pre, mean, std, side = _released(name, augment)
+        train_tf, test_tf = _compose(train_aug, mean, std), _compose(test_pre, mean, std)
+        channels = 3
+    else:
+        mean, std = NORMALIZATION[name]
+        aug: list[object] = [T.RandomCrop(side, padding=padding)] if augment else []
+        if augment and flip:
+            aug.append(T.RandomHorizontalFlip())
+        train_tf, test_tf = _compose(aug, mean, std), _compose([], mean, std)
+        channels = len(mean)
     num_classes = _NUM_CLASSES.get(name, 10)
-    channels = len(mean)
 
     root = _find_root(data_dir, name, marker)
     if root is None and name == "cifar10":
@@ -132,11 +186,13 @@ def load_torchvision(
         root = data_dir / name
 
     def make(train: bool, tf: T.Compose) -> Dataset:
-        split = (
+        split: dict[str, object] = (
             {"split": "train" if train else "test"}
             if name in ("svhn", "stl10")
             else {"train": train}
         )
+        if name == "emnist":
+            split["split"] = "balanced"
         try:
             return cls(str(root), transform=tf, download=download, **split)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"

@@ -9,6 +9,7 @@ from .backbones import (
     build_backbone,
 )
 from .classifier import FeatureClassifier
+from .norm import without_bn_affine
 
 __all__ = [
     "BACKBONES",
@@ -18,4 +19,5 @@ __all__ = [
     "UnconstrainedFeatures",
     "VGGFeatures",
     "build_backbone",
+    "without_bn_affine",
 ]

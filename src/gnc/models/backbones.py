@@ -13,10 +13,19 @@ name           architecture                                          feature wid
 ``resnet18``   torchvision ResNet-18, ``fc`` removed                 ``8·width``
 ``resnet34``   torchvision ResNet-34, ``fc`` removed                 ``8·width``
 ``resnet50``   torchvision ResNet-50, ``fc`` removed                 ``32·width``
+``resnet101``  torchvision ResNet-101, ``fc`` removed                ``32·width``
+``resnet152``  torchvision ResNet-152, ``fc`` removed                ``32·width``
+``resnext*``   ``resnext50_32x4d``, ``resnext101_32x8d``              ``32·width``
+``wide_*``     ``wide_resnet50_2``, ``wide_resnet101_2``              ``32·width``
 ``vgg11_bn``   torchvision VGG-11-BN features (see below)            ``8·width`` or 4096
 ``vgg13_bn``   torchvision VGG-13-BN features                        ``8·width`` or 4096
 ``vgg16_bn``   torchvision VGG-16-BN features                        ``8·width`` or 4096
 =============  ====================================================  ============================
+
+The ResNet family (every member the paper's released code offers) shares one builder: with
+``small_input`` (default for images up to 64 px) the CIFAR stem replaces the ImageNet one
+(3×3 stride-1 first conv, no max-pool); ResNeXt's groups and the wide networks' doubled
+bottleneck width follow ``width`` like the plain ResNets.
 
 For every backbone except ``ufm`` and ``mlp`` (which produce ``feature_dim`` features
 directly), a ``feature_dim`` that differs from the native width appends a linear projection
@@ -299,6 +308,14 @@ def _resnet(arch: str, *, in_channels: int, small_input: bool, width: int) -> nn
     """
     net: tv_resnet.ResNet = getattr(torchvision.models, arch)(weights=None)
     block = type(net.layer1[0])
+    # torchvision's bottleneck has ⌊planes·base_width/64⌋·groups channels: with planes scaled
+    # to width·2^s this stays proportional (ResNeXt-50 32x4d: 2·planes) for widths that are
+    # multiples of 64/base_width, and is empty below it.
+    if width * net.base_width < 64:
+        raise ValueError(
+            f"backbone '{arch}' needs `width` >= {-(-64 // net.base_width)} (each of its "
+            f"{net.groups} groups has width*{net.base_width}/64 channels), but got {width}"
+        )
     if width != 64:
         layers = [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)]
         net.inplanes = width
@@ -354,6 +371,12 @@ BACKBONES: dict[str, Callable[..., tuple[nn.Module, int, bool]]] = {
     "resnet18": _resnet_builder("resnet18"),
     "resnet34": _resnet_builder("resnet34"),
     "resnet50": _resnet_builder("resnet50"),
+    "resnet101": _resnet_builder("resnet101"),
+    "resnet152": _resnet_builder("resnet152"),
+    "resnext50_32x4d": _resnet_builder("resnext50_32x4d"),
+    "resnext101_32x8d": _resnet_builder("resnext101_32x8d"),
+    "wide_resnet50_2": _resnet_builder("wide_resnet50_2"),
+    "wide_resnet101_2": _resnet_builder("wide_resnet101_2"),
     "vgg11_bn": _vgg_builder("vgg11_bn", "A"),
     "vgg13_bn": _vgg_builder("vgg13_bn", "B"),
     "vgg16_bn": _vgg_builder("vgg16_bn", "D"),
