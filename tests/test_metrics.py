@@ -197,6 +197,22 @@ def test_vci_and_numerical_rank_against_dense_definitions_of_larger_data():
     assert 0.0 < got["vci"] < 1.0 and 1.0 < got["numerical_rank"] < 9.0
 
 
+def test_vci_fast_path_equals_the_pseudo_inverse_route():
+    from gnc.metrics import _vci
+
+    g = torch.Generator().manual_seed(8)
+    for d, k, n in ((9, 5, 60), (6, 8, 80), (12, 4, 8)):  # d > K-1, d < K-1, N < d (singular)
+        y = torch.arange(k).repeat(n // k)
+        h = torch.randn(k, d, generator=g, dtype=torch.float64)[y]
+        h = h + 0.3 * torch.randn(len(y), d, generator=g, dtype=torch.float64)
+        means = torch.stack([h[y == c].mean(0) for c in range(k)])
+        H = (means - h.mean(0)).T
+        centred = h - means[y]
+        sigma_W = centred.T @ centred / len(y)
+        fast, exact = _vci(sigma_W, H), _vci(sigma_W, H, exact_pinv=True)
+        assert fast == pytest.approx(exact, rel=1e-9, abs=1e-12), (d, k, n)
+
+
 def test_vci_limits():
     # VCI = 1 − tr(Σ_T†Σ_B)/min(d, K−1): 0 at exact variability collapse (Σ_W = 0, asserted in
     # test_perfect_collapse) and → 1 when the class means carry none of the variance

@@ -195,31 +195,46 @@ def _nc1(sigma_W: Tensor, H: Tensor) -> float:
     return float(((U * (sigma_W @ U)).sum(dim=0) / S**2).sum())
 
 
-def _vci(sigma_W: Tensor, H: Tensor) -> float:
+def _vci(sigma_W: Tensor, H: Tensor, exact_pinv: bool = False) -> float:
     """Variability collapse index ``1 − tr(Σ_T† Σ_B)/min(d, K−1)``, ``Σ_T = Σ_W + Σ_B``.
 
     Xu & Liu, "Quantifying the variability collapse of neural networks" (ICML 2023), as the
     released code of Markou et al. computes it (``compute_Variability_Collapse_index``):
     ``Σ_B = HHᵀ/K`` over the K present classes, ``Σ_W`` the (1/N) within-class covariance,
     and the pseudo-inverse with ``scipy.linalg.pinv``'s default cut — singular values of Σ_T
-    at or below ``d·eps·σ_max`` are treated as zero. Σ_T is symmetric, so its singular
-    values are the absolute eigenvalues and ``tr(Σ_T† Σ_B) = Σ_i (v_iᵀ H)²/(λ_i K)`` over
-    the kept eigenpairs ``(λ_i, v_i)`` — one d×d ``eigh``, O(d³).
+    at or below ``d·eps·σ_max`` are treated as zero.
+
+    Fast path: when the Cholesky factor ``Σ_T = LLᵀ`` exists, ``tr(Σ_T⁻¹Σ_B) = ‖L⁻¹H‖²_F/K``
+    (O(d³/3); 0.41 s against 3.5 s for the eigendecomposition at d = 2048 on one CPU core,
+    float64). It equals the pinv value whenever no eigenvalue of Σ_T falls below the cut;
+    when one does but the factorisation still succeeds, H's rounding-level component along
+    it adds only ~eps·K to the trace. A failed factorisation (a singular Σ_T: dead features,
+    N < d) or a trace outside [0, min(d, K−1)] falls back to the pinv route (``exact_pinv``
+    forces it): ``tr(Σ_T† Σ_B) = Σ_i (v_iᵀ H)²/(λ_i K)`` over the kept eigenpairs of one
+    d×d ``eigh``.
 
     In [0, 1] (``Σ_T ⪰ Σ_B``): 0 at exact variability collapse (Σ_W = 0, then the trace is
     rank(Σ_B) = min(d, K−1)), 1 when the class means carry none of the variance. NaN when
     Σ_T = 0.
     """
     d, K = H.shape
+    rank = min(d, K - 1)
     sigma_T = sigma_W + H @ H.T / K
-    lam, V = torch.linalg.eigh(0.5 * (sigma_T + sigma_T.T))  # symmetrised: rounding only
+    sigma_T = 0.5 * (sigma_T + sigma_T.T)  # symmetrised: rounding only
+    if not exact_pinv:
+        L, info = torch.linalg.cholesky_ex(sigma_T)
+        if int(info) == 0:
+            trace = float(torch.linalg.solve_triangular(L, H, upper=False).square().sum()) / K
+            if 0.0 <= trace <= rank * (1 + 1e-9):
+                return 1.0 - trace / rank
+    lam, V = torch.linalg.eigh(sigma_T)
     top = float(lam.abs().max())
     if top == 0.0:
         return math.nan
     keep = lam.abs() > d * torch.finfo(lam.dtype).eps * top
     proj = V[:, keep].T @ H  # (r, K)
     trace = float((proj.square().sum(dim=1) / lam[keep]).sum()) / K
-    return 1.0 - trace / min(d, K - 1)
+    return 1.0 - trace / rank
 
 
 def _numerical_rank(moments: Tensor, present: Tensor, chunk: int = 16) -> float:
