@@ -10,7 +10,8 @@
 #   run(command="bash benchmarks/gpu_check.sh 1", carry=["data/cifar10-jpg.tar.gz"])
 #
 # Stage 1: GPU name; layer bench (512x10, 512x100, 2048x1000, 10240x10000); epoch bench of
-# cifar10-resnet18 per method (+ implicit with the solve on the host); EPOCHS (10) epochs of
+# cifar10-resnet18 per method (+ implicit with the solve on the host) and its profile
+# (`gnc bench --profile`: launches, host waits, operators per step); EPOCHS (10) epochs of
 # cifar10-resnet18 per method at seed 1. Stage 2: the same three runs for as many epochs as
 # STAGE2_SECONDS (default 300) allows at stage 1's measured speed, plus a resume check (the
 # implicit run killed a third of the way, then resumed). Every result is written to $OUT as
@@ -63,6 +64,10 @@ torchvision.__version__, "cuda", torch.version.cuda)'
   timeout 45 $PY -m gnc "${BENCH[@]}" --methods implicit --set solve_device=cpu \
     > "$OUT/bench-epoch-cpu-solve.json" 2>>"$LOG"
   say "epoch bench, solve on the host: exit $?"
+  # where the implicit head's extra time goes: kernel launches, host waits, top operators
+  timeout ${PROFILE_TIMEOUT:-60} $PY -m gnc bench --device "$DEVICE" --epoch cifar10-resnet18 \
+    --data-dir "$DATA" "${SET[@]}" --profile > "$OUT/profile-epoch.md" 2>>"$LOG"
+  say "epoch profile: exit $?"
   for m in standard fixed implicit; do
     gnc train "${TRAIN[@]}" --method "$m" --seed 1 --epochs "$EPOCHS" --eval-every 5 \
       --overwrite --out "$RUNS/stage1/$m/seed1" >> "$LOG" 2>&1

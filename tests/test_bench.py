@@ -122,3 +122,28 @@ def test_cli_bench_epoch_case(tmp_path, capsys):
           "--json"])
     (record,) = json.loads(capsys.readouterr().out)
     assert record["method"] == "implicit" and record["epoch_s"] > 0
+
+
+def test_cli_bench_profile_counts_the_operators_of_each_head(tmp_path, capsys):
+    import re
+
+    import pytest
+
+    from gnc.cli import main
+
+    main(["bench", "--epoch", "cifar10-resnet18", "--profile", "--methods",
+          "standard,implicit", "--data-dir", str(tmp_path), "--set", "width=4",
+          "--set", "batch_size=20", "--set", 'dataset_options={"subset": 4}',
+          "--set", "amp=none", "--set", "channels_last=false", "--set", "data_on_device=on"])
+    out = capsys.readouterr().out
+    sections = out.split("## cifar10-resnet18 / ")[1:]
+    assert [s.split()[0] for s in sections] == ["standard", "implicit"]
+    ops = {}
+    for s in sections:
+        head = re.search(r"gnc\.head: host [\d.]+ ms/step, ([\d.]+) operators/step", s)
+        assert head and "gnc.backbone: host" in s and "Self CPU" in s  # the operator table
+        ops[s.split()[0]] = float(head.group(1))
+    assert 0 < ops["standard"] < ops["implicit"]  # the solve is in the head's range
+    with pytest.raises(SystemExit):
+        main(["bench", "--profile", "--epoch", "none"])
+    assert "--profile profiles the epoch case" in capsys.readouterr().err

@@ -20,9 +20,11 @@ from __future__ import annotations
 import multiprocessing
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -408,14 +410,12 @@ def synthetic_cifar10(num_train: int = 50_000, num_test: int = 10_000, seed: int
     return bundle(augmented), bundle(T.Compose(norm))
 
 
-def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 2,
-               data_dir: str = "data", **overrides) -> BenchRecord:
-    """Seconds of the last of ``epochs`` training epochs of ``preset`` (the first warms up
-    cuDNN's autotuner and the allocator), its mean step times and the peak memory.
-
-    Real data when ``data_dir`` has it, otherwise :func:`synthetic_cifar10` (said in the note).
-    "data wait" is the share of the epoch spent outside the timed steps: fetching batches.
-    """
+@contextmanager
+def _epoch_trainer(preset: str, method: str, device: torch.device, epochs: int,
+                   data_dir: str, overrides: dict) -> Iterator[tuple[Any, str]]:
+    """A :class:`~gnc.training.Trainer` of ``preset`` for ``method`` in a temporary run
+    directory, and a note on its data: real data when ``data_dir`` has it, otherwise
+    :func:`synthetic_cifar10` (said in the note)."""
     import tempfile
 
     from gnc.data import DatasetNotFoundError
@@ -435,6 +435,18 @@ def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 
         trainer = Trainer(cfg, tmp, data=data)
         note += f", {len(trainer.train_loader)} steps, data on device: " + (
             "yes" if type(trainer.train_loader).__name__ == "DeviceImageLoader" else "no")
+        yield trainer, note
+
+
+def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 2,
+               data_dir: str = "data", **overrides) -> BenchRecord:
+    """Seconds of the last of ``epochs`` training epochs of ``preset`` (the first warms up
+    cuDNN's autotuner and the allocator), its mean step times and the peak memory.
+
+    Data as :func:`_epoch_trainer` finds it. "data wait" is the share of the epoch spent
+    outside the timed steps: fetching batches.
+    """
+    with _epoch_trainer(preset, method, device, epochs, data_dir, overrides) as (trainer, note):
         for _ in range(epochs - 1):
             trainer.train_epoch(None)
         _sync(device)
@@ -443,11 +455,69 @@ def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 
             stats = trainer.train_epoch(None)
             _sync(device)
             seconds = time.perf_counter() - t0
-    steps = len(trainer.train_loader)
+        steps = len(trainer.train_loader)
     busy = (stats["time_forward_ms"] + stats["time_backward_ms"]) * steps / 1e3
     return BenchRecord(f"epoch {preset}", method, str(device), stats["time_forward_ms"],
                        stats["time_backward_ms"], mem.mb, note, epoch_s=seconds,
                        data_wait_pct=max(0.0, 100 * (1 - busy / seconds)))
+
+
+# CUDA runtime calls that make the host wait for the device
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+               "cudaMemcpy")
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def _count_ops(event) -> int:
+    """``aten::`` operators below a profiler event (nested ones included)."""
+    return sum(child.name.startswith("aten::") + _count_ops(child)
+               for child in event.cpu_children)
+
+
+def profile_epoch(preset: str, method: str, device: torch.device, *, data_dir: str = "data",
+                  top: int = 12, **overrides) -> str:
+    """Where one training epoch of ``preset`` spends its time, per step (after a warm-up
+    epoch), from ``torch.profiler``: kernel launches and host-device synchronisations (CUDA
+    runtime calls), the time inside the model's ``gnc.backbone`` / ``gnc.head`` ranges (host
+    and device), and the ``top`` operators by self time (device time on a GPU). For finding
+    what makes a head launch-bound or wait on the device; the profiler slows the epoch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with _epoch_trainer(preset, method, device, 2, data_dir, overrides) as (trainer, note):
+        trainer.train_epoch(None)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            trainer.train_epoch(None)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+        steps = len(trainer.train_loader)
+    events = prof.key_averages()
+    count = {e.key: e.count for e in events}
+    by_key = {e.key: e for e in events}
+
+    def per_step(n: float) -> str:
+        return f"{n / steps:.1f}"
+
+    lines = [f"## {preset} / {method} on {device} ({note}); profiled epoch {seconds:.2f} s",
+             ""]
+    if cuda:
+        lines.append(f"per step: {per_step(sum(count.get(k, 0) for k in _LAUNCH_CALLS))} "
+                     "kernel launches, host waits: " + ", ".join(
+                         f"{k} {per_step(count[k])}" for k in _SYNC_CALLS if k in count))
+    for name in ("gnc.backbone", "gnc.head"):
+        if name in by_key:
+            e = by_key[name]
+            ops = sum(_count_ops(ev) for ev in prof.events() if ev.name == name)
+            lines.append(f"{name}: host {e.cpu_time_total / 1e3 / steps:.3f} ms/step" + (
+                f", device {e.device_time_total / 1e3 / steps:.3f} ms/step" if cuda else "")
+                + f", {per_step(ops)} operators/step (forward, nested included)")
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines += ["", "```", events.table(sort_by=sort, row_limit=top, max_name_column_width=60),
+              "```", ""]
+    return "\n".join(lines)
 
 
 def bench_epochs(preset: str = "cifar10-resnet18", *, device: str | torch.device = "cpu",

@@ -252,11 +252,22 @@ def _overrides(items: Sequence[str]) -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
     from gnc import bench
 
     _check_device(args.device)
     if args.repeats < 1:
         raise CLIError(f"Expected --repeats >= 1, but got {args.repeats}")
+    epoch = args.epoch or ("cifar10-resnet18" if args.device.startswith("cuda") else "none")
+    methods = args.methods.split(",") if args.methods else bench.STEP_METHODS
+    if args.profile:
+        if epoch == "none":
+            raise CLIError("--profile profiles the epoch case: give --epoch PRESET")
+        for method in methods:
+            print(bench.profile_epoch(epoch, method, torch.device(args.device),
+                                      data_dir=args.data_dir, **_overrides(args.set or [])))
+        return
     records = []
     if args.sizes != "none":
         kw = {"sizes": bench.parse_sizes(args.sizes)} if args.sizes else {}
@@ -264,9 +275,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.steps != "none":
         cases = bench.step_cases_by_name(args.steps, args.device) if args.steps else None
         records += bench.bench_steps(cases, device=args.device, repeats=min(args.repeats, 3))
-    epoch = args.epoch or ("cifar10-resnet18" if args.device.startswith("cuda") else "none")
     if epoch != "none":
-        methods = args.methods.split(",") if args.methods else bench.STEP_METHODS
         records += bench.bench_epochs(epoch, device=args.device, methods=methods,
                                       data_dir=args.data_dir, **_overrides(args.set or []))
     if args.json:
@@ -425,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--set solve_device=cpu --set dataset_options='{\"subset\": 50}'")
     p.add_argument("--data-dir", default="data", help="where the epoch case reads its data "
                    "(random images of the same shape when absent)")
+    p.add_argument("--profile", action="store_true", help="instead of timing the epoch case, "
+                   "profile one epoch per method: kernel launches and host waits per step, "
+                   "time in the backbone and the head, the top operators")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_cmd_bench)
     return parser
