@@ -773,9 +773,11 @@ def kept_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(kept.items()))
 
 
-def _checkpoint_of_epoch(run_dir: Path, epoch: int, action: str) -> dict:
-    """The checkpoint of ``epoch`` (``epoch_XXXX.pt``, else ``last.pt`` if it is that epoch)."""
-    kept = kept_checkpoints(run_dir)
+def _checkpoint_of_epoch(run_dir: Path, epoch: int, action: str,
+                         kept: dict[int, Path] | None = None) -> dict:
+    """The checkpoint of ``epoch`` (``epoch_XXXX.pt``, else ``last.pt`` if it is that epoch),
+    among ``kept`` (default: :func:`kept_checkpoints`, which reads ``last.pt``)."""
+    kept = kept_checkpoints(run_dir) if kept is None else kept
     if epoch not in kept:
         have = ", ".join(map(str, kept)) or "none"
         raise FileNotFoundError(f"cannot {action} {run_dir}: no checkpoint of epoch {epoch} "
@@ -832,9 +834,12 @@ def _evaluate_loaded(run_dir: Path, cfg: TrainConfig, model: FeatureClassifier, 
     return row, state
 
 
-def _check_split(split: str, cfg: TrainConfig, bundle: DatasetBundle) -> None:
+def _check_split_name(split: str) -> None:
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+
+
+def _check_split(split: str, cfg: TrainConfig, bundle: DatasetBundle) -> None:
     if split == "test" and bundle.test is None:
         raise ValueError(f"dataset '{cfg.dataset}' has no test split")
 
@@ -852,8 +857,7 @@ def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto"
     training with ``eval_stats="precise"``). Checkpoint fallback and data paths as in
     :func:`load_run`.
     """
-    if split not in ("train", "test"):  # before any loading
-        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    _check_split_name(split)  # before any loading
     cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint)
     _check_split(split, cfg, info["bundle"])
     return _evaluate_loaded(Path(run_dir), cfg, model, info, split, save_classifier, None)[0]
@@ -870,8 +874,7 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str 
     built once.
     """
     run_dir = Path(run_dir)
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    _check_split_name(split)
     kept = kept_checkpoints(run_dir)
     if not kept:
         raise FileNotFoundError(f"cannot evaluate {run_dir}: no checkpoint in "
@@ -882,7 +885,8 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str 
     rows, state = [], None
     for epoch in kept:
         if epoch != info["epoch"]:
-            model.load_state_dict(_checkpoint_of_epoch(run_dir, epoch, "evaluate")["model"])
+            ckpt = _checkpoint_of_epoch(run_dir, epoch, "evaluate", kept)
+            model.load_state_dict(ckpt["model"])
             info["epoch"] = epoch
         row, state = _evaluate_loaded(run_dir, cfg, model, info, split, save_classifier, state)
         append_line(path, json.dumps(row))
