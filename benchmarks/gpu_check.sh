@@ -9,8 +9,9 @@
 #   mkdir -p data && cp ../shared/data/cifar10-jpg.tar.gz data/
 #   run(command="bash benchmarks/gpu_check.sh 1", carry=["data/cifar10-jpg.tar.gz"])
 #
-# Stage 1: GPU name; layer bench (512x10, 512x100, 2048x1000, 10240x10000); epoch bench of
-# cifar10-resnet18 per method (+ implicit with the solve on the host) and its profile
+# Stage 1: GPU name; layer bench (512x10, 512x100, 2048x1000 with the eigensolvers and the
+# sync-free Newton-Schulz polar factor; 10240x10000 with the latter); epoch bench of
+# cifar10-resnet18 per method (+ implicit with --polar-method newton_schulz) and its profile
 # (`gnc bench --profile`: launches, host waits, operators per step); EPOCHS (10) epochs of
 # cifar10-resnet18 per method at seed 1. Stage 2: the same three runs for as many epochs as
 # STAGE2_SECONDS (default 300) allows at stage 1's measured speed, plus a resume check (the
@@ -55,19 +56,25 @@ torchvision.__version__, "cuda", torch.version.cuda)'
   timeout 60 $PY -m gnc bench --device "$DEVICE" --sizes "$LAYER" --steps none \
     --epoch none --repeats 5 --json > "$OUT/bench-layer.json" 2>>"$LOG"
   say "layer bench: exit $?"
-  # the largest layer alone, capped at a minute (a float64 eigh of 10000x10000 takes seconds)
+  # the largest layer alone, sync-free polar factor only, capped at a minute (the eigensolver
+  # path did not finish in a minute on an H200: a float64 eigh of 10000x10000 takes seconds)
   timeout 60 $PY -m gnc bench --device "$DEVICE" --sizes "${BIG_LAYER:-10240x10000}" \
-    --steps none --epoch none --repeats 3 --json > "$OUT/bench-layer-big.json" 2>>"$LOG"
+    --polar newton_schulz --steps none --epoch none --repeats 3 --json \
+    > "$OUT/bench-layer-big.json" 2>>"$LOG"
   say "layer bench ${BIG_LAYER:-10240x10000}: exit $?"
   timeout ${BENCH_TIMEOUT:-150} $PY -m gnc "${BENCH[@]}" > "$OUT/bench-epoch.json" 2>>"$LOG"
   say "epoch bench: exit $?"
-  timeout 45 $PY -m gnc "${BENCH[@]}" --methods implicit --set solve_device=cpu \
-    > "$OUT/bench-epoch-cpu-solve.json" 2>>"$LOG"
-  say "epoch bench, solve on the host: exit $?"
+  timeout 45 $PY -m gnc "${BENCH[@]}" --methods implicit --set polar_method=newton_schulz \
+    > "$OUT/bench-epoch-ns.json" 2>>"$LOG"
+  say "epoch bench, implicit with the sync-free polar factor: exit $?"
   # where the implicit head's extra time goes: kernel launches, host waits, top operators
   timeout ${PROFILE_TIMEOUT:-60} $PY -m gnc bench --device "$DEVICE" --epoch cifar10-resnet18 \
     --data-dir "$DATA" "${SET[@]}" --profile > "$OUT/profile-epoch.md" 2>>"$LOG"
   say "epoch profile: exit $?"
+  timeout 30 $PY -m gnc bench --device "$DEVICE" --epoch cifar10-resnet18 --methods implicit \
+    --data-dir "$DATA" "${SET[@]}" --set polar_method=newton_schulz --profile \
+    >> "$OUT/profile-epoch.md" 2>>"$LOG"
+  say "epoch profile, implicit newton_schulz: exit $?"
   for m in standard fixed implicit; do
     gnc train "${TRAIN[@]}" --method "$m" --seed 1 --epochs "$EPOCHS" --eval-every 5 \
       --overwrite --out "$RUNS/stage1/$m/seed1" >> "$LOG" 2>&1

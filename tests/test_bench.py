@@ -15,11 +15,24 @@ def test_bench_layer_small_sizes_table_and_speedups():
     assert all(r.forward_ms > 0 for r in records if r.forward_ms is not None)
     table = format_table(records)
     assert "exact/closed_form" in table and "svd 64x8" in table and "head 64x8" in table
-    assert any("faster than riemannian/ddn" in line for line in speedups(records))
+    assert ("layer 64x8", "exact/closed_form newton_schulz") in methods
+    assert ("head 64x8", "ImplicitETFHead newton_schulz") in methods
+    lines = speedups(records)
+    assert any("faster than riemannian/ddn" in line for line in lines)
+    assert any("newton_schulz forward+backward" in line for line in lines)
+    with pytest.raises(ValueError, match="unknown polar method"):
+        bench_layer([(32, 4)], polar_methods=("qr",))
+
+
+def test_bench_layer_above_the_big_size_times_the_layer_only(monkeypatch):
+    monkeypatch.setattr("gnc.bench.BIG_LAYER_FLOPS", 100)
+    records = bench_layer([(32, 4)], repeats=1, polar_methods=("newton_schulz",))
+    assert {r.case for r in records} == {"layer 32x4"}
+    assert {r.method for r in records} == {"exact/closed_form newton_schulz", "riemannian/ddn"}
 
 
 def test_bench_skips_paper_method_at_large_K():
-    records = bench_layer([(1000, 500)], repeats=1)
+    records = bench_layer([(1000, 500)], repeats=1, polar_methods=("auto",))
     paper = [r for r in records if r.method == "riemannian/ddn"][0]
     assert paper.forward_ms is None and paper.note.startswith("skipped")
 

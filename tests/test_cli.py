@@ -115,6 +115,12 @@ def test_experiment_and_bench_check_their_flags(tmp_path, capsys):
         (["train", "--preset", "digits", "--dataset", "ufm", "--out", out],
          "Expected input features for backbone 'mlp'"),
         (["train", "--epochs", "x", "--out", out], "invalid int value: 'x'"),
+        (["train", "--preset", "ufm10", "--polar-method", "qr", "--out", out],
+         "unknown polar_method 'qr'"),
+        (["train", "--preset", "ufm10", "--polar-method", "newton_schulz", "--solve-device",
+          "cpu", "--out", out], "solve_device='cpu' is for the SVD/eigh methods"),
+        (["bench", "--polar", "qr", "--sizes", "16x4", "--steps", "none"],
+         "unknown polar method(s) ['qr']"),
     ]
     if not torch.cuda.is_available():
         cases.append((["bench", "--device", "cuda", "--sizes", "16x4", "--steps", "none"],

@@ -29,10 +29,17 @@ from gnc.training import TrainConfig, Trainer, _train_batch_size
     ("seed", 2**32, "`seed` < 2\\*\\*32"),
     ("feature_dim", 0, "`feature_dim` >= 1"),
     ("device", "bogus", "`device` to be auto, cpu, cuda or cuda:N, but got 'bogus'"),
+    ("polar_method", "qr", "unknown polar_method 'qr'; choose from auto, svd, gram, "
+     "newton_schulz"),
 ])
 def test_validate_rejects(field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value}).validate()
+
+
+def test_validate_rejects_newton_schulz_on_the_host():
+    with pytest.raises(ValueError, match="newton_schulz.*solve_device='cpu'"):
+        TrainConfig(polar_method="newton_schulz", solve_device="cpu").validate()
 
 
 def test_validate_accepts_the_defaults_and_edges():

@@ -30,6 +30,7 @@ import torch
 
 from gnc.etf import nearest_etf
 from gnc.memory import PeakMemory
+from gnc.validation import trusted_inputs
 
 DEFAULT_SIZES = ((512, 10), (512, 50), (512, 100), (2048, 1000))
 # The paper's DDN backward costs ~p²·dK flops (p = K(K+1)/2); above this it takes minutes.
@@ -91,15 +92,26 @@ def layer_inputs(d: int, K: int, device: torch.device, dtype=torch.float32, seed
     return tuple(t.to(device=device, dtype=dtype) for t in (H_bar, U_prev, G))
 
 
+# the layer's polar factor: the eigensolvers ("auto") or the sync-free iteration
+POLAR_METHODS = ("auto", "newton_schulz")
+LAYER_ROWS = {"auto": "exact/closed_form", "newton_schulz": "exact/closed_form newton_schulz"}
+HEAD_ROWS = {"auto": "ImplicitETFHead", "newton_schulz": "ImplicitETFHead newton_schulz"}
+NS_ROW = LAYER_ROWS["newton_schulz"]
+
+
 def time_layer(
-    d: int, K: int, solver: str, backward: str, device: torch.device, repeats: int
+    d: int, K: int, solver: str, backward: str, device: torch.device, repeats: int,
+    polar_method: str = "auto",
 ) -> tuple[float, float]:
-    """Median forward and backward time (ms) of ``nearest_etf`` at (d, K)."""
+    """Median forward and backward time (ms) of ``nearest_etf`` at (d, K), as in training
+    (:func:`gnc.validation.trusted_inputs`: no value checks)."""
     H_bar, U_prev, G = layer_inputs(d, K, device)
 
     def forward():
         H = H_bar.clone().requires_grad_()
-        return H, nearest_etf(H, U_prev, solver=solver, backward=backward)
+        with trusted_inputs():
+            return H, nearest_etf(H, U_prev, solver=solver, backward=backward,
+                                  polar_method=polar_method)
 
     H, U = forward()
     t_fwd = median_ms(forward, device, repeats)
@@ -117,13 +129,14 @@ def time_layer(
     return t_fwd, t_bwd
 
 
-def time_head(d: int, K: int, device: torch.device, repeats: int) -> tuple[float, float]:
+def time_head(d: int, K: int, device: torch.device, repeats: int,
+              polar_method: str = "auto") -> tuple[float, float]:
     """Median forward/backward (ms) of a training-mode ImplicitETFHead on K features (one per
     class: the smallest class-stratified batch; the logits' products grow with the batch)."""
     from gnc.heads import ImplicitETFHead
 
     g = torch.Generator().manual_seed(0)
-    head = ImplicitETFHead(d, K).to(device)
+    head = ImplicitETFHead(d, K, polar_method=polar_method).to(device)
     h0 = torch.randn(K, d, generator=g).to(device)
     y = torch.arange(K, device=device)
     fwd, bwd = [], []
@@ -131,7 +144,8 @@ def time_head(d: int, K: int, device: torch.device, repeats: int) -> tuple[float
         h = h0.clone().requires_grad_()
         _sync(device)
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(head(h, y), y)
+        with trusted_inputs():
+            loss = torch.nn.functional.cross_entropy(head(h, y), y)
         _sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -149,17 +163,25 @@ def time_svd(d: int, K: int, device: torch.device, repeats: int) -> float:
 
 def bench_layer(
     sizes=DEFAULT_SIZES, *, device: str | torch.device = "cpu", repeats: int = 5,
-    paper_repeats: int = 1,
+    paper_repeats: int = 1, polar_methods: Sequence[str] = POLAR_METHODS,
 ) -> list[BenchRecord]:
-    """Forward/backward of ours vs the paper's at each (d, K), plus the SVD floor at the largest."""
+    """Forward/backward of ours (per polar method: ``auto`` = the eigensolvers,
+    ``newton_schulz``) vs the paper's at each (d, K), plus the head's training step and the
+    SVD floor at the largest size (skipped above :data:`BIG_LAYER_FLOPS`)."""
+    unknown = set(polar_methods) - set(POLAR_METHODS)
+    if unknown:
+        raise ValueError(f"unknown polar method(s) {sorted(unknown)}; choose from "
+                         f"{', '.join(POLAR_METHODS)}")
     device = torch.device(device)
     records = []
     for d, K in sizes:
         case = f"layer {d}x{K}"
         reps = repeats if d * K * K <= BIG_LAYER_FLOPS else 1
-        fwd, bwd = time_layer(d, K, "exact", "closed_form", device, reps)
-        records.append(BenchRecord(case, "exact/closed_form", str(device), fwd, bwd,
-                                   note="" if reps == repeats else "1 timed run"))
+        note = "" if reps == repeats else "1 timed run"
+        for polar in polar_methods:
+            fwd, bwd = time_layer(d, K, "exact", "closed_form", device, reps, polar)
+            records.append(BenchRecord(case, LAYER_ROWS[polar], str(device), fwd, bwd,
+                                       note=note))
         p = K * (K + 1) // 2
         if not _has_pymanopt():
             records.append(BenchRecord(case, "riemannian/ddn", str(device), None, None,
@@ -176,13 +198,15 @@ def bench_layer(
             fwd, bwd = time_layer(d, K, "riemannian", "ddn", device, paper_repeats)
             records.append(BenchRecord(case, "riemannian/ddn", str(device), fwd, bwd))
     d, K = max(sizes, key=lambda s: s[0] * s[1])
-    reps = repeats if d * K * K <= BIG_LAYER_FLOPS else 1
-    fwd, bwd = time_head(d, K, device, reps)
-    records.append(BenchRecord(f"head {d}x{K}", "ImplicitETFHead", str(device), fwd, bwd,
-                               note=f"training step of the head, batch of {K} features"))
+    if d * K * K > BIG_LAYER_FLOPS:
+        return records
+    for polar in polar_methods:
+        fwd, bwd = time_head(d, K, device, repeats, polar)
+        records.append(BenchRecord(f"head {d}x{K}", HEAD_ROWS[polar], str(device), fwd, bwd,
+                                   note=f"training step of the head, batch of {K} features"))
     records.append(BenchRecord(
-        f"svd {d}x{K}", "torch.linalg.svd float32", str(device), time_svd(d, K, device, reps),
-        None, note="floor: one thin SVD of a d×K matrix",
+        f"svd {d}x{K}", "torch.linalg.svd float32", str(device),
+        time_svd(d, K, device, repeats), None, note="floor: one thin SVD of a d×K matrix",
     ))
     return records
 
@@ -223,6 +247,10 @@ def speedups(records: list[BenchRecord]) -> list[str]:
     svd = next((r for r in records if r.case.startswith("svd")), None)
     for case, methods in by_case.items():
         ours, paper = methods.get("exact/closed_form"), methods.get("riemannian/ddn")
+        ns = methods.get(NS_ROW)
+        if ours and ns and ns.forward_ms is not None:
+            ratio = (ns.forward_ms + ns.backward_ms) / (ours.forward_ms + ours.backward_ms)
+            out.append(f"{case}: newton_schulz forward+backward = {ratio:.2f}x the eigensolver's")
         if ours and paper and paper.forward_ms is not None:
             ratio = (paper.forward_ms + paper.backward_ms) / (ours.forward_ms + ours.backward_ms)
             out.append(f"{case}: exact/closed_form is {ratio:.0f}x faster than riemannian/ddn")
@@ -501,8 +529,9 @@ def profile_epoch(preset: str, method: str, device: torch.device, *, data_dir: s
     def per_step(n: float) -> str:
         return f"{n / steps:.1f}"
 
-    lines = [f"## {preset} / {method} on {device} ({note}); profiled epoch {seconds:.2f} s",
-             ""]
+    settings = "".join(f" {k}={v}" for k, v in overrides.items())
+    lines = [f"## {preset} / {method}{settings} on {device} ({note}); profiled epoch "
+             f"{seconds:.2f} s", ""]
     if cuda:
         lines.append(f"per step: {per_step(sum(count.get(k, 0) for k in _LAUNCH_CALLS))} "
                      "kernel launches, host waits: " + ", ".join(

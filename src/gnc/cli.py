@@ -72,6 +72,8 @@ TRAIN_FLAGS = [
      "over the training split before each evaluation) | running (the paper's protocol)"),
     ("--solve-device", "solve_device", str, "auto | same | cpu: where the implicit head's "
      "exact solve runs"),
+    ("--polar-method", "polar_method", str, "auto | svd | gram | newton_schulz: the implicit "
+     "head's polar factor (newton_schulz: matrix products only, no host sync on a GPU)"),
 ]
 # `gnc experiment` takes every training flag but these (it runs every method x seed)
 NOT_EXPERIMENT_FLAGS = ("method", "seed")
@@ -271,6 +273,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     records = []
     if args.sizes != "none":
         kw = {"sizes": bench.parse_sizes(args.sizes)} if args.sizes else {}
+        if args.polar:
+            kw["polar_methods"] = args.polar.split(",")
         records += bench.bench_layer(device=args.device, repeats=args.repeats, **kw)
     if args.steps != "none":
         cases = bench.step_cases_by_name(args.steps, args.device) if args.steps else None
@@ -423,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "512x100,2048x1000; 'none' skips the layer)")
     p.add_argument("--steps", help="training-step cases (default ufm100,ufm1000,resnet18,"
                    "resnet50-k1000; 'none' skips them)")
+    p.add_argument("--polar", help="polar factors of the layer and head cases: auto (the "
+                   "eigensolvers), newton_schulz (default both)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     p.add_argument("--epoch", help="time whole training epochs of this preset per method "

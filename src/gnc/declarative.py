@@ -41,10 +41,13 @@ from torch import Tensor
 
 from gnc.etf import (
     BACKWARDS,
+    ETF_POLAR_METHODS,
     SOLVERS,
     check_nearest_etf_inputs,
     compute_dtype,
     polar_factor,
+    polar_newton_schulz,
+    proximal_lower_bound,
     proximal_target,
 )
 from gnc.validation import value_checks_enabled
@@ -81,6 +84,32 @@ def closed_form_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tens
     """``∂L/∂H_bar = (2/√(K−1)) · polar_backward(...) · M``."""
     K = U.shape[1]
     return (2.0 / math.sqrt(K - 1)) * _centre_rows(polar_backward(U, B, sigma, G))
+
+
+def newton_schulz_backward(
+    U: Tensor, P: Tensor, P_inv: Tensor, scale: Tensor, alphas: tuple[float, ...], G: Tensor
+) -> Tensor:
+    """:func:`polar_backward` without an eigenbasis: the Lyapunov equation by matrix products.
+
+    ``∂L/∂C = G P⁻¹ + U (2Z − T P⁻¹)`` with ``T = UᵀG`` and ``PZ + ZP = skew(T)``. Z comes
+    from the matrix sign function (Roberts, 1980): for ``P̂ = P/s`` (spectrum in (0, 1]),
+    ``sign([[P̂, S], [0, −P̂]]) = [[I, E], [0, −I]]`` with ``P̂E + EP̂ = 2S``, so
+    ``Z = E/(2s)``. The sign is the forward's scaled Newton–Schulz iteration, with the same
+    ``α_k`` (P̂ has the singular values of C/s), on the block-triangular matrix; its
+    off-diagonal block evolves as ``E ↦ (α/2)(3E − Q²E + QEQ − EQ²)``, ``Q = α P̂_k``.
+    No host sync; K×K work in float64.
+    """
+    T = U.double().T @ G.double()
+    E = 0.5 * (T - T.T)
+    P_hat = P / scale
+    for a in alphas:  # Q = a P̂: E ← (a/2)(3E − a²ME + a²P̂EP̂ − a²EM), M = P̂², by addmm
+        M = P_hat @ P_hat
+        R = torch.addmm(E, M, E, beta=1.5 * a, alpha=-0.5 * a**3)
+        R = torch.addmm(R, P_hat @ E, P_hat, alpha=0.5 * a**3)
+        E = torch.addmm(R, E, M, alpha=-0.5 * a**3)
+        P_hat = torch.addmm(P_hat, P_hat, M, beta=1.5 * a, alpha=-0.5 * a**3)
+    X = E / scale - T @ P_inv  # 2Z − T P⁻¹
+    return G @ P_inv.to(G.dtype) + U @ X.to(G.dtype)
 
 
 # Largest KKT system (dK + K(K+1)/2 unknowns) the δ = 0 ddn backward will build densely.
@@ -139,29 +168,54 @@ def ddn_backward(
     return -(2.0 / s) * _centre_rows(u - v)  # Bᵀ(u − v), B = −(2/√(K−1)) I ⊗ M
 
 
-def _exact_solve(C: Tensor, *, full_rank: bool, on_host: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _exact_solve(C: Tensor, method: str, *, full_rank: bool,
+                 on_host: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The polar factor's ``U, B, σ``, computed on the host when ``on_host`` (then moved back)."""
     if not on_host or C.device.type == "cpu":
-        pf = polar_factor(C, full_rank=full_rank)
+        pf = polar_factor(C, method, full_rank=full_rank)
         return pf.U, pf.B, pf.sigma
-    pf = polar_factor(C.cpu())  # the copy waits for C anyway: the rank test is free here
+    pf = polar_factor(C.cpu(), method)  # the copy waits for C anyway: the rank test is free
     return tuple(t.to(C.device, non_blocking=True) for t in (pf.U, pf.B, pf.sigma))
+
+
+# Largest residual max|UᵀU − I| of the Newton–Schulz polar factor that an API call accepts;
+# above it (C outside the schedule's conditioning) the call falls back to the eigensolver.
+NS_RESIDUAL_TOL = 1e-8
+
+
+def _newton_schulz_solve(C: Tensor, K: int, delta: float, info: dict | None):
+    """:func:`~gnc.etf.polar_newton_schulz` of the proximal target, or None when value checks
+    are on (an API call) and it did not converge."""
+    ns = polar_newton_schulz(C, proximal_lower_bound(K, delta))
+    if info is not None:
+        info["residual"] = ns.residual  # a device scalar: read it when a sync is acceptable
+    if value_checks_enabled() and not float(ns.residual) <= NS_RESIDUAL_TOL:
+        return None
+    return ns
 
 
 class NearestETF(torch.autograd.Function):
     """``U* = nearest_etf(H_bar, U_prev)`` with a choice of solver and backward.
 
-    ``NearestETF.apply(H_bar, U_prev, delta, solver, backward, info=None)``; ``info``, when a
-    dict, receives the solver's diagnostics (the Riemannian solver's iterations, gradient
-    norm and stopping reason).
+    ``NearestETF.apply(H_bar, U_prev, delta, solver, backward, info=None,
+    solve_device="same", polar_method="auto")``; ``info``, when a dict, receives the solver's
+    diagnostics (the Riemannian solver's iterations, gradient norm and stopping reason; the
+    Newton–Schulz residual).
     """
 
     @staticmethod
-    def forward(ctx, H_bar, U_prev, delta, solver, backward, info=None, solve_device="same"):  # noqa: D102,E501
+    def forward(ctx, H_bar, U_prev, delta, solver, backward, info=None, solve_device="same",  # noqa: D102,E501
+                polar_method="auto"):
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
         if backward not in BACKWARDS:
             raise ValueError(f"unknown backward {backward!r}; choose from {BACKWARDS}")
+        if polar_method not in ETF_POLAR_METHODS:
+            raise ValueError(f"unknown polar method {polar_method!r}; choose from "
+                             f"{ETF_POLAR_METHODS}")
+        if polar_method == "newton_schulz" and solve_device == "cpu":
+            raise ValueError("polar_method='newton_schulz' runs where the tensors are; "
+                             "solve_device='cpu' is for the SVD/eigh methods")
         check_nearest_etf_inputs(H_bar, U_prev, delta)
         dtype = compute_dtype(H_bar)
         # Copies, never views: the ddn backward saves them, and the caller may overwrite its
@@ -170,8 +224,15 @@ class NearestETF(torch.autograd.Function):
         Up = None if U_prev is None else U_prev.detach().to(dtype, copy=True)
         delta = float(delta) if Up is not None else 0.0
         C = proximal_target(H, Up, delta)
-        if solver == "exact":
-            U, B, sigma = _exact_solve(C, full_rank=Up is not None and delta > 0
+        ns = None
+        if solver == "exact" and polar_method == "newton_schulz" and delta > 0:
+            # δ = 0 (the first step) is rank-deficient: the eigensolver's tie-break takes it
+            ns = _newton_schulz_solve(C, H.shape[1], delta, info)
+        if ns is not None:
+            U = ns.U
+        elif solver == "exact":
+            method = "auto" if polar_method == "newton_schulz" else polar_method
+            U, B, sigma = _exact_solve(C, method, full_rank=Up is not None and delta > 0
                                        and not value_checks_enabled(),
                                        on_host=solve_device == "cpu")
         else:
@@ -196,7 +257,10 @@ class NearestETF(torch.autograd.Function):
         ctx.delta = delta
         ctx.in_dtype = H_bar.dtype
         ctx.has_prev = Up is not None
-        if backward == "closed_form":
+        ctx.alphas = ns.alphas if ns is not None else None
+        if backward == "closed_form" and ns is not None:
+            ctx.save_for_backward(U, ns.P, ns.P_inv, ns.scale)
+        elif backward == "closed_form":
             ctx.save_for_backward(U, B, sigma)
         elif backward == "ddn":
             ctx.save_for_backward(U, H, Up if Up is not None else torch.zeros_like(U))
@@ -205,11 +269,16 @@ class NearestETF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G):  # noqa: D102
         if ctx.backward_mode == "none" or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        if ctx.backward_mode == "closed_form":
+            return None, None, None, None, None, None, None, None
+        if ctx.backward_mode == "closed_form" and ctx.alphas is not None:
+            U, P, P_inv, scale = ctx.saved_tensors
+            K = U.shape[1]
+            grad = newton_schulz_backward(U, P, P_inv, scale, ctx.alphas, G.to(U.dtype))
+            grad = (2.0 / math.sqrt(K - 1)) * _centre_rows(grad)
+        elif ctx.backward_mode == "closed_form":
             U, B, sigma = ctx.saved_tensors
             grad = closed_form_backward(U, B, sigma, G.to(U.dtype))
         else:
             U, H, Up = ctx.saved_tensors
             grad = ddn_backward(U, H, Up if ctx.has_prev else None, ctx.delta, G.to(U.dtype))
-        return grad.to(ctx.in_dtype), None, None, None, None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None, None, None, None

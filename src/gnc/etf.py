@@ -20,6 +20,7 @@ iterative solver.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from gnc.validation import all_finite, value_checks_enabled
 SOLVERS = ("exact", "riemannian")
 BACKWARDS = ("closed_form", "ddn", "none")
 POLAR_METHODS = ("auto", "svd", "gram")
+# How nearest_etf computes the polar factor: the above, or the sync-free iteration.
+ETF_POLAR_METHODS = (*POLAR_METHODS, "newton_schulz")
 SOLVE_DEVICES = ("same", "cpu")
 
 # Up to this many classes the whole solve and backward run in float64 (cheap at that size);
@@ -201,6 +204,82 @@ def polar(C: Tensor) -> Tensor:
     return polar_factor(C).U
 
 
+# The Newton–Schulz schedule assumes σ_min(C) >= NS_SAFETY · δ for the proximal target
+# (C 1 = δ U_prev 1 makes σ_min <= δ; ~δ is typical): a margin of 1000 below the typical.
+NS_SAFETY = 1e-3
+
+
+@functools.lru_cache(maxsize=64)
+def newton_schulz_schedule(ell: float, eps: float = 1e-15) -> tuple[float, ...]:
+    """Scalings ``α_k`` of the scaled Newton–Schulz iteration for singular values in [ℓ, 1].
+
+    Each step maps a singular value ``x ↦ g(α_k x)`` with ``g(y) = (3y − y³)/2``;
+    ``α_k = √(3/(1 + ℓ_k + ℓ_k²))`` makes ``g`` equal at both ends of ``[ℓ_k, 1]``, so the
+    values stay in ``[ℓ_{k+1}, 1]`` with ``ℓ_{k+1} = g(α_k ℓ_k)`` (Chen & Chow, "A stable
+    scaling of Newton–Schulz for improving the sign function computation of a Hermitian
+    matrix", 2014). Small ℓ grow ×2.6 a step, then the convergence is quadratic. Stops once
+    ``1 − ℓ_k <= eps`` and adds one unscaled step.
+    """
+    if not 0 < ell <= 1:
+        raise ValueError(f"Expected a lower bound 0 < ell <= 1, but got {ell}")
+    alphas = []
+    while 1 - ell > eps and len(alphas) < 200:
+        a = math.sqrt(3 / (1 + ell + ell * ell))
+        alphas.append(a)
+        ell = 0.5 * a * ell * (3 - a * a * ell * ell)
+    return (*alphas, 1.0)
+
+
+def proximal_lower_bound(K: int, delta: float) -> float:
+    """ℓ for :func:`newton_schulz_schedule` of the proximal target of a Frobenius-normalised
+    ``H_bar``: ``NS_SAFETY·δ / s_max`` with ``s_max = 2/√(K−1) + δ√K >= ‖C‖_F``."""
+    return min(1.0, NS_SAFETY * delta / (2 / math.sqrt(K - 1) + delta * math.sqrt(K)))
+
+
+@dataclass
+class NewtonSchulzPolar:
+    """``C = U P`` from :func:`polar_newton_schulz`: ``P = UᵀC = (CᵀC)^{1/2}`` and ``P⁻¹``
+    (K×K, float64), the scale ``s`` the iteration started from, and its ``residual``
+    ``max|UᵀU − I|`` (device scalars: reading them is the caller's choice)."""
+
+    U: Tensor
+    P: Tensor
+    P_inv: Tensor
+    scale: Tensor
+    residual: Tensor
+    alphas: tuple[float, ...]
+
+
+def polar_newton_schulz(C: Tensor, ell: float) -> NewtonSchulzPolar:
+    """Polar factor ``U = C (CᵀC)^{−1/2}`` by the scaled Newton–Schulz iteration.
+
+    Matrix products and a Cholesky factorisation only: no SVD or eigensolver, no branch on a
+    tensor's value, so no host sync on a GPU (``svd``/``eigh`` wait for the device every
+    call) and the step can be captured in a CUDA graph. With ``s = ‖CᵀC‖_F^{1/2} >= σ_max(C)``:
+
+        X_0 = C/s,    X_{k+1} = (α_k/2) X_k (3I − α_k² X_kᵀX_k),    U = X_N,
+
+    two products (d×K·K and its Gram) a step. Each step maps every singular value through
+    the same cubic, so X_k keeps C's singular vectors and tends to ``U``; the iteration
+    corrects its own rounding (error ~eps·cond(C), like the SVD). Converged (to rounding)
+    when ``σ_min(C) >= ℓ s``, ``ℓ`` setting the schedule (:func:`newton_schulz_schedule`);
+    below that the smallest singular directions are not, which ``residual`` shows. ``P`` and
+    its inverse (by Cholesky) are float64, for the backward.
+    """
+    alphas = newton_schulz_schedule(ell)
+    s = torch.linalg.matrix_norm(C.T @ C).sqrt().clamp_min(torch.finfo(C.dtype).tiny)
+    eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
+    X = C / s
+    for a in alphas:  # X (3a/2) − (a³/2) X (XᵀX): two kernels a step
+        X = torch.addmm(X, X, X.T @ X, beta=1.5 * a, alpha=-0.5 * a**3)
+    residual = (X.T @ X - eye).abs().amax()
+    P = X.double().T @ C.double()
+    P = 0.5 * (P + P.T)
+    L, _ = torch.linalg.cholesky_ex(P)  # _ex: no error check, so no sync
+    return NewtonSchulzPolar(X, P, torch.cholesky_inverse(L), s.to(torch.float64, copy=True),
+                             residual, alphas)
+
+
 def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float) -> None:
     """Raise ``ValueError`` naming the problem when the nearest-ETF inputs are invalid."""
     if not isinstance(H_bar, Tensor) or H_bar.ndim != 2:
@@ -246,6 +325,7 @@ def nearest_etf(
     backward: str = "closed_form",
     info: dict | None = None,
     solve_device: str = "same",
+    polar_method: str = "auto",
 ) -> Tensor:
     """Rotation ``U* ∈ St(d,K)`` of the simplex ETF nearest the class means ``H_bar``.
 
@@ -268,6 +348,12 @@ def nearest_etf(
         solve_device: ``"same"`` (the tensors' device) or ``"cpu"``: the exact solve on the
             host, for small K on a GPU, where a d×K SVD is a few launch-bound kernels (the
             factors return to the device for the backward; ``docs/bench.md`` compares both).
+        polar_method: how the exact solver computes the polar factor: ``"auto"``, ``"svd"``,
+            ``"gram"`` (see :func:`polar_factor`) or ``"newton_schulz"``
+            (:func:`polar_newton_schulz` for δ > 0, with the backward by the same iteration:
+            matrix products only, no host sync on a GPU; assumes ``‖H_bar‖_F <= 1``; an API
+            call whose iteration did not converge falls back to ``"auto"``; the first step,
+            δ = 0, always uses ``"auto"``).
 
     Returns:
         ``U*``, d×K, same dtype and device as ``H_bar``.
@@ -281,4 +367,5 @@ def nearest_etf(
     # Imported here: gnc.declarative builds on the maths of this module.
     from gnc.declarative import NearestETF
 
-    return NearestETF.apply(H_bar, U_prev, delta, solver, backward, info, solve_device)
+    return NearestETF.apply(H_bar, U_prev, delta, solver, backward, info, solve_device,
+                            polar_method)

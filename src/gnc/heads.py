@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from gnc.class_means import ClassMeanTracker
 from gnc.etf import (
     BACKWARDS,
+    ETF_POLAR_METHODS,
     SOLVE_DEVICES,
     SOLVERS,
     canonical_stiefel,
@@ -245,6 +246,9 @@ class ImplicitETFHead(_ETFHead):
         update: running class means, ``"ema"`` (default) or ``"cma"``.
         solve_device: ``"same"`` (default) or ``"cpu"``: where the exact solve runs (see
             :func:`~gnc.etf.nearest_etf`).
+        polar_method: ``"auto"`` (default), ``"svd"``, ``"gram"`` or ``"newton_schulz"``: how
+            the exact solver computes the polar factor (see :func:`~gnc.etf.nearest_etf`;
+            ``newton_schulz`` makes the training step free of host syncs on a GPU).
         bias: use ``b = −W μ_G`` (default True); ``False``: logits ``W h``.
 
     Shape:
@@ -266,7 +270,7 @@ class ImplicitETFHead(_ETFHead):
     def __init__(
         self, d: int, K: int, delta: float = 1e-3, solver: str = "exact",
         backward: str = "closed_form", update: str = "ema", solve_device: str = "same",
-        bias: bool = True, *, device=None, dtype=None,
+        bias: bool = True, polar_method: str = "auto", *, device=None, dtype=None,
     ) -> None:
         super().__init__(d, K, bias, device=device, dtype=dtype)
         if solver not in SOLVERS:
@@ -275,8 +279,15 @@ class ImplicitETFHead(_ETFHead):
             raise ValueError(f"unknown backward {backward!r}; choose from {BACKWARDS}")
         if solve_device not in SOLVE_DEVICES:
             raise ValueError(f"unknown solve_device {solve_device!r}; choose from {SOLVE_DEVICES}")
+        if polar_method not in ETF_POLAR_METHODS:
+            raise ValueError(f"unknown polar_method {polar_method!r}; choose from "
+                             f"{ETF_POLAR_METHODS}")
+        if polar_method == "newton_schulz" and solve_device == "cpu":
+            raise ValueError("polar_method='newton_schulz' runs on the features' device; "
+                             "solve_device='cpu' is for the SVD/eigh methods")
         self.delta, self.solver, self.backward = delta, solver, backward
-        self.solve_device = solve_device
+        self.solve_device, self.polar_method = solve_device, polar_method
+        self._polar_residual: Tensor | None = None
         self.tracker = ClassMeanTracker(d, K, update, device=device, dtype=dtype)
         self.register_buffer("U", canonical_stiefel(d, K, dtype=self.weight.dtype, device=device))
         self.weight.copy_(simplex_etf(K, self.U))
@@ -294,16 +305,27 @@ class ImplicitETFHead(_ETFHead):
         U_prev = self.U if self.num_steps > 0 else None
         U = nearest_etf(H_bar, U_prev, delta=self.delta, solver=self.solver,
                         backward=self.backward, info=self.solver_info,
-                        solve_device=self.solve_device)
+                        solve_device=self.solve_device, polar_method=self.polar_method)
+        residual = self.solver_info.pop("residual", None)
+        if residual is not None:  # kept on the device: read by pop_polar_residual
+            self._polar_residual = (residual if self._polar_residual is None
+                                    else torch.maximum(self._polar_residual, residual))
         W = simplex_etf(self.K, U).to(h.dtype)  # K×d
         with torch.no_grad():
             self.U.copy_(U)
         self._store(W.detach(), self.tracker.mu_G.to(W.dtype))
         return self._train_logits(h, W, mu_G)
 
+    def pop_polar_residual(self) -> float | None:
+        """The largest Newton–Schulz residual ``max|UᵀU − I|`` since the last call (None when
+        no step used ``polar_method="newton_schulz"``); reads the device once."""
+        residual, self._polar_residual = self._polar_residual, None
+        return None if residual is None else float(residual)
+
     def extra_repr(self) -> str:
+        extra = "" if self.polar_method == "auto" else f", polar_method={self.polar_method!r}"
         return (super().extra_repr() + f", delta={self.delta}, solver={self.solver!r}, "
-                f"backward={self.backward!r}")
+                f"backward={self.backward!r}" + extra)
 
 
 # method name → (head factory, normalise features onto the τ-sphere)
@@ -318,7 +340,7 @@ METHODS: dict[str, tuple[type[nn.Module], dict, bool]] = {
 
 
 HEAD_OPTIONS = ("bias", "rotation", "seed", "delta", "solver", "backward", "update",
-                "solve_device", "device", "dtype")
+                "solve_device", "polar_method", "device", "dtype")
 
 
 def normalizes_features(method: str) -> bool:

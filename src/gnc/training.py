@@ -66,6 +66,8 @@ from gnc.data import DatasetBundle, batch_sampler_for, load_dataset, make_loader
 from gnc.data.device import DeviceImageLoader, device_images, estimated_bytes, fits_on_device
 from gnc.data.perturb import check_rates
 from gnc.data.sampler import TensorBatchLoader
+from gnc.declarative import NS_RESIDUAL_TOL
+from gnc.etf import ETF_POLAR_METHODS
 from gnc.evaluation import (
     EVAL_STATS,
     etf_distances_of,
@@ -141,6 +143,7 @@ class TrainConfig:
     channels_last: bool = False  # image backbones in channels-last memory layout (GPU)
     compile: bool = False  # torch.compile the backbone in place (the head stays eager)
     solve_device: str = "auto"  # implicit head's exact solve: auto | same | cpu
+    polar_method: str = "auto"  # implicit head's polar factor: auto | svd | gram | newton_schulz
     eval_stats: str = "precise"  # BN statistics and mu_G at evaluation: precise | running
     save_classifier: bool = False  # write classifier/epoch_XXXX.pt (W, b, class means, U) at evals
 
@@ -156,10 +159,14 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose 'stratified' or 'shuffle'")
         check_rates(self.imbalance, self.label_noise)
         for name, choices in (("data_on_device", DATA_ON_DEVICE), ("eval_stats", EVAL_STATS),
-                              ("solve_device", SOLVE_DEVICES)):
+                              ("solve_device", SOLVE_DEVICES),
+                              ("polar_method", ETF_POLAR_METHODS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from "
                                  f"{', '.join(choices)}")
+        if self.polar_method == "newton_schulz" and self.solve_device == "cpu":
+            raise ValueError("polar_method newton_schulz runs on the training device; "
+                             "solve_device='cpu' is for the SVD/eigh methods")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"unknown amp {self.amp!r}; choose from {', '.join(AMP_DTYPES)}")
         if not (math.isfinite(self.tau) and self.tau > 0):
@@ -299,6 +306,7 @@ def build_model(cfg: TrainConfig, bundle: DatasetBundle,
         cfg.method, d, bundle.num_classes, delta=cfg.delta, solver=cfg.solver,
         backward=cfg.backward, update=cfg.update, rotation=cfg.rotation, seed=cfg.seed,
         solve_device=solve_device_for(cfg, bundle.num_classes, device), bias=cfg.bias,
+        polar_method=cfg.polar_method,
     )
     tau = cfg.tau if normalizes_features(cfg.method) else None
     model = FeatureClassifier(backbone, head, tau=tau, amp_dtype=AMP_DTYPES[cfg.amp])
@@ -610,7 +618,7 @@ class Trainer:
         t_fwd, t_bwd = timer.times_ms()
         loss_sum, bad, correct, seen_all, n_steps = self._all_reduce(
             [float(loss_sum), float(bad), float(correct), seen, steps])
-        return {
+        return self._polar_residual() | {
             "train_loss": loss_sum / max(n_steps - bad, 1),
             "train_batch_top1": 100.0 * correct / seen_all,
             "skipped_steps": int(bad),
@@ -619,6 +627,19 @@ class Trainer:
             "time_forward_ms_median": statistics.median(t_fwd),
             "time_backward_ms_median": statistics.median(t_bwd),
         }
+
+    def _polar_residual(self) -> dict:
+        """``{"polar_residual": r}``, the epoch's largest Newton–Schulz residual max|UᵀU − I|
+        (empty unless the head used it), with a warning when the iteration did not converge."""
+        pop = getattr(self.model.head, "pop_polar_residual", None)
+        residual = pop() if pop is not None else None
+        if residual is None:
+            return {}
+        if not residual <= NS_RESIDUAL_TOL and self.dist.is_main:
+            logger.warning("epoch %d: the Newton–Schulz polar factor reached only max|UᵀU − I| = "
+                        "%.2e (class means outside its conditioning); --polar-method auto "
+                        "solves exactly", self.epoch, residual)
+        return {"polar_residual": residual}
 
     def _check_finite(self, bad: torch.Tensor, first_bad: torch.Tensor, steps: int,
                       end: bool) -> None:
