@@ -8,7 +8,12 @@ import pytest
 import torch
 
 import gnc.etf as etf
-from gnc.declarative import newton_schulz_backward, polar_backward
+from gnc.declarative import (
+    LYAPUNOV_KRON_MAX_K,
+    lyapunov_solve,
+    newton_schulz_backward,
+    polar_backward,
+)
 from gnc.etf import (
     nearest_etf,
     newton_schulz_schedule,
@@ -81,6 +86,20 @@ def test_residual_flags_a_matrix_outside_the_schedule():
     C, _ = conditioned(40, 8, 1e9)
     ns = polar_newton_schulz(C, 1e-3)  # claims σ_min >= 1e-3 s; it is ~1e-9 s
     assert float(ns.residual) > 1e-2
+
+
+@pytest.mark.parametrize("K", [3, LYAPUNOV_KRON_MAX_K, LYAPUNOV_KRON_MAX_K + 1, 40])
+def test_lyapunov_solve_by_kronecker_and_by_sign_iteration(K):
+    g = torch.Generator().manual_seed(K)
+    B = random_stiefel(K, K, seed=K)
+    lam = torch.logspace(0, -3, K, dtype=F64)  # P = B diag(λ) Bᵀ, condition 1000
+    P = (B * lam) @ B.T
+    S = torch.randn(K, K, generator=g, dtype=F64)
+    S = S - S.T
+    s = torch.linalg.matrix_norm(P)
+    Z = lyapunov_solve(P, S, s, newton_schulz_schedule(0.9 * float(lam[-1] / s)))
+    Z_ref = B @ ((B.T @ S @ B) / (lam[:, None] + lam[None, :])) @ B.T  # in P's eigenbasis
+    assert (Z - Z_ref).abs().max() <= 1e-11 * Z_ref.abs().max()
 
 
 @pytest.mark.parametrize("means", [random_means, near_etf_means])

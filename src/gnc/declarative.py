@@ -86,21 +86,28 @@ def closed_form_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tens
     return (2.0 / math.sqrt(K - 1)) * _centre_rows(polar_backward(U, B, sigma, G))
 
 
-def newton_schulz_backward(
-    U: Tensor, P: Tensor, P_inv: Tensor, scale: Tensor, alphas: tuple[float, ...], G: Tensor
-) -> Tensor:
-    """:func:`polar_backward` without an eigenbasis: the Lyapunov equation by matrix products.
+# Up to this many classes the sync-free backward solves its Lyapunov equation as one K²×K²
+# Cholesky system (a few kernels) instead of the ~5 products a step of the sign iteration.
+LYAPUNOV_KRON_MAX_K = 16
 
-    ``∂L/∂C = G P⁻¹ + U (2Z − T P⁻¹)`` with ``T = UᵀG`` and ``PZ + ZP = skew(T)``. Z comes
-    from the matrix sign function (Roberts, 1980): for ``P̂ = P/s`` (spectrum in (0, 1]),
-    ``sign([[P̂, S], [0, −P̂]]) = [[I, E], [0, −I]]`` with ``P̂E + EP̂ = 2S``, so
-    ``Z = E/(2s)``. The sign is the forward's scaled Newton–Schulz iteration, with the same
-    ``α_k`` (P̂ has the singular values of C/s), on the block-triangular matrix; its
-    off-diagonal block evolves as ``E ↦ (α/2)(3E − Q²E + QEQ − EQ²)``, ``Q = α P̂_k``.
-    No host sync; K×K work in float64.
+
+def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...]) -> Tensor:
+    """``Z`` with ``PZ + ZP = S`` for a symmetric positive definite ``P``, sync-free.
+
+    Small K: the Kronecker form ``(P ⊗ I + I ⊗ P) vec(Z) = vec(S)`` by Cholesky
+    (``cholesky_ex``: no error check, no sync). Otherwise the matrix sign function (Roberts,
+    1980): for ``P̂ = P/s`` (spectrum in (0, 1]), ``sign([[P̂, S], [0, −P̂]]) = [[I, E], [0, −I]]``
+    with ``P̂E + EP̂ = 2S``, so ``Z = E/(2s)``; the sign is the forward's scaled Newton–Schulz
+    iteration with the same ``α_k`` (P̂ has the singular values of C/s) on the
+    block-triangular matrix, whose off-diagonal block evolves as
+    ``E ↦ (α/2)(3E − Q²E + QEQ − EQ²)``, ``Q = α P̂_k``.
     """
-    T = U.double().T @ G.double()
-    E = 0.5 * (T - T.T)
+    K = P.shape[0]
+    if K <= LYAPUNOV_KRON_MAX_K:
+        eye = torch.eye(K, dtype=P.dtype, device=P.device)
+        L, _ = torch.linalg.cholesky_ex(torch.kron(P, eye) + torch.kron(eye, P))
+        return torch.cholesky_solve(S.reshape(K * K, 1), L).reshape(K, K)
+    E = S
     P_hat = P / scale
     for a in alphas:  # Q = a P̂: E ← (a/2)(3E − a²ME + a²P̂EP̂ − a²EM), M = P̂², by addmm
         M = P_hat @ P_hat
@@ -108,7 +115,20 @@ def newton_schulz_backward(
         R = torch.addmm(R, P_hat @ E, P_hat, alpha=0.5 * a**3)
         E = torch.addmm(R, E, M, alpha=-0.5 * a**3)
         P_hat = torch.addmm(P_hat, P_hat, M, beta=1.5 * a, alpha=-0.5 * a**3)
-    X = E / scale - T @ P_inv  # 2Z − T P⁻¹
+    return E / (2.0 * scale)
+
+
+def newton_schulz_backward(
+    U: Tensor, P: Tensor, P_inv: Tensor, scale: Tensor, alphas: tuple[float, ...], G: Tensor
+) -> Tensor:
+    """:func:`polar_backward` without an eigenbasis, from the factors of
+    :func:`~gnc.etf.polar_newton_schulz`: ``∂L/∂C = G P⁻¹ + U (2Z − T P⁻¹)`` with
+    ``T = UᵀG`` and ``PZ + ZP = skew(T)`` (:func:`lyapunov_solve`). No host sync; the K×K
+    work in float64.
+    """
+    T = U.double().T @ G.double()
+    Z = lyapunov_solve(P, 0.5 * (T - T.T), scale, alphas)
+    X = 2.0 * Z - T @ P_inv
     return G @ P_inv.to(G.dtype) + U @ X.to(G.dtype)
 
 
