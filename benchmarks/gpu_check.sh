@@ -75,6 +75,7 @@ torchvision.__version__, "cuda", torch.version.cuda)'
     --data-dir "$DATA" "${SET[@]}" --set polar_method=newton_schulz --profile \
     >> "$OUT/profile-epoch.md" 2>>"$LOG"
   say "epoch profile, implicit newton_schulz: exit $?"
+  mkdir -p "$RUNS/stage1" && cp "$OUT"/bench-epoch*.json "$RUNS/stage1/"  # for stage 2
   for m in standard fixed implicit; do
     gnc train "${TRAIN[@]}" --method "$m" --seed 1 --epochs "$EPOCHS" --eval-every 5 \
       --overwrite --out "$RUNS/stage1/$m/seed1" >> "$LOG" 2>&1
@@ -86,8 +87,9 @@ torchvision.__version__, "cuda", torch.version.cuda)'
 fi
 
 # Stage 2: epochs from stage 1's measured seconds per epoch and the budget; three runs plus
-# the resume check (a third of one more run), 10 % margin. Then the resume check's kill time.
-read -r E2 KILL_S < <($PY - "$RUNS/stage1" "${STAGE2_SECONDS:-300}" <<'PYEOF'
+# the resume check (a third of one more run), 10 % margin. Then the resume check's kill time,
+# and the implicit head's polar factor: whichever of stage 1's epoch benches was faster.
+read -r E2 KILL_S POLAR < <($PY - "$RUNS/stage1" "${STAGE2_SECONDS:-300}" <<'PYEOF'
 import json, pathlib, sys
 root, budget = pathlib.Path(sys.argv[1]), float(sys.argv[2])
 per = []
@@ -96,13 +98,24 @@ for m in ("standard", "fixed", "implicit"):
     last = json.loads(lines[-1])
     per.append(last["elapsed_s"] / last["epoch"])
 e2 = max(5, int(budget / ((sum(per) + per[2] / 3) * 1.1)) // 5 * 5)
-print(e2, int(15 + per[2] * e2 / 3))
+
+def implicit_s(name):
+    try:
+        recs = json.loads((root / name).read_text())
+        return next(r["epoch_s"] for r in recs if r["method"] == "implicit")
+    except (OSError, ValueError, StopIteration, KeyError):
+        return float("inf")
+
+ns = implicit_s("bench-epoch-ns.json") < implicit_s("bench-epoch.json")
+print(e2, int(15 + per[2] * e2 / 3), "newton_schulz" if ns else "auto")
 PYEOF
 )
-say "stage 2: ${E2:?stage 1 results missing} epochs per method; resume check killed after ${KILL_S}s"
+say "stage 2: ${E2:?stage 1 results missing} epochs per method; resume check killed after \
+${KILL_S}s; implicit head's polar factor: $POLAR (the faster in stage 1's epoch bench)"
 for m in standard fixed implicit; do
   gnc train "${TRAIN[@]}" --method "$m" --seed 1 --epochs "$E2" --eval-every 5 \
-    --checkpoint-every 5 --overwrite --out "$RUNS/stage2/$m/seed1" >> "$LOG" 2>&1
+    --polar-method "$POLAR" --checkpoint-every 5 --overwrite --out "$RUNS/stage2/$m/seed1" \
+    >> "$LOG" 2>&1
   say "train $m ($E2 epochs): exit $?"
   pack
 done
@@ -110,10 +123,11 @@ done
 # metrics should match the uninterrupted stage-2 run within bf16 noise.
 R="$RUNS/stage2-resume/implicit/seed1"
 timeout -s KILL "$KILL_S" $PY -m gnc train "${TRAIN[@]}" --method implicit --seed 1 \
-  --epochs "$E2" --eval-every 5 --checkpoint-every 5 --overwrite --out "$R" >> "$LOG" 2>&1
+  --polar-method "$POLAR" --epochs "$E2" --eval-every 5 --checkpoint-every 5 --overwrite \
+  --out "$R" >> "$LOG" 2>&1
 say "resume check: killed after ${KILL_S}s (exit $?)"
-gnc train "${TRAIN[@]}" --method implicit --seed 1 --epochs "$E2" --eval-every 5 \
-  --checkpoint-every 5 --resume --out "$R" >> "$LOG" 2>&1
+gnc train "${TRAIN[@]}" --method implicit --seed 1 --polar-method "$POLAR" \
+  --epochs "$E2" --eval-every 5 --checkpoint-every 5 --resume --out "$R" >> "$LOG" 2>&1
 say "resume check: resumed to $E2 epochs: exit $?"
 pack
 say "stage 2 done"
