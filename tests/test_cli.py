@@ -121,6 +121,11 @@ def test_experiment_and_bench_check_their_flags(tmp_path, capsys):
           "cpu", "--out", out], "solve_device='cpu' is for the SVD/eigh methods"),
         (["bench", "--polar", "qr", "--sizes", "16x4", "--steps", "none"],
          "unknown polar method(s) ['qr']"),
+        (["train", "--preset", "ufm10", "--graph-head", "--out", out],
+         "graph_head needs polar_method newton_schulz"),
+        (["train", "--preset", "ufm10", *TINY_UFM, "--graph-head", "--polar-method",
+          "newton_schulz", "--device", "cpu", "--out", out],
+         "needs one process on a CUDA device, not 1 on cpu"),
     ]
     if not torch.cuda.is_available():
         cases.append((["bench", "--device", "cuda", "--sizes", "16x4", "--steps", "none"],

@@ -74,6 +74,17 @@ def test_polar_equals_the_construction_and_the_svd(d, K, cond):
     assert torch.allclose(ns.P @ ns.P_inv, eye, atol=1e-10 * cond)
 
 
+@pytest.mark.parametrize("d,K,dtype", [(64, 10, F64), (50, 50, F64), (300, 260, torch.float32)])
+def test_products_only_variant_equals_the_cholesky_one(d, K, dtype):
+    """What a CUDA-graph capture runs (no cuSOLVER call) against the eager variant."""
+    C, _ = conditioned(d, K, 300.0, dtype=dtype)
+    a = polar_newton_schulz(C, safe_ell(C))
+    b = polar_newton_schulz(C, safe_ell(C), products_only=True)
+    tol = 1e-13 if dtype == F64 else 1e-5
+    assert (a.U - b.U).abs().max() <= tol
+    assert (a.P_inv - b.P_inv).abs().max() <= tol * 1e3 * a.P_inv.abs().max()
+
+
 def test_float32_input_stays_float32_and_is_accurate():
     C, U_true = conditioned(300, 260, 50.0, dtype=torch.float32)
     ns = polar_newton_schulz(C, safe_ell(C))
@@ -97,9 +108,11 @@ def test_lyapunov_solve_by_kronecker_and_by_sign_iteration(K):
     S = torch.randn(K, K, generator=g, dtype=F64)
     S = S - S.T
     s = torch.linalg.matrix_norm(P)
-    Z = lyapunov_solve(P, S, s, newton_schulz_schedule(0.9 * float(lam[-1] / s)))
+    alphas = newton_schulz_schedule(0.9 * float(lam[-1] / s))
     Z_ref = B @ ((B.T @ S @ B) / (lam[:, None] + lam[None, :])) @ B.T  # in P's eigenbasis
-    assert (Z - Z_ref).abs().max() <= 1e-11 * Z_ref.abs().max()
+    for products_only in (False, True):
+        Z = lyapunov_solve(P, S, s, alphas, products_only=products_only)
+        assert (Z - Z_ref).abs().max() <= 1e-11 * Z_ref.abs().max()
 
 
 @pytest.mark.parametrize("means", [random_means, near_etf_means])
@@ -164,21 +177,28 @@ def test_bad_options_are_refused():
         ImplicitETFHead(12, 4, polar_method="eig")
 
 
-def test_head_step_reads_no_tensor_value(monkeypatch):
+@pytest.mark.parametrize("K", [8, 20])  # Lyapunov by Kronecker Cholesky / sign iteration
+@pytest.mark.parametrize("captured", [False, True])
+def test_head_step_reads_no_tensor_value(monkeypatch, K, captured):
     """A training step of the head on "meta" tensors (shapes, no values): any read of a value
     on the host (``.item()``, ``bool``, ``float``: a device sync on a GPU, and forbidden in
-    a CUDA graph) would raise. The eigensolvers, which sync inside, are not called."""
-    d, K = 32, 8
+    a CUDA graph) would raise. The eigensolvers, which sync inside, are not called; what a
+    CUDA-graph capture records calls no factorisation at all, matrix products only."""
+    d = 32
     head = ImplicitETFHead(d, K, polar_method="newton_schulz", dtype=F64)
     y = torch.arange(2 * K) % K
     head(torch.randn(2 * K, d, dtype=F64), y)  # the δ = 0 first step, on the CPU
     head.to("meta")
 
     def refuse(*args, **kwargs):
-        raise AssertionError("an eigensolver was called")
+        raise AssertionError("a factorisation was called")
 
-    for name in ("svd", "eigh", "svdvals", "eigvalsh"):
+    for name in ("svd", "eigh", "svdvals", "eigvalsh") + (("cholesky_ex",) if captured else ()):
         monkeypatch.setattr(torch.linalg, name, refuse)
+    if captured:
+        monkeypatch.setattr("gnc.declarative.capturing", lambda: True)
+        monkeypatch.setattr(torch, "cholesky_inverse", refuse)
+        monkeypatch.setattr(torch, "cholesky_solve", refuse)
     h = torch.randn(2 * K, d, dtype=F64, device="meta", requires_grad=True)
     with trusted_inputs():
         logits = head(h, y.to("meta"))

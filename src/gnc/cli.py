@@ -106,6 +106,9 @@ def _add_train_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) ->
                    help="torch.compile the backbone (the head stays eager)")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory layout for image backbones (GPU)")
+    p.add_argument("--graph-head", action="store_true", default=None,
+                   help="replay the implicit head's training step from CUDA graphs (one "
+                   "process on a GPU; needs --polar-method newton_schulz)")
     p.add_argument("--no-bias", dest="bias", action="store_false", default=None,
                    help="no classifier bias, non-affine BatchNorm")
     p.add_argument("--save-classifier", action="store_true", default=None,

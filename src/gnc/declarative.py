@@ -43,6 +43,7 @@ from gnc.etf import (
     BACKWARDS,
     ETF_POLAR_METHODS,
     SOLVERS,
+    capturing,
     check_nearest_etf_inputs,
     compute_dtype,
     polar_factor,
@@ -91,7 +92,8 @@ def closed_form_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tens
 LYAPUNOV_KRON_MAX_K = 16
 
 
-def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...]) -> Tensor:
+def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...], *,
+                   products_only: bool = False) -> Tensor:
     """``Z`` with ``PZ + ZP = S`` for a symmetric positive definite ``P``, sync-free.
 
     Small K: the Kronecker form ``(P ⊗ I + I ⊗ P) vec(Z) = vec(S)`` by Cholesky
@@ -100,10 +102,11 @@ def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...
     with ``P̂E + EP̂ = 2S``, so ``Z = E/(2s)``; the sign is the forward's scaled Newton–Schulz
     iteration with the same ``α_k`` (P̂ has the singular values of C/s) on the
     block-triangular matrix, whose off-diagonal block evolves as
-    ``E ↦ (α/2)(3E − Q²E + QEQ − EQ²)``, ``Q = α P̂_k``.
+    ``E ↦ (α/2)(3E − Q²E + QEQ − EQ²)``, ``Q = α P̂_k``. ``products_only`` (inside a
+    CUDA-graph capture): always the latter.
     """
     K = P.shape[0]
-    if K <= LYAPUNOV_KRON_MAX_K:
+    if K <= LYAPUNOV_KRON_MAX_K and not products_only:
         eye = torch.eye(K, dtype=P.dtype, device=P.device)
         L, _ = torch.linalg.cholesky_ex(torch.kron(P, eye) + torch.kron(eye, P))
         return torch.cholesky_solve(S.reshape(K * K, 1), L).reshape(K, K)
@@ -127,7 +130,7 @@ def newton_schulz_backward(
     work in float64.
     """
     T = U.double().T @ G.double()
-    Z = lyapunov_solve(P, 0.5 * (T - T.T), scale, alphas)
+    Z = lyapunov_solve(P, 0.5 * (T - T.T), scale, alphas, products_only=capturing())
     X = 2.0 * Z - T @ P_inv
     return G @ P_inv.to(G.dtype) + U @ X.to(G.dtype)
 
@@ -206,7 +209,7 @@ NS_RESIDUAL_TOL = 1e-8
 def _newton_schulz_solve(C: Tensor, K: int, delta: float, info: dict | None):
     """:func:`~gnc.etf.polar_newton_schulz` of the proximal target, or None when value checks
     are on (an API call) and it did not converge."""
-    ns = polar_newton_schulz(C, proximal_lower_bound(K, delta))
+    ns = polar_newton_schulz(C, proximal_lower_bound(K, delta), products_only=capturing())
     if info is not None:
         info["residual"] = ns.residual  # a device scalar: read it when a sync is acceptable
     if value_checks_enabled() and not float(ns.residual) <= NS_RESIDUAL_TOL:

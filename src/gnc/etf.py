@@ -250,7 +250,14 @@ class NewtonSchulzPolar:
     alphas: tuple[float, ...]
 
 
-def polar_newton_schulz(C: Tensor, ell: float) -> NewtonSchulzPolar:
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (then only kernels that
+    are known to be capturable may run: matrix products and elementwise operations)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False
+                        ) -> NewtonSchulzPolar:
     """Polar factor ``U = C (CᵀC)^{−1/2}`` by the scaled Newton–Schulz iteration.
 
     Matrix products and a Cholesky factorisation only: no SVD or eigensolver, no branch on a
@@ -264,20 +271,31 @@ def polar_newton_schulz(C: Tensor, ell: float) -> NewtonSchulzPolar:
     corrects its own rounding (error ~eps·cond(C), like the SVD). Converged (to rounding)
     when ``σ_min(C) >= ℓ s``, ``ℓ`` setting the schedule (:func:`newton_schulz_schedule`);
     below that the smallest singular directions are not, which ``residual`` shows. ``P`` and
-    its inverse (by Cholesky) are float64, for the backward.
+    its inverse are float64, for the backward: the inverse by Cholesky, or with
+    ``products_only`` (inside a CUDA-graph capture) as the product ``Y`` of the steps'
+    polynomials, ``X_N = C Y``.
     """
     alphas = newton_schulz_schedule(ell)
     s = torch.linalg.matrix_norm(C.T @ C).sqrt().clamp_min(torch.finfo(C.dtype).tiny)
-    eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
     X = C / s
-    for a in alphas:  # X (3a/2) − (a³/2) X (XᵀX): two kernels a step
-        X = torch.addmm(X, X, X.T @ X, beta=1.5 * a, alpha=-0.5 * a**3)
+    if products_only:
+        eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
+        Y = torch.eye(C.shape[1], dtype=torch.float64, device=C.device) / s.double()
+        for a in alphas:
+            T = (1.5 * a) * eye - (0.5 * a**3) * (X.T @ X)
+            X, Y = X @ T, Y @ T.double()
+        P_inv = 0.5 * (Y + Y.T)
+    else:
+        for a in alphas:  # X (3a/2) − (a³/2) X (XᵀX): two kernels a step
+            X = torch.addmm(X, X, X.T @ X, beta=1.5 * a, alpha=-0.5 * a**3)
+    eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
     residual = (X.T @ X - eye).abs().amax()
     P = X.double().T @ C.double()
     P = 0.5 * (P + P.T)
-    L, _ = torch.linalg.cholesky_ex(P)  # _ex: no error check, so no sync
-    return NewtonSchulzPolar(X, P, torch.cholesky_inverse(L), s.to(torch.float64, copy=True),
-                             residual, alphas)
+    if not products_only:
+        L, _ = torch.linalg.cholesky_ex(P)  # _ex: no error check, so no sync
+        P_inv = torch.cholesky_inverse(L)
+    return NewtonSchulzPolar(X, P, P_inv, s.to(torch.float64, copy=True), residual, alphas)
 
 
 def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float) -> None:

@@ -287,7 +287,10 @@ class ImplicitETFHead(_ETFHead):
                              "solve_device='cpu' is for the SVD/eigh methods")
         self.delta, self.solver, self.backward = delta, solver, backward
         self.solve_device, self.polar_method = solve_device, polar_method
-        self._polar_residual: Tensor | None = None
+        # the Newton–Schulz residual, updated in place (a CUDA graph replays the update)
+        self.register_buffer("polar_residual", torch.zeros((), dtype=torch.float64,
+                                                           device=device), persistent=False)
+        self._residual_seen = False
         self.tracker = ClassMeanTracker(d, K, update, device=device, dtype=dtype)
         self.register_buffer("U", canonical_stiefel(d, K, dtype=self.weight.dtype, device=device))
         self.weight.copy_(simplex_etf(K, self.U))
@@ -308,8 +311,9 @@ class ImplicitETFHead(_ETFHead):
                         solve_device=self.solve_device, polar_method=self.polar_method)
         residual = self.solver_info.pop("residual", None)
         if residual is not None:  # kept on the device: read by pop_polar_residual
-            self._polar_residual = (residual if self._polar_residual is None
-                                    else torch.maximum(self._polar_residual, residual))
+            with torch.no_grad():
+                self.polar_residual.copy_(torch.maximum(self.polar_residual, residual))
+            self._residual_seen = True
         W = simplex_etf(self.K, U).to(h.dtype)  # K×d
         with torch.no_grad():
             self.U.copy_(U)
@@ -319,8 +323,12 @@ class ImplicitETFHead(_ETFHead):
     def pop_polar_residual(self) -> float | None:
         """The largest Newton–Schulz residual ``max|UᵀU − I|`` since the last call (None when
         no step used ``polar_method="newton_schulz"``); reads the device once."""
-        residual, self._polar_residual = self._polar_residual, None
-        return None if residual is None else float(residual)
+        if not self._residual_seen:
+            return None
+        residual = float(self.polar_residual)
+        self.polar_residual.zero_()
+        self._residual_seen = False
+        return residual
 
     def extra_repr(self) -> str:
         extra = "" if self.polar_method == "auto" else f", polar_method={self.polar_method!r}"

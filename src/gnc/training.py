@@ -76,7 +76,8 @@ from gnc.evaluation import (
     recompute_statistics,
     save_classifier,
 )
-from gnc.heads import make_head, normalizes_features
+from gnc.graphs import GraphedHeadStep
+from gnc.heads import ImplicitETFHead, make_head, normalizes_features
 from gnc.losses import LOSSES, classification_loss
 from gnc.memory import PeakMemory
 from gnc.models import build_backbone, without_bn_affine
@@ -144,6 +145,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone in place (the head stays eager)
     solve_device: str = "auto"  # implicit head's exact solve: auto | same | cpu
     polar_method: str = "auto"  # implicit head's polar factor: auto | svd | gram | newton_schulz
+    graph_head: bool = False  # implicit head's training step from CUDA graphs (newton_schulz)
     eval_stats: str = "precise"  # BN statistics and mu_G at evaluation: precise | running
     save_classifier: bool = False  # write classifier/epoch_XXXX.pt (W, b, class means, U) at evals
 
@@ -164,6 +166,9 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from "
                                  f"{', '.join(choices)}")
+        if self.graph_head and self.polar_method != "newton_schulz":
+            raise ValueError("graph_head needs polar_method newton_schulz (the SVD/eigh "
+                             "methods make the host wait for the device)")
         if self.polar_method == "newton_schulz" and self.solve_device == "cpu":
             raise ValueError("polar_method newton_schulz runs on the training device; "
                              "solve_device='cpu' is for the SVD/eigh methods")
@@ -475,6 +480,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
         self.model = build_model(cfg, self.bundle, self.device)
+        if cfg.graph_head and isinstance(self.model.head, ImplicitETFHead):
+            if self.device.type != "cuda" or self.dist.world_size > 1:
+                raise ValueError("graph_head captures CUDA graphs: it needs one process on a "
+                                 f"CUDA device, not {self.dist.world_size} on {self.device}")
+            self.model.head_step = GraphedHeadStep(self.model.head)
         if cfg.optimizer == "agd":  # AGD's step sizes assume its own initialisation
             agd_init_(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -18,6 +18,9 @@ class FeatureClassifier(nn.Module):
             normalisation and the head (hence the nearest-ETF solve) stay in float32.
 
     Returns ``(logits, features)``: the metrics need the normalised features.
+
+    ``head_step``, when set (e.g. a :class:`gnc.graphs.GraphedHeadStep`), replaces the call
+    of the head in training mode; it is not part of the state dict.
     """
 
     def __init__(
@@ -28,6 +31,7 @@ class FeatureClassifier(nn.Module):
         if tau is not None and not tau > 0:
             raise ValueError(f"Expected `tau` to be positive or None, but got {tau}")
         self.backbone, self.head, self.tau, self.amp_dtype = backbone, head, tau, amp_dtype
+        self.head_step = None
 
     def features(self, x: Tensor) -> Tensor:
         """Backbone features, normalised onto the sphere of radius τ (B×d)."""
@@ -43,8 +47,9 @@ class FeatureClassifier(nn.Module):
         # labelled ranges for `gnc bench --profile` (a no-op cost without a profiler)
         with torch.profiler.record_function("gnc.backbone"):
             h = self.features(x)
+        head = self.head_step if self.training and self.head_step is not None else self.head
         with torch.profiler.record_function("gnc.head"):
-            return self.head(h, targets), h
+            return head(h, targets), h
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}"
