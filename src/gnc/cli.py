@@ -133,7 +133,7 @@ def train_config_from_args(args: argparse.Namespace):
         if getattr(args, dest) is not None:
             cfg["dataset_options"][dest] = getattr(args, dest)
     for dest in ("download", "tensorboard", "progress", "compile", "channels_last",
-                 "save_classifier", "bias"):
+                 "graph_head", "save_classifier", "bias"):
         if getattr(args, dest) is not None:
             cfg[dest] = getattr(args, dest)
     if "batch_size" not in cfg and cfg.get("dataset", "ufm") != "ufm":
