@@ -276,25 +276,24 @@ def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False
     polynomials, ``X_N = C Y``.
     """
     alphas = newton_schulz_schedule(ell)
+    eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
     s = torch.linalg.matrix_norm(C.T @ C).sqrt().clamp_min(torch.finfo(C.dtype).tiny)
     X = C / s
-    if products_only:
-        eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
-        Y = torch.eye(C.shape[1], dtype=torch.float64, device=C.device) / s.double()
-        for a in alphas:
+    Y = eye.double() / s.double() if products_only else None  # X_k = C Y_k
+    for a in alphas:
+        if Y is None:  # X (3a/2) − (a³/2) X (XᵀX): two kernels a step
+            X = torch.addmm(X, X, X.T @ X, beta=1.5 * a, alpha=-0.5 * a**3)
+        else:
             T = (1.5 * a) * eye - (0.5 * a**3) * (X.T @ X)
             X, Y = X @ T, Y @ T.double()
-        P_inv = 0.5 * (Y + Y.T)
-    else:
-        for a in alphas:  # X (3a/2) − (a³/2) X (XᵀX): two kernels a step
-            X = torch.addmm(X, X, X.T @ X, beta=1.5 * a, alpha=-0.5 * a**3)
-    eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
     residual = (X.T @ X - eye).abs().amax()
     P = X.double().T @ C.double()
     P = 0.5 * (P + P.T)
-    if not products_only:
+    if Y is None:
         L, _ = torch.linalg.cholesky_ex(P)  # _ex: no error check, so no sync
         P_inv = torch.cholesky_inverse(L)
+    else:
+        P_inv = 0.5 * (Y + Y.T)
     return NewtonSchulzPolar(X, P, P_inv, s.to(torch.float64, copy=True), residual, alphas)
 
 
