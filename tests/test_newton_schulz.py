@@ -167,7 +167,7 @@ def test_first_step_and_unconverged_api_calls_use_the_eigensolver(monkeypatch):
 
 def test_bad_options_are_refused():
     H, U_prev = random_means(12, 4), random_stiefel(12, 4)
-    with pytest.raises(ValueError, match="unknown polar method 'qr'"):
+    with pytest.raises(ValueError, match="unknown polar_method .qr."):
         nearest_etf(H, U_prev, polar_method="qr")
     with pytest.raises(ValueError, match="newton_schulz"):
         nearest_etf(H, U_prev, polar_method="newton_schulz", solve_device="cpu")

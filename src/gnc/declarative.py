@@ -40,11 +40,9 @@ import torch
 from torch import Tensor
 
 from gnc.etf import (
-    BACKWARDS,
-    ETF_POLAR_METHODS,
-    SOLVERS,
     capturing,
     check_nearest_etf_inputs,
+    check_solver_options,
     compute_dtype,
     polar_factor,
     polar_newton_schulz,
@@ -229,16 +227,7 @@ class NearestETF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, H_bar, U_prev, delta, solver, backward, info=None, solve_device="same",  # noqa: D102,E501
                 polar_method="auto"):
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
-        if backward not in BACKWARDS:
-            raise ValueError(f"unknown backward {backward!r}; choose from {BACKWARDS}")
-        if polar_method not in ETF_POLAR_METHODS:
-            raise ValueError(f"unknown polar method {polar_method!r}; choose from "
-                             f"{ETF_POLAR_METHODS}")
-        if polar_method == "newton_schulz" and solve_device == "cpu":
-            raise ValueError("polar_method='newton_schulz' runs where the tensors are; "
-                             "solve_device='cpu' is for the SVD/eigh methods")
+        check_solver_options(solver, backward, solve_device, polar_method)
         check_nearest_etf_inputs(H_bar, U_prev, delta)
         dtype = compute_dtype(H_bar)
         # Copies, never views: the ddn backward saves them, and the caller may overwrite its

@@ -297,6 +297,19 @@ def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False
     return NewtonSchulzPolar(X, P, P_inv, s.to(torch.float64, copy=True), residual, alphas)
 
 
+def check_solver_options(solver: str, backward: str, solve_device: str = "same",
+                         polar_method: str = "auto") -> None:
+    """Raise ``ValueError`` naming an unknown or incompatible option of :func:`nearest_etf`."""
+    for name, value, choices in (("solver", solver, SOLVERS), ("backward", backward, BACKWARDS),
+                                 ("solve_device", solve_device, SOLVE_DEVICES),
+                                 ("polar_method", polar_method, ETF_POLAR_METHODS)):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
+    if polar_method == "newton_schulz" and solve_device == "cpu":
+        raise ValueError("polar_method='newton_schulz' runs where the tensors are; "
+                         "solve_device='cpu' is for the SVD/eigh methods")
+
+
 def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float) -> None:
     """Raise ``ValueError`` naming the problem when the nearest-ETF inputs are invalid."""
     if not isinstance(H_bar, Tensor) or H_bar.ndim != 2:

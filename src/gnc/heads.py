@@ -33,11 +33,8 @@ from torch import Tensor, nn
 
 from gnc.class_means import ClassMeanTracker
 from gnc.etf import (
-    BACKWARDS,
-    ETF_POLAR_METHODS,
-    SOLVE_DEVICES,
-    SOLVERS,
     canonical_stiefel,
+    check_solver_options,
     nearest_etf,
     simplex_etf,
 )
@@ -273,18 +270,7 @@ class ImplicitETFHead(_ETFHead):
         bias: bool = True, polar_method: str = "auto", *, device=None, dtype=None,
     ) -> None:
         super().__init__(d, K, bias, device=device, dtype=dtype)
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
-        if backward not in BACKWARDS:
-            raise ValueError(f"unknown backward {backward!r}; choose from {BACKWARDS}")
-        if solve_device not in SOLVE_DEVICES:
-            raise ValueError(f"unknown solve_device {solve_device!r}; choose from {SOLVE_DEVICES}")
-        if polar_method not in ETF_POLAR_METHODS:
-            raise ValueError(f"unknown polar_method {polar_method!r}; choose from "
-                             f"{ETF_POLAR_METHODS}")
-        if polar_method == "newton_schulz" and solve_device == "cpu":
-            raise ValueError("polar_method='newton_schulz' runs on the features' device; "
-                             "solve_device='cpu' is for the SVD/eigh methods")
+        check_solver_options(solver, backward, solve_device, polar_method)
         self.delta, self.solver, self.backward = delta, solver, backward
         self.solve_device, self.polar_method = solve_device, polar_method
         # the Newton–Schulz residual, updated in place (a CUDA graph replays the update)
