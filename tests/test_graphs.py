@@ -6,6 +6,7 @@ Python side effects a replay does not repeat. The CUDA graphs themselves need a 
 import pytest
 import torch
 
+from gnc.etf import capturing, products_only
 from gnc.graphs import WARMUP_ITERS, GraphedHeadStep
 from gnc.heads import ImplicitETFHead
 from gnc.models.classifier import FeatureClassifier
@@ -34,6 +35,7 @@ class FakeGrapher:
 
     def __call__(self, fn, sample_args, num_warmup_iters):
         assert num_warmup_iters == WARMUP_ITERS
+        assert capturing()  # the warm-up runs the kernels that the capture records
         h, y = sample_args
         for _ in range(num_warmup_iters):
             out = fn(h, y)
@@ -100,6 +102,17 @@ def test_a_failed_capture_leaves_the_state_and_trains_on_eagerly(caplog):
     assert "could not be captured in a CUDA graph" in caplog.text
     for a, b in zip(plain.state_dict().values(), head.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_products_only_is_set_inside_and_restored_after():
+    assert not capturing()
+    with pytest.raises(RuntimeError), products_only():
+        assert capturing()
+        with products_only():
+            assert capturing()
+        assert capturing()
+        raise RuntimeError
+    assert not capturing()
 
 
 def test_graphed_step_is_used_in_training_only():

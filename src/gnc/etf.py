@@ -20,8 +20,10 @@ iterative solver.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -250,10 +252,30 @@ class NewtonSchulzPolar:
     alphas: tuple[float, ...]
 
 
+# Set while a CUDA graph of the head is warmed up and captured (gnc.graphs): a module-level
+# flag, not a context variable, because autograd runs a CUDA backward on its own thread.
+_PRODUCTS_ONLY = False
+
+
+@contextlib.contextmanager
+def products_only() -> Iterator[None]:
+    """Run the Newton–Schulz solve and backward with matrix products only (see
+    :func:`capturing`), e.g. for the warm-up steps before a CUDA-graph capture, so that
+    they run the kernels that the capture records."""
+    global _PRODUCTS_ONLY
+    previous, _PRODUCTS_ONLY = _PRODUCTS_ONLY, True
+    try:
+        yield
+    finally:
+        _PRODUCTS_ONLY = previous
+
+
 def capturing() -> bool:
-    """Whether a CUDA graph is being captured on the current stream (then only kernels that
-    are known to be capturable may run: matrix products and elementwise operations)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """Whether only kernels known to be capturable in a CUDA graph may run (matrix products
+    and elementwise operations, no cuSOLVER): inside :func:`products_only`, or while a CUDA
+    graph is being captured on the current stream."""
+    return _PRODUCTS_ONLY or (torch.cuda.is_available()
+                              and torch.cuda.is_current_stream_capturing())
 
 
 def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False

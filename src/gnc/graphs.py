@@ -28,6 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from gnc.etf import products_only
+
 logger = logging.getLogger(__name__)
 
 # warm-up iterations before capture (torch's default: lets cuBLAS/cuSOLVER set up workspaces)
@@ -88,8 +90,10 @@ class GraphedHeadStep:
         def step(h: Tensor, y: Tensor) -> Tensor:
             return head(h, y)
 
-        try:
-            self._graphed = self.make_graphed(step, sample, num_warmup_iters=WARMUP_ITERS)
+        try:  # warm-up steps and capture run the same (products-only) kernels
+            with products_only():
+                self._graphed = self.make_graphed(step, sample,
+                                                  num_warmup_iters=WARMUP_ITERS)
         except Exception as err:  # noqa: BLE001 -- any capture failure: train on, eagerly
             self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
             logger.warning("the implicit head's step could not be captured in a CUDA graph "
