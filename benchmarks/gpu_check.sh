@@ -117,7 +117,7 @@ e2 = max(5, int(budget / ((sum(per) + per[2] / 3) * 1.1)) // 5 * 5)
 def implicit_s(name):
     try:
         recs = json.loads((root / name).read_text())
-        return next(r["epoch_s"] for r in recs if r["method"] == "implicit")
+        return next(r["epoch_s"] for r in recs if r["method"].startswith("implicit"))
     except (OSError, ValueError, StopIteration, KeyError, TypeError):
         return float("inf")
 

@@ -134,7 +134,7 @@ def test_cli_bench_epoch_case(tmp_path, capsys):
           "--set", "amp=none", "--set", "solve_device=cpu", "--set", "data_on_device=on",
           "--json"])
     (record,) = json.loads(capsys.readouterr().out)
-    assert record["method"] == "implicit" and record["epoch_s"] > 0
+    assert record["method"] == "implicit (solve_device=cpu)" and record["epoch_s"] > 0
 
 
 def test_cli_bench_profile_counts_the_operators_of_each_head(tmp_path, capsys):

@@ -370,7 +370,7 @@ def bench_steps(
 
 
 def step_overheads(records: list[BenchRecord]) -> list[str]:
-    """``implicit`` (and ``fixed``) step time relative to ``standard``, per case."""
+    """Every method's step (or epoch) time relative to ``standard``'s, per case."""
     out = []
     steps: dict[str, dict[str, BenchRecord]] = {}
     for r in records:
@@ -385,9 +385,9 @@ def step_overheads(records: list[BenchRecord]) -> list[str]:
         if base is None:
             continue
         t0 = cost(base)
-        for m in ("fixed", "implicit"):
-            if m in by_method:
-                t = cost(by_method[m])
+        for m, r in by_method.items():
+            if m != "standard":
+                t = cost(r)
                 out.append(f"{case}: {m} = {t / t0:.3f}x standard "
                            f"({100 * (t / t0 - 1):+.1f}%)")
     return out
@@ -466,6 +466,10 @@ def _epoch_trainer(preset: str, method: str, device: torch.device, epochs: int,
         yield trainer, note
 
 
+# settings of the implicit head that an epoch record names next to the method
+HEAD_SETTINGS = ("polar_method", "graph_head", "solve_device")
+
+
 def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 2,
                data_dir: str = "data", **overrides) -> BenchRecord:
     """Seconds of the last of ``epochs`` training epochs of ``preset`` (the first warms up
@@ -485,6 +489,9 @@ def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 
             seconds = time.perf_counter() - t0
         steps = len(trainer.train_loader)
     busy = (stats["time_forward_ms"] + stats["time_backward_ms"]) * steps / 1e3
+    head_settings = [f"{k}={overrides[k]}" for k in HEAD_SETTINGS if k in overrides]
+    if head_settings and method.startswith("implicit"):  # label the variant in the table
+        method = f"{method} ({', '.join(head_settings)})"
     return BenchRecord(f"epoch {preset}", method, str(device), stats["time_forward_ms"],
                        stats["time_backward_ms"], mem.mb, note, epoch_s=seconds,
                        data_wait_pct=max(0.0, 100 * (1 - busy / seconds)))
