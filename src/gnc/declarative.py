@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from gnc.etf import (
+    NS_RESIDUAL_TOL,
     capturing,
     check_nearest_etf_inputs,
     check_solver_options,
@@ -199,14 +200,10 @@ def _exact_solve(C: Tensor, method: str, *, full_rank: bool,
     return tuple(t.to(C.device, non_blocking=True) for t in (pf.U, pf.B, pf.sigma))
 
 
-# Largest residual max|UᵀU − I| of the Newton–Schulz polar factor that an API call accepts;
-# above it (C outside the schedule's conditioning) the call falls back to the eigensolver.
-NS_RESIDUAL_TOL = 1e-8
-
-
 def _newton_schulz_solve(C: Tensor, K: int, delta: float, info: dict | None):
     """:func:`~gnc.etf.polar_newton_schulz` of the proximal target, or None when value checks
-    are on (an API call) and it did not converge."""
+    are on (an API call) and it did not converge (residual above
+    ``NS_RESIDUAL_TOL``: the caller falls back to the eigensolver)."""
     ns = polar_newton_schulz(C, proximal_lower_bound(K, delta), products_only=capturing())
     if info is not None:
         info["residual"] = ns.residual  # a device scalar: read it when a sync is acceptable

@@ -209,6 +209,9 @@ def polar(C: Tensor) -> Tensor:
 # The Newton–Schulz schedule assumes σ_min(C) >= NS_SAFETY · δ for the proximal target
 # (C 1 = δ U_prev 1 makes σ_min <= δ; ~δ is typical): a margin of 1000 below the typical.
 NS_SAFETY = 1e-3
+# Largest residual max|UᵀU − I| (float64) taken as converged: √eps, half the digits
+# (converged runs reach a few eps; an unconverged direction leaves an error of order one).
+NS_RESIDUAL_TOL = math.sqrt(torch.finfo(torch.float64).eps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -240,8 +243,8 @@ def proximal_lower_bound(K: int, delta: float) -> float:
 
 @dataclass
 class NewtonSchulzPolar:
-    """``C = U P`` from :func:`polar_newton_schulz`: ``P = UᵀC = (CᵀC)^{1/2}`` and ``P⁻¹``
-    (K×K, float64), the scale ``s`` the iteration started from, and its ``residual``
+    """``C = U P`` from :func:`polar_newton_schulz` (all float64): ``P = UᵀC = (CᵀC)^{1/2}``
+    and ``P⁻¹``, the scale ``s`` the iteration started from, and its ``residual``
     ``max|UᵀU − I|`` (device scalars: reading them is the caller's choice)."""
 
     U: Tensor
@@ -293,30 +296,36 @@ def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False
     corrects its own rounding (error ~eps·cond(C), like the SVD). Converged (to rounding)
     when ``σ_min(C) >= ℓ s``, ``ℓ`` setting the schedule (:func:`newton_schulz_schedule`);
     below that the smallest singular directions are not, which ``residual`` shows. ``P`` and
-    its inverse are float64, for the backward: the inverse by Cholesky, or with
-    ``products_only`` (inside a CUDA-graph capture) as the product ``Y`` of the steps'
-    polynomials, ``X_N = C Y``.
+    its inverse are for the backward: the inverse by Cholesky, or with ``products_only``
+    (inside a CUDA-graph capture) as the product ``Y`` of the steps' polynomials,
+    ``X_N = C Y``.
+
+    Everything is float64, whatever C's dtype: rounding in the iterates is amplified by
+    cond(C) in the slow singular directions (float32 iterates: 1.6e-5 off the exact factor
+    at d×K = 300×260, 40× the float32 ``"gram"`` method's error), and a float64 product costs
+    what a float32 one does on the H100/H200 tensor cores.
     """
     alphas = newton_schulz_schedule(ell)
+    C = C.double()
     eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
     s = torch.linalg.matrix_norm(C.T @ C).sqrt().clamp_min(torch.finfo(C.dtype).tiny)
     X = C / s
-    Y = eye.double() / s.double() if products_only else None  # X_k = C Y_k
+    Y = eye / s if products_only else None  # X_k = C Y_k
     for a in alphas:
         if Y is None:  # X (3a/2) − (a³/2) X (XᵀX): two kernels a step
             X = torch.addmm(X, X, X.T @ X, beta=1.5 * a, alpha=-0.5 * a**3)
         else:
             T = (1.5 * a) * eye - (0.5 * a**3) * (X.T @ X)
-            X, Y = X @ T, Y @ T.double()
+            X, Y = X @ T, Y @ T
     residual = (X.T @ X - eye).abs().amax()
-    P = X.double().T @ C.double()
+    P = X.T @ C
     P = 0.5 * (P + P.T)
     if Y is None:
         L, _ = torch.linalg.cholesky_ex(P)  # _ex: no error check, so no sync
         P_inv = torch.cholesky_inverse(L)
     else:
         P_inv = 0.5 * (Y + Y.T)
-    return NewtonSchulzPolar(X, P, P_inv, s.to(torch.float64, copy=True), residual, alphas)
+    return NewtonSchulzPolar(X, P, P_inv, s.clone(), residual, alphas)
 
 
 def check_solver_options(solver: str, backward: str, solve_device: str = "same",
@@ -366,6 +375,7 @@ def compute_dtype(H_bar: Tensor) -> torch.dtype:
     if H_bar.shape[1] <= FLOAT64_MAX_K or H_bar.dtype == torch.float64:
         return torch.float64
     return torch.float32
+
 
 
 def nearest_etf(

@@ -66,8 +66,7 @@ from gnc.data import DatasetBundle, batch_sampler_for, load_dataset, make_loader
 from gnc.data.device import DeviceImageLoader, device_images, estimated_bytes, fits_on_device
 from gnc.data.perturb import check_rates
 from gnc.data.sampler import TensorBatchLoader
-from gnc.declarative import NS_RESIDUAL_TOL
-from gnc.etf import ETF_POLAR_METHODS
+from gnc.etf import ETF_POLAR_METHODS, NS_RESIDUAL_TOL
 from gnc.evaluation import (
     EVAL_STATS,
     etf_distances_of,
@@ -647,8 +646,9 @@ class Trainer:
             return {}
         if not residual <= NS_RESIDUAL_TOL and self.dist.is_main:
             logger.warning("epoch %d: the Newton–Schulz polar factor reached only max|UᵀU − I| = "
-                        "%.2e (class means outside its conditioning); --polar-method auto "
-                        "solves exactly", self.epoch, residual)
+                           "%.2e > %.1e (σ_min(C) below what its schedule assumes); "
+                           "--polar-method auto solves exactly", self.epoch, residual,
+                           NS_RESIDUAL_TOL)
         return {"polar_residual": residual}
 
     def _check_finite(self, bad: torch.Tensor, first_bad: torch.Tensor, steps: int,
