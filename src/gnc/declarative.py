@@ -125,13 +125,12 @@ def newton_schulz_backward(
 ) -> Tensor:
     """:func:`polar_backward` without an eigenbasis, from the factors of
     :func:`~gnc.etf.polar_newton_schulz`: ``∂L/∂C = G P⁻¹ + U (2Z − T P⁻¹)`` with
-    ``T = UᵀG`` and ``PZ + ZP = skew(T)`` (:func:`lyapunov_solve`). No host sync; the K×K
-    work in float64.
+    ``T = UᵀG`` and ``PZ + ZP = skew(T)`` (:func:`lyapunov_solve`). No host sync; all
+    float64, as the forward's factors.
     """
-    T = U.double().T @ G.double()
+    T = U.T @ G
     Z = lyapunov_solve(P, 0.5 * (T - T.T), scale, alphas, products_only=capturing())
-    X = 2.0 * Z - T @ P_inv
-    return G @ P_inv.to(G.dtype) + U @ X.to(G.dtype)
+    return G @ P_inv + U @ (2.0 * Z - T @ P_inv)
 
 
 # Largest KKT system (dK + K(K+1)/2 unknowns) the δ = 0 ddn backward will build densely.
