@@ -9,16 +9,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import gnc.runtime as runtime
 import gnc.training as training
-from gnc import checkpoint
-from gnc.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    load_checkpoint,
-    resolve_data_paths,
-)
+from gnc import rundir
 from gnc.cli import build_parser, main
-from gnc.training import TrainConfig, Trainer, evaluate_run, train
+from gnc.config import TrainConfig
+from gnc.evaluation import evaluate_run
+from gnc.rundir import CheckpointError, atomic_save, load_checkpoint, resolve_data_paths
+from gnc.training import Trainer, train
 
 TINY = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 8}, model="ufm",
             feature_dim=8, epochs=2, lr=0.5, progress=False)
@@ -65,11 +63,11 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(run, monkeypatch
 
 
 def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
-    ckpt = {k: {} for k in checkpoint.CHECKPOINT_KEYS} | {"epoch": 1, "step": 1}
+    ckpt = {k: {} for k in rundir.CHECKPOINT_KEYS} | {"epoch": 1, "step": 1}
     ckpt["model"] = {"w": torch.ones(3)}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [
         torch.zeros(16, dtype=torch.uint8)]  # a CUDA generator's state: seed and offset
-    ckpt["rng"] = checkpoint.rng_state() | {"cuda": cuda}
+    ckpt["rng"] = runtime.rng_state() | {"cuda": cuda}
     with monkeypatch.context() as m:  # tag every storage as CUDA's, as a GPU run does
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
         atomic_save(ckpt, tmp_path / "last.pt")
@@ -81,7 +79,7 @@ def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
     assert loaded["rng"]["torch"].dtype == torch.uint8
     assert loaded["model"]["w"].device.type == "cpu"
     assert all(s.device.type == "cpu" for s in loaded["rng"]["cuda"])
-    checkpoint.set_rng_state(loaded["rng"])
+    runtime.set_rng_state(loaded["rng"])
 
 
 def test_torchrun_with_auto_device_on_gpus_uses_nccl_after_set_device(monkeypatch):
@@ -96,11 +94,11 @@ def test_torchrun_with_auto_device_on_gpus_uses_nccl_after_set_device(monkeypatc
                         lambda backend, **kw: calls.append(("init", backend)))
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    info = training.init_distributed("auto")
+    info = runtime.init_distributed("auto")
     assert (info.rank, info.world_size, info.local_rank) == (1, 2, 1)
     assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
     calls.clear()
-    training.init_distributed("cpu")
+    runtime.init_distributed("cpu")
     assert calls == [("init", "gloo")]
 
 
@@ -184,7 +182,7 @@ def test_nothing_readable_is_one_clear_line(run, how):
 def test_a_damaged_last_pt_falls_back_to_the_newest_epoch_checkpoint(run, caplog):
     damage(run / "checkpoints" / "last.pt", "truncated")
     damage(run / "checkpoints" / "epoch_0002.pt", "empty")
-    with caplog.at_level(logging.WARNING, logger="gnc.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gnc.rundir"):
         assert evaluate_run(run, device="cpu")["epoch"] == 1
     assert "falling back to" in caplog.text and "epoch_0001.pt (epoch 1)" in caplog.text
     trainer = Trainer(tiny(epochs=3, checkpoint_every=1), run, resume=True)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gnc.class_means import ClassMeans, ClassMeanTracker
+from gnc.class_means import ClassMeans, ClassMeanTracker, ema_weight, running_average
 
 D, K = 5, 4
 F64 = torch.float64
@@ -232,6 +232,7 @@ def _ddp_worker(rank: int, port: int, steps: list, path: str) -> None:
             ((out.H_bar * R).sum() + out.mu_G.sum()).backward()
             results.append((out.H_bar.detach(), out.mu_G.detach(), local.grad))
         torch.save({"results": results, "state": tracker.state_dict()}, f"{path}.{rank}")
+        dist.barrier()  # no rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -258,3 +259,15 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     for rank in range(2):
         for key, value in tracker.state_dict().items():
             torch.testing.assert_close(ranks[rank]["state"][key], value)
+
+
+def test_ema_weight_on_the_host_and_on_the_device():
+    for t in (1, 2, 3, 10, 19_999, 20_000, 10**6):
+        expected = max(2.0 / (t + 1), 1e-4)
+        assert ema_weight(t) == expected
+        on_device = ema_weight(torch.tensor(t), dtype=F64)
+        assert on_device.dtype == F64 and float(on_device) == expected
+    assert ema_weight(1) == 1.0  # the first update takes the batch as is
+    old, new = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    torch.testing.assert_close(running_average(old, new, 0.25), torch.full((3,), 0.25,
+                                                                           dtype=F64))

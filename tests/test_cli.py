@@ -1,11 +1,14 @@
+import dataclasses
 import json
+import re
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
 
-from gnc.cli import build_parser, train_config_from_args
+from gnc.cli import CLIError, build_parser, train_config_from_args
 
 
 def gnc(*args, cwd=None):
@@ -19,7 +22,7 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     cases = {
         "unknown preset": (["train", "--preset", "cifar1000", "--out", out], "unknown preset"),
         "unknown method": (["train", "--preset", "ufm10", "--method", "learned", "--out", out],
-                           "unknown method"),
+                           "argument --method: invalid choice: 'learned'"),
         "unknown dataset": (["train", "--dataset", "mnist2d", "--out", out], "unknown dataset"),
         "unknown backbone": (["train", "--dataset", "digits", "--model", "resnet9",
                               "--out", out], "unknown backbone"),
@@ -37,7 +40,8 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode != 0, name
         lines = stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("gnc: error:"), (name, stderr)
+        assert len(lines) == 1 and re.match(r"gnc( train| experiment)?: error:", lines[0]), (
+            name, stderr)
         assert cases[name][1] in lines[0], (name, lines[0])
 
 
@@ -60,11 +64,25 @@ def test_explicit_flags_override_the_preset():
     assert train_config_from_args(args).dataset_options == {}
 
 
-def test_train_help_fits_a_screen():
+def test_train_help_lists_every_setting_after_a_short_usage_line():
+    from gnc.config import TrainConfig
+
     out = subprocess.run([sys.executable, "-m", "gnc", "train", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    assert len(out.splitlines()) <= 80
-    assert "--resume" in out and "--method" in out
+    assert out.splitlines()[0] == "usage: gnc train [--preset NAME] --out DIR [training flags]"
+    assert "--resume" in out and "--num-classes" in out
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')} " in out or f"--{f.name.replace('_', '-')}," in out
+    # choices are shown, bool settings are pairs
+    assert "standard | fixed | implicit" in out and "--bias, --no-bias" in out
+
+
+def test_top_level_help_does_not_import_torch():
+    code = ("import sys\nfrom gnc.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "COMMAND" in done.stdout and "train" in done.stdout
 
 
 def test_train_then_evaluate_through_the_cli(tmp_path):
@@ -116,7 +134,7 @@ def test_experiment_and_bench_check_their_flags(tmp_path, capsys):
          "Expected input features for backbone 'mlp'"),
         (["train", "--epochs", "x", "--out", out], "invalid int value: 'x'"),
         (["train", "--preset", "ufm10", "--polar-method", "qr", "--out", out],
-         "unknown polar_method 'qr'"),
+         "argument --polar-method: invalid choice: 'qr'"),
         (["train", "--preset", "ufm10", "--polar-method", "newton_schulz", "--solve-device",
           "cpu", "--out", out], "solve_device='cpu' is for the SVD/eigh methods"),
         (["bench", "--polar", "qr", "--sizes", "16x4", "--steps", "none"],
@@ -227,3 +245,202 @@ def test_experiment_seeds_and_methods_are_its_own_flags_and_the_new_train_flags(
     cfg = train_config_from_args(args)
     assert (cfg.sampler, cfg.imbalance, cfg.label_noise, cfg.dataset_options) == (
         "shuffle", 0.1, 0.2, {"transforms": "released"})
+
+
+# --------------------------------------------------------------------------- flags from the config
+
+
+def _flag_and_value(f: dataclasses.Field, hint) -> tuple[list[str], object]:
+    """Command-line words that set the TrainConfig field ``f`` to a non-default value, and
+    that value."""
+    flag = "--" + f.name.replace("_", "-")
+    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    choices = f.metadata.get("choices")
+    if kind is bool:
+        value = f.default is not True  # also for bool | None (default None)
+        return [flag if value else "--no-" + flag[2:]], value
+    if choices:
+        value = next(c for c in choices if c != f.default)
+        return [flag, value], value
+    if kind is int:
+        return [flag, "7"], 7
+    if kind is float:
+        return [flag, "0.25"], 0.25
+    if kind is str:
+        return [flag, "elsewhere"], "elsewhere"
+    if kind is dict:
+        return [flag, '{"subset": 3}'], {"subset": 3}
+    if typing.get_origin(kind) is list:
+        return [flag, "[5, 7]"], [5, 7]
+    raise AssertionError(f"no test value for {f.name}: {hint}")
+
+
+@pytest.mark.parametrize("command", ["train", "experiment"])
+def test_every_config_field_is_a_flag(command):
+    from gnc.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    parser = build_parser()
+    for f in dataclasses.fields(TrainConfig):
+        words, value = _flag_and_value(f, hints[f.name])
+        argv = [command, *words, "--out", "x"]
+        if command == "experiment" and f.name in ("method", "seed"):
+            continue  # experiment runs every method x seed: --seed is --seeds there
+        cfg = train_config_from_args(parser.parse_args(argv))
+        assert getattr(cfg, f.name) == value, (argv, getattr(cfg, f.name))
+        assert getattr(cfg, f.name) != getattr(TrainConfig(), f.name), f.name
+
+
+def test_flags_not_given_keep_the_preset_and_none_unsets():
+    parse = build_parser().parse_args
+    cfg = train_config_from_args(parse(["train", "--preset", "digits", "--out", "x"]))
+    assert (cfg.feature_dim, cfg.bias, cfg.small_input) == (64, True, None)
+    cfg = train_config_from_args(parse(["train", "--preset", "digits", "--feature-dim", "NONE",
+                                        "--no-bias", "--small-input", "--out", "x"]))
+    assert (cfg.feature_dim, cfg.bias, cfg.small_input) == (None, False, True)
+    cfg = train_config_from_args(parse(["train", "--schedule", "multistep", "--milestones",
+                                        "null", "--no-small-input", "--out", "x"]))
+    assert (cfg.milestones, cfg.small_input) == (None, False)
+
+
+def test_todays_flag_spellings_still_parse():
+    argv = ["train", "--out", "x", "--no-bias", "--no-progress", "--download", "--tensorboard",
+            "--compile", "--channels-last", "--graph-head", "--save-classifier"]
+    cfg = train_config_from_args(build_parser().parse_args(argv))
+    assert (cfg.bias, cfg.progress) == (False, False)
+    assert all((cfg.download, cfg.tensorboard, cfg.compile, cfg.channels_last, cfg.graph_head,
+                cfg.save_classifier))
+
+
+def test_dataset_options_merge_with_the_preset_and_the_shortcuts(capsys):
+    parse = build_parser().parse_args
+    cfg = train_config_from_args(parse(["train", "--preset", "ufm10", "--dataset-options",
+                                        '{"per_class": 7, "subset": 2}', "--num-classes", "4",
+                                        "--out", "x"]))
+    assert cfg.dataset_options == {"num_classes": 4, "per_class": 7, "subset": 2}
+    cfg = train_config_from_args(parse(["train", "--dataset-options", '{"subset": 5}',
+                                        "--subset", "5", "--out", "x"]))
+    assert cfg.dataset_options == {"subset": 5}
+    with pytest.raises(CLIError, match="--subset 6 and --dataset-options subset=5 disagree"):
+        train_config_from_args(parse(["train", "--dataset-options", '{"subset": 5}',
+                                      "--subset", "6", "--out", "x"]))
+    assert_one_line_error(*run_main(["train", "--dataset-options", '{"subset": 5}', "--subset",
+                                     "6", "--out", "x"], capsys), "disagree")
+
+
+def test_choices_and_types_are_usage_errors_of_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    cases = [
+        (["train", "--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
+        (["experiment", "ufm10", "--loss", "l2"], "argument --loss: invalid choice: 'l2'"),
+        (["train", "--feature-dim", "big"], "argument --feature-dim: invalid int value: 'big'"),
+        (["train", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+        (["train", "--milestones", "[100, 150"], "argument --milestones: invalid JSON"),
+        (["train", "--milestones", '["a"]'],
+         "argument --milestones: Expected `milestones` to be list[int] | None"),
+        (["train", "--dataset-options", "[1]"],
+         "argument --dataset-options: Expected `dataset_options` to be dict"),
+        (["train", "--dataset-options", "null"], "Expected `dataset_options` to be dict"),
+        (["train", "--no-bias=1"], "ignored explicit argument"),
+    ]
+    for argv, match in cases:
+        code, err = run_main([*argv, "--out", out], capsys)
+        assert code == 2
+        assert_one_line_error(code, err, match)
+    assert not out.exists()
+
+
+def test_bench_set_overrides():
+    from gnc.cli import _overrides
+
+    assert _overrides(["width=16", "solve_device=cpu", "polar_method=\"gram\"", "model=mlp",
+                       "milestones=[2, 3]", "dataset_options={\"subset\": 50}",
+                       "feature_dim=null", "graph_head=true", "lr=1"]) == {
+        "width": 16, "solve_device": "cpu", "polar_method": "gram", "model": "mlp",
+        "milestones": [2, 3], "dataset_options": {"subset": 50}, "feature_dim": None,
+        "graph_head": True, "lr": 1}
+    assert _overrides(["dataset=123"]) == {"dataset": "123"}  # a str field: the raw string
+    cases = [
+        ("width", "expected KEY=VALUE"),
+        ("=3", "expected KEY=VALUE"),
+        ("width=abc", "invalid JSON 'abc'"),
+        ("width=\"16\"", "Expected `width` to be int, but got '\"16\"'"),
+        ("width=true", "Expected `width` to be int"),
+        ("graph_head=1", "Expected `graph_head` to be bool"),
+        ("milestones=[1.5]", "Expected `milestones` to be list[int] | None"),
+        ("widht=16", "unknown key 'widht'; choose from dataset, dataset_options, model, width"),
+        ("method=fixed", "give method by --methods"),
+        ("device=cuda", "give device by --device"),
+    ]
+    for item, match in cases:
+        with pytest.raises(CLIError, match=re.escape(match)):
+            _overrides([item])
+
+
+def test_bench_set_errors_are_one_line(capsys):
+    argv = ["bench", "--sizes", "none", "--steps", "none", "--epoch", "cifar10-resnet18"]
+    assert_one_line_error(*run_main([*argv, "--set", "widht=16"], capsys), "unknown key 'widht'")
+    assert_one_line_error(*run_main([*argv, "--set", "width=x"], capsys), "invalid JSON 'x'")
+    assert_one_line_error(*run_main(["bench", "--device", "cuda:x", "--sizes", "16x4", "--steps",
+                                     "none"], capsys), "'cuda:x'")
+
+
+# --------------------------------------------------------------------------- user errors vs bugs
+
+
+@pytest.fixture
+def presets_raising(monkeypatch):
+    """Make ``gnc presets`` raise the given exception."""
+    import gnc.cli as cli
+
+    def use(err: BaseException) -> None:
+        def raise_it(args):
+            raise err
+
+        monkeypatch.setattr(cli, "_cmd_presets", raise_it)
+
+    return use
+
+
+def test_a_bug_keeps_its_traceback(presets_raising, capsys):
+    from gnc.cli import main
+
+    presets_raising(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["presets"])
+    presets_raising(TypeError("bad call"))
+    with pytest.raises(TypeError, match="bad call"):
+        main(["presets"])
+    assert capsys.readouterr().err == ""  # nothing printed: the traceback is Python's
+
+
+@pytest.mark.parametrize("err, match", [
+    (ValueError("Expected `x` >= 1\nsecond line"), "gnc: error: Expected `x` >= 1"),
+    (FileNotFoundError("no such file: data/x"), "gnc: error: no such file: data/x"),
+    (FloatingPointError("training diverged"), "gnc: error: training diverged"),
+    (CLIError("bad flags"), "gnc: error: bad flags"),
+])
+def test_user_errors_are_one_line(presets_raising, capsys, err, match):
+    presets_raising(err)
+    code, stderr = run_main(["presets"], capsys)
+    assert code == 2 and stderr.strip() == match
+
+
+def test_cuda_out_of_memory_is_one_line_and_interrupt_exits_130(presets_raising, capsys):
+    import torch
+
+    presets_raising(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    code, stderr = run_main(["presets"], capsys)
+    assert code == 2 and stderr.strip() == "gnc: error: CUDA out of memory. Tried to allocate 2 GiB"
+    presets_raising(KeyboardInterrupt())
+    code, stderr = run_main(["presets"], capsys)
+    assert code == 130 and stderr.strip() == "gnc: interrupted"
+
+
+def test_a_bug_in_a_subprocess_prints_its_traceback(tmp_path):
+    code = ("import gnc.cli as cli\n"
+            "def boom(args):\n    raise RuntimeError('boom')\n"
+            "cli._cmd_presets = boom\ncli.main(['presets'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "RuntimeError: boom" in done.stderr

@@ -1,10 +1,32 @@
+import contextlib
 import math
 
 import pytest
 import torch
 
-from gnc.declarative import NearestETF, closed_form_backward, ddn_backward
-from gnc.etf import centering, nearest_etf, polar_factor, proximal_target
+import gnc.declarative as declarative
+from gnc.declarative import (
+    BACKWARDS,
+    ETF_POLAR_METHODS,
+    SOLVE_DEVICES,
+    SOLVERS,
+    NearestETF,
+    SolvePlan,
+    closed_form_backward,
+    ddn_backward,
+    nearest_etf,
+    resolve_solve,
+)
+from gnc.etf import (
+    NS_RESIDUAL_TOL,
+    centering,
+    compute_dtype,
+    polar_factor,
+    proximal_full_rank,
+    proximal_target,
+)
+from gnc.heads import ImplicitETFHead, make_head
+from gnc.validation import trusted_inputs
 from tests.conftest import near_etf_means, random_means, random_stiefel
 
 F64 = torch.float64
@@ -128,3 +150,113 @@ def test_backward_unaffected_by_in_place_change_of_U_prev(solver, backward):
         (U * G).sum().backward()
         grads.append(Hc.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-8)
+
+
+# --------------------------------------------------------------------------- the solve plan
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"solver": "newton"}, "unknown solver 'newton'"),
+    ({"backward": "autograd"}, "unknown backward 'autograd'"),
+    ({"polar_method": "qr"}, "unknown polar_method 'qr'"),
+    ({"solve_device": "auto"}, "unknown solve_device 'auto'"),  # the trainer resolves it
+    ({"solve_device": "cuda"}, "unknown solve_device 'cuda'"),
+    ({"ns_fallback": "yes"}, "`ns_fallback` to be a bool"),
+    ({"solver": "riemannian", "polar_method": "svd"},
+     "polar_method='svd' applies to solver='exact'"),
+    ({"solver": "riemannian", "polar_method": "gram"},
+     "polar_method='gram' applies to solver='exact'"),
+    ({"solver": "riemannian", "polar_method": "newton_schulz"},
+     "polar_method='newton_schulz' applies to solver='exact'"),
+    ({"solver": "riemannian", "solve_device": "cpu"},
+     "solve_device='cpu' applies to solver='exact'.*always runs on the host"),
+    ({"polar_method": "newton_schulz", "solve_device": "cpu"},
+     "newton_schulz.*solve_device='cpu' is for the SVD/eigh"),
+])
+def test_resolver_refuses_unknown_and_inapplicable_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_solve(**kw)
+    H, U_prev = random_means(12, 4), random_stiefel(12, 4)
+    with pytest.raises(ValueError, match=match):  # every entry point goes through it
+        nearest_etf(H, U_prev, **kw)
+    with pytest.raises(ValueError, match=match):
+        ImplicitETFHead(12, 4, **kw)
+    with pytest.raises(ValueError, match=match):
+        make_head("implicit", 12, 4, **kw)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_resolver_accepts_every_meaningful_combination(solver, backward):
+    methods = ETF_POLAR_METHODS if solver == "exact" else ("auto",)
+    devices = SOLVE_DEVICES if solver == "exact" else ("same",)
+    for polar_method in methods:
+        for solve_device in devices:
+            if polar_method == "newton_schulz" and solve_device == "cpu":
+                continue
+            for ns_fallback in (True, False):
+                plan = resolve_solve(solver, backward, polar_method, solve_device, ns_fallback)
+                assert plan == SolvePlan(solver, backward, polar_method, solve_device,
+                                         ns_fallback)
+                assert plan.eigen_method == ("auto" if polar_method == "newton_schulz"
+                                             else polar_method)
+
+
+def _spy_exact_solve(monkeypatch) -> list[bool]:
+    calls = []
+    real = declarative._exact_solve
+
+    def spy(C, method, *, full_rank, on_host):
+        calls.append(full_rank)
+        return real(C, method, full_rank=full_rank, on_host=on_host)
+
+    monkeypatch.setattr(declarative, "_exact_solve", spy)
+    return calls
+
+
+@pytest.mark.parametrize("with_prev", [True, False])
+def test_rank_test_does_not_depend_on_the_validation_switch(monkeypatch, with_prev):
+    """The rank test is skipped by the maths (δ > 0), never by trusted_inputs()."""
+    calls = _spy_exact_solve(monkeypatch)
+    H, U_prev = random_means(20, 5), random_stiefel(20, 5) if with_prev else None
+    U_checked = nearest_etf(H, U_prev)
+    with trusted_inputs():
+        U_trusted = nearest_etf(H, U_prev)
+    assert calls == [with_prev, with_prev]
+    assert torch.equal(U_checked, U_trusted)
+
+
+@pytest.mark.parametrize("d,K", [(20, 5), (64, 10), (300, 260)])
+@pytest.mark.parametrize("delta", [1e-3, 1e-1])
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_proximal_full_rank_agrees_with_the_rank_test(d, K, delta, method):
+    """Where the a-priori rule skips the rank test, the test would find full rank."""
+    dtype = compute_dtype(torch.zeros(d, K))
+    assert proximal_full_rank(d, K, delta, "auto", dtype)  # the default skips it here
+    if proximal_full_rank(d, K, delta, method, dtype):  # not float32 svd: 10·d·eps32 > 1e-6·δ
+        for means in (random_means, near_etf_means):
+            C = proximal_target(means(d, K).to(dtype), random_stiefel(d, K, dtype=dtype), delta)
+            assert polar_factor(C, method).rank == K
+    else:
+        assert (method, dtype) == ("svd", torch.float32)
+    assert not proximal_full_rank(d, K, 0.0, method, dtype)  # δ = 0: rank K − 1
+    assert not proximal_full_rank(d, K, 1e-14, method, dtype)  # below the tolerance
+
+
+@pytest.mark.parametrize("ns_fallback", [True, False])
+def test_newton_schulz_fallback_does_not_depend_on_the_validation_switch(monkeypatch,
+                                                                        ns_fallback):
+    # a schedule far too short: the iteration does not converge
+    monkeypatch.setattr("gnc.declarative.proximal_lower_bound", lambda K, delta: 0.9)
+    H, U_prev = random_means(30, 6), random_stiefel(30, 6, seed=4)
+    out = []
+    for trusted in (False, True):
+        info = {}
+        with trusted_inputs() if trusted else contextlib.nullcontext():
+            U = nearest_etf(H, U_prev, polar_method="newton_schulz", info=info,
+                            ns_fallback=ns_fallback)
+        assert float(info["residual"]) > NS_RESIDUAL_TOL
+        out.append(U)
+    assert torch.equal(out[0], out[1])
+    exact = nearest_etf(H, U_prev)
+    assert torch.allclose(out[0], exact, atol=1e-12) == ns_fallback

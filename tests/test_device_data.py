@@ -13,6 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from gnc.bench import synthetic_cifar10
+from gnc.config import TrainConfig
 from gnc.data import StratifiedBatchSampler, load_dataset, make_loader, set_loader_epoch
 from gnc.data import device as device_mod
 from gnc.data.device import (
@@ -23,7 +24,7 @@ from gnc.data.device import (
     device_images,
     image_spec,
 )
-from gnc.training import TrainConfig, Trainer, train
+from gnc.training import Trainer, train
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gnc.training import TrainConfig, Trainer, evaluate_run, train
+from gnc.config import TrainConfig
+from gnc.evaluation import evaluate_run
+from gnc.training import Trainer, train
 
 CFG = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 8}, model="ufm",
            feature_dim=12, epochs=12, lr=0.5, eval_every=4, progress=False, tau=2.0)
@@ -54,9 +56,9 @@ def _forbid_writes_under(out: Path):
 
     builtins.open, np.save = guarded_open, guarded_save
     Path.write_text = lambda self, *a, **k: guarded_open(self, "w").write(*a)
-    import gnc.training as training
+    import gnc.rundir as rundir
 
-    training.atomic_save = lambda obj, path: guarded_save(path)
+    rundir.atomic_save = lambda obj, path: guarded_save(path)
 
 
 def _worker(rank: int, world: int, port: int, root: str, jobs: list) -> None:

@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from gnc.config import TrainConfig
 from gnc.data import make_loader
-from gnc.evaluation import evaluate, recompute_statistics
+from gnc.evaluation import evaluate, evaluate_run, recompute_statistics
 from gnc.heads import ImplicitETFHead, make_head
 from gnc.models import FeatureClassifier, build_backbone
-from gnc.training import NONFINITE_CHECK_EVERY, TrainConfig, Trainer, evaluate_run, train
+from gnc.training import NONFINITE_CHECK_EVERY, Trainer, train
 from gnc.validation import trusted_inputs
 
 
@@ -231,8 +232,8 @@ def test_divergence_found_at_an_evaluation_is_divergence(tmp_path):
 
 
 def test_compile_keeps_the_checkpoint_keys_and_the_head_eager():
+    from gnc.build import build_model
     from gnc.data import load_dataset
-    from gnc.training import build_model
 
     bundle = load_dataset("digits")
     cfg = TrainConfig(dataset="digits", model="mlp", width=16, feature_dim=16)

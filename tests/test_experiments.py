@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from gnc.build import build_model
 from gnc.data import DatasetBundle, make_loader
 from gnc.experiments import PRESETS, custom_preset, get_preset, run_dir, run_experiment
-from gnc.training import build_model
 
 SHAPES = {"ufm": (), "digits": (64,), "mnist1d": (40,), "mnist": (3, 32, 32),
           "cifar10": (3, 32, 32),

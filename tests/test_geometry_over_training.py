@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from gnc.checkpoint import holds_results, prepare_run_dir
+from gnc.config import TrainConfig
 from gnc.etf import simplex_etf
-from gnc.training import TrainConfig, Trainer, evaluate_checkpoints, evaluate_run, train
+from gnc.evaluation import evaluate_checkpoints, evaluate_run
+from gnc.rundir import holds_results, prepare_run_dir
+from gnc.training import Trainer, train
 
 ETF_KEYS = ("etf_w_dist", "etf_h_dist", "etf_wh_dist", "etf_w_moved", "etf_h_moved")
 METHODS = ("standard", "fixed", "implicit", "implicit-nograd", "standard-unnormalized")

@@ -6,11 +6,12 @@ Python side effects a replay does not repeat. The CUDA graphs themselves need a 
 import pytest
 import torch
 
+from gnc.config import TrainConfig
 from gnc.etf import capturing, products_only
 from gnc.graphs import WARMUP_ITERS, GraphedHeadStep
 from gnc.heads import ImplicitETFHead
 from gnc.models.classifier import FeatureClassifier
-from gnc.training import TrainConfig, Trainer
+from gnc.training import Trainer
 from gnc.validation import trusted_inputs
 
 F64 = torch.float64
@@ -28,9 +29,8 @@ class FakeGrapher:
     def _as_captured(self, fn, h, y):
         with self.monkeypatch.context() as m:
             m.setattr("gnc.declarative.capturing", lambda: True)
-            host = self.head._host_steps
             out = fn(h, y)
-            self.head._host_steps = host  # a replay runs kernels, not Python
+            self.head.advance_host_steps(-1)  # a replay runs kernels, not Python: undo
             return out
 
     def __call__(self, fn, sample_args, num_warmup_iters):
@@ -60,8 +60,8 @@ def _batches(d, K, n, seed=0):
 @pytest.mark.parametrize("K", [6, 20])  # Lyapunov by Kronecker Cholesky / sign iteration
 def test_graphed_step_trains_like_the_plain_head(K, monkeypatch):
     d = 24
-    plain = ImplicitETFHead(d, K, polar_method="newton_schulz", dtype=F64)
-    graphed = ImplicitETFHead(d, K, polar_method="newton_schulz", dtype=F64)
+    plain = ImplicitETFHead(d, K, polar_method="newton_schulz", ns_fallback=False, dtype=F64)
+    graphed = ImplicitETFHead(d, K, polar_method="newton_schulz", ns_fallback=False, dtype=F64)
     grapher = FakeGrapher(graphed, monkeypatch)
     step = GraphedHeadStep(graphed, make_graphed=grapher)
     with trusted_inputs():
@@ -86,8 +86,8 @@ def test_graphed_step_trains_like_the_plain_head(K, monkeypatch):
 
 def test_a_failed_capture_leaves_the_state_and_trains_on_eagerly(caplog):
     d, K = 24, 6
-    plain = ImplicitETFHead(d, K, polar_method="newton_schulz", dtype=F64)
-    head = ImplicitETFHead(d, K, polar_method="newton_schulz", dtype=F64)
+    plain = ImplicitETFHead(d, K, polar_method="newton_schulz", ns_fallback=False, dtype=F64)
+    head = ImplicitETFHead(d, K, polar_method="newton_schulz", ns_fallback=False, dtype=F64)
 
     def broken(fn, sample_args, num_warmup_iters):
         h, y = sample_args
@@ -132,6 +132,10 @@ def test_graphed_step_is_used_in_training_only():
 def test_graphed_step_needs_the_sync_free_polar_factor(tmp_path):
     with pytest.raises(ValueError, match="polar_method='newton_schulz'"):
         GraphedHeadStep(ImplicitETFHead(16, 4))
+    with pytest.raises(ValueError, match="polar_method='newton_schulz'"):
+        GraphedHeadStep(torch.nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="needs ns_fallback=False"):
+        GraphedHeadStep(ImplicitETFHead(16, 4, polar_method="newton_schulz"))
     with pytest.raises(ValueError, match="graph_head needs polar_method newton_schulz"):
         TrainConfig(graph_head=True).validate()
     cfg = TrainConfig(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 5},
@@ -139,5 +143,7 @@ def test_graphed_step_needs_the_sync_free_polar_factor(tmp_path):
                       polar_method="newton_schulz", graph_head=True, progress=False)
     with pytest.raises(ValueError, match="needs one process on a CUDA device"):
         Trainer(cfg, tmp_path / "run")
-    # other heads ignore it (an experiment runs every method with one config)
-    Trainer(TrainConfig(**{**cfg.__dict__, "method": "standard"}), tmp_path / "std")
+    # another head has no step to capture: refused, not ignored (`gnc experiment` sets it
+    # for the implicit methods only)
+    with pytest.raises(ValueError, match="method 'standard' has none"):
+        TrainConfig(**{**cfg.__dict__, "method": "standard"}).validate()

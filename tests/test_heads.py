@@ -3,15 +3,25 @@ import math
 import pytest
 import torch
 
-from gnc.etf import nearest_etf, simplex_etf
+from gnc.class_means import ClassMeanTracker
+from gnc.declarative import nearest_etf
+from gnc.etf import simplex_etf
 from gnc.heads import (
+    ABLATIONS,
+    HEAD_OPTIONS,
+    METHOD_NAMES,
+    METHODS,
+    PAPER_METHODS,
     FixedETFHead,
+    Head,
     ImplicitETFHead,
     StandardHead,
     make_head,
     normalizes_features,
 )
+from gnc.metrics import NCStatistics
 from gnc.models.classifier import FeatureClassifier
+from gnc.validation import NonFiniteError, trusted_inputs
 
 F64 = torch.float64
 
@@ -220,3 +230,110 @@ def test_no_bias_heads_have_logits_W_h_and_nothing_else_changes(method):
     fresh = make_head(method, 16, 4, bias=False).double()
     fresh.load_state_dict(without.state_dict())
     torch.testing.assert_close(fresh.eval()(h), without(h))
+
+
+# --------------------------------------------------------------------------- hooks, registry
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_head_has_the_loop_hooks(method):
+    head = make_head(method, 16, 4)
+    assert isinstance(head, Head) and isinstance(head, METHODS[method].head)
+    h, y = batch(dtype=torch.float32)
+    head(h, y)
+    assert head.pop_polar_residual() is None  # no Newton–Schulz step
+    W = head.weight.detach().clone()
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    head.after_optimizer_step()
+    if method == "standard":  # rows back on the unit sphere
+        torch.testing.assert_close(head.weight, W / W.norm(dim=1, keepdim=True))
+    else:  # nothing to do
+        torch.testing.assert_close(head.weight, 3.0 * W)
+    assert head.tracks_global_mean == (not method.startswith("standard"))
+    mu_G = torch.randn(16)
+    if head.tracks_global_mean:
+        head.set_global_mean(mu_G)
+        assert torch.equal(head.mu_G, mu_G)
+        torch.testing.assert_close(head.bias, -head.weight @ mu_G)
+        assert head.num_steps == 1
+    else:
+        with pytest.raises(NotImplementedError, match="keeps no global mean"):
+            head.set_global_mean(mu_G)
+
+
+def test_implicit_head_pops_the_newton_schulz_residual_and_counts_host_steps():
+    head = ImplicitETFHead(16, 4, polar_method="newton_schulz", ns_fallback=False, dtype=F64)
+    for seed in range(3):
+        head(*batch(seed=seed))
+    residual = head.pop_polar_residual()
+    assert residual is not None and residual <= 1e-12 and head.pop_polar_residual() is None
+    assert head.num_steps == 3 == int(head.steps)
+    saved = head.snapshot()
+    head(*batch(seed=4))
+    head.advance_host_steps(2)  # e.g. two CUDA-graph replays
+    assert head.num_steps == 6
+    head.restore(saved)
+    assert head.num_steps == 3 and head.pop_polar_residual() is None
+    for k, v in head.named_buffers():
+        assert torch.equal(v, saved["buffers"][k]), k
+    assert "ns_fallback=False" in repr(head) and "polar_method='newton_schulz'" in repr(head)
+
+
+def test_method_registry():
+    assert METHOD_NAMES == ("standard", "fixed", "implicit", "implicit-nograd",
+                            "standard-unnormalized")
+    assert PAPER_METHODS == ("standard", "fixed", "implicit")
+    assert ABLATIONS == ("implicit-nograd", "standard-unnormalized")
+    assert set(HEAD_OPTIONS) == {"bias", "rotation", "seed", "delta", "solver", "backward",
+                                 "update", "solve_device", "polar_method", "ns_fallback",
+                                 "device", "dtype"}
+    for spec in METHODS.values():
+        assert set(spec.options) <= set(HEAD_OPTIONS) and not set(spec.fixed) & set(spec.options)
+    # the trainer passes every option to every method: unused ones are dropped ...
+    full = dict(delta=1e-2, solver="exact", backward="closed_form", update="cma",
+                rotation="random", seed=3, solve_device="same", bias=True,
+                polar_method="newton_schulz", ns_fallback=False)
+    heads = {m: make_head(m, 16, 4, **full) for m in METHOD_NAMES}
+    assert heads["implicit"].delta == 1e-2 and not heads["implicit"].ns_fallback
+    assert heads["fixed"].rotation == "random"
+    # ... and what the method sets overrides the caller's
+    assert heads["implicit-nograd"].backward == "none"
+    assert not heads["standard-unnormalized"].normalize
+    with pytest.raises(ValueError, match="unknown method 'learned'"):
+        normalizes_features("learned")
+
+
+# --------------------------------------------------------------------------- NaN features
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_non_finite_features_raise_non_finite_error(method):
+    head = make_head(method, 16, 4)
+    h, y = batch(dtype=torch.float32)
+    h[3, 2] = float("inf")
+    with pytest.raises(NonFiniteError, match="`features` to be finite, but got NaN or Inf"):
+        head(h, y)
+    head.eval()
+    with pytest.raises(NonFiniteError):
+        head(h)
+    with trusted_inputs():  # the check is skipped, nothing else changes
+        head(h)
+
+
+def test_tracker_and_metrics_raise_non_finite_error():
+    h, y = batch(dtype=torch.float32)
+    h[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="`features` to be finite"):
+        ClassMeanTracker(16, 4)(h, y)
+    with pytest.raises(NonFiniteError, match="`features` to be finite"):
+        NCStatistics(4, 16).update(h, y)
+    assert issubclass(NonFiniteError, ValueError)  # `except ValueError` still catches it
+
+
+def test_fixed_and_implicit_heads_share_the_running_global_mean_rule():
+    fixed, implicit = FixedETFHead(16, 4, dtype=F64), ImplicitETFHead(16, 4, dtype=F64)
+    for seed in range(4):
+        h, y = batch(seed=seed)
+        fixed(h, y), implicit(h, y)  # batch means summed differently: rounding apart
+        torch.testing.assert_close(fixed.mu_G, implicit.mu_G, rtol=0, atol=1e-15)

@@ -10,10 +10,12 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from gnc.config import TrainConfig
 from gnc.data import make_loader
+from gnc.evaluation import load_run
 from gnc.measure import WeightsError, find_layers, load_weights, measure
 from gnc.metrics import nc_metrics
-from gnc.training import TrainConfig, load_run, train
+from gnc.training import train
 from tests.test_cli import assert_one_line_error, run_main
 
 # the keys every comparison checks: NCStatistics.compute's floats and the ETF distances

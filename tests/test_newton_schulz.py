@@ -8,15 +8,16 @@ import pytest
 import torch
 
 import gnc.etf as etf
+from gnc.config import TrainConfig
 from gnc.declarative import (
     LYAPUNOV_KRON_MAX_K,
     lyapunov_solve,
+    nearest_etf,
     newton_schulz_backward,
     polar_backward,
 )
 from gnc.etf import (
     NS_RESIDUAL_TOL,
-    nearest_etf,
     newton_schulz_schedule,
     polar_factor,
     polar_newton_schulz,
@@ -24,7 +25,7 @@ from gnc.etf import (
     proximal_target,
 )
 from gnc.heads import ImplicitETFHead
-from gnc.training import TrainConfig, train
+from gnc.training import train
 from gnc.validation import trusted_inputs
 from tests.conftest import near_etf_means, random_means, random_stiefel
 
@@ -200,7 +201,7 @@ def test_head_step_reads_no_tensor_value(monkeypatch, K, captured):
     a CUDA graph) would raise. The eigensolvers, which sync inside, are not called; what a
     CUDA-graph capture records calls no factorisation at all, matrix products only."""
     d = 32
-    head = ImplicitETFHead(d, K, polar_method="newton_schulz", dtype=F64)
+    head = ImplicitETFHead(d, K, polar_method="newton_schulz", ns_fallback=False, dtype=F64)
     y = torch.arange(2 * K) % K
     head(torch.randn(2 * K, d, dtype=F64), y)  # the δ = 0 first step, on the CPU
     head.to("meta")

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from gnc.config import TrainConfig
 from gnc.data import load_dataset
 from gnc.data.device import device_images, image_spec
 from gnc.data.perturb import RelabelledDataset, long_tailed_counts
-from gnc.training import TrainConfig, train
+from gnc.training import train
 
 
 def _expected(n_max: int, R: float, K: int) -> list[int]:

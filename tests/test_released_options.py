@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 import gnc.experiments as experiments
+from gnc.build import build_model, load_data
 from gnc.cli import build_parser, main, train_config_from_args
+from gnc.config import TrainConfig
 from gnc.experiments import Preset
 from gnc.losses import dot_regression
 from gnc.models import build_backbone, without_bn_affine
 from gnc.optim import AGD
-from gnc.training import TrainConfig, Trainer, build_model, load_data, train
+from gnc.training import Trainer, train
 
 UFM = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 10}, model="ufm",
            feature_dim=8, epochs=2, lr=0.5, progress=False, eval_test=False)
@@ -189,7 +191,7 @@ def test_config_validation_of_the_new_fields():
                        (dict(bias="no"), "`bias` to be true or false")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad).validate()
-    with pytest.raises(ValueError, match="unknown scheduler 'poly'"):
+    with pytest.raises(ValueError, match="unknown schedule 'poly'"):
         Trainer(TrainConfig(**{**UFM, "schedule": "poly"}), "unused")
     cfg = TrainConfig()
     assert (cfg.bias, cfg.loss, cfg.gamma, cfg.step_every) == (True, "ce", 0.1, None)

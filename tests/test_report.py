@@ -258,7 +258,7 @@ def test_bad_metrics_lines_are_skipped_with_file_and_line(exp, caplog):
     lines = path.read_text().splitlines()
     lines[1:1] = ['{"top1": 3.0}', "[1, 2, 3]", '{"epoch": "two"}', "{not json"]
     path.write_text("\n".join(lines) + "\n")
-    with caplog.at_level("WARNING", logger="gnc.report"):
+    with caplog.at_level("WARNING", logger="gnc.rundir"):
         runs = load_runs(root)
     assert [r["epoch"] for r in runs["standard"][0].metrics] == list(EPOCHS)
     messages = [r.getMessage() for r in caplog.records]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from gnc.etf import centering, nearest_etf, simplex_etf
+from gnc.declarative import nearest_etf
+from gnc.etf import centering, simplex_etf
 from gnc.riemannian import solve_riemannian
 from tests.conftest import near_etf_means, random_means, random_stiefel
 
@@ -80,8 +81,9 @@ def test_riemannian_gradients_equal_the_exact_ones(backward, with_prev, loss_of)
 def test_riemannian_head_trains_like_the_exact_one(tmp_path):
     """A few UFM training steps with ImplicitETFHead(solver="riemannian") (its forward and
     the backward through the eigenpairs of P) give the exact solver's run."""
+    from gnc.config import TrainConfig
     from gnc.heads import ImplicitETFHead
-    from gnc.training import TrainConfig, Trainer
+    from gnc.training import Trainer
 
     base = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 6},
                 model="ufm", feature_dim=8, epochs=6, lr=0.5, eval_every=2, progress=False,

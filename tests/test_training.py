@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from gnc.config import TrainConfig
+from gnc.evaluation import evaluate_run
 from gnc.metrics import nc_metrics
-from gnc.training import TrainConfig, Trainer, atomic_save, evaluate_run, train
+from gnc.rundir import atomic_save
+from gnc.training import Trainer, train
 
 NC_KEYS = {"nc1", "nc2", "nc2_h", "nc3", "nc4_bias", "ncc_mismatch", "w_equinorm",
            "h_equinorm", "wh_equinorm", "avg_cos_margin", "cos_margins", "top1", "top5"}
@@ -99,7 +102,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
 def test_resume_refuses_a_changed_config(tmp_path):
     base = dict(CASES["ufm"], method="fixed", progress=False)
     train(TrainConfig(**{**base, "epochs": 10}), tmp_path / "run")
-    with pytest.raises(ValueError, match="differs in \\['lr'\\]"):
+    with pytest.raises(ValueError, match="differs in lr="):
         train(TrainConfig(**{**base, "epochs": 20, "lr": 0.1}), tmp_path / "run", resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(TrainConfig(**base), tmp_path / "nothing", resume=True)

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from gnc.build import train_batch_size
+from gnc.config import TrainConfig
 from gnc.data import load_dataset
 from gnc.models import build_backbone
-from gnc.training import TrainConfig, Trainer, _train_batch_size
+from gnc.training import Trainer
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -57,9 +59,9 @@ def test_validate_rejects_cuda_without_cuda():
 def test_full_batch_is_every_sample():
     bundle = load_dataset("digits")
     n = len(bundle.train)
-    assert _train_batch_size(TrainConfig(batch_size=0), bundle) == n
-    assert _train_batch_size(TrainConfig(batch_size=10 * n), bundle) == n
-    assert _train_batch_size(TrainConfig(batch_size=50), bundle) == 50
+    assert train_batch_size(TrainConfig(batch_size=0), bundle) == n
+    assert train_batch_size(TrainConfig(batch_size=10 * n), bundle) == n
+    assert train_batch_size(TrainConfig(batch_size=50), bundle) == 50
 
 
 def test_backbone_must_fit_the_data():

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from gnc.etf import nearest_etf
+from gnc.declarative import nearest_etf
 from gnc.memory import PeakMemory
 from gnc.validation import trusted_inputs
 
@@ -111,7 +111,7 @@ def time_layer(
         H = H_bar.clone().requires_grad_()
         with trusted_inputs():
             return H, nearest_etf(H, U_prev, solver=solver, backward=backward,
-                                  polar_method=polar_method)
+                                  polar_method=polar_method, ns_fallback=False)
 
     H, U = forward()
     t_fwd = median_ms(forward, device, repeats)
@@ -136,7 +136,7 @@ def time_head(d: int, K: int, device: torch.device, repeats: int,
     from gnc.heads import ImplicitETFHead
 
     g = torch.Generator().manual_seed(0)
-    head = ImplicitETFHead(d, K, polar_method=polar_method).to(device)
+    head = ImplicitETFHead(d, K, polar_method=polar_method, ns_fallback=False).to(device)
     h0 = torch.randn(K, d, generator=g).to(device)
     y = torch.arange(K, device=device)
     fwd, bwd = [], []
@@ -446,9 +446,10 @@ def _epoch_trainer(preset: str, method: str, device: torch.device, epochs: int,
     :func:`synthetic_cifar10` (said in the note)."""
     import tempfile
 
+    from gnc.build import load_data
     from gnc.data import DatasetNotFoundError
     from gnc.experiments import get_preset
-    from gnc.training import Trainer, load_data
+    from gnc.training import Trainer
 
     cfg = get_preset(preset).train_config(
         **{"method": method, "device": str(device), "data_dir": data_dir, "progress": False,

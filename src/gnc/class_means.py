@@ -34,15 +34,32 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from gnc.validation import all_finite, value_checks_enabled
+from gnc.runtime import all_reduce_sum_, differentiable_sum
+from gnc.validation import check_features, value_checks_enabled
 
-__all__ = ["ClassMeanTracker", "ClassMeans"]
+__all__ = ["ClassMeanTracker", "ClassMeans", "ema_weight", "running_average"]
 
 _UPDATES = ("ema", "cma")
-_MIN_ALPHA = 1e-4
+# Floor of the EMA weight α_t: the running means keep following the features late in training.
+MIN_EMA_WEIGHT = 1e-4
+
+
+def ema_weight(t: int | Tensor, *, dtype: torch.dtype | None = None) -> float | Tensor:
+    """``α_t = max(2/(t+1), 1e-4)``, the weight of the t-th update (t = 1, 2, ...).
+
+    The first update (``α_1 = 1``) takes the batch as is. ``t`` a Python int gives a float;
+    an integer tensor gives a tensor of ``dtype`` (on its device: no host read).
+    """
+    if isinstance(t, Tensor):
+        return (2.0 / (t + 1).to(dtype)).clamp_min(MIN_EMA_WEIGHT)
+    return max(2.0 / (t + 1), MIN_EMA_WEIGHT)
+
+
+def running_average(old: Tensor, new: Tensor, weight: float | Tensor) -> Tensor:
+    """``(1 − w)·old + w·new``: the EMA (``w = α_t``) and CMA (``w = n/(N + n)``) update."""
+    return old * (1 - weight) + new * weight
 
 
 class ClassMeans(NamedTuple):
@@ -52,10 +69,6 @@ class ClassMeans(NamedTuple):
     mu_G: Tensor  # (d,) the batch's global mean (of all ranks), differentiable
 
 
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _frobenius_normalise(H: Tensor) -> Tensor:
     """``H / ‖H‖_F``, and ``H`` itself (zero) when its norm is 0, with a finite gradient."""
     norm = torch.linalg.matrix_norm(H)
@@ -63,15 +76,9 @@ def _frobenius_normalise(H: Tensor) -> Tensor:
 
 
 def _check_inputs(features: Tensor, labels: Tensor, d: int, K: int) -> None:
-    if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != d:
-        got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"Expected `features` to have shape (B, d={d}), but got {got}")
+    check_features(features, d)
     if features.shape[0] == 0:
         raise ValueError("Expected `features` to hold at least one sample, but got B=0")
-    if not features.is_floating_point():
-        raise ValueError(f"Expected `features` to be floating point, but got {features.dtype}")
-    if value_checks_enabled() and not all_finite(features):
-        raise ValueError("Expected `features` to be finite, but got NaN or Inf values")
     B = features.shape[0]
     if not isinstance(labels, Tensor) or tuple(labels.shape) != (B,):
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
@@ -167,13 +174,13 @@ class ClassMeanTracker(nn.Module):
         mu_G = sums.sum(dim=0) / n  # (d,)
         Hb = (sums / counts.clamp_min(1)[:, None] - mu_G).T  # (d, K); absent columns unused
         beta, gamma = self._weights(counts, dtype)  # (K,), ()
-        H_raw = self.H_bar_raw.to(dtype) * (1 - beta) + Hb * beta  # old part has no grad
+        H_raw = running_average(self.H_bar_raw.to(dtype), Hb, beta)  # old part has no grad
         # A batch with NaN/Inf features (unchecked inside the trainer's step, an fp16 overflow)
         # leaves the running state as it was, decided on the device without a host sync.
         ok = torch.isfinite(sums).all()
         H_raw = torch.where(ok, H_raw, self.H_bar_raw.to(dtype))
         with torch.no_grad():
-            self.mu_G.copy_(torch.where(ok, self.mu_G * (1 - gamma) + mu_G * gamma, self.mu_G))
+            self.mu_G.copy_(torch.where(ok, running_average(self.mu_G, mu_G, gamma), self.mu_G))
             self.H_bar_raw.copy_(H_raw)
             self.counts += counts * ok
             self.t += ok.long()
@@ -185,18 +192,13 @@ class ClassMeanTracker(nn.Module):
         # not bincount: on a GPU it reads max(y) back to size its output (a host sync)
         counts = torch.zeros(self.K, dtype=torch.long, device=y.device).index_add_(
             0, y, torch.ones_like(y))
-        if _is_distributed():
-            import torch.distributed.nn.functional as dist_fn
-
-            sums = dist_fn.all_reduce(sums, op=dist.ReduceOp.SUM)
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        return sums, counts
+        return differentiable_sum(sums), all_reduce_sum_(counts)
 
     def _weights(self, counts: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Weights of the batch: per class ``β`` (0 if absent) and for the global mean."""
         present, new = counts > 0, self.counts == 0
         if self.update == "ema":
-            alpha = (2.0 / (self.t + 2).to(dtype)).clamp_min(_MIN_ALPHA)  # t+1 = this update
+            alpha = ema_weight(self.t + 1, dtype=dtype)  # t+1: this update's number
             beta = torch.where(new, torch.ones_like(alpha), alpha).expand(self.K)
             return torch.where(present, beta, torch.zeros_like(beta)), alpha
         total = (self.counts + counts).to(dtype)

@@ -1,13 +1,29 @@
-"""The ``gnc`` command line (DESIGN §3). Errors are one line on stderr and exit status 2."""
+"""The ``gnc`` command line (DESIGN §3).
+
+Every :class:`~gnc.config.TrainConfig` field is a flag of ``gnc train`` and of ``gnc
+experiment`` (there but ``method`` and ``seed``), made from the field's metadata: the flag
+``--field-name``, its help, its choices, and the type of its annotation. A ``bool`` field is a
+pair ``--x`` / ``--no-x``; a ``dict`` or ``list`` field takes JSON; a field that may be unset
+(``int | None``) also takes ``none``. Every flag defaults to None, "not given": a preset's
+value stays unless a flag overrides it (:func:`train_config_from_args`).
+
+Errors of the user — bad settings or inputs (``ValueError``), missing or unwritable files
+(``OSError``), a diverged run (``FloatingPointError``), CUDA out of memory — are one line on
+stderr and exit status 2; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class CLIError(Exception):
@@ -15,68 +31,55 @@ class CLIError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line too (then see ``--help``)."""
+    """An ``ArgumentParser`` whose usage errors are one line too (then see ``--help``).
+
+    ``populate(parser)``, if given, adds arguments on first use (parsing or help): the
+    training flags come from :mod:`gnc.config`, which imports torch, and ``gnc --help`` does
+    not need them.
+    """
+
+    def __init__(self, *args: Any,
+                 populate: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _populated(self) -> None:
+        populate, self._populate = self._populate, None
+        if populate is not None:
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._populated()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._populated()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# Errors of the library (and of torch) that ``main`` reports as one line: bad settings or
-# inputs (ValueError), missing or unwritable files (OSError, e.g. DatasetNotFoundError),
-# diverged training (FloatingPointError), device failures (RuntimeError, e.g. CUDA OOM).
-USER_ERRORS = (CLIError, ValueError, OSError, FloatingPointError, RuntimeError)
+# Errors that ``main`` reports as one line: bad settings or inputs (ValueError, which
+# CheckpointError, WeightsError, NonFiniteError are), missing or unwritable files (OSError,
+# e.g. DatasetNotFoundError), diverged training (FloatingPointError). CUDA running out of
+# memory is one too (:func:`_is_user_error`); other RuntimeErrors are bugs: a traceback.
+USER_ERRORS = (CLIError, ValueError, OSError, FloatingPointError)
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, USER_ERRORS):
+        return True
+    torch = sys.modules.get("torch")  # not imported: the error is not torch's
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+
 
 DEFAULT_BATCH_SIZE = 100  # `gnc train` on a dataset other than ufm without preset or flag
 
-
-# (flag, TrainConfig field, type, help): explicit flags override the preset.
-TRAIN_FLAGS = [
-    ("--dataset", "dataset", str, "dataset name, npz:PATH or imagefolder:PATH"),
-    ("--model", "model", str, "backbone (ufm, mlp, cnn1d, resnet18/34/50/101/152, "
-     "resnext50_32x4d, resnext101_32x8d, wide_resnet50_2/101_2, vgg11/13/16_bn)"),
-    ("--method", "method", str, "standard | fixed | implicit | implicit-nograd | "
-                                "standard-unnormalized"),
-    ("--epochs", "epochs", int, "epochs (UFM: full-batch iterations)"),
-    ("--batch-size", "batch_size", int, "global batch size (0 = full batch; default: the "
-                                        "preset's, else 100; full batch for ufm)"),
-    ("--sampler", "sampler", str, "stratified (equal class shares per batch, epochs cut to "
-     "the smallest class) | shuffle (the data's own distribution)"),
-    ("--imbalance", "imbalance", float, "long tail R in (0, 1]: class c keeps "
-     "floor(n_max*R^(c/(K-1))) training samples (1: as is)"),
-    ("--label-noise", "label_noise", float, "p in [0, 1]: floor(p*N) training labels "
-     "re-drawn uniformly over the K classes"),
-    ("--optimizer", "optimizer", str, "sgd | adam | adamw | agd"),
-    ("--lr", "lr", float, "learning rate (agd: its gain; onecycle: the maximum)"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    ("--weight-decay", "weight_decay", float, "weight decay"),
-    ("--schedule", "schedule", str, "none | step | multistep | cosine | onecycle"),
-    ("--gamma", "gamma", float, "step/multistep: lr factor per decay (0.1)"),
-    ("--step-every", "step_every", int, "step: decay every N epochs"),
-    ("--loss", "loss", str, "ce | dr (dot regression)"),
-    ("--tau", "tau", float, "feature-sphere radius (temperature)"),
-    ("--feature-dim", "feature_dim", int, "feature dimension d (adds a projection)"),
-    ("--width", "width", int, "backbone base width"),
-    ("--delta", "delta", float, "proximal weight of the nearest-ETF problem"),
-    ("--solver", "solver", str, "exact | riemannian (the paper's)"),
-    ("--backward", "backward", str, "closed_form | ddn (the paper's) | none"),
-    ("--eval-every", "eval_every", int, "evaluate the NC metrics every N epochs"),
-    ("--checkpoint-every", "checkpoint_every", int, "keep a checkpoint every N epochs"),
-    ("--seed", "seed", int, "seed of everything"),
-    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
-    ("--amp", "amp", str, "none | bf16 | fp16 (backbone autocast)"),
-    ("--data-dir", "data_dir", str, "where datasets are read from"),
-    ("--num-workers", "num_workers", int, "data-loader workers"),
-    ("--data-on-device", "data_on_device", str, "auto | on | off: image pixels kept on the "
-     "device, augmented there (auto: on a GPU that holds them)"),
-    ("--eval-stats", "eval_stats", str, "precise (default: BN statistics and mu_G recomputed "
-     "over the training split before each evaluation) | running (the paper's protocol)"),
-    ("--solve-device", "solve_device", str, "auto | same | cpu: where the implicit head's "
-     "exact solve runs"),
-    ("--polar-method", "polar_method", str, "auto | svd | gram | newton_schulz: the implicit "
-     "head's polar factor (newton_schulz: matrix products only, no host sync on a GPU)"),
-]
 # `gnc experiment` takes every training flag but these (it runs every method x seed)
 NOT_EXPERIMENT_FLAGS = ("method", "seed")
+# Shortcuts for keys of `dataset_options` (flag, key, type, help), set over --dataset-options
 DATASET_FLAGS = [
     ("--num-classes", "num_classes", int, "ufm: number of classes K"),
     ("--per-class", "per_class", int, "ufm: samples per class"),
@@ -84,58 +87,172 @@ DATASET_FLAGS = [
     ("--transforms", "transforms", str, "torchvision sets: default | released (the paper "
      "code's; MNIST-like: 3x32x32)"),
 ]
+# short metavars keep most flags on one line of --help
+_METAVARS = {int: "N", float: "X", str: "S"}
+
+
+class _ExplicitNone:
+    """The value of ``--feature-dim none`` (and of JSON ``null``): the field set to None,
+    which the flags' default None ("not given") cannot say."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+EXPLICIT_NONE = _ExplicitNone()
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """``(T, True)`` for the annotation ``T | None``, ``(hint, False)`` for any other."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return hint, False
+
+
+def _type_name(hint: Any) -> str:
+    plain = typing.get_origin(hint) is None and isinstance(hint, type)
+    return hint.__name__ if plain else str(hint)
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    """Whether ``value`` (read from JSON) is of the annotation ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(a, value) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(args[0], v) for v in value)
+    raise TypeError(f"gnc.cli has no flag type for the annotation {hint!r}")
+
+
+def _from_json(name: str, hint: Any, text: str) -> Any:
+    """The value of the field ``name`` (annotation ``hint``) that the JSON ``text`` is;
+    ``ValueError`` for invalid JSON or a value of another type."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON {text!r} ({err})") from None
+    if not _matches(hint, value):
+        raise ValueError(f"Expected `{name}` to be {_type_name(hint)}, but got {text!r}")
+    return value
+
+
+def _json_flag(name: str, hint: Any) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = _from_json(name, hint, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return EXPLICIT_NONE if value is None else value
+
+    return parse
+
+
+def _or_none(kind: type) -> Callable[[str], Any]:
+    """``kind`` as an argparse type that also takes ``none``."""
+    def parse(text: str) -> Any:
+        return EXPLICIT_NONE if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names it: "invalid int value: 'x'"
+    return parse
+
+
+def _mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
+
+
+def _add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None:
+    """The flag of the TrainConfig field ``f``, from its annotation ``hint`` and metadata."""
+    flag = "--" + f.name.replace("_", "-")
+    text = f.metadata["help"].replace("%", "%%")
+    kind, optional = _optional(hint)
+    if kind is bool:  # --x / --no-x
+        p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                       help=text)
+    elif kind in _METAVARS:
+        choices = f.metadata.get("choices")
+        if choices and not all(_mentions(text, c) for c in choices):
+            text = f"{' | '.join(choices)}: {text}"
+        p.add_argument(flag, dest=f.name, type=_or_none(kind) if optional else kind,
+                       choices=choices, default=None, help=text,
+                       metavar=_METAVARS[kind] + ("|none" if optional else ""))
+    else:
+        _matches(hint, None)  # TypeError for an annotation JSON does not describe
+        p.add_argument(flag, dest=f.name, type=_json_flag(f.name, hint), default=None,
+                       help=text, metavar="JSON")
 
 
 def _add_train_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
-    """The training flags (all defaulting to None = "not given"), but those whose
-    TrainConfig field is in ``exclude``."""
-    for flag, dest, typ, text in TRAIN_FLAGS + DATASET_FLAGS:
-        if dest in exclude:
-            p.set_defaults(**{dest: None})  # train_config_from_args reads every dest
-            continue
-        # short metavars keep each flag on one line of --help
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=text,
-                       metavar={int: "N", float: "X"}.get(typ, "S"))
-    p.add_argument("--download", action="store_true", default=None,
-                   help="allow torchvision to download a missing dataset")
-    p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="write TensorBoard events to OUT/tb")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bar")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the backbone (the head stays eager)")
-    p.add_argument("--channels-last", action="store_true", default=None,
-                   help="channels-last memory layout for image backbones (GPU)")
-    p.add_argument("--graph-head", action="store_true", default=None,
-                   help="replay the implicit head's training step from CUDA graphs (one "
-                   "process on a GPU; needs --polar-method newton_schulz)")
-    p.add_argument("--no-bias", dest="bias", action="store_false", default=None,
-                   help="no classifier bias, non-affine BatchNorm")
-    p.add_argument("--save-classifier", action="store_true", default=None,
-                   help="write OUT/classifier/epoch_XXXX.pt (W, b, class means, U) at every "
-                   "evaluation")
+    """One flag per TrainConfig field (all defaulting to None = "not given"), but those in
+    ``exclude``; the DATASET_FLAGS after --dataset-options."""
+    from gnc.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            p.set_defaults(**{f.name: None})  # train_config_from_args reads every field
+        else:
+            _add_field_flag(p, f, hints[f.name])
+        if f.name == "dataset_options":
+            for flag, key, typ, text in DATASET_FLAGS:
+                p.add_argument(flag, dest=key, type=typ, default=None, help=text,
+                               metavar=_METAVARS[typ])
+
+
+TRAIN_FLAGS_EPILOG = (
+    "Every setting of a run (TrainConfig) is a flag; a flag given overrides the preset. "
+    "true/false settings: --x / --no-x; N|none: 'none' unsets it; JSON: e.g. --milestones "
+    "'[100, 150]'. --dataset-options updates the preset's options, and --num-classes, "
+    "--per-class, --subset, --transforms update those.")
 
 
 def train_config_from_args(args: argparse.Namespace):
-    """The preset's config (or the defaults), overridden by every flag given."""
+    """The preset's config (or the defaults), overridden by every flag given.
+
+    ``dataset_options``: the preset's (none if ``--dataset`` names another dataset), updated
+    with the keys of ``--dataset-options``, then with ``--num-classes``, ``--per-class``,
+    ``--subset``, ``--transforms`` (a key given both ways with two values is an error).
+    """
+    from gnc.config import TrainConfig
     from gnc.experiments import get_preset
-    from gnc.training import TrainConfig
 
     base = get_preset(args.preset).config if args.preset else {}
     cfg = dict(base)
-    cfg["dataset_options"] = dict(base.get("dataset_options", {}))
-    for _, dest, _, _ in TRAIN_FLAGS:
-        if getattr(args, dest) is not None:
-            cfg[dest] = getattr(args, dest)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name)
+        if value is not None and f.name != "dataset_options":
+            cfg[f.name] = None if value is EXPLICIT_NONE else value
+    options = dict(base.get("dataset_options", {}))
     if args.dataset is not None and args.dataset != base.get("dataset"):
-        cfg["dataset_options"] = {}  # the preset's options belong to its own dataset
-    for _, dest, _, _ in DATASET_FLAGS:
-        if getattr(args, dest) is not None:
-            cfg["dataset_options"][dest] = getattr(args, dest)
-    for dest in ("download", "tensorboard", "progress", "compile", "channels_last",
-                 "graph_head", "save_classifier", "bias"):
-        if getattr(args, dest) is not None:
-            cfg[dest] = getattr(args, dest)
+        options = {}  # the preset's options belong to its own dataset
+    given = args.dataset_options or {}
+    options.update(given)
+    for flag, key, _, _ in DATASET_FLAGS:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key in given and given[key] != value:
+            raise CLIError(f"{flag} {value} and --dataset-options {key}={given[key]!r} "
+                           "disagree: give one")
+        options[key] = value
+    cfg["dataset_options"] = options
     if "batch_size" not in cfg and cfg.get("dataset", "ufm") != "ufm":
         cfg["batch_size"] = DEFAULT_BATCH_SIZE  # the full batch suits UFM, not real data
     return TrainConfig.from_dict(cfg)
@@ -151,7 +268,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from gnc.training import evaluate_checkpoints, evaluate_run
+    from gnc.evaluation import evaluate_checkpoints, evaluate_run
 
     if args.all and args.checkpoint is not None:
         raise CLIError("choose one of --checkpoint N (one epoch) and --all (every kept one)")
@@ -226,33 +343,44 @@ def _one_line(err: BaseException) -> str:
     return f"gnc: error: {text.splitlines()[0]}"
 
 
-def _check_device(name: str) -> None:
-    """One line for a device torch does not know, or CUDA asked for where there is none."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise CLIError(f"Expected --device to be cpu, cuda or cuda:N, but got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} was asked for, but no CUDA device is available")
-
-
 def argv_is_cli() -> bool:
     return bool(sys.argv) and Path(sys.argv[0]).name in ("gnc", "__main__.py")
 
 
+# TrainConfig fields that `gnc bench` sets from its own flags, not from --set
+_BENCH_FLAGS = {"method": "--methods", "device": "--device", "data_dir": "--data-dir"}
+
+
 def _overrides(items: Sequence[str]) -> dict:
-    """``["width=16", "solve_device=cpu"]`` → ``{"width": 16, "solve_device": "cpu"}``."""
+    """``["width=16", "solve_device=cpu"]`` → ``{"width": 16, "solve_device": "cpu"}``.
+
+    A value is JSON of the field's type; a ``str`` field also takes the raw string. The
+    values are checked by :meth:`TrainConfig.validate` when the bench builds its trainer.
+    """
+    from gnc.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
     out = {}
     for item in items:
-        key, eq, value = item.partition("=")
+        key, eq, text = item.partition("=")
         if not eq or not key:
             raise CLIError(f"bad --set {item!r}: expected KEY=VALUE (a TrainConfig field)")
+        if key in _BENCH_FLAGS:
+            raise CLIError(f"bad --set {item!r}: give {key} by {_BENCH_FLAGS[key]}")
+        if key not in hints:
+            names = ", ".join(k for k in hints if k not in _BENCH_FLAGS)
+            raise CLIError(f"bad --set {item!r}: unknown key {key!r}; choose from {names}")
+        if hints[key] is str:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+            out[key] = value if isinstance(value, str) else text
+            continue
         try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+            out[key] = _from_json(key, hints[key], text)
+        except ValueError as err:
+            raise CLIError(f"bad --set {item!r}: {err}") from None
     return out
 
 
@@ -260,8 +388,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from gnc import bench
+    from gnc.runtime import check_device
 
-    _check_device(args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(args.device)  # ValueError: one line
     if args.repeats < 1:
         raise CLIError(f"Expected --repeats >= 1, but got {args.repeats}")
     epoch = args.epoch or ("cifar10-resnet18" if args.device.startswith("cuda") else "none")
@@ -341,13 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # a short usage line: the full list of the training flags follows under "options"
     p = sub.add_parser("train", help="train one run (method x seed) into a run directory",
-                       usage="gnc train [--preset NAME] --out DIR [training flags]")
+                       usage="gnc train [--preset NAME] --out DIR [training flags]",
+                       epilog=TRAIN_FLAGS_EPILOG, populate=_add_train_flags)
     p.add_argument("--preset", help="start from this preset (gnc presets lists them)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in OUT (default: refuse)")
-    _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="NC metrics of a run's last (or any kept) checkpoint")
@@ -370,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         usage="gnc experiment [PRESET] --out DIR [--seeds N] [--methods M,...] [training flags]",
         description="Train every method x seed with one set of settings, then write the "
         "report: a preset's, with any training flag overriding it, or, without a preset, "
-        "the flags alone (e.g. gnc experiment --dataset npz:x.npz --model mlp --out runs/x).")
+        "the flags alone (e.g. gnc experiment --dataset npz:x.npz --model mlp --out runs/x).",
+        epilog=TRAIN_FLAGS_EPILOG,
+        populate=lambda p: _add_train_flags(p, exclude=NOT_EXPERIMENT_FLAGS))
     p.add_argument("preset", nargs="?", help="preset to start from (gnc presets lists them); "
                    "omit it to give every setting by flags")
     p.add_argument("--seeds", type=int, help="number of seeds 1..N (default: the preset's, "
@@ -379,7 +512,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "ablations: implicit-nograd, standard-unnormalized)")
     p.add_argument("--out", required=True, help="experiment directory")
     p.add_argument("--no-report", action="store_true", help="train only; `gnc report` later")
-    _add_train_flags(p, exclude=NOT_EXPERIMENT_FLAGS)
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="figures and report.md from an experiment directory")
@@ -432,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "resnet50-k1000; 'none' skips them)")
     p.add_argument("--polar", help="polar factors of the layer and head cases: auto (the "
                    "eigensolvers), newton_schulz (default both)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     p.add_argument("--epoch", help="time whole training epochs of this preset per method "
                    "(default cifar10-resnet18 on CUDA, 'none' on CPU)")
@@ -456,12 +588,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as err:
-        print(_one_line(err), file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("gnc: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if not _is_user_error(err):
+            raise  # a bug: its traceback
+        print(_one_line(err), file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

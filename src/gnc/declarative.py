@@ -30,27 +30,108 @@ vectorisation: ``vec(U)[i·K + a] = U[i, a]``). Dense in the K(K+1)/2 constraint
 At δ = 0 (no ``U_prev``) ``P`` is singular along ``1/√K``; both backwards use the
 pseudo-inverse there, which is exact for ``U* M`` (hence for ``W(U*)``): the singular
 direction is the tie-break that ``M`` removes.
+
+Layering: :func:`nearest_etf` (the function) → :class:`NearestETF` (the autograd node) →
+:class:`~gnc.heads.ImplicitETFHead` (the module). Which forward and backward run is decided
+in one place, :func:`resolve_solve`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from gnc.etf import (
+    BACKWARDS,
+    ETF_POLAR_METHODS,
     NS_RESIDUAL_TOL,
+    SOLVE_DEVICES,
+    SOLVERS,
     capturing,
     check_nearest_etf_inputs,
-    check_solver_options,
     compute_dtype,
     polar_factor,
     polar_newton_schulz,
+    proximal_full_rank,
     proximal_lower_bound,
     proximal_target,
 )
-from gnc.validation import value_checks_enabled
+
+__all__ = ["BACKWARDS", "ETF_POLAR_METHODS", "SOLVERS", "SOLVE_DEVICES", "NearestETF",
+           "SolvePlan", "nearest_etf", "resolve_solve"]
+
+
+@dataclass(frozen=True)
+class SolvePlan:
+    """How :func:`nearest_etf` solves and differentiates (made by :func:`resolve_solve`).
+
+    Attributes:
+        solver: ``"exact"`` (the polar factor) or ``"riemannian"`` (the paper's trust regions).
+        backward: ``"closed_form"``, ``"ddn"`` or ``"none"``.
+        polar_method: the exact solver's polar factor, ``"auto"``, ``"svd"``, ``"gram"`` or
+            ``"newton_schulz"``; always ``"auto"`` with the Riemannian solver (none computed).
+        solve_device: ``"same"`` or ``"cpu"`` (exact eigensolvers only).
+        ns_fallback: whether an unconverged Newton–Schulz iteration is redone by the
+            eigensolver (reads its residual on the host).
+    """
+
+    solver: str = "exact"
+    backward: str = "closed_form"
+    polar_method: str = "auto"
+    solve_device: str = "same"
+    ns_fallback: bool = True
+
+    @property
+    def newton_schulz(self) -> bool:
+        """Whether steps with δ > 0 use the sync-free iteration."""
+        return self.polar_method == "newton_schulz"
+
+    @property
+    def eigen_method(self) -> str:
+        """:func:`~gnc.etf.polar_factor`'s method when the eigensolver runs: ``"auto"`` for
+        the Newton–Schulz plan's first step (δ = 0, rank-deficient) and fallback."""
+        return "auto" if self.newton_schulz else self.polar_method
+
+
+def resolve_solve(solver: str = "exact", backward: str = "closed_form",
+                  polar_method: str = "auto", solve_device: str = "same",
+                  ns_fallback: bool = True) -> SolvePlan:
+    """Check the options of :func:`nearest_etf` and return its :class:`SolvePlan`.
+
+    Raises ``ValueError`` for an unknown value or an option that the chosen solver does not
+    use (no option is accepted and then ignored):
+
+    - ``polar_method`` other than ``"auto"`` with ``solver="riemannian"``: that solver computes
+      no polar factor;
+    - ``solve_device="cpu"`` with ``solver="riemannian"``: that solver always runs on the
+      host (pymanopt, NumPy), and returns to the tensors' device;
+    - ``polar_method="newton_schulz"`` with ``solve_device="cpu"``: the iteration is for the
+      tensors' device (the host runs the eigensolvers).
+
+    ``ns_fallback`` is a guarantee rather than a method option: ``False`` means that the solve
+    never reads the Newton–Schulz residual back; the other methods read none, so any value
+    holds with them.
+    """
+    for name, value, choices in (("solver", solver, SOLVERS), ("backward", backward, BACKWARDS),
+                                 ("polar_method", polar_method, ETF_POLAR_METHODS),
+                                 ("solve_device", solve_device, SOLVE_DEVICES)):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
+    if not isinstance(ns_fallback, bool):
+        raise ValueError(f"Expected `ns_fallback` to be a bool, but got {ns_fallback!r}")
+    if solver == "riemannian" and polar_method != "auto":
+        raise ValueError(f"polar_method={polar_method!r} applies to solver='exact'; "
+                         "solver='riemannian' (trust regions) computes no polar factor")
+    if solver == "riemannian" and solve_device != "same":
+        raise ValueError(f"solve_device={solve_device!r} applies to solver='exact'; "
+                         "solver='riemannian' always runs on the host (pymanopt, NumPy)")
+    if polar_method == "newton_schulz" and solve_device == "cpu":
+        raise ValueError("polar_method='newton_schulz' runs where the tensors are; "
+                         "solve_device='cpu' is for the SVD/eigh methods")
+    return SolvePlan(solver, backward, polar_method, solve_device, ns_fallback)
 
 
 def _centre_rows(X: Tensor) -> Tensor:
@@ -199,14 +280,15 @@ def _exact_solve(C: Tensor, method: str, *, full_rank: bool,
     return tuple(t.to(C.device, non_blocking=True) for t in (pf.U, pf.B, pf.sigma))
 
 
-def _newton_schulz_solve(C: Tensor, K: int, delta: float, info: dict | None):
-    """:func:`~gnc.etf.polar_newton_schulz` of the proximal target, or None when value checks
-    are on (an API call) and it did not converge (residual above
-    ``NS_RESIDUAL_TOL``: the caller falls back to the eigensolver)."""
+def _newton_schulz_solve(C: Tensor, K: int, delta: float, info: dict | None, *,
+                         fallback: bool):
+    """:func:`~gnc.etf.polar_newton_schulz` of the proximal target, or None when ``fallback``
+    and it did not converge (residual above ``NS_RESIDUAL_TOL``, read on the host: the
+    caller then solves by the eigensolver)."""
     ns = polar_newton_schulz(C, proximal_lower_bound(K, delta), products_only=capturing())
     if info is not None:
         info["residual"] = ns.residual  # a device scalar: read it when a sync is acceptable
-    if value_checks_enabled() and not float(ns.residual) <= NS_RESIDUAL_TOL:
+    if fallback and not float(ns.residual) <= NS_RESIDUAL_TOL:
         return None
     return ns
 
@@ -215,15 +297,16 @@ class NearestETF(torch.autograd.Function):
     """``U* = nearest_etf(H_bar, U_prev)`` with a choice of solver and backward.
 
     ``NearestETF.apply(H_bar, U_prev, delta, solver, backward, info=None,
-    solve_device="same", polar_method="auto")``; ``info``, when a dict, receives the solver's
-    diagnostics (the Riemannian solver's iterations, gradient norm and stopping reason; the
-    Newton–Schulz residual).
+    solve_device="same", polar_method="auto", ns_fallback=True)`` (the options of
+    :func:`nearest_etf`, checked by :func:`resolve_solve`); ``info``, when a dict, receives the
+    solver's diagnostics (the Riemannian solver's iterations, gradient norm and stopping
+    reason; the Newton–Schulz residual).
     """
 
     @staticmethod
     def forward(ctx, H_bar, U_prev, delta, solver, backward, info=None, solve_device="same",  # noqa: D102,E501
-                polar_method="auto"):
-        check_solver_options(solver, backward, solve_device, polar_method)
+                polar_method="auto", ns_fallback=True):
+        plan = resolve_solve(solver, backward, polar_method, solve_device, ns_fallback)
         check_nearest_etf_inputs(H_bar, U_prev, delta)
         dtype = compute_dtype(H_bar)
         # Copies, never views: the ddn backward saves them, and the caller may overwrite its
@@ -233,16 +316,18 @@ class NearestETF(torch.autograd.Function):
         delta = float(delta) if Up is not None else 0.0
         C = proximal_target(H, Up, delta)
         ns = None
-        if solver == "exact" and polar_method == "newton_schulz" and delta > 0:
+        if plan.newton_schulz and delta > 0:
             # δ = 0 (the first step) is rank-deficient: the eigensolver's tie-break takes it
-            ns = _newton_schulz_solve(C, H.shape[1], delta, info)
+            ns = _newton_schulz_solve(C, H.shape[1], delta, info, fallback=plan.ns_fallback)
         if ns is not None:
             U = ns.U
-        elif solver == "exact":
-            method = "auto" if polar_method == "newton_schulz" else polar_method
-            U, B, sigma = _exact_solve(C, method, full_rank=Up is not None and delta > 0
-                                       and not value_checks_enabled(),
-                                       on_host=solve_device == "cpu")
+        elif plan.solver == "exact":
+            method = plan.eigen_method
+            # The rank test (a host read) is skipped where the maths rules out a rank
+            # deficiency: δ > 0 well above the rank tolerance (gnc.etf.proximal_full_rank).
+            full_rank = proximal_full_rank(*H.shape, delta, method, dtype)
+            U, B, sigma = _exact_solve(C, method, full_rank=full_rank,
+                                       on_host=plan.solve_device == "cpu")
         else:
             from gnc.riemannian import solve_riemannian
 
@@ -255,29 +340,29 @@ class NearestETF(torch.autograd.Function):
                     stopping_reason=res.stopping_reason,
                 )
             B = sigma = None
-            if backward == "closed_form":
+            if plan.backward == "closed_form":
                 # At the optimum UᵀC = P (symmetric PSD): its eigenpairs are the factors.
                 P = _sym(U.T @ C)
                 sigma, B = torch.linalg.eigh(P)
                 sigma = sigma.clamp_min(0)
                 sigma = torch.where(sigma > sigma.max() * 1e-10, sigma, torch.zeros_like(sigma))
-        ctx.backward_mode = backward
+        ctx.backward_mode = plan.backward
         ctx.delta = delta
         ctx.in_dtype = H_bar.dtype
         ctx.has_prev = Up is not None
         ctx.alphas = ns.alphas if ns is not None else None
-        if backward == "closed_form" and ns is not None:
+        if plan.backward == "closed_form" and ns is not None:
             ctx.save_for_backward(U, ns.P, ns.P_inv, ns.scale)
-        elif backward == "closed_form":
+        elif plan.backward == "closed_form":
             ctx.save_for_backward(U, B, sigma)
-        elif backward == "ddn":
+        elif plan.backward == "ddn":
             ctx.save_for_backward(U, H, Up if Up is not None else torch.zeros_like(U))
         return U.to(H_bar.dtype)
 
     @staticmethod
     def backward(ctx, G):  # noqa: D102
         if ctx.backward_mode == "none" or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None, None
+            return (None,) * 9
         if ctx.backward_mode == "closed_form" and ctx.alphas is not None:
             U, P, P_inv, scale = ctx.saved_tensors
             K = U.shape[1]
@@ -289,4 +374,65 @@ class NearestETF(torch.autograd.Function):
         else:
             U, H, Up = ctx.saved_tensors
             grad = ddn_backward(U, H, Up if ctx.has_prev else None, ctx.delta, G.to(U.dtype))
-        return grad.to(ctx.in_dtype), None, None, None, None, None, None, None
+        return (grad.to(ctx.in_dtype),) + (None,) * 8
+
+
+def nearest_etf(
+    H_bar: Tensor,
+    U_prev: Tensor | None = None,
+    *,
+    delta: float = 1e-3,
+    solver: str = "exact",
+    backward: str = "closed_form",
+    info: dict | None = None,
+    solve_device: str = "same",
+    polar_method: str = "auto",
+    ns_fallback: bool = True,
+) -> Tensor:
+    """Rotation ``U* ∈ St(d,K)`` of the simplex ETF nearest the class means ``H_bar``.
+
+    Solves ``min_{U ∈ St(d,K)} ‖H_bar − U M/√(K−1)‖²_F + (δ/2)‖U − U_prev‖²_F`` (DESIGN §1):
+    ``U*`` is the polar factor of ``C = (2/√(K−1)) H_bar M + δ U_prev``. Without ``U_prev``
+    (first step) it solves the δ = 0 "feasibility" problem, whose solution is unique up to
+    the direction ``1/√K`` that ``M`` removes; that direction is fixed by a deterministic
+    tie-break, and ``W(U*) = simplex_etf(K, U*)`` does not depend on it.
+
+    Differentiable with respect to ``H_bar`` (never ``U_prev``). The options are checked
+    together by :func:`resolve_solve`, which refuses combinations that would leave one unused.
+
+    Args:
+        H_bar: d×K Frobenius-normalised centred class means.
+        U_prev: d×K previous solution, or None.
+        delta: proximal weight δ (default 1e-3); ignored without ``U_prev``.
+        solver: ``"exact"`` (polar factor) or ``"riemannian"`` (the paper's trust regions,
+            on the host).
+        backward: ``"closed_form"`` (polar derivative), ``"ddn"`` (the paper's implicit
+            differentiation, small K) or ``"none"`` (no gradient through U*).
+        info: optional dict that receives the solver's diagnostics (Riemannian: iterations,
+            gradient_norm, stopping_reason; Newton–Schulz: residual, a device scalar).
+        solve_device: ``"same"`` (the tensors' device) or ``"cpu"``: the exact solve on the
+            host, for small K on a GPU, where a d×K SVD is a few launch-bound kernels (the
+            factors return to the device for the backward; ``docs/bench.md`` compares both).
+            Exact solver only.
+        polar_method: how the exact solver computes the polar factor: ``"auto"``, ``"svd"``,
+            ``"gram"`` (see :func:`~gnc.etf.polar_factor`) or ``"newton_schulz"``
+            (:func:`~gnc.etf.polar_newton_schulz` for δ > 0, with the backward by the same
+            iteration: matrix products only, no host sync on a GPU; assumes
+            ``‖H_bar‖_F <= 1``; the first step, δ = 0, always uses ``"auto"``). Exact solver
+            only.
+        ns_fallback: with ``"newton_schulz"``, read the iteration's residual
+            ``max|UᵀU − I|`` on the host and, above ``NS_RESIDUAL_TOL`` (not converged),
+            solve by ``"auto"`` instead (default True). ``False`` keeps the step free of host
+            reads (the trainer's setting): the residual is then only reported in ``info``.
+
+    Returns:
+        ``U*``, d×K, same dtype and device as ``H_bar``.
+
+    Example:
+        >>> H = torch.randn(64, 10, dtype=torch.float64)
+        >>> U = nearest_etf(H / H.norm())
+        >>> torch.allclose(U.T @ U, torch.eye(10, dtype=torch.float64))
+        True
+    """
+    return NearestETF.apply(H_bar, U_prev, delta, solver, backward, info, solve_device,
+                            polar_method, ns_fallback)

@@ -16,6 +16,11 @@ On St(d,K), ‖UM‖²_F = K−1 and ‖U‖²_F = K, so the objective is ``cons
 and the global minimiser is the polar factor of ``C``. This module holds that closed form;
 :mod:`gnc.declarative` makes it differentiable and :mod:`gnc.riemannian` holds the paper's
 iterative solver.
+
+Pure maths: it imports nothing from the package but :mod:`gnc.validation`. The function
+:func:`~gnc.declarative.nearest_etf` and the choice of solver
+(:func:`~gnc.declarative.resolve_solve`) live in :mod:`gnc.declarative`; the names of its
+options are defined here, once.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gnc.validation import all_finite, value_checks_enabled
+from gnc.validation import NonFiniteError, all_finite, value_checks_enabled
 
+# The options of gnc.declarative.nearest_etf (checked by gnc.declarative.resolve_solve).
 SOLVERS = ("exact", "riemannian")
 BACKWARDS = ("closed_form", "ddn", "none")
+# How polar_factor computes the polar factor.
 POLAR_METHODS = ("auto", "svd", "gram")
 # How nearest_etf computes the polar factor: the above, or the sync-free iteration.
 ETF_POLAR_METHODS = (*POLAR_METHODS, "newton_schulz")
@@ -44,6 +51,10 @@ SOLVE_DEVICES = ("same", "cpu")
 FLOAT64_MAX_K = 256
 # Above this many classes the polar factor comes from the K×K Gram matrix, not an SVD.
 GRAM_MIN_K = 256
+# The proximal target's σ_min(C) is assumed >= NS_SAFETY · δ (C 1 = δ U_prev 1 makes
+# σ_min <= δ; ~δ is typical): a margin of 1000 below the typical. The Newton–Schulz schedule
+# and the a-priori rank rule (proximal_full_rank) both rest on it.
+NS_SAFETY = 1e-3
 
 
 def centering(K: int, *, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
@@ -140,6 +151,46 @@ def _complete_null_space(A_r: Tensor, B_n: Tensor) -> Tensor:
     return Qa @ Qvh
 
 
+def concrete_polar_method(method: str, K: int) -> str:
+    """``"auto"`` resolved for K classes: ``"svd"`` up to :data:`GRAM_MIN_K`, ``"gram"`` above."""
+    if method == "auto":
+        return "gram" if K > GRAM_MIN_K else "svd"
+    return method
+
+
+def rank_tolerance(sigma_max: float, d: int, K: int, method: str, dtype: torch.dtype) -> float:
+    """Singular values of a d×K matrix at or below this count as zero in :func:`polar_factor`.
+
+    ``10 · max(d, K) · eps · σ_max`` (the SVD's backward error, ``eps`` of ``dtype``); for
+    ``"gram"`` (float64 eigenproblem of CᵀC) at least ``10 · √(K·eps) · σ_max``: an eigenvalue
+    of CᵀC carries absolute error ~eps·σ_max², i.e. σ ~ √eps·σ_max.
+    """
+    if method == "svd":
+        return sigma_max * max(d, K) * torch.finfo(dtype).eps * 10
+    eps = torch.finfo(torch.float64).eps
+    return max(sigma_max * max(d, K) * eps * 10, sigma_max * math.sqrt(K * eps) * 10)
+
+
+def proximal_full_rank(d: int, K: int, delta: float, method: str = "auto",
+                       dtype: torch.dtype = torch.float64) -> bool:
+    """Whether the proximal target ``C = (2/√(K−1)) H_bar M + δ U_prev`` has full rank for
+    :func:`polar_factor`, decided from (d, K, δ, method, dtype) alone: no host read.
+
+    ``C 1/√K = δ U_prev 1/√K`` has norm δ, so ``σ_min(C) <= δ``; for class means that are not
+    adversarially aligned with ``U_prev``, ``σ_min ≈ δ``. As the Newton–Schulz schedule
+    (:func:`proximal_lower_bound`) we assume ``σ_min >= NS_SAFETY·δ`` and, for
+    ``‖H_bar‖_F <= 1``, ``σ_max <= ‖C‖_F <= s_max = 2/√(K−1) + δ√K``. C then has full rank
+    when ``NS_SAFETY·δ`` is above :func:`rank_tolerance` at ``σ_max = s_max``: true at the
+    default δ = 1e-3 up to a few thousand classes; false for δ = 0 (no ``U_prev``: C has
+    rank K−1) and for a δ so small that the rank test is needed.
+    """
+    if not delta > 0:
+        return False
+    s_max = 2 / math.sqrt(K - 1) + delta * math.sqrt(K)
+    method = concrete_polar_method(method, K)
+    return NS_SAFETY * delta > rank_tolerance(s_max, d, K, method, dtype)
+
+
 def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False) -> PolarFactor:
     """Polar decomposition ``C = U P`` of a d×K matrix (d >= K), with the factors of ``P``.
 
@@ -159,33 +210,30 @@ def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False) ->
       accurate), gram above.
 
     ``full_rank=True`` skips the rank test (which reads ``σ_max`` on the host, a device sync
-    on a GPU): for a C known to have ``σ_min > 0``, such as the proximal target with δ > 0.
+    on a GPU): for a C known to have ``σ_min`` above the rank tolerance, such as the proximal
+    target with δ > 0 (see :func:`proximal_full_rank`).
 
     Returns the factors in C's dtype.
     """
     if method not in POLAR_METHODS:
         raise ValueError(f"unknown polar method {method!r}; choose from {POLAR_METHODS}")
     d, K = C.shape
-    if method == "auto":
-        method = "gram" if K > GRAM_MIN_K else "svd"
+    method = concrete_polar_method(method, K)
     if method == "svd":
         A, sigma, Bh = torch.linalg.svd(C, full_matrices=False)
-        B, eps = Bh.T, torch.finfo(C.dtype).eps
+        B = Bh.T
     else:
         C64 = C.double()
         lam, B = torch.linalg.eigh(C64.T @ C64)  # ascending
         lam, B = lam.flip(0), B.flip(1)  # descending, like the SVD
         sigma = lam.clamp_min(0).sqrt()
-        A, eps = None, torch.finfo(torch.float64).eps
+        A = None
     if full_rank:
         if A is not None:
             return PolarFactor(A @ B.T, B, sigma, K)
         B, sigma = B.to(C.dtype), sigma.to(C.dtype)
         return PolarFactor(C @ ((B / sigma) @ B.T), B, sigma, K)
-    tol = float(sigma[0]) * max(d, K) * eps * 10
-    if method == "gram":
-        # An eigenvalue of CᵀC carries absolute error ~eps·σ_max², i.e. σ ~ √eps·σ_max.
-        tol = max(tol, float(sigma[0]) * math.sqrt(K * eps) * 10)
+    tol = rank_tolerance(float(sigma[0]), d, K, method, C.dtype)
     rank = int((sigma > tol).sum())
     if rank == K:
         if A is not None:
@@ -206,9 +254,6 @@ def polar(C: Tensor) -> Tensor:
     return polar_factor(C).U
 
 
-# The Newton–Schulz schedule assumes σ_min(C) >= NS_SAFETY · δ for the proximal target
-# (C 1 = δ U_prev 1 makes σ_min <= δ; ~δ is typical): a margin of 1000 below the typical.
-NS_SAFETY = 1e-3
 # Largest residual max|UᵀU − I| (float64) taken as converged: √eps, half the digits
 # (converged runs reach a few eps; an unconverged direction leaves an error of order one).
 NS_RESIDUAL_TOL = math.sqrt(torch.finfo(torch.float64).eps)
@@ -328,19 +373,6 @@ def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False
     return NewtonSchulzPolar(X, P, P_inv, s.clone(), residual, alphas)
 
 
-def check_solver_options(solver: str, backward: str, solve_device: str = "same",
-                         polar_method: str = "auto") -> None:
-    """Raise ``ValueError`` naming an unknown or incompatible option of :func:`nearest_etf`."""
-    for name, value, choices in (("solver", solver, SOLVERS), ("backward", backward, BACKWARDS),
-                                 ("solve_device", solve_device, SOLVE_DEVICES),
-                                 ("polar_method", polar_method, ETF_POLAR_METHODS)):
-        if value not in choices:
-            raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
-    if polar_method == "newton_schulz" and solve_device == "cpu":
-        raise ValueError("polar_method='newton_schulz' runs where the tensors are; "
-                         "solve_device='cpu' is for the SVD/eigh methods")
-
-
 def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float) -> None:
     """Raise ``ValueError`` naming the problem when the nearest-ETF inputs are invalid."""
     if not isinstance(H_bar, Tensor) or H_bar.ndim != 2:
@@ -356,7 +388,7 @@ def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float)
     if not H_bar.is_floating_point():
         raise ValueError(f"Expected `H_bar` to be floating point, but got {H_bar.dtype}")
     if value_checks_enabled() and not all_finite(H_bar):
-        raise ValueError("`H_bar` contains NaN or Inf")
+        raise NonFiniteError("`H_bar` contains NaN or Inf")
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"Expected `delta` to be a finite number >= 0, but got {delta}")
     if U_prev is not None:
@@ -366,7 +398,7 @@ def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float)
                 f"but got {tuple(U_prev.shape)}"
             )
         if value_checks_enabled() and not all_finite(U_prev):
-            raise ValueError("`U_prev` contains NaN or Inf")
+            raise NonFiniteError("`U_prev` contains NaN or Inf")
 
 
 def compute_dtype(H_bar: Tensor) -> torch.dtype:
@@ -375,59 +407,3 @@ def compute_dtype(H_bar: Tensor) -> torch.dtype:
     if H_bar.shape[1] <= FLOAT64_MAX_K or H_bar.dtype == torch.float64:
         return torch.float64
     return torch.float32
-
-
-
-def nearest_etf(
-    H_bar: Tensor,
-    U_prev: Tensor | None = None,
-    *,
-    delta: float = 1e-3,
-    solver: str = "exact",
-    backward: str = "closed_form",
-    info: dict | None = None,
-    solve_device: str = "same",
-    polar_method: str = "auto",
-) -> Tensor:
-    """Rotation ``U* ∈ St(d,K)`` of the simplex ETF nearest the class means ``H_bar``.
-
-    Solves ``min_{U ∈ St(d,K)} ‖H_bar − U M/√(K−1)‖²_F + (δ/2)‖U − U_prev‖²_F`` (DESIGN §1).
-    Without ``U_prev`` (first step) it solves the δ = 0 "feasibility" problem, whose solution
-    is unique up to the direction ``1/√K`` that ``M`` removes; that direction is fixed by a
-    deterministic tie-break, and ``W(U*) = simplex_etf(K, U*)`` does not depend on it.
-
-    Differentiable with respect to ``H_bar`` (never ``U_prev``).
-
-    Args:
-        H_bar: d×K Frobenius-normalised centred class means.
-        U_prev: d×K previous solution, or None.
-        delta: proximal weight δ (default 1e-3); ignored without ``U_prev``.
-        solver: ``"exact"`` (polar factor) or ``"riemannian"`` (the paper's trust regions).
-        backward: ``"closed_form"`` (polar derivative), ``"ddn"`` (the paper's implicit
-            differentiation, small K) or ``"none"`` (no gradient through U*).
-        info: optional dict that receives the solver's diagnostics (Riemannian: iterations,
-            gradient_norm, stopping_reason).
-        solve_device: ``"same"`` (the tensors' device) or ``"cpu"``: the exact solve on the
-            host, for small K on a GPU, where a d×K SVD is a few launch-bound kernels (the
-            factors return to the device for the backward; ``docs/bench.md`` compares both).
-        polar_method: how the exact solver computes the polar factor: ``"auto"``, ``"svd"``,
-            ``"gram"`` (see :func:`polar_factor`) or ``"newton_schulz"``
-            (:func:`polar_newton_schulz` for δ > 0, with the backward by the same iteration:
-            matrix products only, no host sync on a GPU; assumes ``‖H_bar‖_F <= 1``; an API
-            call whose iteration did not converge falls back to ``"auto"``; the first step,
-            δ = 0, always uses ``"auto"``).
-
-    Returns:
-        ``U*``, d×K, same dtype and device as ``H_bar``.
-
-    Example:
-        >>> H = torch.randn(64, 10, dtype=torch.float64)
-        >>> U = nearest_etf(H / H.norm())
-        >>> torch.allclose(U.T @ U, torch.eye(10, dtype=torch.float64))
-        True
-    """
-    # Imported here: gnc.declarative builds on the maths of this module.
-    from gnc.declarative import NearestETF
-
-    return NearestETF.apply(H_bar, U_prev, delta, solver, backward, info, solve_device,
-                            polar_method)

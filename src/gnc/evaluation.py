@@ -7,28 +7,46 @@ sample lands in one class. :func:`recompute_statistics` replaces them by their v
 the training split — "precise BN" as in pycls and detectron2, and the exact ``μ_G`` — and
 stores them in the model, so a saved checkpoint's ``eval()`` logits equal the logged ones.
 ``eval_stats="running"`` (the paper's protocol) evaluates the running averages as they are.
+
+:func:`nc_two_pass` is the one evaluation loop: the trainer's :func:`evaluate`, ``gnc
+evaluate`` (:func:`evaluate_run`, :func:`evaluate_checkpoints`) and ``gnc.measure`` all
+feed it, so they compute the same numbers the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gnc.checkpoint import atomic_save
+from gnc.build import build_model, load_data
+from gnc.config import EVAL_STATS, TrainConfig
+from gnc.data import DatasetBundle, check_split, make_loader
 from gnc.metrics import NCStatistics, etf_distances
 from gnc.models.classifier import FeatureClassifier
+from gnc.rundir import (
+    append_metrics,
+    checkpoint_of_epoch,
+    kept_checkpoints,
+    load_latest_checkpoint,
+    read_config,
+    resolve_data_paths,
+    save_classifier_record,
+)
+from gnc.runtime import all_reduce_mean_, all_reduce_sum_, resolve_device
 
-__all__ = ["EVAL_STATS", "classifier_path", "etf_distances_of", "evaluate", "quantiles",
+__all__ = ["EVAL_STATS", "etf_distances_of", "evaluate",
+           "evaluate_checkpoints", "evaluate_run", "load_run", "nc_two_pass", "quantiles",
            "recompute_statistics", "save_classifier"]
 
-EVAL_STATS = ("precise", "running")
 MARGIN_QUANTILES = 101  # points of the sorted cosine margins kept per metrics line
+# Pass 2 reads pass 1's features, labels and logits from memory up to this many bytes; above
+# it the data is read (and the model run) a second time.
+DEFAULT_CACHE_BYTES = 2**30
 
 
 def quantiles(sorted_values: Tensor, n: int = MARGIN_QUANTILES) -> list[float]:
@@ -37,16 +55,6 @@ def quantiles(sorted_values: Tensor, n: int = MARGIN_QUANTILES) -> list[float]:
         return []
     q = torch.linspace(0, 1, n, dtype=torch.float64)
     return torch.quantile(sorted_values.double().cpu(), q).tolist()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _mean_over_ranks(t: Tensor) -> None:
-    if _distributed():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
 
 
 @torch.no_grad()
@@ -76,8 +84,8 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
             m.momentum = momentum
             m.eval()
     for m in bns:
-        _mean_over_ranks(m.running_mean)
-        _mean_over_ranks(m.running_var)
+        all_reduce_mean_(m.running_mean)
+        all_reduce_mean_(m.running_var)
 
 
 @torch.no_grad()
@@ -96,16 +104,15 @@ def recompute_statistics(model: FeatureClassifier, loader, device: torch.device,
     was_training = model.training
     model.eval()
     recompute_bn(model.backbone, loader, device, forward=model.features)
-    if hasattr(model.head, "set_global_mean"):
+    if model.head.tracks_global_mean:
         total, n = None, torch.zeros((), dtype=torch.float64, device=device)
         for x, _ in loader if mean_loader is None else mean_loader:
             h = model.features(x.to(device, non_blocking=True)).double()
             total = h.sum(0) if total is None else total + h.sum(0)
             n += h.shape[0]
         if total is not None:
-            if _distributed():
-                dist.all_reduce(total)
-                dist.all_reduce(n)
+            all_reduce_sum_(total)
+            all_reduce_sum_(n)
             model.head.set_global_mean((total / n).to(model.head.mu_G.dtype))
     model.train(was_training)
 
@@ -117,47 +124,86 @@ def _outputs(model: FeatureClassifier, loader, device: torch.device):
         yield h, y, logits
 
 
+Outputs = Iterator[tuple[Tensor, Tensor, Tensor | None]]
+
+
+def nc_two_pass(outputs: Callable[[], Outputs], new_stats: Callable[[Tensor], NCStatistics],
+                classifier: Callable[[], tuple[Tensor, Tensor]], *,
+                max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[dict, dict, int]:
+    """The evaluation loop: every NC metric from two passes over ``outputs()``.
+
+    ``outputs()`` yields ``(h (B×d), y (B), logits (B×K) or None)`` per batch (a model run
+    over a loader); ``new_stats(h)`` makes the :class:`~gnc.metrics.NCStatistics` from the
+    first batch; ``classifier()`` gives ``(W (K×d), b (K))`` after pass 1. Pass 1 sums the
+    class statistics, pass 2 the margins (they need the global class means). Pass 1's
+    outputs are kept for pass 2 while they take at most ``max_cache_bytes``; beyond, pass 2
+    calls ``outputs()`` again. Logits that are not (B×K) count as absent (then ``W h + b``).
+
+    Returns ``(metrics, geometry, forward passes)``: ``metrics`` as
+    :meth:`NCStatistics.compute` (``cos_margins`` a sorted CPU tensor), ``geometry`` the CPU
+    tensors ``W``, ``b``, ``class_means`` (K×d float64, 0 for a class without samples),
+    ``global_mean`` (d) and ``counts`` (K), for :func:`etf_distances_of` and
+    :func:`save_classifier`.
+    """
+    stats: NCStatistics | None = None
+    cache: list | None = []
+    cached = 0
+    for h, y, logits in outputs():
+        if stats is None:
+            stats = new_stats(h)
+        logits = _as_logits(logits, h.shape[0], stats.K)
+        stats.update(h, y, logits)
+        if cache is not None:
+            cached += sum(t.numel() * t.element_size() for t in (h, y, logits) if t is not None)
+            if cached <= max_cache_bytes:
+                cache.append((h, y, logits))
+            else:
+                cache = None
+    if stats is None:
+        raise ValueError("the evaluation loader produced no batches")
+    W, b = classifier()
+    for h, y, logits in cache if cache is not None else outputs():
+        stats.update_margins(h, y, W, b, _as_logits(logits, h.shape[0], stats.K))
+    metrics = stats.compute(W, b)
+    means, mu_G, counts = stats.class_means()
+    geometry = {"W": W.cpu().clone(), "b": b.cpu().clone(), "class_means": means.cpu(),
+                "global_mean": mu_G.cpu(), "counts": counts.cpu()}
+    metrics["cos_margins"] = metrics["cos_margins"].cpu()
+    return metrics, geometry, 1 if cache is not None else 2
+
+
+def _as_logits(logits: Tensor | None, n: int, K: int) -> Tensor | None:
+    return logits if logits is not None and tuple(logits.shape) == (n, K) else None
+
+
+def head_weights(head: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(W, b)`` of a head, detached; ``b`` is 0 for a head without bias."""
+    W = head.weight.detach()
+    b = head.bias
+    return W, torch.zeros(W.shape[0], device=W.device, dtype=W.dtype) if b is None else b.detach()
+
+
 @torch.no_grad()
 def evaluate(model: FeatureClassifier, loader, K: int, device: torch.device, *,
              geometry: dict | None = None) -> tuple[dict, Any]:
-    """Every NC metric of ``model`` (eval mode, statistics as stored) over ``loader``.
+    """Every NC metric of ``model`` (eval mode, statistics as stored) over ``loader``
+    (:func:`nc_two_pass`).
 
-    Two passes as :class:`~gnc.metrics.NCStatistics` needs; the features and logits of the
-    first are kept for the second when they fit in 2 GiB, otherwise the data is read twice.
     Returns ``(metrics without cos_margins, sorted cos_margins tensor on the CPU)``.
-
-    ``geometry``: a dict that, when given, receives what the metrics were computed from, on
-    the CPU: ``W`` (K×d) and ``b`` (K) of the head, the split's ``class_means`` (K×d,
-    float64, 0 for a class without samples), ``global_mean`` (d) and ``counts`` (K) — for
-    :func:`gnc.metrics.etf_distances` and for saving the classifier.
+    ``geometry``: a dict that, when given, receives :func:`nc_two_pass`'s geometry.
     """
     was_training = model.training
     model.eval()
-    stats: NCStatistics | None = None
-    cache: list | None = []
-    cached_bytes = 0
-    for h, y, logits in _outputs(model, loader, device):
-        if stats is None:
-            stats = NCStatistics(K, h.shape[1], device=device)
-        stats.update(h, y, logits)
-        if cache is not None:
-            cached_bytes += (h.numel() + logits.numel()) * h.element_size()
-            cache = cache + [(h, y, logits)] if cached_bytes < 2**31 else None
-    if stats is None:
-        raise ValueError("evaluation loader produced no batches")
-    W = model.head.weight.detach()
-    b = model.head.bias
-    b = torch.zeros(K, device=W.device, dtype=W.dtype) if b is None else b.detach()
-    for h, y, logits in cache if cache is not None else _outputs(model, loader, device):
-        stats.update_margins(h, y, W, b, logits)
-    out = stats.compute(W, b)
+    try:
+        out, geo, _ = nc_two_pass(lambda: _outputs(model, loader, device),
+                                  lambda h: NCStatistics(K, h.shape[1], device=device),
+                                  lambda: head_weights(model.head))
+    finally:
+        model.train(was_training)
     if geometry is not None:
-        means, mu_G, counts = stats.class_means()
-        geometry.update(W=W.cpu().clone(), b=b.cpu().clone(), class_means=means.cpu(),
-                        global_mean=mu_G.cpu(), counts=counts.cpu())
-    model.train(was_training)
+        geometry.update(geo)
     margins = out.pop("cos_margins")
-    return out, margins.cpu()
+    return out, margins
 
 
 def etf_distances_of(geometry: dict, previous: dict | None) -> tuple[dict, dict]:
@@ -172,33 +218,127 @@ def etf_distances_of(geometry: dict, previous: dict | None) -> tuple[dict, dict]
     return etf_distances(geometry["W"].double(), H, previous)
 
 
-def classifier_path(run_dir: str | Path, epoch: int, split: str = "train") -> Path:
-    """``RUN/classifier/epoch_XXXX.pt`` (``epoch_XXXX_test.pt`` for the test split's means)."""
-    suffix = "" if split == "train" else f"_{split}"
-    return Path(run_dir) / "classifier" / f"epoch_{epoch:04d}{suffix}.pt"
-
-
 def save_classifier(run_dir: str | Path, head: nn.Module, geometry: dict, epoch: int,
                     split: str = "train") -> Path:
     """Write the classifier and the class means of one evaluation, atomically.
 
-    The file (:func:`classifier_path`) holds ``epoch``, ``split``, ``W`` (K×d), ``b`` (K;
-    zeros for a head without bias, as the metrics used), ``class_means`` (K×d float64, the
-    split's ``μ_c``; 0 for a class without samples), ``global_mean`` (d), ``counts`` (K) and,
-    for the ETF heads, ``U`` (d×K: the rotation, ``W = √(K/(K−1)) M Uᵀ``), all on the CPU —
-    the geometry of training, to study after it. Returns the path.
+    The file (:func:`gnc.rundir.classifier_path`) holds ``epoch``, ``split``, ``W`` (K×d),
+    ``b`` (K; zeros for a head without bias, as the metrics used), ``class_means`` (K×d
+    float64, the split's ``μ_c``; 0 for a class without samples), ``global_mean`` (d),
+    ``counts`` (K) and, for the ETF heads, ``U`` (d×K: the rotation, ``W = √(K/(K−1)) M Uᵀ``),
+    all on the CPU — the geometry of training, to study after it. Returns the path.
     """
     record = {"epoch": epoch, "split": split,
               **{k: geometry[k] for k in ("W", "b", "class_means", "global_mean", "counts")}}
     U = getattr(head, "U", None)
     if isinstance(U, Tensor):
         record["U"] = U.detach().cpu().clone()
-    path = classifier_path(run_dir, epoch, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(record, path)
-    return path
+    return save_classifier_record(run_dir, record)
 
 
 def bn_layers(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers whose running statistics :func:`recompute_statistics` sets."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+# --------------------------------------------------------------------------- saved runs
+
+
+def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load",
+             checkpoint: int | None = None) -> tuple[TrainConfig, FeatureClassifier, dict]:
+    """The config, the model and facts of a run's newest readable checkpoint.
+
+    The checkpoint is ``checkpoints/last.pt``, or when that is unreadable the newest readable
+    ``epoch_XXXX.pt`` (with a warning); with ``checkpoint=N`` the one of epoch N (see
+    :func:`gnc.rundir.kept_checkpoints`). Errors are one line starting ``cannot {action}
+    RUN:``. Returns ``(config, model on the device, {"bundle", "epoch", "device"})``.
+
+    Relative data paths (``data_dir`` and the path of ``npz:PATH`` / ``imagefolder:PATH``)
+    are read as the run was: kept when they exist from the current directory, else taken
+    relative to the directory the run was trained from (recorded in its checkpoints), else
+    relative to ``run_dir`` (see :func:`gnc.rundir.resolve_data_paths`). The returned
+    config holds the paths used.
+    """
+    run_dir = Path(run_dir)
+    config = read_config(run_dir, action)
+    if checkpoint is None:
+        ckpt, _ = load_latest_checkpoint(run_dir, action)
+    else:
+        ckpt = checkpoint_of_epoch(run_dir, checkpoint, action)
+    cfg = TrainConfig.from_dict(resolve_data_paths(config, run_dir, ckpt.get("cwd")))
+    dev = resolve_device(device)
+    bundle = load_data(cfg, augment=False)
+    model = build_model(cfg, bundle).to(dev)
+    model.load_state_dict(ckpt["model"])  # copies the CPU tensors onto the model's device
+    return cfg, model, {"bundle": bundle, "epoch": ckpt["epoch"], "device": dev}
+
+
+def _evaluate_loaded(run_dir: Path, cfg: TrainConfig, model: FeatureClassifier, info: dict,
+                     split: str, save: bool, previous: dict | None) -> tuple[dict, dict]:
+    """One checkpoint's row (metrics, ETF distances against ``previous``, ``epoch``,
+    ``split``, margin quantiles) and the ETF state for the next one."""
+    bundle = info["bundle"]
+    loader = make_loader(bundle, cfg.eval_batch_size, split=split)
+    geometry: dict = {}
+    metrics, margins = evaluate(model, loader, bundle.num_classes, info["device"],
+                                geometry=geometry)
+    distances, state = etf_distances_of(geometry, previous)
+    if save:
+        save_classifier(run_dir, model.head, geometry, info["epoch"], split)
+    row = {"epoch": info["epoch"], "split": split, **metrics, **distances,
+           "cos_margins": quantiles(margins)}
+    return row, state
+
+
+def _check_has_split(split: str, cfg: TrainConfig, bundle: DatasetBundle) -> None:
+    if split == "test" and bundle.test is None:
+        raise ValueError(f"dataset '{cfg.dataset}' has no test split")
+
+
+def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto", *,
+                 checkpoint: int | None = None, save_classifier: bool = False) -> dict:
+    """NC metrics of a run's newest readable checkpoint on ``split`` (``gnc evaluate``).
+
+    ``checkpoint=N``: the checkpoint of epoch N instead (``--checkpoint N``). Besides the
+    metrics of :func:`evaluate` the result has ``epoch``, ``split``, the ETF distances of
+    :func:`gnc.metrics.etf_distances` (``etf_*_moved`` NaN: one checkpoint has no previous
+    evaluation) and ``cos_margins`` (101 quantiles). ``save_classifier`` also writes
+    :func:`save_classifier`'s file. The model is evaluated with the statistics its
+    checkpoint stores (precise ones when the epoch was evaluated in training with
+    ``eval_stats="precise"``). Checkpoint fallback and data paths as in :func:`load_run`.
+    """
+    check_split(split)  # before any loading
+    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint)
+    _check_has_split(split, cfg, info["bundle"])
+    return _evaluate_loaded(Path(run_dir), cfg, model, info, split, save_classifier, None)[0]
+
+
+def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str = "auto", *,
+                         out: str | Path | None = None, save_classifier: bool = False
+                         ) -> list[dict]:
+    """:func:`evaluate_run` of every kept checkpoint, by epoch (``gnc evaluate --all``).
+
+    Appends one JSON line per checkpoint to ``out`` (default ``RUN/evaluate_{split}.jsonl``;
+    never the training's ``metrics.jsonl``) as it goes, and returns the rows. ``etf_*_moved``
+    is measured from the previous checkpoint of the sequence. Data are loaded and the model
+    built once.
+    """
+    run_dir = Path(run_dir)
+    check_split(split)
+    kept = kept_checkpoints(run_dir)
+    if not kept:
+        raise FileNotFoundError(f"cannot evaluate {run_dir}: no checkpoint in "
+                                f"{run_dir / 'checkpoints'}")
+    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=next(iter(kept)))
+    _check_has_split(split, cfg, info["bundle"])
+    path = Path(out) if out is not None else run_dir / f"evaluate_{split}.jsonl"
+    rows, state = [], None
+    for epoch in kept:
+        if epoch != info["epoch"]:
+            ckpt = checkpoint_of_epoch(run_dir, epoch, "evaluate", kept)
+            model.load_state_dict(ckpt["model"])
+            info["epoch"] = epoch
+        row, state = _evaluate_loaded(run_dir, cfg, model, info, split, save_classifier, state)
+        append_metrics(path.parent, row, path.name)
+        rows.append(row)
+    return rows

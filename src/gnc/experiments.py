@@ -7,20 +7,19 @@ paper states are marked "paper"; the rest are our choices and say so.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gnc.heads import normalizes_features
-from gnc.training import TrainConfig, train
+from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_implicit_head
+from gnc.heads import PAPER_METHODS, normalizes_features
+from gnc.rundir import has_checkpoint, is_done, mark_done, read_config
+from gnc.training import RESUMABLE_KEYS, train
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("standard", "fixed", "implicit")
-ABLATIONS = ("implicit-nograd", "standard-unnormalized")
+METHODS = PAPER_METHODS  # a preset's default methods
 
 
 @dataclass(frozen=True)
@@ -199,11 +198,6 @@ def get_preset(name: str) -> Preset:
 
 
 
-# Config keys that say where and how a run ran, not what it computes: a finished run made
-# with other values of these is still the run asked for.
-RUNTIME_KEYS = ("progress", "device", "data_dir", "num_workers", "download", "tensorboard")
-
-
 def run_dir(out: str | Path, method: str, seed: int) -> Path:
     """Where ``gnc experiment`` puts one run: ``OUT/<method>/seed<k>/``."""
     return Path(out) / method / f"seed{seed}"
@@ -212,26 +206,18 @@ def run_dir(out: str | Path, method: str, seed: int) -> Path:
 def resolved_config(preset: Preset, **overrides) -> dict:
     """The preset's full config (every :class:`TrainConfig` field) with ``overrides``, as
     ``config.json`` stores it."""
-    cfg = preset.train_config(**overrides)
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return preset.train_config(**overrides).to_dict()
 
 
-def _config_mismatch(path: Path, cfg: TrainConfig, ignore: tuple[str, ...]) -> str | None:
+def _config_mismatch(path: Path, cfg: TrainConfig, ignore: frozenset | set) -> str | None:
     """How the run at ``path`` (its ``config.json``) differs from ``cfg``; None if it does not."""
-    saved_path = path / "config.json"
-    if not saved_path.exists():
-        return "it has no config.json"
     try:
-        saved = json.loads(saved_path.read_text())
-    except json.JSONDecodeError:
-        return "its config.json is not valid JSON"
-    if not isinstance(saved, dict):
-        return "its config.json is not a JSON object"
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    # a key the run's config.json lacks is a setting added since: the run used its default
-    saved = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **saved}
-    changed = [f"{k}={json.dumps(saved.get(k))} (now {json.dumps(now[k])})"
-               for k in sorted(now) if k not in ignore and saved.get(k) != now[k]]
+        saved = read_config(path, "reuse")
+        changed = config_differences(saved, cfg, ignore=ignore)
+    except FileNotFoundError:
+        return "it has no config.json"
+    except ValueError as err:
+        return f"its config.json cannot be used ({str(err).split(': ', 1)[-1]})"
     return f"it was made with {', '.join(changed)}" if changed else None
 
 
@@ -239,13 +225,14 @@ def _check_existing_run(path: Path, cfg: TrainConfig) -> None:
     """Refuse a finished (or interrupted) run made with settings other than ``cfg``.
 
     A finished run (``DONE``) is reused only if every setting that changes its result is the
-    same; an interrupted one (checkpoint, no ``DONE``) resumes, which may change ``epochs``.
+    same (:data:`gnc.config.RUNTIME_KEYS` may differ); an interrupted one (checkpoint, no
+    ``DONE``) resumes, which may also change what resuming allows (``epochs``, ...).
     """
-    if (path / "DONE").exists():
+    if is_done(path):
         why = _config_mismatch(path, cfg, RUNTIME_KEYS)
         state = "finished"
-    elif (path / "checkpoints" / "last.pt").exists():
-        why = _config_mismatch(path, cfg, ("epochs", "progress"))
+    elif has_checkpoint(path):
+        why = _config_mismatch(path, cfg, RESUMABLE_KEYS)
         state = "interrupted"
     else:
         return
@@ -332,19 +319,22 @@ def run_experiment(
     plan = []
     for method in methods:
         for seed in range(1, n_seeds + 1):
-            cfg = preset.train_config(**{**(overrides or {}), "method": method, "seed": seed})
+            settings = {**(overrides or {}), "method": method, "seed": seed}
+            if not uses_implicit_head(method):  # the other heads have no step to capture
+                settings["graph_head"] = False
+            cfg = preset.train_config(**settings)
             cfg.validate()
             path = run_dir(out, method, seed)
             _check_existing_run(path, cfg)
             plan.append((path, cfg))
     for path, cfg in plan:
-        if (path / "DONE").exists():
+        if is_done(path):
             logger.info("%s: finished, skipped", path)
             continue
-        resume = (path / "checkpoints" / "last.pt").exists()
+        resume = has_checkpoint(path)
         # a run killed before its first checkpoint has nothing to resume: start it afresh
         train(cfg, path, resume=resume, overwrite=not resume)
-        (path / "DONE").write_text("finished\n")
+        mark_done(path)
     if report:
         from gnc.report import make_report
 

@@ -14,7 +14,8 @@ What a replay cannot do, :class:`GraphedHeadStep` does eagerly:
 - the first step (δ = 0 and no ``U_prev``: the eigensolver's rank-deficient solve);
 - a batch whose shape, dtype or gradient need differs from the captured one (a partial last
   batch), and evaluation (the model calls the head itself in eval mode);
-- the host-side step counter, which the captured Python code does not advance.
+- the host-side step counter, which the captured Python code does not advance
+  (:meth:`~gnc.heads.ImplicitETFHead.advance_host_steps`).
 
 Capturing runs the step several times (warm-up, then capture); the head's buffers are
 restored afterwards, so the run is the same as without graphs up to float summation order.
@@ -26,9 +27,10 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gnc.etf import products_only
+from gnc.heads import ImplicitETFHead
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +45,19 @@ class GraphedHeadStep:
     Not an ``nn.Module``: it holds the head without becoming part of the model's state dict.
 
     Args:
-        head: an :class:`~gnc.heads.ImplicitETFHead` with ``polar_method="newton_schulz"``.
+        head: an :class:`~gnc.heads.ImplicitETFHead` with ``polar_method="newton_schulz"``
+            and ``ns_fallback=False`` (nothing read on the host).
         make_graphed: the capture function (default
             :func:`torch.cuda.make_graphed_callables`; tests pass a stand-in).
     """
 
-    def __init__(self, head: nn.Module, make_graphed: Callable | None = None) -> None:
-        if getattr(head, "polar_method", None) != "newton_schulz":
+    def __init__(self, head: ImplicitETFHead, make_graphed: Callable | None = None) -> None:
+        if not isinstance(head, ImplicitETFHead) or head.polar_method != "newton_schulz":
             raise ValueError("a CUDA-graphed head needs the implicit head with "
                              "polar_method='newton_schulz' (the eigensolvers sync the host)")
+        if head.ns_fallback:
+            raise ValueError("a CUDA-graphed head needs ns_fallback=False (the fallback reads "
+                             "the Newton–Schulz residual on the host)")
         self.head = head
         self.make_graphed = make_graphed or torch.cuda.make_graphed_callables
         self._graphed: Callable | None = None
@@ -75,15 +81,13 @@ class GraphedHeadStep:
         if self.failed or key != self._key:
             return head(features, targets)
         logits = self._graphed(features, targets)
-        head._host_steps = head.num_steps + 1  # the replay advanced the device's `steps`
+        head.advance_host_steps(1)  # the replay advanced the device's `steps` only
         self.replays += 1
         return logits
 
     def _capture(self, features: Tensor, targets: Tensor) -> None:
         head = self.head
-        state = {k: v.detach().clone() for k, v in head.state_dict(keep_vars=True).items()}
-        residual = head.polar_residual.detach().clone()
-        host_steps = head.num_steps
+        saved = head.snapshot()
         sample = (features.detach().clone().requires_grad_(features.requires_grad),
                   targets.detach().clone())
 
@@ -99,6 +103,4 @@ class GraphedHeadStep:
             logger.warning("the implicit head's step could not be captured in a CUDA graph "
                            "(%s); it runs eagerly", self.failed)
         finally:  # the warm-up steps changed the running means, U, W, μ_G and the counts
-            head.load_state_dict(state)
-            head.polar_residual.copy_(residual)
-            head._host_steps = host_steps
+            head.restore(saved)

@@ -5,11 +5,15 @@ to logits ``W h + b`` and exposes ``.weight`` (K×d) and ``.bias`` (K; ``None`` 
 for the metrics:
 
 - ``standard``: a learned linear classifier whose rows are renormalised to unit norm after
-  each optimiser step (:meth:`StandardHead.renormalize_`).
+  each optimiser step (:meth:`StandardHead.after_optimizer_step`).
 - ``fixed``: ``W = W(U₀) = √(K/(K−1)) M U₀ᵀ`` for a fixed ``U₀`` (``I_{d×K}`` or a seeded random
   point of St(d,K)), never trained; ``b = −W μ_G``.
 - ``implicit``: ``W = W(U*)`` with ``U*`` the nearest simplex ETF of the running class means
-  (:func:`gnc.etf.nearest_etf`), recomputed at every training step; ``b = −W μ_G``.
+  (:func:`gnc.declarative.nearest_etf`), recomputed at every training step; ``b = −W μ_G``.
+
+All derive from :class:`Head`, whose hooks the training loop and the evaluation call
+(:meth:`Head.after_optimizer_step`, :meth:`Head.pop_polar_residual`,
+:meth:`Head.set_global_mean`). :data:`METHODS` is the one registry of the method names.
 
 ``μ_G`` is the batch global mean in training and a running mean (a buffer) in evaluation, so
 evaluation needs no targets and reproduces the last training ``W`` after a ``state_dict``
@@ -23,44 +27,31 @@ every sample's logits by ``W μ_G`` (zero only when μ_G lies in the null space 
 
 from __future__ import annotations
 
-import inspect
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gnc.class_means import ClassMeanTracker
-from gnc.etf import (
-    canonical_stiefel,
-    check_solver_options,
-    nearest_etf,
-    simplex_etf,
-)
-from gnc.validation import all_finite, value_checks_enabled
+from gnc.class_means import ClassMeanTracker, ema_weight, running_average
+from gnc.declarative import nearest_etf, resolve_solve
+from gnc.etf import canonical_stiefel, simplex_etf
+from gnc.runtime import all_reduce_sum_, differentiable_sum, is_distributed
+from gnc.validation import check_features
 
-_MIN_ALPHA = 1e-4
-
-
-def _check_features(features: Tensor, d: int) -> None:
-    if features.ndim != 2 or features.shape[1] != d:
-        raise ValueError(
-            f"Expected `features` to have shape (B, d={d}), but got {tuple(features.shape)}"
-        )
-    if value_checks_enabled() and not all_finite(features):
-        raise ValueError("`features` contains NaN or Inf")
+__all__ = ["ABLATIONS", "HEAD_OPTIONS", "METHODS", "METHOD_NAMES", "PAPER_METHODS",
+           "FixedETFHead", "Head", "ImplicitETFHead", "MethodSpec", "StandardHead",
+           "make_head", "normalizes_features"]
 
 
 def _batch_mean(features: Tensor) -> Tensor:
     """Global mean of the batch (of all ranks under torch.distributed), differentiable."""
-    if dist.is_available() and dist.is_initialized():
-        import torch.distributed.nn.functional as dist_fn
-
-        total = dist_fn.all_reduce(features.sum(dim=0), op=dist.ReduceOp.SUM)
+    if is_distributed():
         n = torch.tensor(float(features.shape[0]), device=features.device)
-        dist.all_reduce(n, op=dist.ReduceOp.SUM)
-        return total / n
+        return differentiable_sum(features.sum(dim=0)) / all_reduce_sum_(n)
     return features.mean(dim=0)
 
 
@@ -68,16 +59,49 @@ def _forget_host_steps(module: nn.Module, incompatible_keys) -> None:
     module._host_steps = None
 
 
-class StandardHead(nn.Module):
+class Head(nn.Module):
+    """What the training loop and the evaluation may call on every head (no ``hasattr``).
+
+    A head maps features (B×d) to logits (B×K), exposes ``.weight`` (K×d) and ``.bias`` (K or
+    ``None``), and has these hooks, whose defaults do nothing:
+
+    - :meth:`after_optimizer_step`: called by the loop after every optimiser step;
+    - :meth:`pop_polar_residual`: the solver's residual since the last call, or None;
+    - :attr:`tracks_global_mean` / :meth:`set_global_mean`: a head whose bias is
+      ``−W μ_G`` keeps ``μ_G`` and lets the evaluation reset it.
+
+    Class attributes:
+        options: the :func:`make_head` options its constructor takes.
+    """
+
+    options: ClassVar[tuple[str, ...]] = ("bias", "device", "dtype")
+    tracks_global_mean: ClassVar[bool] = False
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step (default: nothing)."""
+
+    def pop_polar_residual(self) -> float | None:
+        """The largest polar-factor residual since the last call; None (the default) when the
+        head computed none."""
+        return None
+
+    def set_global_mean(self, mu_G: Tensor) -> None:
+        """Set the evaluation global mean ``μ_G``; only for heads that
+        :attr:`tracks_global_mean`."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no global mean "
+                                  "(tracks_global_mean is False)")
+
+
+class StandardHead(Head):
     r"""Learned linear classifier ``logits = h Wᵀ + b`` (the paper's "standard" method).
 
     Args:
         d: feature dimension.
         K: number of classes.
         bias: learn a bias (default True).
-        normalize: keep unit-norm rows: :meth:`renormalize_` rescales them (call it after
-            every optimiser step; the training loop does). ``False`` is the paper's
-            unnormalised ablation, where :meth:`renormalize_` does nothing.
+        normalize: keep unit-norm rows: :meth:`after_optimizer_step` (the training loop calls
+            it after every optimiser step) rescales them, ``w_c ← w_c/‖w_c‖``. ``False`` is
+            the paper's unnormalised ablation, where it does nothing.
 
     Shape:
         features (B, d) → logits (B, K).
@@ -100,7 +124,7 @@ class StandardHead(nn.Module):
         self.renormalize_()
 
     def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
-        _check_features(features, self.d)
+        check_features(features, self.d)
         return F.linear(features, self.weight, self.bias)
 
     @torch.no_grad()
@@ -109,17 +133,23 @@ class StandardHead(nn.Module):
         if self.normalize:
             self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
+    def after_optimizer_step(self) -> None:
+        """:meth:`renormalize_`: the rows of ``W`` back on the unit sphere."""
+        self.renormalize_()
+
     def extra_repr(self) -> str:
         return f"d={self.d}, K={self.K}, bias={self.bias is not None}, normalize={self.normalize}"
 
 
-class _ETFHead(nn.Module):
-    """Shared parts of the ETF heads: ``W``, ``b`` buffers and the running ``μ_G``.
+class _ETFHead(Head):
+    """Shared parts of the ETF heads: ``W``, ``b`` buffers, the running ``μ_G`` and the step
+    count.
 
     With ``bias=False`` the ``bias`` buffer is ``None`` (absent from the ``state_dict``);
-    ``μ_G`` is still tracked (the metrics and :func:`set_global_mean` use it).
+    ``μ_G`` is still tracked (the metrics and :meth:`set_global_mean` use it).
     """
 
+    tracks_global_mean: ClassVar[bool] = True
     weight: Tensor
     bias: Tensor | None
     mu_G: Tensor
@@ -145,6 +175,25 @@ class _ETFHead(nn.Module):
         if self._host_steps is None:
             self._host_steps = int(self.steps)
         return self._host_steps
+
+    def advance_host_steps(self, n: int = 1) -> None:
+        """Count ``n`` steps on the host that ran without this Python code: a CUDA-graph
+        replay advances the ``steps`` buffer on the device only (:mod:`gnc.graphs`)."""
+        self._host_steps = self.num_steps + n
+
+    def snapshot(self) -> dict[str, Any]:
+        """Copies of every buffer (persistent or not, the tracker's too) and the host-side
+        state, for :meth:`restore`."""
+        return {"buffers": {k: v.detach().clone() for k, v in self.named_buffers()},
+                "host_steps": self.num_steps}
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Back to :meth:`snapshot`'s state, copied in place (a CUDA graph that captured the
+        buffers keeps them)."""
+        for k, v in self.named_buffers():
+            v.copy_(snapshot["buffers"][k])
+        self._host_steps = snapshot["host_steps"]
 
     def _eval_logits(self, features: Tensor) -> Tensor:
         return F.linear(features.to(self.weight.dtype), self.weight, self.bias)
@@ -188,9 +237,10 @@ class FixedETFHead(_ETFHead):
         bias: use ``b = −W μ_G`` (default True); ``False``: logits ``W h``.
 
     Training uses the batch global mean in the bias; a running mean (EMA with
-    ``α_t = max(2/(t+1), 1e-4)``) is kept for evaluation.
+    ``α_t = max(2/(t+1), 1e-4)``, :func:`~gnc.class_means.ema_weight`) is kept for evaluation.
     """
 
+    options: ClassVar[tuple[str, ...]] = ("rotation", "seed", "bias", "device", "dtype")
     U: Tensor
 
     def __init__(
@@ -210,13 +260,13 @@ class FixedETFHead(_ETFHead):
         self.weight.copy_(simplex_etf(K, self.U))
 
     def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
-        _check_features(features, self.d)
+        check_features(features, self.d)
         if not self.training:
             return self._eval_logits(features)
         h = features.to(self.weight.dtype)
         mu_G = _batch_mean(h)
-        alpha = max(2.0 / (self.num_steps + 2), _MIN_ALPHA)
-        self._store(self.weight, (1 - alpha) * self.mu_G + alpha * mu_G.detach())
+        alpha = ema_weight(self.num_steps + 1)  # this step's number
+        self._store(self.weight, running_average(self.mu_G, mu_G.detach(), alpha))
         return self._train_logits(h, self.weight, mu_G)
 
     def extra_repr(self) -> str:
@@ -242,11 +292,19 @@ class ImplicitETFHead(_ETFHead):
             (no gradient through U*: the paper's ablation).
         update: running class means, ``"ema"`` (default) or ``"cma"``.
         solve_device: ``"same"`` (default) or ``"cpu"``: where the exact solve runs (see
-            :func:`~gnc.etf.nearest_etf`).
+            :func:`~gnc.declarative.nearest_etf`).
         polar_method: ``"auto"`` (default), ``"svd"``, ``"gram"`` or ``"newton_schulz"``: how
-            the exact solver computes the polar factor (see :func:`~gnc.etf.nearest_etf`;
-            ``newton_schulz`` makes the training step free of host syncs on a GPU).
+            the exact solver computes the polar factor (see
+            :func:`~gnc.declarative.nearest_etf`; ``newton_schulz`` makes the training step
+            free of host syncs on a GPU, with ``ns_fallback=False``).
         bias: use ``b = −W μ_G`` (default True); ``False``: logits ``W h``.
+        ns_fallback: with ``newton_schulz``, check the iteration's residual on the host each
+            step and redo an unconverged step by the eigensolver (default True, as
+            :func:`~gnc.declarative.nearest_etf`); ``False``: no host read, the residual is
+            only reported by :meth:`pop_polar_residual` (the trainer's setting, and what a
+            CUDA-graphed step needs).
+
+    The options are checked together by :func:`~gnc.declarative.resolve_solve`.
 
     Shape:
         features (B, d), targets (B,) in training → logits (B, K).
@@ -262,17 +320,21 @@ class ImplicitETFHead(_ETFHead):
         torch.Size([3, 10])
     """
 
+    options: ClassVar[tuple[str, ...]] = ("delta", "solver", "backward", "update",
+                                          "solve_device", "polar_method", "ns_fallback",
+                                          "bias", "device", "dtype")
     U: Tensor
 
     def __init__(
         self, d: int, K: int, delta: float = 1e-3, solver: str = "exact",
         backward: str = "closed_form", update: str = "ema", solve_device: str = "same",
-        bias: bool = True, polar_method: str = "auto", *, device=None, dtype=None,
+        bias: bool = True, polar_method: str = "auto", *, ns_fallback: bool = True,
+        device=None, dtype=None,
     ) -> None:
         super().__init__(d, K, bias, device=device, dtype=dtype)
-        check_solver_options(solver, backward, solve_device, polar_method)
-        self.delta, self.solver, self.backward = delta, solver, backward
-        self.solve_device, self.polar_method = solve_device, polar_method
+        # the solver options, checked together; read back through the properties below
+        self.plan = resolve_solve(solver, backward, polar_method, solve_device, ns_fallback)
+        self.delta = delta
         # the Newton–Schulz residual, updated in place (a CUDA graph replays the update)
         self.register_buffer("polar_residual", torch.zeros((), dtype=torch.float64,
                                                            device=device), persistent=False)
@@ -283,7 +345,7 @@ class ImplicitETFHead(_ETFHead):
         self.solver_info: dict = {}
 
     def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
-        _check_features(features, self.d)
+        check_features(features, self.d)
         if not self.training:
             return self._eval_logits(features)
         if targets is None:
@@ -294,7 +356,8 @@ class ImplicitETFHead(_ETFHead):
         U_prev = self.U if self.num_steps > 0 else None
         U = nearest_etf(H_bar, U_prev, delta=self.delta, solver=self.solver,
                         backward=self.backward, info=self.solver_info,
-                        solve_device=self.solve_device, polar_method=self.polar_method)
+                        solve_device=self.solve_device, polar_method=self.polar_method,
+                        ns_fallback=self.ns_fallback)
         residual = self.solver_info.pop("residual", None)
         if residual is not None:  # kept on the device: read by pop_polar_residual
             with torch.no_grad():
@@ -306,6 +369,26 @@ class ImplicitETFHead(_ETFHead):
         self._store(W.detach(), self.tracker.mu_G.to(W.dtype))
         return self._train_logits(h, W, mu_G)
 
+    @property
+    def solver(self) -> str:  # noqa: D102
+        return self.plan.solver
+
+    @property
+    def backward(self) -> str:  # noqa: D102
+        return self.plan.backward
+
+    @property
+    def solve_device(self) -> str:  # noqa: D102
+        return self.plan.solve_device
+
+    @property
+    def polar_method(self) -> str:  # noqa: D102
+        return self.plan.polar_method
+
+    @property
+    def ns_fallback(self) -> bool:  # noqa: D102
+        return self.plan.ns_fallback
+
     def pop_polar_residual(self) -> float | None:
         """The largest Newton–Schulz residual ``max|UᵀU − I|`` since the last call (None when
         no step used ``polar_method="newton_schulz"``); reads the device once."""
@@ -316,51 +399,82 @@ class ImplicitETFHead(_ETFHead):
         self._residual_seen = False
         return residual
 
+    def snapshot(self) -> dict[str, Any]:  # noqa: D102
+        return super().snapshot() | {"residual_seen": self._residual_seen}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:  # noqa: D102
+        super().restore(snapshot)
+        self._residual_seen = snapshot["residual_seen"]
+
     def extra_repr(self) -> str:
         extra = "" if self.polar_method == "auto" else f", polar_method={self.polar_method!r}"
+        extra += "" if self.ns_fallback else ", ns_fallback=False"
         return (super().extra_repr() + f", delta={self.delta}, solver={self.solver!r}, "
                 f"backward={self.backward!r}" + extra)
 
 
-# method name → (head factory, normalise features onto the τ-sphere)
-METHODS: dict[str, tuple[type[nn.Module], dict, bool]] = {
-    "standard": (StandardHead, {}, True),
-    "fixed": (FixedETFHead, {}, True),
-    "implicit": (ImplicitETFHead, {}, True),
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method of :data:`METHODS`: its head and how the rest of the package treats it."""
+
+    head: type[Head]  # the head class
+    label: str  # display name (plots, tables)
+    paper: bool  # one of the paper's three methods (False: an ablation)
+    normalizes_features: bool = True  # features on the sphere of radius τ
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # head options the method sets
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The :func:`make_head` options this method's head takes (those it sets excluded)."""
+        return tuple(o for o in self.head.options if o not in self.fixed)
+
+
+# The one registry of methods (names as in the paper, used in configs, logs and plots).
+METHODS: dict[str, MethodSpec] = {
+    "standard": MethodSpec(StandardHead, "Standard", paper=True),
+    "fixed": MethodSpec(FixedETFHead, "Fixed ETF", paper=True),
+    "implicit": MethodSpec(ImplicitETFHead, "Implicit ETF", paper=True),
     # the paper's ablations
-    "implicit-nograd": (ImplicitETFHead, {"backward": "none"}, True),
-    "standard-unnormalized": (StandardHead, {"normalize": False}, False),
+    "implicit-nograd": MethodSpec(ImplicitETFHead, "Implicit ETF (no DDN grad)", paper=False,
+                                  fixed={"backward": "none"}),
+    "standard-unnormalized": MethodSpec(StandardHead, "Standard (unnormalised)", paper=False,
+                                        normalizes_features=False,
+                                        fixed={"normalize": False}),
 }
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+PAPER_METHODS: tuple[str, ...] = tuple(m for m, spec in METHODS.items() if spec.paper)
+ABLATIONS: tuple[str, ...] = tuple(m for m, spec in METHODS.items() if not spec.paper)
+# Every option of make_head: the union of the heads' options, in a stable order.
+HEAD_OPTIONS: tuple[str, ...] = tuple(dict.fromkeys(
+    o for spec in METHODS.values() for o in spec.head.options))
 
 
-HEAD_OPTIONS = ("bias", "rotation", "seed", "delta", "solver", "backward", "update",
-                "solve_device", "polar_method", "device", "dtype")
+def method_spec(method: str) -> MethodSpec:
+    """The :class:`MethodSpec` of ``method``; ``ValueError`` naming the choices if unknown."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return METHODS[method]
 
 
 def normalizes_features(method: str) -> bool:
     """Whether ``method`` puts the features on the sphere of radius τ (all but the ablation)."""
-    _check_method(method)
-    return METHODS[method][2]
+    return method_spec(method).normalizes_features
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+def make_head(method: str, d: int, K: int, **opts: Any) -> Head:
+    """The head of ``method`` (a name of :data:`METHODS`) for d-dimensional features and K
+    classes.
 
-
-def make_head(method: str, d: int, K: int, **opts) -> nn.Module:
-    """The head of ``method`` (``standard``, ``fixed``, ``implicit``, ``implicit-nograd``,
-    ``standard-unnormalized``) for d-dimensional features and K classes.
-
-    One set of options serves every method: those of :data:`HEAD_OPTIONS` that a head does
-    not take are left out (``delta`` means nothing to ``standard``); any other name raises.
+    One set of options serves every method, so that a trainer or an experiment passes its
+    whole configuration for each: an option of :data:`HEAD_OPTIONS` that the method's head
+    does not take (``delta`` for ``standard``) is dropped, and the options the method itself
+    sets (``backward="none"`` for ``implicit-nograd``) override the caller's. Any other name
+    raises ``ValueError``; the values are checked by the head (the implicit head's solver
+    options together, by :func:`~gnc.declarative.resolve_solve`).
     """
-    _check_method(method)
+    spec = method_spec(method)
     unknown = set(opts) - set(HEAD_OPTIONS)
     if unknown:
         raise ValueError(f"unknown head option(s) {sorted(unknown)}; choose from {HEAD_OPTIONS}")
-    cls, fixed_opts, _ = METHODS[method]
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in opts.items() if k in accepted}
-    kwargs.update(fixed_opts)
-    return cls(d, K, **kwargs)
+    kwargs = {k: v for k, v in opts.items() if k in spec.options}
+    return spec.head(d, K, **kwargs, **spec.fixed)

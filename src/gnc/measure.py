@@ -17,7 +17,6 @@ checkpoints into rows of a ``metrics.jsonl`` that ``gnc report`` reads.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import pickle
 import re
@@ -26,14 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gnc.checkpoint import append_line, atomic_write_text
+from gnc.config import EVAL_STATS
+from gnc.data import check_split, load_dataset, make_loader
 from gnc.evaluation import (
-    EVAL_STATS,
+    DEFAULT_CACHE_BYTES,
     etf_distances_of,
+    load_run,
+    nc_two_pass,
     quantiles,
     recompute_bn,
     recompute_statistics,
@@ -41,6 +42,8 @@ from gnc.evaluation import (
 from gnc.heads import FixedETFHead, ImplicitETFHead, StandardHead
 from gnc.metrics import NCStatistics
 from gnc.models.classifier import FeatureClassifier
+from gnc.rundir import append_metrics, mark_done, save_margins, write_config
+from gnc.runtime import resolve_device
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
@@ -55,9 +58,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Pass 2 reads pass 1's features and logits from memory up to this many bytes; above it the
-# loader is read (and the model run) a second time.
-DEFAULT_CACHE_BYTES = 2**30
 # Modules that count as "a classifier" when looking for the last one the forward pass uses:
 # nn.Linear (torchvision heads) and the heads of gnc (whose W is a parameter or a buffer).
 CLASSIFIER_TYPES = (nn.Linear, StandardHead, FixedETFHead, ImplicitETFHead)
@@ -356,57 +356,34 @@ def measure_geometry(
         model.train(was_training)
 
 
-def _as_logits(logits: Tensor | None, n: int, K: int) -> Tensor | None:
-    """The classifier layer's output when it is (n, K) logits; else None (then ``W h + b``)."""
-    return logits if logits is not None and tuple(logits.shape) == (n, K) else None
-
-
 def _measure(model: nn.Module, loader: Iterable, probe: _Probe, num_classes: int | None,
              device: torch.device, max_cache_bytes: int) -> tuple[dict, dict]:
-    stats: NCStatistics | None = None
-    cache: list[tuple[Tensor, Tensor, Tensor | None]] | None = []
-    cached = 0
-    for x, y in _batches(loader):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        h, logits = probe.run(x)
-        if stats is None:
-            modules = dict(model.named_modules())
-            W, _ = _classifier_weights(modules[probe.classifier], probe.classifier)
-            K, d = W.shape
-            if h.shape[1] != d:
-                raise ValueError(f"the features of layer {probe.features!r} have d="
-                                 f"{h.shape[1]}, but classifier {probe.classifier!r} takes "
-                                 f"d={d} inputs")
-            if num_classes is not None and num_classes != K:
-                raise ValueError(f"Expected classifier {probe.classifier!r} to have "
-                                 f"num_classes={num_classes} outputs, but it has {K}")
-            stats = NCStatistics(K, d, device=device)
-        logits = _as_logits(logits, h.shape[0], stats.K)
-        stats.update(h, y, logits)
-        if cache is not None:
-            cached += sum(t.numel() * t.element_size() for t in (h, y, logits) if t is not None)
-            cache = cache + [(h, y, logits)] if cached <= max_cache_bytes else None
-    if stats is None:
-        raise ValueError("the loader produced no batches")
-    # W and b after pass 1, as gnc.evaluation.evaluate takes them
-    W, b = _classifier_weights(dict(model.named_modules())[probe.classifier], probe.classifier)
-    for h, y, logits in cache if cache is not None else _second_pass(loader, probe, device):
-        stats.update_margins(h, y, W, b, _as_logits(logits, h.shape[0], stats.K))
-    out = stats.compute(W, b)
-    means, mu_G, counts = stats.class_means()
-    geometry = {"W": W.cpu().clone(), "b": b.cpu().clone(), "class_means": means.cpu(),
-                "global_mean": mu_G.cpu(), "counts": counts.cpu()}
-    out.update(num_samples=int(counts.sum()), forward_passes=1 if cache is not None else 2,
+    def outputs():
+        for x, y in _batches(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            h, logits = probe.run(x)
+            yield h, y, logits
+
+    def new_stats(h: Tensor) -> NCStatistics:  # the classifier is known after the first batch
+        K, d = classifier()[0].shape
+        if h.shape[1] != d:
+            raise ValueError(f"the features of layer {probe.features!r} have d={h.shape[1]}, "
+                             f"but classifier {probe.classifier!r} takes d={d} inputs")
+        if num_classes is not None and num_classes != K:
+            raise ValueError(f"Expected classifier {probe.classifier!r} to have "
+                             f"num_classes={num_classes} outputs, but it has {K}")
+        return NCStatistics(K, d, device=device)
+
+    def classifier() -> tuple[Tensor, Tensor]:
+        return _classifier_weights(dict(model.named_modules())[probe.classifier],
+                                   probe.classifier)
+
+    out, geometry, passes = nc_two_pass(outputs, new_stats, classifier,
+                                        max_cache_bytes=max_cache_bytes)
+    out.update(num_samples=int(geometry["counts"].sum()), forward_passes=passes,
                features_layer=probe.features or f"{probe.classifier}:input",
                classifier_layer=probe.classifier)
     return out, geometry
-
-
-def _second_pass(loader: Iterable, probe: _Probe, device: torch.device):
-    for x, y in _batches(loader):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        h, logits = probe.run(x)
-        yield h, y, logits
 
 
 # --------------------------------------------------------------------------- weights
@@ -568,15 +545,13 @@ def torchvision_model(name: str, num_classes: int) -> nn.Module:
 def model_from_spec(spec: str, *, num_classes: int | None, device: str = "auto"
                     ) -> MeasuredModel:
     """``torchvision:NAME`` (needs ``num_classes``) or ``run:RUN_DIR`` (a gnc run, built from
-    its ``config.json`` and newest checkpoint by :func:`gnc.training.load_run`)."""
+    its ``config.json`` and newest checkpoint by :func:`gnc.evaluation.load_run`)."""
     kind, _, rest = spec.partition(":")
     if kind == "torchvision" and rest:
         if num_classes is None:
             raise ValueError("torchvision models need the number of classes (from --dataset)")
         return MeasuredModel(torchvision_model(rest, num_classes))
     if kind == "run" and rest:
-        from gnc.training import load_run
-
         _, model, info = load_run(rest, device, action="measure")
         return MeasuredModel(model, info["bundle"], info["epoch"], trusted=True)
     raise ValueError(f"Expected --model to be torchvision:NAME or run:RUN_DIR, but got {spec!r}")
@@ -643,11 +618,7 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
     every metric of :func:`measure_checkpoints` except ``cos_margins``, which it holds as
     101 quantiles (:func:`gnc.evaluation.quantiles`).
     """
-    from gnc.data import load_dataset, make_loader
-    from gnc.training import DistInfo, resolve_device
-
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    check_split(split)
     if batch_size < 1:
         raise ValueError(f"Expected --batch-size >= 1, but got {batch_size}")
     paths = expand_weights(weights or [])
@@ -660,7 +631,7 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
     if model_spec.startswith("torchvision:") and not paths:
         raise ValueError("--model torchvision:NAME needs --weights (weights are read from "
                          "files only, never downloaded)")
-    dev = resolve_device(device, DistInfo())
+    dev = resolve_device(device)
     measured = model_from_spec(model_spec, num_classes=bundle.num_classes if bundle else None,
                                device=str(dev))
     bundle = bundle or measured.bundle
@@ -706,12 +677,12 @@ def write_measure_dir(out: str | Path, rows: Iterable[tuple[dict, Tensor]], conf
     out.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "DONE"):
         (out / name).unlink(missing_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    write_config(out, config)
     last = None
     for row, margins in rows:
-        append_line(out / "metrics.jsonl", json.dumps(report_row(row)))
+        append_metrics(out, report_row(row))
         last = margins
     if last is not None:
-        np.save(out / "cos_margins.npy", last.numpy())
-    (out / "DONE").write_text("measured\n")
+        save_margins(out, last.numpy())
+    mark_done(out, "measured")
     return out

@@ -47,10 +47,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from gnc.validation import all_finite
+from gnc.runtime import all_gather_cat, all_reduce_sum
+from gnc.validation import NonFiniteError, all_finite, check_features
 
 __all__ = ["CLASS_MOMENTS_BYTES", "NCStatistics", "etf_distances", "nc_metrics"]
 
@@ -66,58 +66,11 @@ _warned_rank_budget: set[tuple[int, int]] = set()  # (K, d) already warned about
 # --------------------------------------------------------------------------- distributed
 
 
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    """NCCL only reduces CUDA tensors; every other backend reduces tensors where they are."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    """A summed copy of ``tensor`` over all ranks (a plain copy in a single process)."""
-    if not _is_distributed():
-        return tensor.clone()
-    out = tensor.to(_comm_device(tensor.device), copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out.to(tensor.device)
-
-
-def _all_gather_cat(tensor: Tensor) -> Tensor:
-    """Concatenation (in rank order) of the 1-D tensors of all ranks, of varying lengths."""
-    if not _is_distributed():
-        return tensor.clone()
-    device = _comm_device(tensor.device)
-    world = dist.get_world_size()
-    size = torch.tensor([tensor.numel()], device=device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    lengths = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(lengths), dtype=tensor.dtype, device=device)
-    padded[: tensor.numel()] = tensor.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, lengths, strict=True)]).to(tensor.device)
-
-
 # --------------------------------------------------------------------------- validation
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
-
-
-def _check_features(features: Tensor, d: int) -> None:
-    if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != d:
-        got = _shape(features) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"Expected `features` to have shape (N, d={d}), but got {got}")
-    if not features.is_floating_point():
-        raise ValueError(f"Expected `features` to be floating point, but got {features.dtype}")
-    if not all_finite(features):
-        raise ValueError("Expected `features` to be finite, but got NaN or Inf values")
 
 
 def _check_labels(labels: Tensor, n: int, K: int) -> None:
@@ -138,7 +91,7 @@ def _check_logits(logits: Tensor, n: int, K: int) -> None:
         got = _shape(logits) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"Expected `logits` to have shape (N={n}, K={K}), but got {got}")
     if not all_finite(logits):
-        raise ValueError("Expected `logits` to be finite, but got NaN or Inf values")
+        raise NonFiniteError("Expected `logits` to be finite, but got NaN or Inf values")
 
 
 def _check_classifier(W: Tensor, b: Tensor, K: int, d: int) -> None:
@@ -149,7 +102,7 @@ def _check_classifier(W: Tensor, b: Tensor, K: int, d: int) -> None:
         got = _shape(b) if isinstance(b, Tensor) else type(b).__name__
         raise ValueError(f"Expected `b` to have shape (K={K},), but got {got}")
     if not (all_finite(W) and all_finite(b)):
-        raise ValueError("Expected `W` and `b` to be finite, but got NaN or Inf values")
+        raise NonFiniteError("Expected `W` and `b` to be finite, but got NaN or Inf values")
 
 
 # --------------------------------------------------------------------------- formulas
@@ -279,7 +232,7 @@ def etf_distances(W: Tensor, H: Tensor, previous: dict[str, Tensor] | None = Non
 
         E_Y = U* M/√(K−1),   U* = argmin_{U ∈ St(d,K)} ‖Y − U M/√(K−1)‖_F
 
-    (:func:`gnc.etf.nearest_etf` without a previous solution: the δ = 0 problem, solved
+    (:func:`gnc.declarative.nearest_etf` without a previous solution: the δ = 0 problem, solved
     exactly; ``E_Y`` is unique whenever ``Y M`` has rank K−1, so no warm start is needed),
     and
 
@@ -304,7 +257,7 @@ def etf_distances(W: Tensor, H: Tensor, previous: dict[str, Tensor] | None = Non
         matrix, a missing class) and ``{"etf_w": E_W, "etf_h": E_H}`` (float64 d×K, the
         entries that are defined) to pass as ``previous`` next time.
     """
-    from gnc.etf import nearest_etf  # gnc.etf imports nothing from here; kept local anyway
+    from gnc.declarative import nearest_etf  # imports nothing from here; kept local anyway
 
     K, d = W.shape
     targets = {"etf_w": W.T, "etf_h": H if H.shape == (d, K) else None}
@@ -363,8 +316,8 @@ class _Pass1:
 
     def reduced(self) -> _Pass1:
         tensors = (self.sums, self.counts, self.second_moment, self.hits)
-        moments = None if self.class_moments is None else _all_reduce_sum(self.class_moments)
-        return _Pass1(*(_all_reduce_sum(t) for t in tensors), moments)
+        moments = None if self.class_moments is None else all_reduce_sum(self.class_moments)
+        return _Pass1(*(all_reduce_sum(t) for t in tensors), moments)
 
 
 class NCStatistics:
@@ -466,7 +419,7 @@ class NCStatistics:
             ValueError: on invalid inputs (the state is then unchanged).
             RuntimeError: if pass 2 has started (call :meth:`reset` first).
         """
-        _check_features(features, self.d)
+        check_features(features, self.d, rows="N", values=True)
         n = features.shape[0]
         _check_labels(labels, n, self.K)
         if logits is not None:
@@ -527,7 +480,7 @@ class NCStatistics:
             ValueError: on invalid inputs (the state is then unchanged) or if pass 1 saw no
                 samples.
         """
-        _check_features(features, self.d)
+        check_features(features, self.d, rows="N", values=True)
         n = features.shape[0]
         _check_labels(labels, n, self.K)
         _check_classifier(W, b, self.K, self.d)
@@ -557,9 +510,9 @@ class NCStatistics:
         """
         _check_classifier(W, b, self.K, self.d)
         self.sync()
-        pass2 = _all_reduce_sum(self._pass2)
+        pass2 = all_reduce_sum(self._pass2)
         local = torch.cat(self._margins) if self._margins else torch.zeros(0, dtype=_F64)
-        margins = _all_gather_cat(local.to(self.device))
+        margins = all_gather_cat(local.to(self.device))
         means, mu_G = self._means()
         self._check_complete(pass2)
         W, b = W.to(self.device, _F64), b.to(self.device, _F64)

@@ -44,16 +44,14 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves the backend alone
 
+from gnc.config import OUTPUT_KEYS, RUNTIME_KEYS
+from gnc.heads import METHOD_NAMES, METHODS, PAPER_METHODS
+from gnc.rundir import is_done, read_config, read_margins, read_metrics
+
 logger = logging.getLogger(__name__)
 
-METHOD_ORDER = ("standard", "fixed", "implicit", "implicit-nograd", "standard-unnormalized")
-DISPLAY_NAMES = {
-    "standard": "Standard",
-    "fixed": "Fixed ETF",
-    "implicit": "Implicit ETF",
-    "implicit-nograd": "Implicit ETF (no DDN grad)",
-    "standard-unnormalized": "Standard (unnormalised)",
-}
+METHOD_ORDER = METHOD_NAMES
+DISPLAY_NAMES = {name: spec.label for name, spec in METHODS.items()}
 COLOURS = {
     "standard": "#1f77b4",  # blue
     "fixed": "#ff7f0e",  # orange
@@ -179,20 +177,23 @@ def scan_runs(exp_dir: str | Path) -> tuple[dict[str, list[RunData]], list[str]]
                  if p.is_dir() and (m := re.fullmatch(r"seed(\d+)", p.name))]
         for seed, path in sorted(seeds):
             name = f"{method_dir.name}/{path.name}"
-            if not (path / "DONE").exists():
+            if not is_done(path):
                 skipped.append(f"{name}: unfinished (no DONE file)")
                 continue
-            metrics = _read_metrics(path / "metrics.jsonl")
+            by_epoch = {row["epoch"]: row for row in read_metrics(path / "metrics.jsonl")}
+            metrics = [by_epoch[e] for e in sorted(by_epoch)]  # a resumed epoch: the later row
             if not metrics:
                 skipped.append(f"{name}: finished, but metrics.jsonl is missing or empty")
                 continue
-            config = _read_config(path / "config.json")
-            if config is None:
+            try:
+                config = read_config(path, "report")
+            except FileNotFoundError:
+                config = {}
+            except ValueError:
                 skipped.append(f"{name}: finished, but config.json is not a JSON object")
                 continue
             runs.setdefault(method_dir.name, []).append(
-                RunData(method_dir.name, seed, path, config, metrics,
-                        _read_margins(path / "cos_margins.npy")))
+                RunData(method_dir.name, seed, path, config, metrics, read_margins(path)))
     if not runs:
         raise ValueError(f"no finished runs under {root} (expected {root}/<method>/seed<k>/DONE)")
     return {m: runs[m] for m in order_methods(runs)}, skipped
@@ -201,58 +202,6 @@ def scan_runs(exp_dir: str | Path) -> tuple[dict[str, list[RunData]], list[str]]
 def load_runs(exp_dir: str | Path) -> dict[str, list[RunData]]:
     """The finished runs of ``exp_dir`` by method, in the report's method order."""
     return scan_runs(exp_dir)[0]
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` by epoch; a line that is not a JSON object with an
-    integer ``epoch`` is skipped with a warning naming the file and line."""
-    if not path.is_file():
-        return []
-    rows: dict[int, dict] = {}  # a resumed run may repeat an epoch: the later row wins
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s:%d: not JSON, line skipped", path, i)
-            continue
-        epoch = row.get("epoch") if isinstance(row, dict) else None
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            what = "no integer `epoch`" if isinstance(row, dict) else "not a JSON object"
-            logger.warning("%s:%d: %s, line skipped", path, i, what)
-            continue
-        rows[epoch] = row
-    return [rows[e] for e in sorted(rows)]
-
-
-def _read_config(path: Path) -> dict | None:
-    """A run's ``config.json`` ({} when absent), or None when it is not a JSON object."""
-    if not path.exists():
-        return {}
-    try:
-        config = json.loads(path.read_text(errors="replace"))
-    except json.JSONDecodeError:
-        return None
-    return config if isinstance(config, dict) else None
-
-
-def _read_margins(path: Path) -> np.ndarray | None:
-    """The sorted margins of ``cos_margins.npy``; None (with a warning) if unreadable."""
-    if not path.exists():
-        return None
-    try:
-        margins = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        logger.warning("%s: unreadable (%s), using the metrics' margin quantiles", path, err)
-        return None
-    if margins.ndim != 1 or not np.issubdtype(margins.dtype, np.number):
-        logger.warning("%s: not a 1-D numeric array, using the metrics' margin quantiles", path)
-        return None
-    return margins
-
-
-# --------------------------------------------------------------------------- statistics
 
 
 def _num(value: object) -> float:
@@ -458,7 +407,7 @@ def write_summary(runs: Mapping[str, list[RunData]], out_dir: Path) -> tuple[Pat
 def _band(ax: Axes, x: np.ndarray, vals: np.ndarray, method: str, n: int) -> None:
     """Median over seeds (rows of ``vals``) as a line, min–max as a band."""
     med, lo, hi = np.array([summarise(col) for col in vals.T]).T
-    style = "-" if method in METHOD_ORDER[:3] else "--"
+    style = "-" if method in PAPER_METHODS else "--"
     ax.plot(x, med, style, color=colour(method), lw=1.6, marker="o" if len(x) <= 30 else None,
             ms=3, label=f"{display_name(method)} (n={n})")
     ax.fill_between(x, lo, hi, color=colour(method), alpha=0.2, lw=0)
@@ -616,14 +565,13 @@ def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
 def overrides(runs: Mapping[str, list[RunData]], preset_config: Mapping) -> list[str]:
     """``key=value`` for every setting where the runs differ from ``preset_config``.
 
-    Values that differ between runs are joined by ``/``; method, seed and
-    :data:`gnc.experiments.RUNTIME_KEYS` (where and how a run ran) are ignored.
+    Values that differ between runs are joined by ``/``; method, seed,
+    :data:`gnc.config.RUNTIME_KEYS` (where and how a run ran) and
+    :data:`gnc.config.OUTPUT_KEYS` (files besides the results) are ignored.
     """
-    from gnc.experiments import RUNTIME_KEYS
-
     out = []
     for key in sorted(preset_config):
-        if key in ("method", "seed", "save_classifier", *RUNTIME_KEYS):  # not the results
+        if key in ("method", "seed") or key in RUNTIME_KEYS | OUTPUT_KEYS:  # not the results
             continue
         want = json.dumps(preset_config[key], sort_keys=True)
         got = sorted({json.dumps(run.config.get(key), sort_keys=True)

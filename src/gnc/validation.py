@@ -1,4 +1,9 @@
-"""Input checks shared by the modules, and the switch that skips the costly ones."""
+"""Input checks shared by the modules, and the switch that skips the costly ones.
+
+The switch (:func:`trusted_inputs`) only decides whether the checks that read tensor values
+run; it never changes what is computed. Policies that do change the computation (e.g. the
+Newton–Schulz fallback of :func:`gnc.declarative.nearest_etf`) are explicit arguments.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,14 @@ import torch
 from torch import Tensor
 
 _VALUE_CHECKS = contextvars.ContextVar("gnc_value_checks", default=True)
+
+
+class NonFiniteError(ValueError):
+    """An input holds NaN or Inf values (e.g. the features of a diverged model).
+
+    A ``ValueError``, so existing ``except ValueError`` still catches it; callers that detect
+    divergence catch this type instead of parsing the message.
+    """
 
 
 def all_finite(t: Tensor) -> bool:
@@ -38,9 +51,34 @@ def trusted_inputs() -> Iterator[None]:
     several per step serialise the host with the device. The trainer validates its data once
     at load time and checks the loss for NaN every few steps, so inside its step the heads and
     the class-mean tracker check shapes and dtypes only. API calls outside keep every check.
+    Only checks are skipped: every computation is the same inside and outside.
     """
     token = _VALUE_CHECKS.set(False)
     try:
         yield
     finally:
         _VALUE_CHECKS.reset(token)
+
+
+def check_features(features: Tensor, d: int, *, rows: str = "B",
+                   values: bool | None = None) -> None:
+    """Raise ``ValueError`` unless ``features`` is a floating-point (rows, d) tensor, and
+    :class:`NonFiniteError` if it holds NaN or Inf.
+
+    Args:
+        features: the tensor to check.
+        d: expected feature dimension.
+        rows: the name of the first dimension in the message (``"B"`` a batch, ``"N"`` a
+            dataset).
+        values: run the NaN/Inf check (a host read); default: unless inside
+            :func:`trusted_inputs`.
+    """
+    if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != d:
+        got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"Expected `features` to have shape ({rows}, d={d}), but got {got}")
+    if not features.is_floating_point():
+        raise ValueError(f"Expected `features` to be floating point, but got {features.dtype}")
+    if values is None:
+        values = value_checks_enabled()
+    if values and not all_finite(features):
+        raise NonFiniteError("Expected `features` to be finite, but got NaN or Inf values")

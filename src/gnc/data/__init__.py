@@ -1,7 +1,7 @@
 """Datasets (a registry loaded by name), long-tail and label-noise perturbations of their
 training splits, and class-stratified, distributed batch sampling."""
 
-from .base import DatasetBundle, DatasetNotFoundError, stratified_subset
+from .base import SPLITS, DatasetBundle, DatasetNotFoundError, check_split, stratified_subset
 from .datasets import DATASETS, load_dataset
 from .perturb import RelabelledDataset, apply_imbalance, apply_label_noise, long_tailed_counts
 from .sampler import (
@@ -14,6 +14,7 @@ from .sampler import (
 
 __all__ = [
     "DATASETS",
+    "SPLITS",
     "DatasetBundle",
     "DatasetNotFoundError",
     "RelabelledDataset",
@@ -22,6 +23,7 @@ __all__ = [
     "apply_imbalance",
     "apply_label_noise",
     "batch_sampler_for",
+    "check_split",
     "load_dataset",
     "long_tailed_counts",
     "make_loader",

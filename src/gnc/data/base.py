@@ -13,6 +13,15 @@ from torch.utils.data import Dataset, TensorDataset
 __all__ = ["DatasetBundle", "DatasetNotFoundError", "stratified_subset"]
 
 
+SPLITS = ("train", "test")
+
+
+def check_split(split: str) -> None:
+    """``ValueError`` unless ``split`` names a split of a :class:`DatasetBundle`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing (and downloading was not asked for)."""
 

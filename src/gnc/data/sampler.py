@@ -22,7 +22,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from .base import DatasetBundle, as_long
+from .base import DatasetBundle, as_long, check_split
 
 logger = logging.getLogger(__name__)
 
@@ -284,8 +284,7 @@ def make_loader(
     Call :func:`set_loader_epoch` before every epoch for a new (deterministic) order.
     """
     if isinstance(data, DatasetBundle):
-        if split not in ("train", "test"):
-            raise ValueError(f"Expected `split` to be 'train' or 'test', but got {split!r}")
+        check_split(split)
         dataset = data.train if split == "train" else data.test
         if dataset is None:
             raise ValueError(f"dataset '{data.name}' has no {split} split")

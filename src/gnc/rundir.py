@@ -1,4 +1,12 @@
-"""Saving, finding and loading the files of a run directory robustly (DESIGN §3).
+"""The run directory: the only code that reads or writes one (DESIGN §3).
+
+A run directory holds ``config.json`` (:func:`write_config` / :func:`read_config`),
+``metrics.jsonl`` (:func:`append_metrics` / :func:`read_metrics`), ``checkpoints/last.pt``
+and ``checkpoints/epoch_XXXX.pt`` (:func:`save_checkpoint`, :func:`kept_checkpoints`,
+:func:`load_latest_checkpoint`), ``cos_margins.npy`` (:func:`save_margins` /
+:func:`read_margins`), ``classifier/epoch_XXXX.pt`` (:func:`save_classifier_record`),
+``evaluate_SPLIT.jsonl`` and, once ``gnc experiment`` has finished the run, ``DONE``
+(:func:`mark_done` / :func:`is_done`).
 
 The promises:
 
@@ -25,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from pathlib import Path
@@ -113,39 +120,6 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(f.fileno())
 
 
-# --------------------------------------------------------------------------- RNG states
-
-
-def rng_state() -> dict:
-    """The states of Python's, NumPy's and torch's (CPU and every CUDA device's) RNGs."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _cpu_bytes(t: Any, name: str) -> torch.Tensor:
-    """``t`` as the CPU ``ByteTensor`` that ``set_rng_state`` accepts."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
-        raise CheckpointError(f"the {name} RNG state is not a uint8 tensor")
-    return t.cpu()
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned, wherever its tensors were loaded.
-
-    CUDA states are restored for the devices present (a run saved on more GPUs than this
-    machine has restores the first ones).
-    """
-    torch.set_rng_state(_cpu_bytes(state["torch"], "torch"))
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(_cpu_bytes(s, "CUDA"), i)
-
-
 # --------------------------------------------------------------------------- reading
 
 
@@ -212,37 +186,179 @@ def load_latest_checkpoint(run_dir: Path, action: str = "resume") -> tuple[dict,
                           f"({'; '.join(errors)})")
 
 
+def kept_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """Epoch → file of every checkpoint a run kept, by epoch: the ``epoch_XXXX.pt`` files and
+    ``last.pt`` (read to learn its epoch; left out when unreadable or when an epoch file has
+    the same epoch)."""
+    paths = checkpoint_paths(Path(run_dir))
+    kept = {int(_EPOCH_FILE.fullmatch(p.name).group(1)): p for p in paths
+            if p.name != "last.pt"}
+    if paths and paths[0].name == "last.pt":
+        try:
+            kept.setdefault(load_checkpoint(paths[0])["epoch"], paths[0])
+        except CheckpointError as err:
+            logger.warning("%s", err)
+    return dict(sorted(kept.items()))
+
+
+def checkpoint_of_epoch(run_dir: str | Path, epoch: int, action: str,
+                        kept: dict[int, Path] | None = None) -> dict:
+    """The checkpoint of ``epoch`` (``epoch_XXXX.pt``, else ``last.pt`` if it is that epoch),
+    among ``kept`` (default: :func:`kept_checkpoints`, which reads ``last.pt``)."""
+    run_dir = Path(run_dir)
+    kept = kept_checkpoints(run_dir) if kept is None else kept
+    if epoch not in kept:
+        have = ", ".join(map(str, kept)) or "none"
+        raise FileNotFoundError(f"cannot {action} {run_dir}: no checkpoint of epoch {epoch} "
+                                f"(kept epochs: {have}; see --checkpoint-every)")
+    try:
+        return load_checkpoint(kept[epoch])
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot {action} {run_dir}: {err}") from None
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run has a ``checkpoints/last.pt`` (something to resume)."""
+    return (Path(run_dir) / "checkpoints" / "last.pt").exists()
+
+
+def save_checkpoint(run_dir: str | Path, ckpt: dict, *, keep: bool = False) -> None:
+    """Write ``ckpt`` as ``checkpoints/last.pt`` and, with ``keep``, as
+    ``checkpoints/epoch_XXXX.pt`` of its epoch, atomically."""
+    folder = Path(run_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save(ckpt, folder / "last.pt")
+    if keep:
+        atomic_save(ckpt, folder / f"epoch_{ckpt['epoch']:04d}.pt")
+
+
 # --------------------------------------------------------------------------- metrics.jsonl
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl``, without torn, non-object or epoch-less lines.
+    """The rows of a ``metrics.jsonl`` (or ``evaluate_SPLIT.jsonl``) in file order, without
+    torn, non-UTF-8, non-object or epoch-less lines.
 
-    A missing file has no rows. Every dropped line is reported by a warning.
+    A missing file has no rows. Every dropped line is reported by a warning naming the file
+    and line. (A resumed run may repeat an epoch: callers that want one row per epoch keep
+    the later one.)
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         return []
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            logger.warning("%s:%d: not JSON (a torn write?), line skipped", path, n)
+            continue
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
             rows.append(row)
         else:
-            logger.warning("%s:%d: dropped a line that is not a metrics row (torn write?)",
-                           path, n)
+            what = "no integer `epoch`" if isinstance(row, dict) else "not a JSON object"
+            logger.warning("%s:%d: %s, line skipped", path, n, what)
     return rows
+
+
+def append_metrics(run_dir: str | Path, row: dict, name: str = "metrics.jsonl") -> None:
+    """Append one row to the run's ``metrics.jsonl`` (or ``name``), fsynced."""
+    append_line(Path(run_dir) / name, json.dumps(row))
 
 
 def trim_metrics(path: Path, epoch: int) -> None:
     """Rewrite ``metrics.jsonl`` with only its readable rows of epochs ``<= epoch``."""
     keep = [row for row in read_metrics(path) if row["epoch"] <= epoch]
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+
+
+# --------------------------------------------------------------------------- config, DONE, margins
+
+
+def write_config(run_dir: str | Path, config: dict) -> None:
+    """Write the run's ``config.json`` (a resolved config as a JSON object), atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
+
+
+def read_config(run_dir: str | Path, action: str = "read") -> dict:
+    """The run's ``config.json`` as a dict.
+
+    Raises ``FileNotFoundError`` when it is missing and ``ValueError`` when it is not a
+    UTF-8 JSON object; both messages start ``cannot {action} RUN:`` and name the file.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot {action} {run_dir}: not a run directory ({path} is "
+                                "missing)")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot {action} {run_dir}: {path} is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"cannot {action} {run_dir}: {path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"cannot {action} {run_dir}: {path} is not a JSON object")
+    return config
+
+
+def mark_done(run_dir: str | Path, how: str = "finished") -> None:
+    """Write ``DONE``: the run is complete (``gnc report`` reports only these)."""
+    atomic_write_text(Path(run_dir) / "DONE", how + "\n")
+
+
+def is_done(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "DONE").exists()
+
+
+def save_margins(run_dir: str | Path, margins: np.ndarray) -> None:
+    """Write ``cos_margins.npy``: every sorted per-sample cosine margin, atomically."""
+    path = Path(run_dir) / "cos_margins.npy"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(margins), allow_pickle=False)
+        _replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_margins(run_dir: str | Path) -> np.ndarray | None:
+    """The sorted margins of ``cos_margins.npy``; None when absent, or (with a warning) when
+    it is not a readable 1-D numeric array."""
+    path = Path(run_dir) / "cos_margins.npy"
+    if not path.exists():
+        return None
+    try:
+        margins = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        logger.warning("%s: unreadable (%s), using the metrics' margin quantiles", path, err)
+        return None
+    if margins.ndim != 1 or not np.issubdtype(margins.dtype, np.number):
+        logger.warning("%s: not a 1-D numeric array, using the metrics' margin quantiles", path)
+        return None
+    return margins
+
+
+def classifier_path(run_dir: str | Path, epoch: int, split: str = "train") -> Path:
+    """``RUN/classifier/epoch_XXXX.pt`` (``epoch_XXXX_test.pt`` for the test split's means)."""
+    suffix = "" if split == "train" else f"_{split}"
+    return Path(run_dir) / "classifier" / f"epoch_{epoch:04d}{suffix}.pt"
+
+
+def save_classifier_record(run_dir: str | Path, record: dict) -> Path:
+    """Write one evaluation's classifier record (tensors and ints; see
+    :func:`gnc.evaluation.save_classifier`) to :func:`classifier_path`; returns the path."""
+    path = classifier_path(run_dir, record["epoch"], record["split"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(record, path)
+    return path
 
 
 # --------------------------------------------------------------------------- run directories
