@@ -65,6 +65,7 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(run, monkeypatch
 def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
     ckpt = {k: {} for k in rundir.CHECKPOINT_KEYS} | {"epoch": 1, "step": 1}
     ckpt["model"] = {"w": torch.ones(3)}
+    ckpt["optimizer"] = {"state": {}, "param_groups": []}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [
         torch.zeros(16, dtype=torch.uint8)]  # a CUDA generator's state: seed and offset
     ckpt["rng"] = runtime.rng_state() | {"cuda": cuda}
@@ -263,7 +264,8 @@ def test_atomic_save_fsyncs_the_temporary_file_before_the_rename(tmp_path, monke
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     atomic_save({"epoch": 1}, tmp_path / "last.pt")
-    tmp = str(tmp_path / "last.pt.tmp")
+    tmp = next(path for what, path in events if what == "replace")
+    assert os.path.basename(tmp).startswith(f".last.pt.{os.getpid()}.") and tmp.endswith(".tmp")
     assert events.index(("fsync", tmp)) < events.index(("replace", tmp))
     assert torch.load(tmp_path / "last.pt", weights_only=False) == {"epoch": 1}
 

@@ -182,14 +182,19 @@ def test_bad_image_files_are_one_clear_error(tmp_path):
     root = _image_folder(tmp_path / "imgs", classes=2, per_class=2)
     bad = root / "train" / "class0" / "broken.png"
     bad.write_bytes(b"not an image")
-    bundle = load_dataset(f"imagefolder:{root}", augment=False)
+    # the headers are checked at load time (any path), the pixels when decoded (device path)
     with pytest.raises(ImageDecodeError, match="broken.png is not a readable image"):
-        device_images(bundle.train, "cpu")
+        load_dataset(f"imagefolder:{root}", augment=False)
+    with pytest.raises(ImageDecodeError, match="broken.png is not a readable image"):
+        decode_files([(str(bad), 0)], cache=False)
     bad.unlink()
     Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(root / "train" / "class1" / "odd.png")
-    bundle = load_dataset(f"imagefolder:{root}", augment=False)
     with pytest.raises(ImageDecodeError, match="odd.png is 8x9 pixels.*image_size"):
-        device_images(bundle.train, "cpu")
+        load_dataset(f"imagefolder:{root}", augment=False)
+    first = root / "train" / "class0" / "0.png"
+    with pytest.raises(ImageDecodeError, match="odd.png is 8x9 pixels.*image_size"):
+        decode_files([(str(first), 0), (str(root / "train" / "class1" / "odd.png"), 1)],
+                     cache=False)
 
 
 def _image_cfg(root, **kw) -> TrainConfig:

@@ -242,3 +242,48 @@ def test_compile_keeps_the_checkpoint_keys_and_the_head_eager():
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert compiled.backbone._compiled_call_impl is not None  # nn.Module.compile, in place
     assert compiled.head._compiled_call_impl is None
+
+
+def test_evaluation_autocasts_the_backbone_and_feeds_float32_features(monkeypatch):
+    """Eval mode keeps the training's autocast for the backbone; the NC statistics get the
+    float32 features (summed in float64), never bf16."""
+    from gnc.metrics import NCStatistics
+
+    x, y = _blobs()
+    torch.manual_seed(0)
+    backbone, d = build_backbone("mlp", in_shape=(6,), num_samples=None, feature_dim=8,
+                                 small_input=None, width=16)
+    model = FeatureClassifier(backbone, make_head("standard", d, 4), tau=5.0,
+                              amp_dtype=torch.bfloat16)
+    inner = [m for m in backbone.modules() if isinstance(m, torch.nn.Linear)]
+    seen = {"backbone": set(), "stats": set()}
+    for m in inner:
+        m.register_forward_hook(lambda m, i, out: seen["backbone"].add(out.dtype))
+    update = NCStatistics.update
+
+    def spy(self, features, labels, logits=None):
+        seen["stats"].add(features.dtype)
+        return update(self, features, labels, logits)
+
+    monkeypatch.setattr(NCStatistics, "update", spy)
+    metrics, _ = evaluate(model, make_loader(TensorDataset(x, y), 64), 4, torch.device("cpu"))
+    assert seen == {"backbone": {torch.bfloat16}, "stats": {torch.float32}}
+    assert 0.0 <= metrics["top1"] <= 100.0
+
+
+def test_non_finite_features_at_evaluation_raise_after_the_passes():
+    # the evaluation defers its value checks (no host read per batch) and raises at the end
+    from gnc.validation import NonFiniteError
+
+    x, y = _blobs()
+    model = _mlp_model("standard")
+    calls = {"n": 0}
+
+    def nan_once(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 2 else output
+
+    model.backbone.register_forward_hook(nan_once)
+    with pytest.raises(NonFiniteError, match="`features` to be finite"):
+        evaluate(model, make_loader(TensorDataset(x, y), 40), 4, torch.device("cpu"))
+    assert calls["n"] == 6  # one pass over the six batches (pass 2 reads the cache)

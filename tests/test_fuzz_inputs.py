@@ -153,3 +153,31 @@ def test_random_flag_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert 0 in outcomes and any(outcomes)
     code, err = run_main(["report", exp, "--machine", "fuzz"], capsys)
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------- typed configs
+
+TYPED_VALUES = [True, False, 0, 3, 1.5, -1.0, math.nan, "x", "", None, [], [1], [1.5],
+                {}, {"subset": 5}, {"1": 2}]
+
+
+def test_every_field_with_every_json_type(tmp_path: Path) -> None:
+    """Each TrainConfig field set to each JSON type (as a config.json may hold it): either a
+    valid config, or a one-line ValueError; values of the wrong type name the field."""
+    import dataclasses
+    import typing
+
+    from gnc.config import TrainConfig, _is_type
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        for value in TYPED_VALUES:
+            try:
+                TrainConfig.from_dict({f.name: value}).validate()
+            except ValueError as err:
+                text = str(err)
+                assert "\n" not in text and text, (f.name, value, text)
+                if not _is_type(hints[f.name], value):
+                    assert text.startswith(f"Expected `{f.name}` to be "), (f.name, value, text)
+            else:
+                assert _is_type(hints[f.name], value), (f.name, value)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from gnc import metrics as metrics_module
 from gnc.metrics import NCStatistics, etf_distances, nc_metrics
+from gnc.validation import trusted_inputs
 
 K, D, N = 4, 6, 50
 TOL = {"rel": 1e-8, "abs": 1e-10}
@@ -132,6 +133,28 @@ def test_streaming_equals_dense(sizes, mode):
     ncc_logits = h @ W.T + b if mode == "pass1" else None
     expected = dense_metrics(h, y, W, b, logits=logits, ncc_logits=ncc_logits)
     assert_metrics_close(stream(data, sizes, mode).compute(W, b), expected)
+
+
+@pytest.mark.parametrize("sizes", SPLITS, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("pending", [metrics_module.PENDING_BYTES, 8 * D * 8],
+                         ids=["one-flush", "flush-every-8-rows"])
+def test_deferred_checks_give_the_same_metrics(monkeypatch, sizes, pending):
+    # inside trusted_inputs (the evaluation loop) nothing is read back per batch: the value
+    # checks are deferred and the per-class second moments added class by class per flush
+    monkeypatch.setattr(metrics_module, "PENDING_BYTES", pending)
+    data = make_data()
+    h, y, W, b, z = (data[k] for k in ("features", "labels", "W", "b", "logits"))
+    with trusted_inputs():
+        stats = stream(data, sizes, "both")
+    got = stats.compute(W, b)
+    expected = dense_metrics(h, y, W, b, logits=z)
+    for key in SCALAR_KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+    torch.testing.assert_close(got["cos_margins"], expected["cos_margins"], rtol=1e-9,
+                               atol=1e-12)
+    # the per-class second moments against the per-class products, one class at a time
+    moments = torch.stack([h[y == c].T @ h[y == c] for c in range(K)])
+    torch.testing.assert_close(stats._global.class_moments, moments, rtol=1e-12, atol=1e-12)
 
 
 def test_nc_metrics_function_and_float32_inputs():

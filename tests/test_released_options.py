@@ -188,7 +188,7 @@ def test_config_validation_of_the_new_fields():
                        (dict(gamma=0.0), "`gamma` to be finite and > 0"),
                        (dict(gamma=float("nan")), "`gamma` to be finite and > 0"),
                        (dict(step_every=0), "`step_every` >= 1"),
-                       (dict(bias="no"), "`bias` to be true or false")):
+                       (dict(bias="no"), "`bias` to be bool, but got \"no\"")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad).validate()
     with pytest.raises(ValueError, match="unknown schedule 'poly'"):

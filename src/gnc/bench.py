@@ -464,7 +464,10 @@ def _epoch_trainer(preset: str, method: str, device: torch.device, epochs: int,
         trainer = Trainer(cfg, tmp, data=data)
         note += f", {len(trainer.train_loader)} steps, data on device: " + (
             "yes" if type(trainer.train_loader).__name__ == "DeviceImageLoader" else "no")
-        yield trainer, note
+        try:
+            yield trainer, note
+        finally:
+            trainer.release_lock()
 
 
 # settings of the implicit head that an epoch record names next to the method

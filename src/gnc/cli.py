@@ -15,9 +15,13 @@ stderr and exit status 2; any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
 import json
+import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -88,6 +92,8 @@ DATASET_FLAGS = [
      "code's; MNIST-like: 3x32x32)"),
 ]
 # short metavars keep most flags on one line of --help
+TRUST_HELP = ("load a checkpoint written by an earlier gnc (a full unpickle, which can run "
+              "code: only for run directories you trust)")
 _METAVARS = {int: "N", float: "X", str: "S"}
 
 
@@ -142,9 +148,14 @@ def _matches(hint: Any, value: Any) -> bool:
     raise TypeError(f"gnc.cli has no flag type for the annotation {hint!r}")
 
 
+_INT_LIST = re.compile(r"\s*-?\d+(\s*,\s*-?\d+)*\s*")  # a list of ints without brackets
+
+
 def _from_json(name: str, hint: Any, text: str) -> Any:
     """The value of the field ``name`` (annotation ``hint``) that the JSON ``text`` is;
     ``ValueError`` for invalid JSON or a value of another type."""
+    if _INT_LIST.fullmatch(text) and _matches(hint, [0]):  # --eval-epochs 10,25,50
+        text = f"[{text}]"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -253,6 +264,8 @@ def train_config_from_args(args: argparse.Namespace):
                            "disagree: give one")
         options[key] = value
     cfg["dataset_options"] = options
+    if args.eval_epochs not in (None, EXPLICIT_NONE) and args.eval_every is None:
+        cfg["eval_every"] = 0  # --eval-epochs alone: evaluate exactly there (and at the last)
     if "batch_size" not in cfg and cfg.get("dataset", "ufm") != "ufm":
         cfg["batch_size"] = DEFAULT_BATCH_SIZE  # the full batch suits UFM, not real data
     return TrainConfig.from_dict(cfg)
@@ -262,7 +275,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from gnc.training import train
 
     cfg = train_config_from_args(args)
-    row = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    if args.trust_checkpoint and not args.resume:
+        raise CLIError("--trust-checkpoint applies to the checkpoint of --resume; without "
+                       "--resume nothing is loaded")
+    row = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                trust_checkpoint=args.trust_checkpoint)
     keys = ("epoch", "train_loss", "top1", "nc1", "nc3", "avg_cos_margin", "test_top1")
     print(json.dumps({k: row[k] for k in keys if k in row}))
 
@@ -276,13 +293,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise CLIError("--out is the metrics file of --all; without --all nothing is written")
     if args.all:
         rows = evaluate_checkpoints(args.run_dir, split=args.split, device=args.device,
-                                    out=args.out, save_classifier=args.save_classifier)
+                                    out=args.out, save_classifier=args.save_classifier,
+                                    trust_checkpoint=args.trust_checkpoint)
         for row in rows:
             row.pop("cos_margins")
             print(json.dumps(row))
         return
     metrics = evaluate_run(args.run_dir, split=args.split, device=args.device,
-                           checkpoint=args.checkpoint, save_classifier=args.save_classifier)
+                           checkpoint=args.checkpoint, save_classifier=args.save_classifier,
+                           trust_checkpoint=args.trust_checkpoint)
     metrics.pop("cos_margins")
     print(json.dumps(metrics, indent=1))
 
@@ -309,7 +328,9 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
     methods = args.methods.split(",") if args.methods else None
     command = "gnc " + " ".join(sys.argv[1:]) if argv_is_cli() else None
     run_experiment(args.preset, args.out, seeds=args.seeds, methods=methods,
-                   overrides=overrides, command=command, report=not args.no_report)
+                   overrides=overrides, command=command, report=not args.no_report,
+                   trust_checkpoint=args.trust_checkpoint, jobs=args.jobs,
+                   jobs_mode=args.jobs_mode)
     if not args.no_report:
         print(f"report: {Path(args.out) / 'report.md'}")
 
@@ -393,6 +414,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(args.device)  # ValueError: one line
+    overrides = _overrides(args.set or [])  # bad --set values: one line before any timing
     if args.repeats < 1:
         raise CLIError(f"Expected --repeats >= 1, but got {args.repeats}")
     epoch = args.epoch or ("cifar10-resnet18" if args.device.startswith("cuda") else "none")
@@ -402,7 +424,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             raise CLIError("--profile profiles the epoch case: give --epoch PRESET")
         for method in methods:
             print(bench.profile_epoch(epoch, method, torch.device(args.device),
-                                      data_dir=args.data_dir, **_overrides(args.set or [])))
+                                      data_dir=args.data_dir, **overrides))
         return
     records = []
     if args.sizes != "none":
@@ -415,7 +437,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         records += bench.bench_steps(cases, device=args.device, repeats=min(args.repeats, 3))
     if epoch != "none":
         records += bench.bench_epochs(epoch, device=args.device, methods=methods,
-                                      data_dir=args.data_dir, **_overrides(args.set or []))
+                                      data_dir=args.data_dir, **overrides)
     if args.json:
         print(json.dumps([r.as_dict() for r in records], indent=1))
         return
@@ -434,11 +456,13 @@ def _cmd_measure(args: argparse.Namespace) -> None:
     if single and len(expand_weights(args.weights or [])) > 1:
         raise CLIError("several checkpoints make several rows: give --out a directory "
                        "(metrics.jsonl), not a .json file")
+    if single and Path(args.out).exists() and not args.overwrite:  # before measuring
+        raise CLIError(f"{args.out} exists; choose another --out or pass --overwrite")
     rows = measure_files(
         args.model, args.weights, dataset=args.dataset, data_dir=args.data_dir,
         split=args.split, batch_size=args.batch_size, device=args.device,
         eval_stats=args.eval_stats, features=args.features, classifier=args.classifier,
-        num_workers=args.num_workers)
+        num_workers=args.num_workers, trust_checkpoint=args.trust_checkpoint)
     if single:  # one checkpoint: one JSON object
         (row, _), = rows
         Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
@@ -477,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="start from this preset (gnc presets lists them)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in OUT (default: refuse)")
     p.set_defaults(func=_cmd_train)
@@ -494,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-classifier", action="store_true",
                    help="also write RUN/classifier/epoch_XXXX.pt (W, b, class means, U; "
                    "epoch_XXXX_test.pt for --split test)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
@@ -512,6 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "ablations: implicit-nograd, standard-unnormalized)")
     p.add_argument("--out", required=True, help="experiment directory")
     p.add_argument("--no-report", action="store_true", help="train only; `gnc report` later")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP + " (the "
+                   "checkpoints of interrupted runs it resumes)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs in flight at once, each in its own process with max(1, cores "
+                   "// N) threads; a failed run does not stop the others (default 1: one "
+                   "after the other in this process)")
+    p.add_argument("--jobs-mode", default="auto", choices=("auto", "processes", "mps"),
+                   help="how --jobs runs share a GPU: plain processes (time-slicing), or "
+                   "the CUDA MPS daemon started as the user (falls back to processes); "
+                   "auto: mps when the runs use CUDA")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="figures and report.md from an experiment directory")
@@ -555,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics.jsonl, cos_margins.npy, DONE (default: JSON lines on stdout)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the measurement already in OUT (default: refuse)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP + " (the "
+                   "run's own checkpoint; --weights files are never unpickled)")
     p.set_defaults(func=_cmd_measure)
 
     p = sub.add_parser("bench", help="timings and memory: the nearest-ETF layer, training steps")
@@ -583,10 +621,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``gnc``: errors are one line on stderr and a non-zero exit."""
-    args = build_parser().parse_args(argv)
+# The modules each command imports (lazily): imported by main under _start_up
+_COMMAND_MODULES = {
+    "_cmd_train": ("gnc.training",), "_cmd_experiment": ("gnc.experiments",),
+    "_cmd_evaluate": ("gnc.evaluation",), "_cmd_measure": ("gnc.measure",),
+    "_cmd_report": ("gnc.report", "gnc.experiments"), "_cmd_bench": ("gnc.bench",),
+}
+
+
+def _interrupted_at_start_up(signum, frame) -> None:
+    os.write(2, b"gnc: interrupted\n")
+    os._exit(130)  # nothing is written yet: no clean-up to run
+
+
+@contextlib.contextmanager
+def _start_up():
+    """While the command line is parsed and the command's modules imported, SIGINT ends the
+    process at once with "gnc: interrupted" and status 130: a ``KeyboardInterrupt`` raised
+    inside an import (torch's, NumPy's) can surface as another error with a traceback.
+    Outside the main thread, or where SIGINT is ignored, nothing changes."""
     try:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN or previous is None:
+            raise ValueError("leave it alone")
+        signal.signal(signal.SIGINT, _interrupted_at_start_up)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``gnc``: errors are one line on stderr and a non-zero exit; Ctrl-C
+    anywhere, the parse and its lazy imports (torch) included, is "gnc: interrupted", 130."""
+    try:
+        with _start_up():  # Ctrl-C while importing: exit at once (an import torn by
+            args = build_parser().parse_args(argv)  # KeyboardInterrupt may become an
+            for module in _COMMAND_MODULES.get(args.func.__name__, ()):  # ImportError)
+                importlib.import_module(module)
         args.func(args)
     except KeyboardInterrupt:
         print("gnc: interrupted", file=sys.stderr)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +32,17 @@ EVAL_STATS = ("precise", "running")
 SAMPLERS = ("stratified", "shuffle")
 UPDATES = ("ema", "cma")
 ROTATIONS = ("canonical", "random")
+# The largest learning rate (AGD: gain) validate accepts: larger ones overflow float32 weights
+# in the first step, so they are refused before the run directory is made.
+MAX_LR = 1e6
 
 # Keys that say where and how a run ran, not what it computes: a run may be resumed, and a
 # finished run reused by `gnc experiment`, with other values of these.
+# `until_epoch` is how far one invocation goes: the run it continues is the same run.
 RUNTIME_KEYS = frozenset({"progress", "device", "data_dir", "num_workers", "download",
-                          "tensorboard"})
+                          "tensorboard", "until_epoch"})
+# Optimisers whose step gnc.step runs without host reads (graph_step).
+GRAPH_STEP_OPTIMIZERS = ("sgd", "adam", "adamw", "agd")
 # Keys that add files to a run directory without changing its metrics.
 OUTPUT_KEYS = frozenset({"save_classifier"})
 # `solve_device="auto"` meant "same" (the solve on the host never paid off, docs/bench.md);
@@ -45,6 +53,36 @@ _LEGACY_VALUES = {("solve_device", "auto"): "same"}
 def uses_implicit_head(method: str) -> bool:
     """Whether ``method`` trains the implicit ETF head (the nearest-ETF options apply)."""
     return issubclass(METHODS[method].head, ImplicitETFHead)
+
+
+def _is_type(hint: Any, value: Any) -> bool:
+    """Whether ``value`` (as JSON or the command line gives it) is of the annotation ``hint``:
+    ``int`` rejects ``bool``; ``float`` takes ``int`` (not ``bool``); ``dict`` needs ``str``
+    keys; ``list[T]`` every item a ``T``; ``T | None`` also ``None``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_type(a, value) for a in args)
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if origin is list:
+        return isinstance(value, list) and all(_is_type(args[0], v) for v in value)
+    raise TypeError(f"gnc.config cannot check the annotation {hint!r}")
+
+
+def _hint_name(hint: Any) -> str:
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "")
 
 
 def _field(default: Any, help: str, *, choices: tuple | None = None,
@@ -103,7 +141,13 @@ class TrainConfig:
                            "others per epoch)", choices=SCHEDULERS)
     milestones: list[int] | None = _field(None, "multistep: epochs of the decays, as JSON, "
                                           "e.g. '[100, 150]'")
-    eval_every: int = _field(1, "evaluate the NC metrics every N epochs (and at the last)")
+    eval_every: int = _field(1, "evaluate the NC metrics every N epochs (and at the last; 0: "
+                             "only at --eval-epochs and the last)")
+    eval_epochs: list[int] | None = _field(None, "also evaluate after exactly these epochs, "
+                                           "e.g. 10,25,50 (`gnc train`/`experiment` without "
+                                           "--eval-every: only there and at the last)")
+    until_epoch: int | None = _field(None, "stop after this epoch, checkpointed, on the "
+                                     "schedule of --epochs; --resume continues the same run")
     eval_test: bool = _field(True, "also evaluate the test split when there is one")
     eval_batch_size: int = _field(1024, "evaluation batch size")
     checkpoint_every: int = _field(0, "keep checkpoints/epoch_XXXX.pt every N epochs "
@@ -129,14 +173,32 @@ class TrainConfig:
                                choices=ETF_POLAR_METHODS)
     graph_head: bool = _field(False, "replay the implicit head's training step from CUDA "
                               "graphs (one process on a GPU; needs polar_method newton_schulz)")
+    graph_step: bool = _field(False, "replay the whole training step (batch, forward, backward, "
+                              "optimiser, heads) from one CUDA graph (one process; on a CPU "
+                              "the capture-ready step runs eagerly); implicit methods need "
+                              "polar_method newton_schulz")
     eval_stats: str = _field("precise", "BN statistics and mu_G at evaluation: precise "
                              "(recomputed over the training split) | running (the paper's)",
                              choices=EVAL_STATS)
     save_classifier: bool = _field(False, "write OUT/classifier/epoch_XXXX.pt (W, b, class "
                                    "means, U) at every evaluation")
 
+    def check_types(self) -> None:
+        """Raise ``ValueError`` for a field whose value is not of its annotation (one line:
+        "Expected `FIELD` to be TYPE, but got VALUE"); see :func:`_is_type`."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _is_type(hints[f.name], value):
+                shown = json.dumps(value) if _jsonable(value) else repr(value)
+                if len(shown) > 60:
+                    shown = shown[:57] + "..."
+                raise ValueError(f"Expected `{f.name}` to be {_hint_name(hints[f.name])}, "
+                                 f"but got {shown}")
+
     def validate(self) -> None:
         """Raise ``ValueError`` for settings no run can use."""
+        self.check_types()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -146,8 +208,16 @@ class TrainConfig:
             raise ValueError(f"Expected `epochs` >= 1, but got {self.epochs}")
         if self.batch_size < 0:
             raise ValueError(f"Expected `batch_size` >= 0 (0 = full batch), got {self.batch_size}")
-        if self.eval_every < 1:
-            raise ValueError(f"Expected `eval_every` >= 1, but got {self.eval_every}")
+        if self.eval_every < 0:
+            raise ValueError(f"Expected `eval_every` >= 0 (0: only --eval-epochs), but got "
+                             f"{self.eval_every}")
+        for e in self.eval_epochs or ():
+            if not (isinstance(e, int) and 1 <= e <= self.epochs):
+                raise ValueError(f"Expected `eval_epochs` to be epochs in [1, {self.epochs}], "
+                                 f"but got {self.eval_epochs}")
+        if self.until_epoch is not None and not 1 <= self.until_epoch <= self.epochs:
+            raise ValueError(f"Expected `until_epoch` in [1, epochs={self.epochs}], but got "
+                             f"{self.until_epoch}")
         from gnc.data.perturb import check_rates  # gnc.data pulls in torchvision: not at import
 
         check_rates(self.imbalance, self.label_noise)
@@ -157,20 +227,37 @@ class TrainConfig:
         if self.graph_head and self.polar_method != "newton_schulz":
             raise ValueError("graph_head needs polar_method newton_schulz (the SVD/eigh "
                              "methods make the host wait for the device)")
+        if self.graph_step:  # gnc.step: what its captured step can hold
+            for bad, why in ((self.graph_head, "graph_head (the step's graph holds the head)"),
+                             (self.optimizer not in GRAPH_STEP_OPTIMIZERS,
+                              f"optimizer {self.optimizer!r}"),
+                             (self.schedule == "onecycle", "the per-step onecycle schedule"),
+                             (self.amp != "none", f"amp {self.amp!r} (autocast's cache)"),
+                             (self.compile, "compile"),
+                             (uses_implicit_head(self.method) and (
+                                 self.polar_method != "newton_schulz" or self.solver != "exact"
+                                 or self.solve_device != "same"),
+                              "an implicit head without solver exact, polar_method "
+                              "newton_schulz and solve_device same (the others sync)")):
+                if bad:
+                    raise ValueError(f"graph_step cannot capture {why}")
         if uses_implicit_head(self.method):  # inapplicable solver options raise here
             resolve_solve(self.solver, self.backward, self.polar_method, self.solve_device)
         for name in ("tau", "lr", "gamma"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Expected `{name}` to be finite and > 0, but got {value}")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"Expected `bias` to be true or false, but got {self.bias!r}")
         if self.step_every is not None and self.step_every < 1:
             raise ValueError(f"Expected `step_every` >= 1 (or None), but got {self.step_every}")
         for name in ("delta", "momentum", "weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Expected `{name}` to be finite and >= 0, but got {value}")
+        if self.momentum >= 1:  # SGD's momentum buffer grows without bound at >= 1
+            raise ValueError(f"Expected `momentum` in [0, 1), but got {self.momentum}")
+        if self.lr > MAX_LR:
+            raise ValueError(f"Expected `lr` <= {MAX_LR:g}, but got {self.lr} (the first "
+                             "step would overflow the weights)")
         minimum = {"eval_batch_size": 1, "checkpoint_every": 0, "num_workers": 0, "width": 1,
                    "seed": 0}
         for name, low in minimum.items():
@@ -197,11 +284,21 @@ class TrainConfig:
             raise ValueError(f"unknown config key(s) {unknown}")
         d = {k: _LEGACY_VALUES.get((k, v), v) if isinstance(v, str) else v
              for k, v in d.items()}
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.check_types()  # a config.json of wrong types is one line, not a crash later
+        return cfg
 
     def to_dict(self) -> dict:
         """The config as ``config.json`` stores it (JSON types only)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def config_differences(saved: dict, cfg: TrainConfig, *, ignore: frozenset | set = frozenset()

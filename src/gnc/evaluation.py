@@ -15,6 +15,7 @@ feed it, so they compute the same numbers the same way.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,14 @@ from gnc.rundir import (
     checkpoint_of_epoch,
     kept_checkpoints,
     load_latest_checkpoint,
+    load_model_state,
     read_config,
     resolve_data_paths,
+    run_lock,
     save_classifier_record,
 )
 from gnc.runtime import all_reduce_mean_, all_reduce_sum_, resolve_device
+from gnc.validation import trusted_inputs
 
 __all__ = ["EVAL_STATS", "etf_distances_of", "evaluate",
            "evaluate_checkpoints", "evaluate_run", "load_run", "nc_two_pass", "quantiles",
@@ -144,26 +148,34 @@ def nc_two_pass(outputs: Callable[[], Outputs], new_stats: Callable[[Tensor], NC
     tensors ``W``, ``b``, ``class_means`` (K×d float64, 0 for a class without samples),
     ``global_mean`` (d) and ``counts`` (K), for :func:`etf_distances_of` and
     :func:`save_classifier`.
+
+    Nothing is read back from the device per batch: both passes (the model included) run
+    inside :func:`gnc.validation.trusted_inputs`, so :class:`~gnc.metrics.NCStatistics`
+    defers its value checks (NaN/Inf features, labels outside [0, K)) to ``compute``, which
+    raises them; the model's own checks (the heads') are skipped. The host reads of one
+    evaluation are those of ``compute`` and the geometry, whatever the number of batches.
     """
     stats: NCStatistics | None = None
     cache: list | None = []
     cached = 0
-    for h, y, logits in outputs():
+    with trusted_inputs():
+        for h, y, logits in outputs():
+            if stats is None:
+                stats = new_stats(h)
+            logits = _as_logits(logits, h.shape[0], stats.K)
+            stats.update(h, y, logits)
+            if cache is not None:
+                cached += sum(t.numel() * t.element_size() for t in (h, y, logits)
+                              if t is not None)
+                if cached <= max_cache_bytes:
+                    cache.append((h, y, logits))
+                else:
+                    cache = None
         if stats is None:
-            stats = new_stats(h)
-        logits = _as_logits(logits, h.shape[0], stats.K)
-        stats.update(h, y, logits)
-        if cache is not None:
-            cached += sum(t.numel() * t.element_size() for t in (h, y, logits) if t is not None)
-            if cached <= max_cache_bytes:
-                cache.append((h, y, logits))
-            else:
-                cache = None
-    if stats is None:
-        raise ValueError("the evaluation loader produced no batches")
-    W, b = classifier()
-    for h, y, logits in cache if cache is not None else outputs():
-        stats.update_margins(h, y, W, b, _as_logits(logits, h.shape[0], stats.K))
+            raise ValueError("the evaluation loader produced no batches")
+        W, b = classifier()
+        for h, y, logits in cache if cache is not None else outputs():
+            stats.update_margins(h, y, W, b, _as_logits(logits, h.shape[0], stats.K))
     metrics = stats.compute(W, b)
     means, mu_G, counts = stats.class_means()
     geometry = {"W": W.cpu().clone(), "b": b.cpu().clone(), "class_means": means.cpu(),
@@ -245,13 +257,18 @@ def bn_layers(model: nn.Module) -> list[_BatchNorm]:
 
 
 def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load",
-             checkpoint: int | None = None) -> tuple[TrainConfig, FeatureClassifier, dict]:
+             checkpoint: int | None = None, trust_checkpoint: bool = False,
+             kept: dict[int, Path] | None = None
+             ) -> tuple[TrainConfig, FeatureClassifier, dict]:
     """The config, the model and facts of a run's newest readable checkpoint.
 
     The checkpoint is ``checkpoints/last.pt``, or when that is unreadable the newest readable
     ``epoch_XXXX.pt`` (with a warning); with ``checkpoint=N`` the one of epoch N (see
     :func:`gnc.rundir.kept_checkpoints`). Errors are one line starting ``cannot {action}
     RUN:``. Returns ``(config, model on the device, {"bundle", "epoch", "device"})``.
+    Checkpoints are read as plain data; ``trust_checkpoint`` lets one of an older gnc be
+    unpickled in full (see :func:`gnc.rundir.load_checkpoint`); ``kept``: the
+    :func:`gnc.rundir.kept_checkpoints` of the run, when known.
 
     Relative data paths (``data_dir`` and the path of ``npz:PATH`` / ``imagefolder:PATH``)
     are read as the run was: kept when they exist from the current directory, else taken
@@ -262,14 +279,21 @@ def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load",
     run_dir = Path(run_dir)
     config = read_config(run_dir, action)
     if checkpoint is None:
-        ckpt, _ = load_latest_checkpoint(run_dir, action)
+        ckpt, path = load_latest_checkpoint(run_dir, action, trust_checkpoint=trust_checkpoint)
     else:
-        ckpt = checkpoint_of_epoch(run_dir, checkpoint, action)
+        if kept is None:
+            kept = kept_checkpoints(run_dir, trust_checkpoint=trust_checkpoint)
+        ckpt = checkpoint_of_epoch(run_dir, checkpoint, action, kept,
+                                   trust_checkpoint=trust_checkpoint)
+        path = kept[checkpoint]
     cfg = TrainConfig.from_dict(resolve_data_paths(config, run_dir, ckpt.get("cwd")))
     dev = resolve_device(device)
     bundle = load_data(cfg, augment=False)
     model = build_model(cfg, bundle).to(dev)
-    model.load_state_dict(ckpt["model"])  # copies the CPU tensors onto the model's device
+    try:  # copies the CPU tensors onto the model's device
+        load_model_state(model, ckpt["model"], path)
+    except ValueError as err:
+        raise type(err)(f"cannot {action} {run_dir}: {err}") from None
     return cfg, model, {"bundle": bundle, "epoch": ckpt["epoch"], "device": dev}
 
 
@@ -296,7 +320,8 @@ def _check_has_split(split: str, cfg: TrainConfig, bundle: DatasetBundle) -> Non
 
 
 def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto", *,
-                 checkpoint: int | None = None, save_classifier: bool = False) -> dict:
+                 checkpoint: int | None = None, save_classifier: bool = False,
+                 trust_checkpoint: bool = False) -> dict:
     """NC metrics of a run's newest readable checkpoint on ``split`` (``gnc evaluate``).
 
     ``checkpoint=N``: the checkpoint of epoch N instead (``--checkpoint N``). Besides the
@@ -305,38 +330,55 @@ def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto"
     evaluation) and ``cos_margins`` (101 quantiles). ``save_classifier`` also writes
     :func:`save_classifier`'s file. The model is evaluated with the statistics its
     checkpoint stores (precise ones when the epoch was evaluated in training with
-    ``eval_stats="precise"``). Checkpoint fallback and data paths as in :func:`load_run`.
+    ``eval_stats="precise"``). Checkpoint fallback, data paths and ``trust_checkpoint`` as
+    in :func:`load_run`.
     """
     check_split(split)  # before any loading
-    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint)
+    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint,
+                                trust_checkpoint=trust_checkpoint)
     _check_has_split(split, cfg, info["bundle"])
     return _evaluate_loaded(Path(run_dir), cfg, model, info, split, save_classifier, None)[0]
 
 
 def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str = "auto", *,
-                         out: str | Path | None = None, save_classifier: bool = False
-                         ) -> list[dict]:
+                         out: str | Path | None = None, save_classifier: bool = False,
+                         trust_checkpoint: bool = False) -> list[dict]:
     """:func:`evaluate_run` of every kept checkpoint, by epoch (``gnc evaluate --all``).
 
     Appends one JSON line per checkpoint to ``out`` (default ``RUN/evaluate_{split}.jsonl``;
     never the training's ``metrics.jsonl``) as it goes, and returns the rows. ``etf_*_moved``
     is measured from the previous checkpoint of the sequence. Data are loaded and the model
-    built once.
+    built once. ``trust_checkpoint`` as in :func:`load_run`. When it writes into the run
+    (``out`` not given, or ``save_classifier``) it holds :func:`gnc.rundir.run_lock` on it for
+    the whole pass; metrics appended elsewhere (one ``write`` per line) need no lock.
     """
     run_dir = Path(run_dir)
     check_split(split)
-    kept = kept_checkpoints(run_dir)
+    into_run = out is None or save_classifier
+    with run_lock(run_dir, create=False) if into_run else contextlib.nullcontext():
+        return _evaluate_checkpoints(run_dir, split, device, out, save_classifier,
+                                     trust_checkpoint)
+
+
+def _evaluate_checkpoints(run_dir: Path, split: str, device: str, out: str | Path | None,
+                          save_classifier: bool, trust_checkpoint: bool) -> list[dict]:
+    kept = kept_checkpoints(run_dir, trust_checkpoint=trust_checkpoint)
     if not kept:
         raise FileNotFoundError(f"cannot evaluate {run_dir}: no checkpoint in "
                                 f"{run_dir / 'checkpoints'}")
-    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=next(iter(kept)))
+    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=next(iter(kept)),
+                                trust_checkpoint=trust_checkpoint, kept=kept)
     _check_has_split(split, cfg, info["bundle"])
     path = Path(out) if out is not None else run_dir / f"evaluate_{split}.jsonl"
     rows, state = [], None
     for epoch in kept:
         if epoch != info["epoch"]:
-            ckpt = checkpoint_of_epoch(run_dir, epoch, "evaluate", kept)
-            model.load_state_dict(ckpt["model"])
+            ckpt = checkpoint_of_epoch(run_dir, epoch, "evaluate", kept,
+                                       trust_checkpoint=trust_checkpoint)
+            try:
+                load_model_state(model, ckpt["model"], kept[epoch])
+            except ValueError as err:
+                raise type(err)(f"cannot evaluate {run_dir}: {err}") from None
             info["epoch"] = epoch
         row, state = _evaluate_loaded(run_dir, cfg, model, info, split, save_classifier, state)
         append_metrics(path.parent, row, path.name)

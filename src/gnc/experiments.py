@@ -7,13 +7,17 @@ paper states are marked "paper"; the rest are our choices and say so.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gnc import training
 from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_implicit_head
 from gnc.heads import PAPER_METHODS, normalizes_features
+from gnc.jobs import JOBS_MODES, in_worker, report_progress, run_many, threads_per_job
 from gnc.rundir import has_checkpoint, is_done, mark_done, read_config
 from gnc.training import RESUMABLE_KEYS, train
 
@@ -286,6 +290,9 @@ def run_experiment(
     overrides: dict | None = None,
     report: bool = True,
     command: str | None = None,
+    trust_checkpoint: bool = False,
+    jobs: int = 1,
+    jobs_mode: str = "auto",
 ) -> list[Path]:
     """Train every method × seed of ``preset`` into ``out`` and write the report.
 
@@ -301,11 +308,23 @@ def run_experiment(
     Everything is checked before any training: the configs, and that every existing run was
     made with the same settings (its ``config.json``; see :data:`RUNTIME_KEYS` for those that
     may differ), so the report never describes runs that were not made.
-    Returns the run directories.
+    Returns the run directories. ``trust_checkpoint``: an interrupted run's checkpoint of an
+    older gnc may be unpickled in full (see :func:`gnc.rundir.load_checkpoint`).
+
+    ``jobs`` > 1: that many runs in flight at once, each in its own worker process with
+    ``max(1, cores // jobs)`` torch threads (:mod:`gnc.jobs`; ``jobs_mode``: ``auto |
+    processes | mps``, how they share a GPU). Each run's results are those of the same run
+    trained alone with that thread count: on the CPU its ``metrics.jsonl`` is bitwise equal
+    (but for the time and memory fields) to the sequential run's after
+    ``torch.set_num_threads(max(1, cores // jobs))`` (the thread count changes the order of
+    float sums). A run that fails does not stop the others; after all have ended, the failed
+    ones (no ``DONE``, no report) are listed in one ``ValueError``, and the same call again
+    retries them. ``jobs=1`` trains the runs one after the other in this process, with its
+    thread count, and stops at the first failure.
 
     Raises:
-        ValueError: unknown preset or method, ``seeds`` < 1, an invalid config, or an
-            existing run made with other settings.
+        ValueError: unknown preset or method, ``seeds`` < 1, ``jobs`` < 1, an invalid config,
+            an existing run made with other settings, or (``jobs`` > 1) failed runs.
     """
     if preset is None:
         preset, overrides = custom_preset(overrides), None
@@ -315,6 +334,11 @@ def run_experiment(
         normalizes_features(m)  # raises on an unknown method before any training
     if seeds is not None and seeds < 1:
         raise ValueError(f"Expected `seeds` >= 1, but got {seeds}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"Expected `jobs` >= 1, but got {jobs}")
+    if jobs_mode not in JOBS_MODES:
+        raise ValueError(f"Expected `jobs_mode` in {', '.join(JOBS_MODES)}, but got "
+                         f"{jobs_mode!r}")
     n_seeds = seeds or preset.seeds
     plan = []
     for method in methods:
@@ -327,14 +351,14 @@ def run_experiment(
             path = run_dir(out, method, seed)
             _check_existing_run(path, cfg)
             plan.append((path, cfg))
-    for path, cfg in plan:
+    if jobs > 1:
+        _run_in_parallel(plan, Path(out), jobs=jobs, jobs_mode=jobs_mode,
+                         trust_checkpoint=trust_checkpoint)
+    for path, cfg in plan if jobs == 1 else ():
         if is_done(path):
             logger.info("%s: finished, skipped", path)
             continue
-        resume = has_checkpoint(path)
-        # a run killed before its first checkpoint has nothing to resume: start it afresh
-        train(cfg, path, resume=resume, overwrite=not resume)
-        mark_done(path)
+        _train_run(path, cfg, trust_checkpoint)
     if report:
         from gnc.report import make_report
 
@@ -343,3 +367,80 @@ def run_experiment(
                     notes=f"Preset notes: {preset.notes}",
                     preset_config=resolved_config(preset))
     return [path for path, _ in plan]
+
+
+def _train_run(path: Path, cfg: TrainConfig, trust_checkpoint: bool) -> None:
+    """Train one run of an experiment (resumed when it has a checkpoint) and mark it DONE;
+    in a worker of :func:`gnc.jobs.run_many`, its epochs feed the parent's bar."""
+    resume = has_checkpoint(path)
+    # a run killed before its first checkpoint has nothing to resume: start it afresh
+    with _epochs_to_parent(cfg) if in_worker() else contextlib.nullcontext():
+        train(cfg, path, resume=resume, overwrite=not resume,
+              trust_checkpoint=trust_checkpoint)
+    mark_done(path)
+
+
+@contextlib.contextmanager
+def _epochs_to_parent(cfg: TrainConfig):
+    """The loop's progress bar replaced, for the block, by one that reports each finished
+    epoch to the parent (:func:`gnc.jobs.report_progress`); ``disable`` is set, so the
+    loop computes no bar text (a host sync per step)."""
+
+    class EpochFeed:
+        disable = True
+
+        def __init__(self, total: int, initial: int, **_) -> None:
+            self.steps = max(1, total // max(cfg.epochs, 1))  # per epoch
+            self.done = initial
+            report_progress(initial // self.steps)  # a resumed run's trained epochs
+
+        def update(self, n: int = 1) -> None:
+            before, self.done = self.done // self.steps, self.done + n
+            report_progress(self.done // self.steps - before)
+
+        def set_postfix(self, **_) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    real = training._progress_bar
+    training._progress_bar = EpochFeed
+    try:
+        yield
+    finally:
+        training._progress_bar = real
+
+
+def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: int,
+                     jobs_mode: str, trust_checkpoint: bool) -> None:
+    """Train the unfinished runs of ``plan``, ``jobs`` at a time (:func:`run_experiment`);
+    raise the failed ones after all have ended."""
+    import torch
+
+    todo = [(path, cfg) for path, cfg in plan if not is_done(path)]
+    for path, _ in plan:
+        if is_done(path):
+            logger.info("%s: finished, skipped", path)
+    names = [path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
+             for path, _ in todo]
+    show = any(cfg.progress for _, cfg in plan)
+    cuda = any(cfg.device.startswith("cuda") or (cfg.device == "auto" and
+                                                 torch.cuda.is_available())
+               for _, cfg in todo)
+    logger.info("%d runs, %d at a time, %d threads each", len(todo), jobs,
+                threads_per_job(jobs))
+    tasks = [(name, _train_run, (path, dataclasses.replace(cfg, progress=False),
+                                 trust_checkpoint))
+             for name, (path, cfg) in zip(names, todo, strict=True)]
+    outcomes = run_many(tasks, jobs=jobs, mode=jobs_mode, cuda=cuda,
+                        progress_total=sum(cfg.epochs for _, cfg in plan) if show else 0,
+                        progress_initial=sum(cfg.epochs for path, cfg in plan
+                                             if is_done(path)),
+                        desc=f"{len(plan)} runs, {jobs} at a time")
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise ValueError(
+            f"{len(failed)} of {len(todo)} runs failed ({', '.join(o.name for o in failed)}; "
+            "the others finished: the same command again retries the failed ones):\n"
+            + "\n".join(f"  {o.name}: {o.error}" for o in failed))

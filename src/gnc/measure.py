@@ -17,6 +17,7 @@ checkpoints into rows of a ``metrics.jsonl`` that ``gnc report`` reads.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import pickle
 import re
@@ -42,7 +43,14 @@ from gnc.evaluation import (
 from gnc.heads import FixedETFHead, ImplicitETFHead, StandardHead
 from gnc.metrics import NCStatistics
 from gnc.models.classifier import FeatureClassifier
-from gnc.rundir import append_metrics, mark_done, save_margins, write_config
+from gnc.rundir import (
+    append_metrics,
+    mark_done,
+    run_lock,
+    save_margins,
+    state_dict_mismatch,
+    write_config,
+)
 from gnc.runtime import resolve_device
 
 __all__ = [
@@ -418,19 +426,6 @@ def _strip_wrappers(state: dict[str, Tensor], expected: Iterable[str]) -> dict[s
     return state
 
 
-def _first_mismatch(model_state: dict[str, Tensor], state: dict[str, Tensor]) -> str | None:
-    for key, value in model_state.items():
-        if key not in state:
-            return f"key {key!r} of the model is missing from the file"
-        if tuple(state[key].shape) != tuple(value.shape):
-            return (f"key {key!r} has shape {tuple(state[key].shape)} in the file but "
-                    f"{tuple(value.shape)} in the model")
-    for key in state:
-        if key not in model_state:
-            return f"the file has key {key!r}, which the model does not"
-    return None
-
-
 @dataclass
 class Checkpoint:
     """A weights file and the epoch it belongs to."""
@@ -439,31 +434,31 @@ class Checkpoint:
     epoch: int
 
 
-def _read(path: Path, trusted: bool) -> Any:
+def _read(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, whoever wrote the file: a weights file is never
+    unpickled in full (gnc's own checkpoints are plain data)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if not trusted:
-            raise WeightsError(
-                f"cannot read {path} as weights only (it holds other Python objects: "
-                f"{str(err).strip().splitlines()[0][:120]}); save the model's state_dict()"
-            ) from None
-    except (OSError, RuntimeError, EOFError) as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"it refers to {found.group(1)}" if found else "it holds other Python objects"
+        raise WeightsError(
+            f"cannot read {path} as weights only ({what}); it was not unpickled: save the "
+            "model's state_dict()") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise WeightsError(f"cannot read weights {path}: "
                            f"{(str(err).strip() or type(err).__name__).splitlines()[0]}") from None
-    # a checkpoint of a gnc run (RNG states hold NumPy arrays): loaded as gnc itself does
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_weights(model: nn.Module, path: str | Path, *, trusted: bool = False,
-                 name: str | None = None) -> int | None:
+def load_weights(model: nn.Module, path: str | Path, *, name: str | None = None
+                 ) -> int | None:
     """Load the weights file ``path`` into ``model`` (strictly) and return its epoch, if the
     file says (an integer ``epoch`` entry), else None.
 
     The file is a state dict, or a dict holding one under ``model`` / ``state_dict`` /
     ``model_state_dict`` (a ``module.`` or ``_orig_mod.`` prefix on every key is dropped). It
-    is read with ``torch.load(weights_only=True)``; ``trusted=True`` (a gnc run's own
-    checkpoints, whose RNG states are NumPy objects) falls back to a full unpickle.
+    is read with ``torch.load(weights_only=True)`` and never unpickled in full, whatever the
+    model (a gnc checkpoint is plain data and reads fine).
 
     Raises:
         WeightsError: one line: the file cannot be read, holds no state dict, or does not fit
@@ -472,14 +467,14 @@ def load_weights(model: nn.Module, path: str | Path, *, trusted: bool = False,
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    obj = _read(path, trusted)
+    obj = _read(path)
     state = _state_dict_of(obj)
     if state is None:
         raise WeightsError(f"{path} holds no state dict (a {type(obj).__name__} without "
                            "`model` or `state_dict`)")
     model_state = model.state_dict()
     state = _strip_wrappers(state, model_state)
-    problem = _first_mismatch(model_state, state)
+    problem = state_dict_mismatch(model_state, state)
     if problem:
         raise WeightsError(f"weights {path} do not fit {name or type(model).__name__}: "
                            f"{problem}")
@@ -526,7 +521,6 @@ class MeasuredModel:
     model: nn.Module
     bundle: Any = None  # a run's dataset (un-augmented), when the model is a gnc run's
     checkpoint_epoch: int | None = None  # the run's newest checkpoint, when loaded
-    trusted: bool = False  # weights files may be full pickles (a gnc run's checkpoints)
 
 
 def torchvision_model(name: str, num_classes: int) -> nn.Module:
@@ -542,23 +536,25 @@ def torchvision_model(name: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
-def model_from_spec(spec: str, *, num_classes: int | None, device: str = "auto"
-                    ) -> MeasuredModel:
+def model_from_spec(spec: str, *, num_classes: int | None, device: str = "auto",
+                    trust_checkpoint: bool = False) -> MeasuredModel:
     """``torchvision:NAME`` (needs ``num_classes``) or ``run:RUN_DIR`` (a gnc run, built from
-    its ``config.json`` and newest checkpoint by :func:`gnc.evaluation.load_run`)."""
+    its ``config.json`` and newest checkpoint by :func:`gnc.evaluation.load_run`;
+    ``trust_checkpoint`` lets a checkpoint of an older gnc be unpickled in full)."""
     kind, _, rest = spec.partition(":")
     if kind == "torchvision" and rest:
         if num_classes is None:
             raise ValueError("torchvision models need the number of classes (from --dataset)")
         return MeasuredModel(torchvision_model(rest, num_classes))
     if kind == "run" and rest:
-        _, model, info = load_run(rest, device, action="measure")
-        return MeasuredModel(model, info["bundle"], info["epoch"], trusted=True)
+        _, model, info = load_run(rest, device, action="measure",
+                                  trust_checkpoint=trust_checkpoint)
+        return MeasuredModel(model, info["bundle"], info["epoch"])
     raise ValueError(f"Expected --model to be torchvision:NAME or run:RUN_DIR, but got {spec!r}")
 
 
 def measure_checkpoints(model: nn.Module, loader: Iterable, weights: list[Path], *,
-                        trusted: bool = False, name: str | None = None,
+                        name: str | None = None,
                         **measure_kwargs: Any) -> Iterator[tuple[Checkpoint, dict]]:
     """:func:`measure` of ``model`` with each weights file in turn, in epoch order.
 
@@ -570,7 +566,7 @@ def measure_checkpoints(model: nn.Module, loader: Iterable, weights: list[Path],
     """
     checkpoints = []
     for i, path in enumerate(weights):
-        epoch = load_weights(model, path, trusted=trusted, name=name)
+        epoch = load_weights(model, path, name=name)
         if epoch is None:
             epoch = epoch_from_name(path)
         checkpoints.append(Checkpoint(Path(path), i if epoch is None else epoch))
@@ -582,7 +578,7 @@ def measure_checkpoints(model: nn.Module, loader: Iterable, weights: list[Path],
     state: dict | None = None
     for ckpt in checkpoints:
         if len(checkpoints) > 1:  # the single file is loaded already
-            load_weights(model, ckpt.path, trusted=trusted, name=name)
+            load_weights(model, ckpt.path, name=name)
         metrics, geometry = measure_geometry(model, loader, **measure_kwargs)
         distances, state = etf_distances_of(geometry, state)
         yield ckpt, metrics | distances
@@ -599,7 +595,8 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
                   dataset: str | None = None, data_dir: str = "data", split: str = "train",
                   batch_size: int = 256, device: str = "auto", eval_stats: str = "running",
                   features: str | None = None, classifier: str | None = None,
-                  num_workers: int = 0) -> Iterator[tuple[dict, Tensor]]:
+                  num_workers: int = 0, trust_checkpoint: bool = False
+                  ) -> Iterator[tuple[dict, Tensor]]:
     """``gnc measure``: the rows of each checkpoint, in epoch order, and its sorted margins.
 
     Args:
@@ -613,6 +610,8 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
         split: ``train`` or ``test``.
         batch_size, num_workers: of the (unshuffled) loader.
         device, eval_stats, features, classifier: as :func:`measure`.
+        trust_checkpoint: a ``run:RUN_DIR`` whose newest checkpoint is of an older gnc may
+            be unpickled in full (``--trust-checkpoint``); files of ``weights`` never are.
 
     Yields ``(row, sorted cos margins)``; a row is ``epoch``, ``split``, ``checkpoint`` and
     every metric of :func:`measure_checkpoints` except ``cos_margins``, which it holds as
@@ -633,15 +632,14 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
                          "files only, never downloaded)")
     dev = resolve_device(device)
     measured = model_from_spec(model_spec, num_classes=bundle.num_classes if bundle else None,
-                               device=str(dev))
+                               device=str(dev), trust_checkpoint=trust_checkpoint)
     bundle = bundle or measured.bundle
     model = measured.model.to(dev)
     loader = make_loader(bundle, batch_size, split=split, num_workers=num_workers)
     kwargs = {"features": features, "classifier": classifier, "device": dev,
               "eval_stats": eval_stats}
     if paths:
-        results = measure_checkpoints(model, loader, paths, trusted=measured.trusted,
-                                      name=model_spec, **kwargs)
+        results = measure_checkpoints(model, loader, paths, name=model_spec, **kwargs)
     else:  # a run's newest checkpoint, loaded by model_from_spec
         metrics, geometry = measure_geometry(model, loader, **kwargs)
         last = Checkpoint(Path(model_spec[len("run:"):]) / "checkpoints",
@@ -668,21 +666,38 @@ def write_measure_dir(out: str | Path, rows: Iterable[tuple[dict, Tensor]], conf
     """Write the rows as a run directory ``gnc report`` reads (at ``EXP/<name>/seed<k>/``):
     ``config.json``, ``metrics.jsonl`` (one :func:`report_row` per checkpoint, appended as
     each is measured), ``cos_margins.npy`` (the last checkpoint's sorted margins) and
-    ``DONE``. Refuses a directory that holds a ``metrics.jsonl`` (a training run's, or an
-    earlier measurement) unless ``overwrite``. Returns the directory."""
+    ``DONE``. Refuses a directory that holds any of these (a training run's, an earlier
+    measurement, a file of yours) unless ``overwrite``; only the ``config.json`` of an
+    unfinished measurement alone is replaced. Holds :func:`gnc.rundir.run_lock` on the
+    directory while writing. Returns the directory."""
     out = Path(out)
-    if (out / "metrics.jsonl").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'metrics.jsonl'} exists (a run's or an earlier "
-                              "measurement); choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "DONE"):
-        (out / name).unlink(missing_ok=True)
-    write_config(out, config)
-    last = None
-    for row, margins in rows:
-        append_metrics(out, report_row(row))
-        last = margins
-    if last is not None:
-        save_margins(out, last.numpy())
-    mark_done(out, "measured")
+    with run_lock(out):
+        held = [name for name in MEASURE_FILES if (out / name).exists()]
+        if held == ["config.json"] and _is_measure_config(out / "config.json"):
+            held = []  # an interrupted measurement's own config.json
+        if held and not overwrite:
+            raise FileExistsError(f"{out / held[0]} exists (a run's, an earlier measurement "
+                                  "or yours); choose another --out or pass --overwrite")
+        for name in ("metrics.jsonl", "DONE"):
+            (out / name).unlink(missing_ok=True)
+        write_config(out, config)
+        last = None
+        for row, margins in rows:
+            append_metrics(out, report_row(row))
+            last = margins
+        if last is not None:
+            save_margins(out, last.numpy())
+        mark_done(out, "measured")
     return out
+
+
+MEASURE_FILES = ("metrics.jsonl", "config.json", "DONE", "cos_margins.npy")
+
+
+def _is_measure_config(path: Path) -> bool:
+    """Whether ``path`` is the ``config.json`` :func:`write_measure_dir` writes."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "measure" in config and config.get("method") == "measured"

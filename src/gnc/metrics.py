@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 
 from gnc.runtime import all_gather_cat, all_reduce_sum
-from gnc.validation import NonFiniteError, all_finite, check_features
+from gnc.validation import NonFiniteError, all_finite, check_features, value_checks_enabled
 
-__all__ = ["CLASS_MOMENTS_BYTES", "NCStatistics", "etf_distances", "nc_metrics"]
+__all__ = ["CLASS_MOMENTS_BYTES", "PENDING_BYTES", "NCStatistics", "etf_distances", "nc_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ _F64 = torch.float64
 # Largest K·d²·8 bytes of per-class second moments NCStatistics keeps for the numerical rank
 # (K = 100, d = 512 is 0.2 GiB; K = 1000, d = 512 is 2 GiB and gets NaN instead).
 CLASS_MOMENTS_BYTES = 2**30
+# Features NCStatistics holds back (in their own dtype) before adding them to the per-class
+# second moments, sorted by class: one host read per flush instead of one per batch.
+PENDING_BYTES = 2**28
 _warned_rank_budget: set[tuple[int, int]] = set()  # (K, d) already warned about, once each
 
 
@@ -69,50 +72,58 @@ _warned_rank_budget: set[tuple[int, int]] = set()  # (K, d) already warned about
 # --------------------------------------------------------------------------- validation
 
 
+# The messages of the value checks, also raised by compute() for the deferred checks
+_DEFERRED = ("features", "logits", "classifier", "labels", "labels_pass2")
+_NONFINITE = {"features": "Expected `features` to be finite, but got NaN or Inf values",
+              "logits": "Expected `logits` to be finite, but got NaN or Inf values",
+              "classifier": "Expected `W` and `b` to be finite, but got NaN or Inf values"}
+
+
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check_labels(labels: Tensor, n: int, K: int) -> None:
+def _check_labels(labels: Tensor, n: int, K: int, values: bool = True) -> None:
     if not isinstance(labels, Tensor) or _shape(labels) != (n,):
         got = _shape(labels) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"Expected `labels` to have shape (N={n},), but got {got}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"Expected `labels` to be an integer tensor, but got {labels.dtype}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= K):
+    if values and n and (int(labels.min()) < 0 or int(labels.max()) >= K):
         raise ValueError(
             f"Expected `labels` to be in [0, K={K}), but got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
 
 
-def _check_logits(logits: Tensor, n: int, K: int) -> None:
+def _check_logits(logits: Tensor, n: int, K: int, values: bool = True) -> None:
     if not isinstance(logits, Tensor) or _shape(logits) != (n, K):
         got = _shape(logits) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"Expected `logits` to have shape (N={n}, K={K}), but got {got}")
-    if not all_finite(logits):
-        raise NonFiniteError("Expected `logits` to be finite, but got NaN or Inf values")
+    if values and not all_finite(logits):
+        raise NonFiniteError(_NONFINITE["logits"])
 
 
-def _check_classifier(W: Tensor, b: Tensor, K: int, d: int) -> None:
+def _check_classifier(W: Tensor, b: Tensor, K: int, d: int, values: bool = True) -> None:
     if not isinstance(W, Tensor) or _shape(W) != (K, d):
         got = _shape(W) if isinstance(W, Tensor) else type(W).__name__
         raise ValueError(f"Expected `W` to have shape (K={K}, d={d}), but got {got}")
     if not isinstance(b, Tensor) or _shape(b) != (K,):
         got = _shape(b) if isinstance(b, Tensor) else type(b).__name__
         raise ValueError(f"Expected `b` to have shape (K={K},), but got {got}")
-    if not (all_finite(W) and all_finite(b)):
-        raise NonFiniteError("Expected `W` and `b` to be finite, but got NaN or Inf values")
+    if values and not (all_finite(W) and all_finite(b)):
+        raise NonFiniteError(_NONFINITE["classifier"])
 
 
 # --------------------------------------------------------------------------- formulas
 
 
-def _topk_hits(logits: Tensor, labels: Tensor) -> tuple[int, int]:
-    """Number of samples whose label is the top-1 / among the top-min(5, K) logits."""
+def _topk_hits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Numbers of samples whose label is the top-1 / among the top-min(5, K) logits, as a
+    (2,) int64 tensor on the logits' device (nothing read back)."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, k)
     hits = top == labels[:, None]
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
 def _etf_distance(G: Tensor) -> float:
@@ -366,8 +377,20 @@ class NCStatistics:
         - W: (K, d), b: (K,)
 
     Memory is O(d² + dK) plus one float64 per sample for the cosine margins, and K·d²
-    float64 for the per-class second moments when they fit the budget. Invalid inputs
-    raise ``ValueError`` before any state changes.
+    float64 for the per-class second moments when they fit the budget (then also up to
+    :data:`PENDING_BYTES` of features held back until they are added class by class).
+    Invalid inputs raise ``ValueError`` before any state changes.
+
+    Host reads: :meth:`update` and :meth:`update_margins` read nothing back from the device
+    inside :func:`gnc.validation.trusted_inputs` (on a GPU every read waits for the queued
+    work), apart from one read of the class sizes per :data:`PENDING_BYTES` of features (the
+    per-class second moments, see ``_flush``); the evaluation loop
+    (:func:`gnc.evaluation.nc_two_pass`) runs them so. There the value checks (NaN/Inf in
+    the features, logits or classifier, labels outside [0, K)) are *deferred*: counted on the
+    device, with the labels clamped into [0, K) meanwhile, and raised by :meth:`compute` (same
+    exception types and messages; the statistics are then spoilt: :meth:`reset`). Outside
+    that context they are checked on each call, as above. :meth:`compute` reads its results
+    back once per evaluation.
     """
 
     def __init__(self, K: int, d: int, device: torch.device | str | None = None, *,
@@ -405,9 +428,16 @@ class NCStatistics:
             if self.keeps_class_moments else None,
         )
         self._global: _Pass1 | None = None  # pass 1 of all ranks, set by sync()
+        self._means_: tuple[Tensor, Tensor] | None = None  # μ_c, μ_G once known
         self._margins: list[Tensor] = []  # per-sample cosine margins, one tensor per batch
         # NCC mismatches, top-1 hits, top-5 hits, samples seen in pass 2
         self._pass2 = torch.zeros(4, dtype=torch.long, device=dev)
+        # batches (features, labels) not yet in the per-class second moments (see _flush)
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending_bytes = 0
+        # the deferred value checks (inside trusted_inputs): sums of the features / logits /
+        # classifiers (non-finite iff one value is), labels outside [0, K); read in compute()
+        self._invalid = torch.zeros(len(_DEFERRED), dtype=_F64, device=dev)
 
     # ----------------------------------------------------------------------- pass 1
 
@@ -419,26 +449,79 @@ class NCStatistics:
             ValueError: on invalid inputs (the state is then unchanged).
             RuntimeError: if pass 2 has started (call :meth:`reset` first).
         """
-        check_features(features, self.d, rows="N", values=True)
+        checks = value_checks_enabled()
+        check_features(features, self.d, rows="N", values=checks)
         n = features.shape[0]
-        _check_labels(labels, n, self.K)
+        _check_labels(labels, n, self.K, values=checks)
         if logits is not None:
-            _check_logits(logits, n, self.K)
+            _check_logits(logits, n, self.K, values=checks)
         if self._global is not None:
             raise RuntimeError("update() called after pass 2 started; call reset() first")
         h = features.to(self.device, _F64)
         y = labels.to(self.device, torch.long)
+        if logits is not None:
+            logits = logits.to(self.device)
+        if not checks:
+            y = self._defer_checks(h, y, logits)
         p = self._pass1
         p.sums.index_add_(0, y, h)
-        p.counts += torch.bincount(y, minlength=self.K)
+        p.counts.index_add_(0, y, torch.ones_like(y))  # not bincount: it reads max(y) back
         p.second_moment.addmm_(h.T, h)
         if p.class_moments is not None:
-            for c in y.unique().tolist():  # one d×d product per class in the batch
-                hc = h[y == c]
-                p.class_moments[c].addmm_(hc.T, hc)
+            # kept back, in their own dtype, and added class by class in _flush
+            own = features.detach().to(self.device, copy=True)  # the caller may reuse it
+            self._pending.append((own, y.clone() if y is labels else y))
+            self._pending_bytes += own.numel() * own.element_size()
+            if self._pending_bytes >= PENDING_BYTES:
+                self._flush()
         if logits is not None:
-            top1, top5 = _topk_hits(logits.to(self.device), y)
-            p.hits += torch.tensor([top1, top5, n], device=self.device)
+            p.hits[:2] += _topk_hits(logits, y)
+            p.hits[2] += n
+
+    def _defer_checks(self, h: Tensor, y: Tensor, logits: Tensor | None = None,
+                      W: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+        """The value checks without reading anything back: add up, on the device, the sums
+        of the float64 features, the logits and the classifier (NaN/Inf in, NaN/Inf out:
+        finite values do not overflow a float64 sum before their second moments overflow)
+        and the number of labels outside [0, K), for :meth:`compute` to raise; return the
+        labels clamped into [0, K) so that no kernel indexes out of bounds meanwhile."""
+        clamped = y.clamp(0, self.K - 1)
+        zero = h.new_zeros(())
+        parts = {
+            "features": h.sum(),
+            "logits": zero if logits is None else logits.sum(dtype=_F64),
+            "classifier": zero if W is None else W.sum() + b.sum(),
+            "labels": (clamped != y).sum(dtype=_F64),
+            "labels_pass2": zero,  # pass 2 usually sees the same samples: count them apart
+        }
+        if W is not None:  # pass 2
+            parts["labels"], parts["labels_pass2"] = zero, parts["labels"]
+        self._invalid += torch.stack([parts[k] for k in _DEFERRED])
+        return clamped
+
+    def _flush(self) -> None:
+        """Add the pending batches to the per-class second moments: sorted by class, one
+        d×d product per class present (one host read for the class sizes per flush).
+
+        Cheaper than the alternatives without a host read: a masked product per class costs
+        K× the flops (N·K·d² instead of N·d²), a scatter of per-sample outer products moves
+        N·d² floats. The pending features take at most :data:`PENDING_BYTES` (about twice
+        that while sorted).
+        """
+        if not self._pending:
+            return
+        h = torch.cat([t for t, _ in self._pending])
+        y = torch.cat([t for _, t in self._pending])
+        self._pending, self._pending_bytes = [], 0
+        order = torch.argsort(y, stable=True)
+        sizes = torch.zeros(self.K, dtype=torch.long, device=y.device)
+        sizes = sizes.index_add_(0, y, torch.ones_like(y)).tolist()  # the host read
+        moments = self._pass1.class_moments
+        assert moments is not None
+        for c, part in enumerate(h.index_select(0, order).split(sizes)):
+            if part.shape[0]:
+                part = part.to(_F64)
+                moments[c].addmm_(part.T, part)
 
     def sync(self) -> None:
         """End pass 1: sum its statistics over all ranks and fix μ_c, μ_G for pass 2.
@@ -448,17 +531,20 @@ class NCStatistics:
         Idempotent.
         """
         if self._global is None:
+            self._flush()
             self._global = self._pass1.reduced()
 
     def _means(self) -> tuple[Tensor, Tensor]:
         """Global class means μ_c (K, d; 0 for empty classes) and global mean μ_G (d,)."""
         assert self._global is not None
-        sums, counts = self._global.sums, self._global.counts
-        n = int(counts.sum())
-        if n == 0:
-            raise ValueError("No samples in pass 1: call update(...) before pass 2 / compute")
-        means = sums / counts.clamp_min(1)[:, None].to(_F64)
-        return means, sums.sum(dim=0) / n
+        if self._means_ is None:  # once: pass 1 is over
+            sums, counts = self._global.sums, self._global.counts
+            n = int(counts.sum())
+            if n == 0:
+                raise ValueError("No samples in pass 1: call update(...) before pass 2 / compute")
+            means = sums / counts.clamp_min(1)[:, None].to(_F64)
+            self._means_ = means, sums.sum(dim=0) / n
+        return self._means_
 
     # ----------------------------------------------------------------------- pass 2
 
@@ -480,23 +566,28 @@ class NCStatistics:
             ValueError: on invalid inputs (the state is then unchanged) or if pass 1 saw no
                 samples.
         """
-        check_features(features, self.d, rows="N", values=True)
+        checks = value_checks_enabled()
+        check_features(features, self.d, rows="N", values=checks)
         n = features.shape[0]
-        _check_labels(labels, n, self.K)
-        _check_classifier(W, b, self.K, self.d)
+        _check_labels(labels, n, self.K, values=checks)
+        _check_classifier(W, b, self.K, self.d, values=checks)
         if logits is not None:
-            _check_logits(logits, n, self.K)
+            _check_logits(logits, n, self.K, values=checks)
         self.sync()
         means, mu_G = self._means()
         h = features.to(self.device, _F64)
         y = labels.to(self.device, torch.long)
         W, b = W.to(self.device, _F64), b.to(self.device, _F64)
-        logits = h @ W.T + b if logits is None else logits.to(self.device)
+        if logits is not None:
+            logits = logits.to(self.device)
+        if not checks:
+            y = self._defer_checks(h, y, logits, W, b)
+        logits = h @ W.T + b if logits is None else logits
         ncc = _ncc_predictions(h, means, self._global.counts > 0)
-        mismatch = int((logits.argmax(dim=1) != ncc).sum())
-        top1, top5 = _topk_hits(logits, y)
+        mismatch = (logits.argmax(dim=1) != ncc).sum()
         self._margins.append(_cos_margins(h, y, W, mu_G))
-        self._pass2 += torch.tensor([mismatch, top1, top5, n], device=self.device)
+        self._pass2[:3] += torch.cat([mismatch[None], _topk_hits(logits, y)])
+        self._pass2[3] += n
 
     # ----------------------------------------------------------------------- compute
 
@@ -511,8 +602,10 @@ class NCStatistics:
         _check_classifier(W, b, self.K, self.d)
         self.sync()
         pass2 = all_reduce_sum(self._pass2)
+        invalid = all_reduce_sum(self._invalid)
         local = torch.cat(self._margins) if self._margins else torch.zeros(0, dtype=_F64)
         margins = all_gather_cat(local.to(self.device))
+        self._raise_deferred(invalid)
         means, mu_G = self._means()
         self._check_complete(pass2)
         W, b = W.to(self.device, _F64), b.to(self.device, _F64)
@@ -553,6 +646,18 @@ class NCStatistics:
         self.sync()
         means, mu_G = self._means()
         return means, mu_G, self._global.counts.clone()
+
+    def _raise_deferred(self, invalid: Tensor) -> None:
+        """Raise what the deferred value checks (inside ``trusted_inputs``) found, on every
+        rank alike (``invalid`` is summed over the ranks)."""
+        found = dict(zip(_DEFERRED, invalid.tolist(), strict=True))
+        for name in ("features", "logits", "classifier"):
+            if not math.isfinite(found[name]):
+                raise NonFiniteError(_NONFINITE[name])
+        bad = found["labels"] or found["labels_pass2"]
+        if bad:
+            raise ValueError(f"Expected `labels` to be in [0, K={self.K}), but got "
+                             f"{int(bad)} outside it")
 
     def _check_complete(self, pass2: Tensor) -> None:
         assert self._global is not None

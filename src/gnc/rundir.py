@@ -19,41 +19,66 @@ The promises:
   CPU ``ByteTensor`` objects, and ``load_state_dict`` moves model and optimiser tensors to the
   device of the module they are loaded into;
 - a damaged file is one clear line (:class:`CheckpointError`, a ``ValueError`` naming the
-  file and what is wrong); an unreadable ``last.pt`` falls back to the newest readable
+  file and what is wrong: :func:`checkpoint_problem` checks the insides, :func:`foreign_config`
+  that it is this run's); an unusable ``last.pt`` falls back to the newest usable
   ``epoch_XXXX.pt``, with a warning;
+- a full disk or a folder that cannot be written is one line naming the file; temporary
+  files have names of their own, and those of a killed write are removed on resume;
 - a fresh run never destroys an earlier one: :func:`prepare_run_dir` refuses a directory
   that holds results unless asked to overwrite it.
 
-Checkpoints are pickles (they hold NumPy's RNG state), so only load run directories you
-trust.
+Checkpoints hold plain data only (tensors, numbers, strings, lists and dicts: the RNG states
+too, see :func:`gnc.runtime.rng_state`) and are read with ``torch.load(weights_only=True)``,
+which never runs code from the file. A checkpoint of an older gnc (NumPy's RNG state as a
+pickled object) loads only with ``trust_checkpoint=True`` (``--trust-checkpoint``), by a full
+unpickle, with a warning; without it, it is a :class:`CheckpointError` that says so.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import pickle
 import re
+import secrets
 import shutil
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
+from gnc.config import OUTPUT_KEYS, RUNTIME_KEYS, TrainConfig, config_differences
+from gnc.runtime import check_rng_state
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = frozenset(
     {"config", "epoch", "step", "model", "optimizer", "scheduler", "scaler", "rng"}
 )
+LOCK_FILE = ".lock"  # run_lock's file: its holder's PID; never a result, never removed
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "cos_margins.npy", "DONE", "checkpoints", "tb",
-               "classifier", "evaluate_train.jsonl", "evaluate_test.jsonl")
+               "classifier", "evaluate_train.jsonl", "evaluate_test.jsonl", LOCK_FILE)
 DATA_PREFIXES = ("npz:", "imagefolder:")  # dataset names that carry a path
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
+# Keys in which a checkpoint's config may differ from its run's config.json: where and how
+# the run ran, what it wrote besides its results, its length (a resume may extend it).
+RUN_IDENTITY_IGNORED = RUNTIME_KEYS | OUTPUT_KEYS | {"epochs"}
+TRUST_HINT = "pass --trust-checkpoint if you trust this run directory"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class RunLockedError(ValueError):
+    """The run directory is held by another gnc process (:func:`run_lock`)."""
 
 
 # --------------------------------------------------------------------------- writing
@@ -85,68 +110,222 @@ def _replace(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def temporary_path(path: Path) -> Path:
+    """A fresh temporary name next to ``path``: ``.NAME.<pid>.<random>.tmp`` (two writers
+    never share one; :func:`remove_stale_temporaries` clears those a kill left)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Remove the temporary files of writes that were killed (``.NAME.*.tmp`` and the older
+    ``NAME.tmp``) from the run directory and ``checkpoints/``; returns them."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "classifier"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.glob("*.tmp"):
+            if entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+        for entry in folder.glob(".*.tmp"):
+            if entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    if removed:
+        logger.warning("removed %d temporary file(s) of an interrupted write: %s",
+                       len(removed), ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _write_error(err: BaseException, path: Path) -> BaseException | None:
+    """A one-line error naming ``path`` for a failed write, or None to re-raise ``err``:
+    a full disk (``ENOSPC``, or torch's ``unexpected pos`` from its zip writer) and a
+    folder or file this process may not write."""
+    text = str(err)
+    if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(err, RuntimeError) and ("unexpected pos" in text
+                                               or "No space left" in text)):
+        return OSError(f"no space left on the device writing {path}")
+    if isinstance(err, RuntimeError) and "file write failed" in text:  # torch's zip writer
+        return OSError(f"writing {path} failed (is the disk full?)")
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return OSError(f"read-only file system writing {path}")
+    if isinstance(err, PermissionError):
+        return PermissionError(f"permission denied writing {path} (is {path.parent} "
+                               "writable?)")
+    return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` a temporary file next to ``path``, ``fsync`` it and rename it over
+    ``path``; a failure removes the temporary file and names ``path``."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+        _replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        better = _write_error(err, path)
+        if better is not None:
+            raise better from err
+        raise
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` so that a crash leaves either the old file or the new one.
 
-    Writes ``PATH.tmp`` in the same folder, ``fsync``s it, then renames it over ``path``.
+    Writes ``.NAME.<pid>.<random>.tmp`` in the same folder, ``fsync``s it, then renames it
+    over ``path``. A full disk is ``OSError("no space left on the device writing PATH")``.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    def write(tmp: Path) -> None:
+        open(tmp, "wb").close()  # a folder we may not write: Python's error, not torch's
         torch.save(obj, tmp)
-        _replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    _atomic_write(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with the guarantee of :func:`atomic_save`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        _replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def append_line(path: Path, line: str) -> None:
     """Append ``line`` and a newline in one ``write``, then ``fsync``: a kill tears at most it."""
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        better = _write_error(err, Path(path))
+        if better is not None:
+            raise better from err
+        raise
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def load_checkpoint(path: Path) -> dict:
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _torch_load(path: Path, trust_checkpoint: bool) -> Any:
+    """``torch.load(weights_only=True)``; a file that needs more (a checkpoint of an older
+    gnc) is unpickled in full only with ``trust_checkpoint``, with a warning."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # not torch.save's format: no checkpoint at all
+            raise CheckpointError(f"{path} is truncated or not a checkpoint (not a torch "
+                                  "file)") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f" (it refers to {found.group(1)})" if found else ""
+        if not trust_checkpoint:
+            raise CheckpointError(
+                f"{path} holds Python objects besides plain data{what}, as checkpoints "
+                f"written by earlier gnc versions do; it was not unpickled: {TRUST_HINT}") from None
+    except Exception as err:  # truncated zip, not a torch file ...
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise CheckpointError(f"{path} is truncated or not a checkpoint ({reason})") from err
+    logger.warning("%s: an older checkpoint, unpickled in full (--trust-checkpoint)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise CheckpointError(f"{path} is truncated or not a checkpoint ({reason})") from err
+
+
+def checkpoint_problem(ckpt: dict) -> str | None:
+    """What is wrong inside a loaded checkpoint dict (its epoch, step, RNG states, optimiser,
+    scheduler and scaler states, the types a resume relies on), or None."""
+    epoch, step, config = ckpt["epoch"], ckpt["step"], ckpt["config"]
+    if not isinstance(config, dict):
+        return f"its config is a {type(config).__name__}, not a dict"
+    if not _is_int(epoch) or epoch < 0:
+        return f"its epoch {epoch!r} is not a non-negative integer"
+    epochs = config.get("epochs")
+    if _is_int(epochs) and epoch > epochs:
+        return f"its epoch {epoch} is past the {epochs} epochs of its config"
+    if not _is_int(step) or step < 0:
+        return f"its step {step!r} is not a non-negative integer"
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in model.items()):
+        return "its model is not a state dict (names to tensors)"
+    optimizer = ckpt["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        return "its optimizer state is not a dict of state and param_groups"
+    for key in ("scheduler", "scaler"):
+        if not isinstance(ckpt[key], dict):
+            return f"its {key} state is a {type(ckpt[key]).__name__}, not a dict"
+    rng = check_rng_state(ckpt["rng"])
+    if rng:
+        return rng
+    if not isinstance(ckpt.get("etf_prev", {}), dict):
+        return "its etf_prev is not a dict"
+    if not isinstance(ckpt.get("cwd", ""), str):
+        return "its cwd is not a string"
+    return None
+
+
+def foreign_config(ckpt_config: dict, run_config: dict) -> list[str]:
+    """The result-changing keys in which a checkpoint's config differs from its run's
+    ``config.json`` (``key=checkpoint's (now config.json's)``): non-empty for another run's
+    checkpoint copied in."""
+    try:
+        run = TrainConfig.from_dict(run_config)
+    except (ValueError, TypeError):
+        return []  # a config.json that is no config: its reader reports it
+    try:
+        return config_differences(ckpt_config, run, ignore=RUN_IDENTITY_IGNORED)
+    except (ValueError, TypeError) as err:
+        return [f"its config is not valid ({str(err).splitlines()[0]})"]
+
+
+def load_checkpoint(path: Path, *, trust_checkpoint: bool = False,
+                    run_config: dict | None = None) -> dict:
     """The checkpoint at ``path``, loaded onto the CPU and checked to be one of ours.
 
-    Raises :class:`CheckpointError` (one line naming ``path``) for an empty, truncated or
-    foreign file.
+    Read with ``torch.load(weights_only=True)``: a file that holds other Python objects (a
+    checkpoint of an older gnc, or anything planted) is refused unless ``trust_checkpoint``,
+    which unpickles it in full with a warning. With ``run_config`` (the run's
+    ``config.json``) a checkpoint whose config differs from it in a key that changes results
+    is refused as another run's.
+
+    Raises :class:`CheckpointError` (one line naming ``path``) for an empty, truncated,
+    foreign, damaged or untrusted file.
     """
     path = Path(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, not a torch file, unpickling errors ...
-        reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        raise CheckpointError(f"{path} is truncated or not a checkpoint ({reason})") from err
+    ckpt = _torch_load(path, trust_checkpoint)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a gnc checkpoint (a {type(ckpt).__name__})")
     missing = sorted(CHECKPOINT_KEYS - ckpt.keys())
     if missing:
         raise CheckpointError(f"{path} is not a gnc checkpoint (missing keys {missing})")
-    bad = [k for k, kind in (("epoch", int), ("config", dict), ("model", dict), ("rng", dict))
-           if not isinstance(ckpt[k], kind)]
-    if bad:
-        raise CheckpointError(f"{path} is not a gnc checkpoint (bad {bad})")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}")
+    if run_config is not None:
+        differs = foreign_config(ckpt["config"], run_config)
+        if differs:
+            raise CheckpointError(f"{path} belongs to another run: differs from config.json "
+                                  f"in {', '.join(differs)}")
     return ckpt
+
+
+def _run_config(run_dir: Path) -> dict | None:
+    """The run's ``config.json`` when readable (else None: its reader reports it)."""
+    try:
+        return read_config(run_dir)
+    except (OSError, ValueError):
+        return None
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
@@ -158,12 +337,14 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     return last + epochs
 
 
-def load_latest_checkpoint(run_dir: Path, action: str = "resume") -> tuple[dict, Path]:
-    """The newest readable checkpoint of ``run_dir`` and its path.
+def load_latest_checkpoint(run_dir: Path, action: str = "resume", *,
+                           trust_checkpoint: bool = False) -> tuple[dict, Path]:
+    """The newest usable checkpoint of ``run_dir`` and its path.
 
-    ``last.pt`` first; when it is unreadable, the newest readable ``epoch_XXXX.pt``, with a
+    ``last.pt`` first; when it is unreadable, damaged, untrusted (see
+    :func:`load_checkpoint`) or another run's, the newest usable ``epoch_XXXX.pt``, with a
     warning that names the fallback and its epoch. Raises ``FileNotFoundError`` when the run
-    has no checkpoint and :class:`CheckpointError` when none is readable; both messages start
+    has no checkpoint and :class:`CheckpointError` when none is usable; both messages start
     with ``cannot {action} RUN_DIR:``.
     """
     run_dir = Path(run_dir)
@@ -171,10 +352,12 @@ def load_latest_checkpoint(run_dir: Path, action: str = "resume") -> tuple[dict,
     if not paths:
         raise FileNotFoundError(
             f"cannot {action} {run_dir}: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
+    run_config = _run_config(run_dir)
     errors = []
     for path in paths:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, trust_checkpoint=trust_checkpoint,
+                                   run_config=run_config)
         except CheckpointError as err:
             errors.append(str(err))
             continue
@@ -186,35 +369,73 @@ def load_latest_checkpoint(run_dir: Path, action: str = "resume") -> tuple[dict,
                           f"({'; '.join(errors)})")
 
 
-def kept_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+def kept_checkpoints(run_dir: str | Path, *, trust_checkpoint: bool = False) -> dict[int, Path]:
     """Epoch → file of every checkpoint a run kept, by epoch: the ``epoch_XXXX.pt`` files and
-    ``last.pt`` (read to learn its epoch; left out when unreadable or when an epoch file has
+    ``last.pt`` (read to learn its epoch; left out when unusable or when an epoch file has
     the same epoch)."""
     paths = checkpoint_paths(Path(run_dir))
     kept = {int(_EPOCH_FILE.fullmatch(p.name).group(1)): p for p in paths
             if p.name != "last.pt"}
     if paths and paths[0].name == "last.pt":
         try:
-            kept.setdefault(load_checkpoint(paths[0])["epoch"], paths[0])
+            kept.setdefault(load_checkpoint(paths[0], trust_checkpoint=trust_checkpoint,
+                                            run_config=_run_config(Path(run_dir)))["epoch"],
+                            paths[0])
         except CheckpointError as err:
             logger.warning("%s", err)
     return dict(sorted(kept.items()))
 
 
 def checkpoint_of_epoch(run_dir: str | Path, epoch: int, action: str,
-                        kept: dict[int, Path] | None = None) -> dict:
+                        kept: dict[int, Path] | None = None, *,
+                        trust_checkpoint: bool = False) -> dict:
     """The checkpoint of ``epoch`` (``epoch_XXXX.pt``, else ``last.pt`` if it is that epoch),
     among ``kept`` (default: :func:`kept_checkpoints`, which reads ``last.pt``)."""
     run_dir = Path(run_dir)
-    kept = kept_checkpoints(run_dir) if kept is None else kept
+    if kept is None:
+        kept = kept_checkpoints(run_dir, trust_checkpoint=trust_checkpoint)
     if epoch not in kept:
         have = ", ".join(map(str, kept)) or "none"
         raise FileNotFoundError(f"cannot {action} {run_dir}: no checkpoint of epoch {epoch} "
                                 f"(kept epochs: {have}; see --checkpoint-every)")
     try:
-        return load_checkpoint(kept[epoch])
+        ckpt = load_checkpoint(kept[epoch], trust_checkpoint=trust_checkpoint,
+                               run_config=_run_config(run_dir))
     except CheckpointError as err:
         raise CheckpointError(f"cannot {action} {run_dir}: {err}") from None
+    if ckpt["epoch"] != epoch:
+        raise CheckpointError(f"cannot {action} {run_dir}: {kept[epoch]} holds epoch "
+                              f"{ckpt['epoch']}, not {epoch}")
+    return ckpt
+
+
+def state_dict_mismatch(model_state: dict[str, Tensor], state: dict[str, Tensor]
+                        ) -> str | None:
+    """The first key of ``model_state`` missing from ``state`` or of another shape there,
+    else the first key of ``state`` the model lacks, in words; None when they fit."""
+    for key, value in model_state.items():
+        if key not in state:
+            return f"key {key!r} of the model is missing from the file"
+        if tuple(state[key].shape) != tuple(value.shape):
+            return (f"key {key!r} has shape {tuple(state[key].shape)} in the file but "
+                    f"{tuple(value.shape)} in the model")
+    for key in state:
+        if key not in model_state:
+            return f"the file has key {key!r}, which the model does not"
+    return None
+
+
+def load_model_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """``model.load_state_dict(state)`` (strict); a state that does not fit is one
+    :class:`CheckpointError` naming ``path`` and the first key that differs."""
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{path} does not fit the model: {problem}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path} does not fit the model: "
+                              f"{str(err).strip().splitlines()[0]}") from None
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
@@ -313,20 +534,32 @@ def mark_done(run_dir: str | Path, how: str = "finished") -> None:
 
 
 def is_done(run_dir: str | Path) -> bool:
+    """Whether ``DONE`` exists: the run finished, or stopped where it was asked to
+    (:func:`stopped_after`)."""
     return (Path(run_dir) / "DONE").exists()
+
+
+_STOPPED = re.compile(r"stopped after epoch (\d+)")
+
+
+def stopped_after(run_dir: str | Path) -> int | None:
+    """The epoch of a ``DONE`` written as ``mark_done(run, f"stopped after epoch {E}")`` (a
+    run trained with ``until_epoch``, to be continued); None when the run finished or has no
+    ``DONE``."""
+    path = Path(run_dir) / "DONE"
+    if not path.is_file():
+        return None
+    match = _STOPPED.match(path.read_text(errors="replace"))
+    return int(match.group(1)) if match else None
 
 
 def save_margins(run_dir: str | Path, margins: np.ndarray) -> None:
     """Write ``cos_margins.npy``: every sorted per-sample cosine margin, atomically."""
-    path = Path(run_dir) / "cos_margins.npy"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(margins), allow_pickle=False)
-        _replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    _atomic_write(Path(run_dir) / "cos_margins.npy", write)
 
 
 def read_margins(run_dir: str | Path) -> np.ndarray | None:
@@ -364,24 +597,121 @@ def save_classifier_record(run_dir: str | Path, record: dict) -> Path:
 # --------------------------------------------------------------------------- run directories
 
 
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` (see :func:`run_lock`): :meth:`acquire`,
+    :meth:`release`. Within one process the lock is re-entrant (counted per directory)."""
+
+    _held: dict[Path, list] = {}  # resolved run directory -> [open lock file, count]
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.key: Path | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.key is not None
+
+    def acquire(self, *, create: bool = True) -> RunLock:
+        """Take the lock (``create``: make the directory first; without it a missing
+        directory is not locked: there is nothing to protect); :class:`RunLockedError`
+        naming the holder's PID when another process holds it."""
+        if self.key is not None or (not create and not self.run_dir.is_dir()):
+            return self
+        import fcntl  # POSIX only, like the rest of the run-directory handling
+
+        if create:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        key = self.run_dir.resolve()
+        if key in self._held:
+            self._held[key][1] += 1
+            self.key = key
+            return self
+        path = key / LOCK_FILE
+        try:
+            f = open(path, "a+")  # noqa: SIM115 (held until release: the lock lives with it)
+        except OSError as err:
+            better = _write_error(err, path)
+            if better is not None:
+                raise better from err
+            raise
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read(32).strip() or "unknown"
+            f.close()
+            raise RunLockedError(f"{self.run_dir} is in use by another gnc process (PID {pid}); "
+                                 "wait for it or use another --out") from None
+        except BaseException:
+            f.close()
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._held[key] = [f, 1]
+        self.key = key
+        return self
+
+    def release(self) -> None:
+        """Give the lock back (closing its file releases the ``flock``); idempotent."""
+        key, self.key = self.key, None
+        if key is None or key not in self._held:
+            return
+        self._held[key][1] -= 1
+        if self._held[key][1] <= 0:
+            f, _ = self._held.pop(key)
+            f.close()
+
+
+@contextmanager
+def run_lock(run_dir: str | Path, *, create: bool = True) -> Iterator[RunLock]:
+    """Hold an exclusive lock on ``run_dir`` (``fcntl.flock(LOCK_EX | LOCK_NB)`` on
+    ``RUN/.lock``, which records the holder's PID) for the block: one writer per run
+    directory. A second process gets :class:`RunLockedError` ("RUN is in use by another gnc
+    process (PID N); wait for it or use another --out"). The OS releases the lock when its
+    process dies, however it dies; ``.lock`` itself stays (it is never a result)."""
+    lock = RunLock(run_dir).acquire(create=create)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _is_gnc_config(path: Path) -> bool:
+    """Whether ``path`` is a ``config.json`` gnc wrote: a JSON object of TrainConfig keys
+    with ``method`` and ``seed``."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    names = set(TrainConfig.__dataclass_fields__)
+    return (isinstance(config, dict) and {"method", "seed"} <= config.keys()
+            and set(config) <= names)
+
+
 def holds_results(run_dir: Path) -> bool:
     """Whether a fresh run into ``run_dir`` would destroy something.
 
     Only a missing or empty folder, or one a run left before its first evaluation (a
-    ``config.json``, an empty ``metrics.jsonl``, no ``*.pt`` checkpoint, ``tb/``) holds
-    nothing; any other entry counts as a result.
+    ``config.json``, an empty ``metrics.jsonl``, no ``*.pt`` checkpoint, ``tb/``, ``.lock``)
+    holds nothing; any other entry counts as a result, and so does a ``config.json`` without
+    the ``metrics.jsonl`` or ``checkpoints/`` of a run that is not a gnc config (yours).
     """
     run_dir = Path(run_dir)
     if not run_dir.exists():
         return False
+    started = (run_dir / "metrics.jsonl").is_file() or (run_dir / "checkpoints").is_dir()
     for entry in run_dir.iterdir():
         if entry.name not in RUN_ENTRIES or entry.name in ("DONE", "cos_margins.npy"):
             return True
-        if entry.name == "metrics.jsonl" and entry.read_text().strip():
+        if entry.name == "config.json" and not started and not _is_gnc_config(entry):
+            return True
+        if entry.name == "metrics.jsonl" and entry.read_text(errors="replace").strip():
             return True
         if entry.name in ("checkpoints", "classifier") and any(entry.glob("*.pt")):
             return True
-        if entry.name.startswith("evaluate_") and entry.read_text().strip():
+        if entry.name.startswith("evaluate_") and entry.read_text(errors="replace").strip():
             return True
     return False
 
@@ -403,6 +733,8 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
     check_fresh_run_dir(run_dir, overwrite=overwrite)
     if overwrite and run_dir.exists():
         for name in RUN_ENTRIES:
+            if name == LOCK_FILE:  # the lock of this very run (removing it would break it)
+                continue
             entry = run_dir / name
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)

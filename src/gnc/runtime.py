@@ -170,9 +170,22 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """The states of Python's, NumPy's and torch's (CPU and every CUDA device's) RNGs."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """The states of Python's, NumPy's and torch's (CPU and every CUDA device's) RNGs, as
+    plain data that ``torch.load(weights_only=True)`` reads: tensors, ints, floats, str.
+
+    ``numpy``: ``{"name", "keys" (int64 tensor of the 624 words), "pos", "has_gauss",
+    "cached_gaussian"}``; ``python``: ``{"version", "state" (the 625 ints), "gauss_next"}``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": [int(w) for w in words],
+                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -185,15 +198,81 @@ def _cpu_bytes(t: object, name: str) -> Tensor:
     return t.cpu()
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _numpy_state(s: object) -> tuple:
+    """The tuple ``np.random.set_state`` takes, from :func:`rng_state`'s dict or (older
+    checkpoints) NumPy's own tuple; ``ValueError`` for anything else."""
+    if isinstance(s, dict):
+        keys = s.get("keys")
+        if not (isinstance(s.get("name"), str) and isinstance(keys, Tensor)
+                and keys.dtype in (torch.int64, torch.uint32) and tuple(keys.shape) == (624,)
+                and _is_int(s.get("pos")) and _is_int(s.get("has_gauss"))
+                and isinstance(s.get("cached_gaussian"), float)):
+            raise ValueError("the numpy RNG state is not {name, keys[624], pos, has_gauss, "
+                             "cached_gaussian}")
+        words = keys.to(torch.int64).numpy()
+        if words.min() < 0 or words.max() >= 2**32:
+            raise ValueError("the numpy RNG state's keys are not 32-bit words")
+        return (s["name"], words.astype(np.uint32), s["pos"], s["has_gauss"],
+                s["cached_gaussian"])
+    if isinstance(s, tuple) and len(s) == 5 and isinstance(s[1], np.ndarray):
+        return s
+    raise ValueError(f"the numpy RNG state is a {type(s).__name__}, not a dict")
+
+
+def _python_state(s: object) -> tuple:
+    """The tuple ``random.setstate`` takes, from :func:`rng_state`'s dict or (older
+    checkpoints) Python's own tuple; ``ValueError`` for anything else."""
+    if isinstance(s, dict):
+        words, gauss = s.get("state"), s.get("gauss_next")
+        if not (_is_int(s.get("version")) and isinstance(words, (list, tuple))
+                and len(words) == 625 and all(_is_int(w) for w in words)
+                and (gauss is None or isinstance(gauss, float))):
+            raise ValueError("the python RNG state is not {version, state[625], gauss_next}")
+        return (s["version"], tuple(words), gauss)
+    if isinstance(s, tuple) and len(s) == 3 and isinstance(s[1], tuple):
+        return s
+    raise ValueError(f"the python RNG state is a {type(s).__name__}, not a dict")
+
+
+def check_rng_state(state: object) -> str | None:
+    """What is wrong with ``state`` as :func:`set_rng_state` input, or None if nothing."""
+    if not isinstance(state, dict):
+        return f"the RNG states are a {type(state).__name__}, not a dict"
+    missing = sorted({"torch", "numpy", "python"} - state.keys())
+    if missing:
+        return f"the RNG states lack {', '.join(missing)}"
+    try:
+        _cpu_bytes(state["torch"], "torch")
+        _numpy_state(state["numpy"])
+        _python_state(state["python"])
+        cuda = state.get("cuda", [])
+        if not isinstance(cuda, (list, tuple)):
+            return "the CUDA RNG states are not a list"
+        for s in cuda:
+            _cpu_bytes(s, "CUDA")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned, wherever its tensors were loaded.
+    """Restore what :func:`rng_state` returned, wherever its tensors were loaded; the form
+    of older checkpoints (NumPy's and Python's own state tuples) too.
 
     CUDA states are restored for the devices present (a run saved on more GPUs than this
-    machine has restores the first ones).
+    machine has restores the first ones). ``ValueError`` for a malformed state, before any
+    generator is changed.
     """
+    problem = check_rng_state(state)
+    if problem:
+        raise ValueError(problem)
     torch.set_rng_state(_cpu_bytes(state["torch"], "torch"))
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(_numpy_state(state["numpy"]))
+    random.setstate(_python_state(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(_cpu_bytes(s, "CUDA"), i)

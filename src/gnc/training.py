@@ -62,10 +62,14 @@ from gnc.losses import classification_loss
 from gnc.memory import PeakMemory
 from gnc.optim import PER_STEP_SCHEDULES, agd_init_, build_optimizer, build_scheduler
 from gnc.rundir import (
+    CheckpointError,
+    RunLock,
     append_metrics,
     check_fresh_run_dir,
     load_latest_checkpoint,
+    load_model_state,
     prepare_run_dir,
+    remove_stale_temporaries,
     save_checkpoint,
     save_margins,
     trim_metrics,
@@ -79,6 +83,7 @@ from gnc.runtime import (
     set_rng_state,
     sum_over_ranks,
 )
+from gnc.step import GraphedStep, StaticStep
 from gnc.validation import NonFiniteError, all_finite, trusted_inputs
 
 logger = logging.getLogger(__name__)
@@ -151,15 +156,34 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                  overwrite: bool = False,
-                 data: tuple[DatasetBundle, DatasetBundle] | None = None) -> None:
+                 data: tuple[DatasetBundle, DatasetBundle] | None = None, *,
+                 trust_checkpoint: bool = False) -> None:
         """``data``: the (training, un-augmented evaluation) bundles, when not loaded from
-        ``cfg`` (benchmarks on synthetic data)."""
+        ``cfg`` (benchmarks on synthetic data). ``trust_checkpoint``: a resume may unpickle a
+        checkpoint of an older gnc in full (see :func:`gnc.rundir.load_checkpoint`).
+
+        Rank 0 holds :func:`gnc.rundir.run_lock` on ``out_dir`` from before the directory is
+        prepared (or resumed) to the end of :meth:`fit` (:class:`gnc.rundir.RunLockedError`
+        when another process holds it); an error here releases it."""
+        self._lock = RunLock(out_dir)
+        try:
+            self._setup(cfg, out_dir, resume, overwrite, data, trust_checkpoint)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _setup(self, cfg: TrainConfig, out_dir: str | Path, resume: bool, overwrite: bool,
+               data: tuple[DatasetBundle, DatasetBundle] | None,
+               trust_checkpoint: bool) -> None:
         cfg.validate()
         if resume and overwrite:
             raise ValueError("choose one of resume (continue the run) and overwrite (replace it)")
         self.cfg, self.out = cfg, Path(out_dir)
+        self.trust_checkpoint = trust_checkpoint
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
+        if self.dist.is_main and self.out.is_dir():  # another writer: refuse before any work
+            self._lock.acquire(create=False)
         if not resume and self.dist.is_main:  # refuse before any work, change nothing yet
             check_fresh_run_dir(self.out, overwrite=overwrite)
         seed_everything(cfg.seed)
@@ -202,6 +226,8 @@ class Trainer:
         self._etf_prev: dict = {}  # nearest ETFs of W and H at the last evaluation (etf_distances)
         self.memory = PeakMemory(self.device)  # started by fit()
         self.writer = None
+        if self.dist.is_main and (not resume or self.out.is_dir()):
+            self._lock.acquire()  # makes the directory (a no-op when held since above)
         if resume:
             self._resume()
         elif self.dist.is_main:
@@ -212,6 +238,11 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.out / "tb"))
+
+    def release_lock(self) -> None:
+        """Give back the run directory's lock (:meth:`fit` does at its end): for a trainer
+        that is used without :meth:`fit`."""
+        self._lock.release()
 
     # ----------------------------------------------------------------- checkpointing
     def _checkpoint(self) -> dict:
@@ -240,23 +271,37 @@ class Trainer:
         state to their device and the RNG states stay CPU ``ByteTensor`` objects. Rows of
         ``metrics.jsonl`` after its epoch, and torn or foreign lines, are dropped.
         """
-        ckpt, _ = load_latest_checkpoint(self.out, "resume")
+        ckpt, path = load_latest_checkpoint(self.out, "resume",
+                                            trust_checkpoint=self.trust_checkpoint)
         changed = config_differences(ckpt["config"], self.cfg, ignore=RESUMABLE_KEYS)
         if changed:
             raise ValueError(f"cannot resume {self.out}: the configuration differs in "
                              f"{', '.join(changed)}")
-        if self.cfg.schedule in PER_STEP_SCHEDULES and ckpt["config"]["epochs"] != self.cfg.epochs:
+        started = ckpt["config"].get("epochs", self.cfg.epochs)
+        if self.cfg.schedule in PER_STEP_SCHEDULES and started != self.cfg.epochs:
             raise ValueError(  # its length is fixed when the run starts: it cannot be extended
                 f"cannot resume {self.out} with epochs={self.cfg.epochs}: its {self.cfg.schedule} "
-                f"schedule spans the {ckpt['config']['epochs']} epochs it was started with")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+                f"schedule spans the {started} epochs it was started with")
+        if ckpt["epoch"] > self.cfg.epochs:  # before anything is written (config.json too)
+            raise ValueError(f"{self.out} has trained {ckpt['epoch']} epochs; --epochs "
+                             f"{self.cfg.epochs} is fewer")
+        load_model_state(self.model, ckpt["model"], path)
+        for name, part in (("optimizer", self.optimizer), ("scheduler", self.scheduler),
+                           ("scaler", self.scaler)):
+            try:
+                part.load_state_dict(ckpt[name])
+            except Exception as err:  # a state of another shape: the file's fault, one line
+                reason = (str(err).strip() or type(err).__name__).splitlines()[0]
+                raise CheckpointError(f"cannot resume {self.out}: the {name} state in {path} "
+                                      f"does not fit ({reason})") from None
+        try:
+            set_rng_state(ckpt["rng"])
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume {self.out}: {path}: {err}") from None
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self._etf_prev = ckpt.get("etf_prev") or {}  # absent in older checkpoints
         if self.dist.is_main:  # drop lines of epochs after the checkpoint (a crash between)
+            remove_stale_temporaries(self.out)  # of a save that was killed
             trim_metrics(self.out / "metrics.jsonl", self.epoch)
 
     # ----------------------------------------------------------------- one epoch
@@ -273,29 +318,47 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         seen = steps = 0
         show = bar is not None and not bar.disable
+        graph, batches = None, self.train_loader
+        if self.cfg.graph_step:  # the capture-ready step (gnc.step): a CUDA graph on a GPU
+            if getattr(self, "step_graph", None) is None:  # built at the first epoch
+                self.step_graph = GraphedStep(StaticStep(
+                    model, self.optimizer, self.cfg.loss, device,
+                    world_size=self.dist.world_size))
+            graph = self.step_graph
+            batches = range(graph.static.begin_epoch(self.train_loader, self.step))
+            # its accumulators, on the device, updated in place by every step
+            loss_sum, correct, bad, first_bad = (graph.static.loss_sum, graph.static.correct,
+                                                 graph.static.bad, graph.static.first_bad)
         with trusted_inputs():  # data were validated at load time; the loss is checked here
-            for x, y in self.train_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                timer.mark()
-                logits, _ = self.ddp(x, y)
-                loss = classification_loss(self.cfg.loss, logits, y)
-                timer.mark()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)  # fp16: skipped when the gradients overflow
-                self.scaler.update()
-                model.head.after_optimizer_step()
-                if self.step_schedule_per_step:
-                    self.scheduler.step()
-                timer.mark()
-                loss = loss.detach()
-                finite = torch.isfinite(loss)
-                first_bad = torch.where(finite | (first_bad >= 0), first_bad,
-                                        torch.full_like(first_bad, self.step + 1))
-                loss_sum += torch.where(finite, loss, 0.0)
-                bad += ~finite
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += y.numel()
+            for batch in batches:
+                if graph is not None:  # one mark mid-step: after the loss, or the replay
+                    timer.mark()
+                    graph.run(timer.mark)
+                    timer.mark()
+                    seen += graph.static.batch_size
+                else:
+                    x, y = batch
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    timer.mark()
+                    logits, _ = self.ddp(x, y)
+                    loss = classification_loss(self.cfg.loss, logits, y)
+                    timer.mark()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)  # fp16: skipped when gradients overflow
+                    self.scaler.update()
+                    model.head.after_optimizer_step()
+                    if self.step_schedule_per_step:
+                        self.scheduler.step()
+                    timer.mark()
+                    loss = loss.detach()
+                    finite = torch.isfinite(loss)
+                    first_bad = torch.where(finite | (first_bad >= 0), first_bad,
+                                            torch.full_like(first_bad, self.step + 1))
+                    loss_sum += torch.where(finite, loss, 0.0)
+                    bad += ~finite
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    seen += y.numel()
                 steps += 1
                 self.step += 1
                 if steps % NONFINITE_CHECK_EVERY == 0:
@@ -305,6 +368,8 @@ class Trainer:
                     if show and steps % NONFINITE_CHECK_EVERY == 0:
                         bar.set_postfix(loss=f"{float(loss_sum) / max(steps - float(bad), 1):.4f}",
                                         acc=f"{100 * float(correct) / seen:.1f}")
+        if graph is not None:
+            graph.static.end_epoch()
         self._check_finite(bad, first_bad, steps, end=True)
         if not self.step_schedule_per_step:
             self.scheduler.step()
@@ -409,6 +474,7 @@ class Trainer:
         cfg = self.cfg
         steps = len(self.train_loader)
         if steps == 0:
+            self._lock.release()
             raise ValueError("the training loader has no batches (batch size above the data?)")
         bar = _progress_bar(total=cfg.epochs * steps, initial=self.epoch * steps,
                             disable=not (cfg.progress and self.dist.is_main),
@@ -417,10 +483,13 @@ class Trainer:
         row: dict = {}
         self.memory.start()
         try:
-            while self.epoch < cfg.epochs:
+            stop = cfg.epochs if cfg.until_epoch is None else cfg.until_epoch
+            while self.epoch < stop:
                 stats = self.train_epoch(bar)
                 last = self.epoch == cfg.epochs
-                if self._is_due(cfg.eval_every) or last:
+                evaluate = last or self._is_due(cfg.eval_every) or self.epoch in (
+                    cfg.eval_epochs or ())
+                if evaluate:
                     row = {"epoch": self.epoch, "step": self.step,
                            "lr": self.optimizer.param_groups[0].get("lr", math.nan), **stats}
                     row = self.evaluate_epoch(row)
@@ -428,22 +497,26 @@ class Trainer:
                     row["peak_mem_mb"] = self.memory.mb
                     row["elapsed_s"] = time.perf_counter() - t_start
                     self.log(row)
-                # last.pt follows the evaluations: cheap for UFM's 2000 one-step epochs
-                if self._is_due(cfg.eval_every) or self._is_due(cfg.checkpoint_every) or last:
+                # last.pt follows the evaluations (cheap for UFM's 2000 one-step epochs) and
+                # the stop of `until_epoch`, from which --resume continues
+                if evaluate or self._is_due(cfg.checkpoint_every) or self.epoch == stop:
                     self.save_checkpoint()
         finally:
             self.memory.stop()
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+            self._lock.release()
         return row
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, trust_checkpoint: bool = False) -> dict:
     """Train one run into ``out_dir`` (see the module docstring); returns the last metrics.
 
     A directory that already holds a run is refused unless ``resume`` (continue it) or
     ``overwrite`` (replace it) is given; a missing or empty one is fine.
+    ``trust_checkpoint``: a resume may unpickle a checkpoint of an older gnc in full.
     """
-    return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite).fit()
+    return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite,
+                   trust_checkpoint=trust_checkpoint).fit()

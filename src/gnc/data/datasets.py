@@ -31,6 +31,7 @@ Nothing is downloaded unless ``download=True``; a missing dataset raises
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import random
 import zipfile
@@ -130,10 +131,14 @@ def _load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> DatasetBundle:
 
 def _check_inputs(path: str, x: np.ndarray, key: str) -> None:
     """``x`` must be a numeric (N, ...) array with at least one feature axis, and finite."""
-    if x.ndim < 2:
+    if x.ndim < 2 or 0 in x.shape[1:]:
         raise ValueError(
             f"npz file {path}: Expected `{key}` to have shape (N, ...) with one row per sample "
-            f"and at least one feature axis, but got shape {x.shape}"
+            f"and at least one feature axis (none empty), but got shape {x.shape}"
+        )
+    if x.dtype.kind in "mMOcSUV":  # timedelta, datetime, object, complex, strings, records
+        raise ValueError(
+            f"npz file {path}: Expected `{key}` to be a real numeric array, but got dtype {x.dtype}"
         )
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
         raise ValueError(
@@ -144,7 +149,7 @@ def _check_inputs(path: str, x: np.ndarray, key: str) -> None:
 
 
 def _check_labels(path: str, y: np.ndarray, key: str) -> None:
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    if y.ndim != 1 or y.dtype.kind not in "iu":  # not timedelta64 (an integer subtype)
         raise ValueError(
             f"npz file {path}: Expected `{key}` to be a 1-D integer array, "
             f"but got shape {y.shape} and dtype {y.dtype}"
@@ -195,6 +200,9 @@ def _check_pair(path: str, x: np.ndarray, y: np.ndarray, x_key: str, y_key: str)
 def _check_test_split(path: str, x: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                       num_classes: int) -> None:
     _check_pair(path, x_test, y_test, "x_test", "y_test")
+    if len(x_test) == 0:
+        raise ValueError(f"npz file {path}: `x_test` has no rows; leave out `x_test` and "
+                         "`y_test` for a run without a test split")
     if x_test.shape[1:] != x.shape[1:]:
         raise ValueError(
             f"npz file {path}: Expected `x_test` rows of shape {x.shape[1:]} like `x`, but got "
@@ -207,6 +215,51 @@ def _check_test_split(path: str, x: np.ndarray, x_test: np.ndarray, y_test: np.n
         )
 
 
+# Deflate expands at most ~1032:1: a compressed member cannot hold more than this many bytes
+# per stored byte (with some slack), whatever its zip entry claims.
+_DEFLATE_RATIO = 1100
+
+
+def _check_npz_members(path: str) -> None:
+    """One line naming ``path`` for a file that is not an npz archive (empty, a ``.npy``
+    renamed, not a zip) and for a member whose ``.npy`` header declares more data than the
+    member holds (a small file declaring 8·10¹² floats would otherwise be a MemoryError):
+    every header is read, nothing of its array."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"npz file {path} cannot be read as an npz archive (it is empty: "
+                         "0 bytes)")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            npy = f.read(6) == b"\x93NUMPY"
+        what = "; a .npy array renamed? save with np.savez" if npy else ""
+        raise ValueError(f"npz file {path} cannot be read as an npz archive (not a zip "
+                         f"file{what})")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.is_dir() or not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(member)
+                    header = member.tell() if member.seekable() else 0
+                if dtype.hasobject:  # pickled: np.load refuses it (allow_pickle=False)
+                    continue
+                declared = math.prod(shape) * dtype.itemsize
+                holds = info.file_size - header
+                if info.compress_type != zipfile.ZIP_STORED:
+                    holds = min(holds, info.compress_size * _DEFLATE_RATIO)
+                if declared > max(holds, 0):
+                    raise ValueError(
+                        f"npz file {path}: member {info.filename!r} declares shape {shape} of "
+                        f"{dtype} ({declared} bytes) but holds only {max(holds, 0)} bytes "
+                        "(truncated or forged)")
+    except (OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as err:
+        raise ValueError(f"npz file {path} cannot be read as an npz archive ({err})") from None
+
+
 def _load_npz(path: str) -> DatasetBundle:
     """Arrays ``x`` (N, ...), ``y`` (N,) integer labels 0..K−1, optional ``x_test``, ``y_test``.
 
@@ -217,11 +270,14 @@ def _load_npz(path: str) -> DatasetBundle:
     """
     if not os.path.isfile(path):
         raise DatasetNotFoundError(f"npz file {path} not found")
+    _check_npz_members(path)  # before np.load allocates what a header declares
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"npz file {path} cannot be read as an npz archive ({err})") from None
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as err:
+        raise ValueError(f"npz file {path} cannot be read as an npz archive "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                         ) from None
     if "x" not in arrays or "y" not in arrays:
         raise ValueError(
             f"npz file {path} must contain arrays 'x' and 'y' (and optionally 'x_test', "

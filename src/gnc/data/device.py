@@ -176,6 +176,41 @@ def _decode(path: str, data: bytes, prefix: Sequence) -> np.ndarray:
     return np.asarray(img)
 
 
+def header_size(path: str) -> tuple[int, int]:
+    """(height, width) of the image file ``path`` from its header alone (``Image.open`` reads
+    no pixels); :class:`ImageDecodeError` naming it when it is not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageDecodeError(f"{path} is not a readable image ({text})") from None
+
+
+_CHECKED: set[int] = set()  # hashes of file lists (with their size) checked in this process
+
+
+def check_image_headers(paths: Sequence[str], size: tuple[int, int] | None = None) -> None:
+    """Read the header of every image file in ``paths`` (no pixels: a few seconds for
+    CIFAR-10's 60,000 JPEGs) and raise :class:`ImageDecodeError` naming the first that is not
+    an image or, with ``size`` (height, width), whose size differs. A list already checked
+    in this process is not read again (training loads its data twice)."""
+    key = hash((tuple(paths), size))
+    if key in _CHECKED:
+        return
+    workers = min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        sizes = list(pool.map(header_size, paths, chunksize=256))
+    if size is not None:
+        for path, hw in zip(paths, sizes, strict=True):
+            if hw != tuple(size):
+                raise ImageDecodeError(
+                    f"{path} is {hw[1]}x{hw[0]} pixels, but the dataset's images are "
+                    f"{size[1]}x{size[0]}: images of one dataset must share a size "
+                    "(imagefolder: pass the dataset option image_size to resize them)")
+    _CHECKED.add(key)
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()

@@ -49,12 +49,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from .base import DatasetBundle, DatasetNotFoundError, as_long
+from .device import check_image_headers, header_size
 
 __all__ = ["NORMALIZATION", "load_imagefolder", "load_imagenet", "load_torchvision"]
 
@@ -239,8 +239,9 @@ def load_imagenet(*, data_dir: Path, augment: bool = True, image_size: int = 224
         if augment
         else test_tf
     )
-    return _folder_bundle(
-        "imagenet", root / "train", root / "val", train_tf, test_tf, (3, image_size, image_size)
+    return _folder_bundle(  # 1.28 million files: their headers are not read up front
+        "imagenet", root / "train", root / "val", train_tf, test_tf, (3, image_size, image_size),
+        check_files=False,
     )
 
 
@@ -277,8 +278,7 @@ def load_imagefolder(
         first = tvd.ImageFolder(str(root / "train")).samples
         if not first:
             raise DatasetNotFoundError(f"imagefolder: no images under {root / 'train'}")
-        with Image.open(first[0][0]) as im:
-            size = (im.height, im.width)
+        size = header_size(first[0][0])
         base = []
     aug = [T.RandomCrop(size, padding=min(size) // 8), T.RandomHorizontalFlip()] if augment else []
     return _folder_bundle(
@@ -288,6 +288,7 @@ def load_imagefolder(
         _compose([*base, *aug], mean, std),
         _compose(base, mean, std),
         (3, *size),
+        same_size=image_size is None,
     )
 
 
@@ -300,9 +301,18 @@ def _folder_bundle(
     in_shape: tuple[int, ...],
     *,
     expected_classes: int | None = None,
+    same_size: bool = True,
+    check_files: bool = True,
 ) -> DatasetBundle:
+    """``ImageFolder`` splits of ``train_dir`` and (when present) ``test_dir``. With
+    ``check_files`` every file's header is read first (:func:`gnc.data.device.
+    check_image_headers`): a file that is not an image, or (``same_size``) of a size other
+    than ``in_shape``'s, is one error naming it, before any run directory exists."""
     train = tvd.ImageFolder(str(train_dir), transform=train_tf)
     test = tvd.ImageFolder(str(test_dir), transform=test_tf) if test_dir.is_dir() else None
+    if check_files:
+        paths = [p for p, _ in train.samples] + ([p for p, _ in test.samples] if test else [])
+        check_image_headers(paths, tuple(in_shape[1:]) if same_size else None)
     if expected_classes is not None and len(train.classes) != expected_classes:
         raise ValueError(
             f"{name}: Expected {expected_classes} class folders under {train_dir}, "

@@ -1,0 +1,433 @@
+"""Run many training runs at once: a pool of worker processes (``gnc experiment --jobs N``).
+
+:func:`run_many` runs tasks (module-level functions and their arguments, e.g. one training run
+each) in ``N`` worker processes started with the ``spawn`` context (never ``fork``: torch may
+be initialised in the parent). Every task runs as it would alone, in its own process: its own
+seed, data order, augmentation and files are the task's business.
+
+- **Threads.** Each worker runs ``torch.set_num_threads(threads_per_job(N))``:
+  ``max(1, cores // N)`` with ``cores = len(os.sched_getaffinity(0))``. The order of floating-
+  point sums, hence a run's trajectory, depends on the thread count, so a run of ``--jobs N``
+  is bitwise equal (on the CPU) to the same run trained alone with that many threads
+  (``torch.set_num_threads(threads_per_job(N))``), not to one trained with all the cores.
+  ``gnc experiment`` without ``--jobs`` (one run at a time, in the process itself) leaves the
+  thread count alone, as before.
+- **Failures.** A task that raises does not stop the others: its outcome carries the first
+  line of its error (and the parent logs it as it happens); a worker that dies (killed, a
+  crash) fails its task and is replaced while tasks remain.
+- **Progress and logs.** :func:`report_progress` in a task feeds one bar in the parent (total
+  given by the caller); the workers' log records (``warnings`` included) are sent to the
+  parent and handled there by the logger of the same name, so they reach stderr as the
+  parent's own do, without breaking the bar.
+- **On a GPU** (``mode``): ``processes`` are plain processes, which take turns on the GPU
+  (time-slicing); ``mps`` starts the CUDA MPS control daemon as the user (its pipe and log
+  folders in a fresh temporary folder, given to the workers by ``CUDA_MPS_PIPE_DIRECTORY`` /
+  ``CUDA_MPS_LOG_DIRECTORY``), so that kernels of different runs may overlap, and stops it at
+  the end (``echo quit | nvidia-cuda-mps-control``); the GPU's compute mode is never changed.
+  When the daemon is missing or does not work (a sandbox, a GPU that refuses it), one warning
+  and plain processes. ``auto``: ``mps`` when the runs use CUDA, else ``processes``. One MPS
+  client's fatal fault ends every client: with MPS a crash fails every run in flight. A third
+  way, one process replaying the runs' captured steps on N CUDA streams, needs the captured
+  training step and is not offered yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing import connection
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+JOBS_MODES = ("auto", "processes", "mps")
+MPS_CONTROL = "nvidia-cuda-mps-control"
+# run with the MPS environment before the workers start: does a CUDA client get served?
+MPS_PROBE = ("-c", "import torch; torch.ones(1, device='cuda').add_(1); torch.cuda.synchronize()")
+# errors that are the task's own outcome (bad settings, divergence, files): logged in one line;
+# the rest (likely bugs) with their traceback
+_PLAIN_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int) -> int:
+    """The torch thread count of each of ``jobs`` runs in flight: ``max(1, cores() // jobs)``."""
+    return max(1, cores() // jobs)
+
+
+@dataclass
+class Outcome:
+    """What became of one task of :func:`run_many`."""
+
+    name: str
+    result: object = None
+    error: str | None = None  # the first line of its error; None: it succeeded
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# ------------------------------------------------------------------------------ workers
+
+_to_parent = None  # in a worker: the queue to the parent
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker of :func:`run_many`."""
+    return _to_parent is not None
+
+
+def report_progress(n: int) -> None:
+    """In a worker of :func:`run_many`: ``n`` more units of the parent's bar are done;
+    elsewhere nothing."""
+    if _to_parent is not None and n:
+        _to_parent.send(("progress", n))
+
+
+class _Channel:
+    """A worker's end of its pipe to the parent; sends from any thread."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+
+class _ForwardHandler(logging.handlers.QueueHandler):
+    """Sends each record (formatted, picklable) to the parent."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.queue.send(("log", record))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the parent dies (a SIGKILL of the parent
+    alone leaves no orphan training on); elsewhere nothing."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _worker(tasks, results, parent: int, threads: int, env: dict, level: int) -> None:
+    """A worker: runs the tasks read from ``tasks`` until None; sends "ready", then per task
+    its progress and log records and "done"/"failed" through ``results``."""
+    global _to_parent
+    try:
+        _to_parent = channel = _Channel(results)
+        channel.send(("ready",))
+        _die_with_parent(parent)
+        os.environ.update(env)  # before any CUDA call (MPS reads it when CUDA starts)
+        root = logging.getLogger()
+        root.handlers[:] = [_ForwardHandler(channel)]
+        root.setLevel(level)
+        logging.captureWarnings(True)
+        import torch
+
+        torch.set_num_threads(threads)
+        while (task := tasks.recv()) is not None:
+            index, func, args = task
+            try:
+                result = func(*args)
+            except Exception as err:
+                tb = None if isinstance(err, _PLAIN_ERRORS) else traceback.format_exc()
+                channel.send(("failed", index, _first_line(err), tb))
+            else:
+                channel.send(("done", index, result))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):  # Ctrl-C (the whole process
+        return  # group gets it: the parent reports), or the parent is gone
+    # the end: everything is sent (pipes have no feeder thread), then out without the
+    # interpreter's slow clean-up (seconds with torch loaded; the tasks closed their files)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+# ------------------------------------------------------------------------------ MPS
+
+
+@dataclass
+class _MPS:
+    exe: str
+    folder: Path
+    env: dict
+
+    def stop(self) -> None:
+        """``echo quit | nvidia-cuda-mps-control``, then remove the folder."""
+        try:
+            subprocess.run([self.exe], input="quit\n", env={**os.environ, **self.env},
+                           capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            logger.warning("could not stop the CUDA MPS daemon (%s): %s", self.folder, err)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _output_line(result: subprocess.CompletedProcess) -> str:
+    lines = f"{result.stderr or ''}\n{result.stdout or ''}".strip().splitlines()
+    return lines[-1] if lines else f"exit status {result.returncode}"
+
+
+def start_mps(*, probe: bool) -> _MPS | None:
+    """Start the CUDA MPS control daemon as the user, in a fresh temporary folder; None (and
+    one warning) when it is missing or does not start. ``probe``: also check that a CUDA
+    process of this Python is served through it (needs a GPU)."""
+    exe = shutil.which(MPS_CONTROL)
+    if exe is None:
+        logger.warning("CUDA MPS: %s not found; the runs share the GPU as plain "
+                       "processes (time-slicing)", MPS_CONTROL)
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="gnc-mps-"))
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"),
+           "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+    for d in env.values():
+        Path(d).mkdir()
+    mps, why = None, None
+    try:
+        started = subprocess.run([exe, "-d"], env={**os.environ, **env}, capture_output=True,
+                                 text=True, timeout=60, check=False)
+        if started.returncode:
+            why = f"{MPS_CONTROL} -d: {_output_line(started)}"
+        else:
+            mps = _MPS(exe, folder, env)
+            if probe:
+                served = subprocess.run([sys.executable, *MPS_PROBE], env={**os.environ, **env},
+                                        capture_output=True, text=True, timeout=300,
+                                        check=False)
+                if served.returncode:
+                    why = f"a CUDA process fails under it: {_output_line(served)}"
+    except (OSError, subprocess.TimeoutExpired) as err:
+        why = str(err)
+    if why is None:
+        logger.info("CUDA MPS daemon started (%s)", folder)
+        return mps
+    if mps is not None:
+        mps.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+    logger.warning("CUDA MPS: the daemon did not start (%s); the runs share "
+                   "the GPU as plain processes (time-slicing)", why)
+    return None
+
+
+@contextlib.contextmanager
+def launch(mode: str, *, cuda: bool) -> Iterator[dict]:
+    """The environment of the workers for ``mode`` (see the module docstring), with the MPS
+    daemon running for the block when it is used."""
+    if mode not in JOBS_MODES:
+        raise ValueError(f"Expected `jobs_mode` in {', '.join(JOBS_MODES)}, but got {mode!r}")
+    mps = start_mps(probe=cuda) if mode == "mps" or (mode == "auto" and cuda) else None
+    try:
+        yield dict(mps.env) if mps else {}
+    finally:
+        if mps:
+            mps.stop()
+
+
+# ------------------------------------------------------------------------------ the parent
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, initial: int, desc: str | None):
+    if total <= 0:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare GPU machine
+        return _NoBar()
+    return tqdm(total=total, initial=initial, unit="epoch", dynamic_ncols=True, desc=desc)
+
+
+def _writing_around(bar):
+    """A block that writes to stderr without breaking ``bar`` (tqdm's external write mode)."""
+    write_mode = getattr(bar, "external_write_mode", None)
+    return write_mode() if write_mode else contextlib.nullcontext()
+
+
+def _handle_log(record: logging.LogRecord, bar) -> None:
+    with _writing_around(bar):
+        logging.getLogger(record.name).handle(record)
+
+
+@dataclass
+class _Worker:
+    proc: multiprocessing.process.BaseProcess
+    tasks: object  # the parent's end of its task pipe
+    results: object  # the parent's end of its result pipe
+    index: int | None = None  # the task it runs; None: told to end
+    ready: bool = False  # it has started (sent "ready")
+
+
+def _death(exitcode: int | None) -> str:
+    """How a worker process ended: "killed by SIGKILL", "exit status 1"."""
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit status {exitcode}"
+
+
+_START_FAILED = ("the worker processes of --jobs could not start (one ended: {}); a script that "
+                 "calls this with jobs > 1 must guard its top level with "
+                 "`if __name__ == \"__main__\":` (they import it)")
+
+
+def run_many(tasks: Sequence[tuple[str, Callable, tuple]], *, jobs: int, mode: str = "auto",
+             cuda: bool = False, progress_total: int = 0, progress_initial: int = 0,
+             desc: str | None = None) -> list[Outcome]:
+    """Run ``tasks`` (``(name, function, args)``; the function importable by name, e.g. a
+    module-level one, and the arguments and result picklable) in ``jobs`` worker processes,
+    each with :func:`threads_per_job` threads; returns their outcomes in order, failed ones
+    included, after every task has ended. ``mode``: ``auto | processes | mps`` (module
+    docstring); ``cuda``: the tasks use a GPU (``auto`` then uses MPS, which is probed).
+    ``progress_total`` > 0: one bar in this process, fed by :func:`report_progress`.
+
+    Raises:
+        ValueError: ``jobs`` < 1 or an unknown ``mode``.
+        RuntimeError: a worker died before it could take a task (e.g. the spawned process
+            failed to import the calling script).
+    """
+    if jobs < 1:
+        raise ValueError(f"Expected `jobs` >= 1, but got {jobs}")
+    if not tasks:
+        return []
+    ctx = multiprocessing.get_context("spawn")
+    threads = threads_per_job(jobs)
+    level = logging.getLogger().getEffectiveLevel()
+    outcomes: list[Outcome | None] = [None] * len(tasks)
+    pending = deque(range(len(tasks)))
+    workers: dict[int, _Worker] = {}  # slot -> its worker
+    bar = _NoBar()
+
+    def start(slot: int, env: dict) -> None:
+        task_out, task_in = ctx.Pipe(duplex=False)
+        result_out, result_in = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, name=f"gnc-job-{slot}", daemon=True,
+                           args=(task_out, result_in, os.getpid(), threads, env, level))
+        proc.start()
+        task_out.close()  # the worker's ends
+        result_in.close()
+        workers[slot] = _Worker(proc, task_in, result_out)
+        feed(slot)
+
+    def feed(slot: int) -> None:
+        """The next task to the worker in ``slot``, or None (its end)."""
+        worker = workers[slot]
+        worker.index = pending.popleft() if pending else None
+        with contextlib.suppress(OSError):  # a dead worker: seen at its sentinel
+            if worker.index is None:
+                worker.tasks.send(None)
+            else:
+                _, func, args = tasks[worker.index]
+                worker.tasks.send((worker.index, func, tuple(args)))
+
+    def finish(index: int, outcome: Outcome, tb: str | None = None) -> None:
+        outcomes[index] = outcome
+        if not outcome.ok:
+            with _writing_around(bar):
+                logger.error("%s failed: %s%s", outcome.name, outcome.error,
+                             f"\n{tb.rstrip()}" if tb else "")
+
+    def handle(slot: int, msg: tuple) -> None:
+        worker = workers[slot]
+        if msg[0] == "progress":
+            bar.update(msg[1])
+        elif msg[0] == "log":
+            _handle_log(msg[1], bar)
+        elif msg[0] == "ready":
+            worker.ready = True
+        else:  # "done" / "failed": its next task
+            index = msg[1]
+            if msg[0] == "done":
+                finish(index, Outcome(tasks[index][0], result=msg[2]))
+            else:
+                finish(index, Outcome(tasks[index][0], error=msg[2]), tb=msg[3])
+            feed(slot)
+
+    def receive(slot: int) -> None:
+        """Every message waiting from the worker in ``slot``."""
+        worker = workers[slot]
+        while True:
+            try:
+                if not worker.results.poll():
+                    return
+                msg = worker.results.recv()
+            except (EOFError, OSError):  # its end is closed (it ended)
+                return
+            handle(slot, msg)
+
+    def ended(slot: int, env: dict) -> None:
+        """The worker in ``slot`` ended: its last messages, then its task fails if it had one
+        (it died), and another worker takes its place while tasks remain."""
+        receive(slot)
+        worker = workers.pop(slot)
+        worker.proc.join()
+        for conn in (worker.tasks, worker.results):
+            conn.close()
+        if not worker.ready:
+            raise RuntimeError(_START_FAILED.format(_death(worker.proc.exitcode)))
+        if worker.index is not None and outcomes[worker.index] is None:
+            why = f"its worker process died ({_death(worker.proc.exitcode)})"
+            finish(worker.index, Outcome(tasks[worker.index][0], error=why))
+            if pending:
+                start(slot, env)
+
+    with launch(mode, cuda=cuda) as env:
+        bar = _bar(progress_total, progress_initial, desc)
+        try:
+            for slot in range(min(jobs, len(tasks))):
+                start(slot, env)
+            while workers:
+                by_conn = {w.results: slot for slot, w in workers.items()}
+                by_sentinel = {w.proc.sentinel: slot for slot, w in workers.items()}
+                for ready in connection.wait([*by_conn, *by_sentinel]):
+                    if ready in by_conn and by_conn[ready] in workers:
+                        receive(by_conn[ready])
+                    elif ready in by_sentinel and by_sentinel[ready] in workers:
+                        ended(by_sentinel[ready], env)
+        finally:
+            bar.close()
+            for worker in workers.values():
+                if worker.proc.is_alive():
+                    worker.proc.terminate()
+                    worker.proc.join(timeout=10)
+                for conn in (worker.tasks, worker.results):
+                    conn.close()
+    return outcomes  # type: ignore[return-value]

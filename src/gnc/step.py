@@ -1,0 +1,539 @@
+"""The capture-ready training step (``--graph-step``, issue 18): one CUDA graph per step.
+
+On a GPU a ResNet-18 step on 250 CIFAR images is bound by kernel launches (~8 ms,
+``shared/GPU-THROUGHPUT.md``). :class:`StaticStep` is the trainer's step written so that it
+can be captured whole: the batch (the sampler's indices and, for device-resident images, the
+crop/flip draws, pre-drawn for the whole epoch and copied to the device once), the gather,
+crop, flip and normalisation, the forward, the loss, the backward, the optimiser step, the
+heads' state updates and the epoch's statistics (loss sum, correct, non-finite steps) are
+device operations on tensors that stay in place, indexed by a device tensor ``i``: nothing is
+read back to the host and no Python branch depends on a tensor's value.
+
+What changes against the eager loop body (``Trainer.train_epoch``), bitwise the same on the
+CPU (``tests/test_step.py``):
+
+- the optimisers' step-dependent scalars (the learning rate, Adam's bias corrections, AdamW's
+  decay factor) are computed on the host once per epoch, exactly as torch computes them, and
+  copied to the device as a table read with ``i``; the update itself is torch's single-tensor
+  algorithm (``torch.optim.SGD/Adam/AdamW``; :class:`gnc.optim.AGD` with its step size
+  computed on the device) with those scalars as 0-d float64 tensors. Adam's ``state["step"]``
+  (a CPU tensor) is advanced on the host at the end of the epoch;
+- the fixed head's EMA weight of μ_G comes from its ``steps`` buffer on the device;
+- the implicit head needs ``polar_method="newton_schulz"`` with ``ns_fallback=False``.
+
+Eager, whatever the device: the first step of training (the optimiser's state does not exist
+yet, the implicit head's first step solves δ = 0 with the eigensolver) runs the plain loop
+body on the same batch. :class:`GraphedStep` runs the steps: on a CUDA device it warms up on
+a side stream, restores model, buffers, optimiser state, the step's accumulators and the RNG
+in place (``copy_`` from clones), captures ``step(i)`` with :func:`torch.cuda.graph` and then
+replays it; the graph advances ``i`` itself, so a replay needs no input from the host. During
+warm-up and capture the implicit head runs matrix products only
+(:func:`gnc.etf.products_only`, as ``--graph-head`` does). A capture that fails leaves the
+state restored and the run continues with the eager capture-ready step after ONE warning; a
+plan of another shape (a different number of steps per epoch) is captured again. On the
+CPU nothing is captured: the capture-ready step runs eagerly (what the tests check).
+
+``--graph-head`` stays separate (it captures the head only, with ``make_graphed_callables``)
+and cannot be combined with ``--graph-step``, whose graph holds the head already.
+
+Not supported (refused by :meth:`gnc.config.TrainConfig.validate` or here, one line each):
+several processes (DDP), fp16/bf16 autocast (autocast's weight cache cannot be captured),
+``torch.compile``, the per-step ``onecycle`` schedule (it also cycles the momentum, a
+constant of the graph), batches of unequal size. Nothing of it has run on a GPU yet: the
+capture path is exercised on the CPU with a stand-in for :func:`torch.cuda.graph`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gnc.class_means import ema_weight, running_average
+from gnc.data.device import DeviceImageLoader
+from gnc.data.sampler import TensorBatchLoader
+from gnc.etf import products_only
+from gnc.heads import FixedETFHead, ImplicitETFHead, StandardHead
+from gnc.losses import classification_loss
+from gnc.optim import AGD, _position_norms, _scale
+from gnc.validation import check_features
+
+__all__ = ["HOST_READ_OPS", "GraphedStep", "HostReadError", "NoHostReads", "StaticStep",
+           "cuda_graph"]
+
+logger = logging.getLogger(__name__)
+
+# warm-up iterations before the capture (as torch's recipe: lets cuBLAS/cuDNN set up)
+WARMUP_ITERS = 3
+
+# aten operators that read a device tensor on the host (or check an error there)
+HOST_READ_OPS = frozenset({
+    "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal",
+    "aten::allclose", "aten::nonzero", "aten::nonzero_static", "aten::masked_select",
+    "aten::bincount", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+    "aten::linalg_svd", "aten::_linalg_svd", "aten::linalg_eigh", "aten::_linalg_eigh",
+    "aten::linalg_cholesky", "aten::linalg_solve", "aten::linalg_inv", "aten::cholesky",
+    "aten::inverse", "aten::_linalg_check_errors",
+})
+
+
+class HostReadError(RuntimeError):
+    """An operator inside :class:`NoHostReads` would read the device on the host."""
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raise :class:`HostReadError` on any operator of :data:`HOST_READ_OPS` and on any copy
+    between devices: on a GPU each would wait for the device (and break a capture).
+
+    The checked linalg operators also reach ``_linalg_check_errors`` (the host read); the
+    ``_ex`` variants (``cholesky_ex``, ``inv_ex``, ``solve_ex``) do not check and pass.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in HOST_READ_OPS:
+            raise HostReadError(f"{name} reads the device on the host")
+        if name in ("aten::_to_copy", "aten::copy_", "aten::to"):
+            devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, Tensor)}
+            target = kwargs.get("device")
+            if target is not None:
+                devices.add(torch.device(target))
+            if len(devices) > 1:
+                raise HostReadError(f"{name} copies between devices {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+def _one_line(err: BaseException) -> str:
+    return (f"{type(err).__name__}: {err}".splitlines() or [type(err).__name__])[0]
+
+
+def _fixed_head_train(head: FixedETFHead) -> Callable:
+    """The fixed head's training forward with its EMA weight read from the ``steps`` buffer
+    on the device (``FixedETFHead.forward`` takes it from the host-side count, which a
+    captured graph would freeze); the same operations otherwise."""
+
+    def forward(features: Tensor, targets: Tensor | None = None) -> Tensor:
+        check_features(features, head.d)
+        h = features.to(head.weight.dtype)
+        mu_G = h.mean(dim=0)  # one process: the batch's global mean
+        alpha = ema_weight(head.steps + 1, dtype=torch.float64)  # this step's number
+        head._store(head.weight, running_average(head.mu_G, mu_G.detach(), alpha))
+        return head._train_logits(h, head.weight, mu_G)
+
+    return forward
+
+
+class StaticStep:
+    """The trainer's step on static device tensors: ``step(i)`` trains on batch ``i`` of the
+    epoch (``i`` a 0-d long device tensor, advanced in place) without reading the device.
+
+    Args:
+        model: a :class:`~gnc.models.classifier.FeatureClassifier` (one process, no DDP).
+        optimizer: the trainer's ``torch.optim.SGD``/``Adam``/``AdamW`` or
+            :class:`~gnc.optim.AGD` (its state is shared: checkpoints see every step).
+        loss: the loss name (:func:`gnc.losses.classification_loss`).
+        device: where the model and the data are.
+        world_size: the number of processes (must be 1).
+
+    Per epoch: :meth:`begin_epoch` (the plan and the optimiser's scalars to the device, the
+    accumulators zeroed), then one :meth:`step` (or :meth:`eager_step` while not
+    :meth:`ready`) per batch, then :meth:`end_epoch`. The accumulators ``loss_sum``,
+    ``correct``, ``bad`` and ``first_bad`` are those of the eager loop.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: str,
+                 device: torch.device, *, world_size: int = 1) -> None:
+        if world_size != 1 or isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(f"graph_step runs one process, not {world_size} (DDP's gradient "
+                             "all-reduce is not part of the captured step)")
+        head = model.head
+        if isinstance(head, ImplicitETFHead) and (head.polar_method != "newton_schulz"
+                                                  or head.ns_fallback):
+            raise ValueError("graph_step needs the implicit head with polar_method "
+                             "newton_schulz and ns_fallback=False (the eigensolvers sync)")
+        if not isinstance(head, (StandardHead, FixedETFHead, ImplicitETFHead)):
+            raise ValueError(f"graph_step does not know the head {type(head).__name__}")
+        self.kind = self._optimizer_kind(optimizer)
+        self.model, self.optimizer, self.loss, self.device = model, optimizer, loss, device
+        self.head = head
+        self.head_fn = _fixed_head_train(head) if isinstance(head, FixedETFHead) else None
+        zeros = {"dtype": torch.float64, "device": device}
+        self.index = torch.zeros((), dtype=torch.long, device=device)  # the batch i
+        self.step0 = torch.zeros((), dtype=torch.long, device=device)  # global step at start
+        self.loss_sum = torch.zeros((), **zeros)
+        self.correct = torch.zeros((), **zeros)
+        self.bad = torch.zeros((), **zeros)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.plan: Tensor | None = None  # (rows, steps, B) long: indices (and crop/flip)
+        self.scalars: Tensor | None = None  # (steps, columns) float64: the optimiser's
+        self.loader = None
+        self.batch_size = 0
+        self.static_steps = 0  # capture-ready steps this epoch (Adam's host step count)
+        self.plan_changed = False  # the plan was reallocated: a captured graph is stale
+        self._ready = False
+
+    # ------------------------------------------------------------------ the optimiser
+    @staticmethod
+    def _optimizer_kind(opt: torch.optim.Optimizer) -> str:
+        if isinstance(opt, AGD):
+            return "agd"
+        if type(opt) is torch.optim.SGD:
+            kind = "sgd"
+        elif type(opt) in (torch.optim.Adam, torch.optim.AdamW):
+            kind = "adam"
+        else:
+            raise ValueError(f"graph_step supports SGD, Adam, AdamW and AGD, not "
+                             f"{type(opt).__name__}")
+        for g in opt.param_groups:
+            if g.get("maximize") or g.get("differentiable") or g.get("fused") \
+                    or g.get("amsgrad") or g.get("capturable") \
+                    or isinstance(g["lr"], Tensor):
+                raise ValueError("graph_step supports the default options of "
+                                 f"{type(opt).__name__} only (no maximize, differentiable, "
+                                 "fused, amsgrad, capturable or tensor lr)")
+        return kind
+
+    def _group_scalars(self, group: dict, t: int) -> list[float]:
+        """The step-dependent scalars of one parameter group at optimiser step ``t`` (1, 2,
+        ...), computed as torch's single-tensor code computes them in Python."""
+        lr = group["lr"]
+        if self.kind in ("sgd", "agd"):
+            return [-lr if self.kind == "sgd" else lr]
+        beta1, beta2 = group["betas"]
+        step = float(t)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        step_size = lr / bias_correction1
+        return [bias_correction2 ** 0.5, -step_size, 1 - lr * group["weight_decay"]]
+
+    def ready(self) -> bool:
+        """Whether :meth:`step` can run: the optimiser has its state for every parameter
+        (after one eager step) and the implicit head has taken its first (δ = 0) step.
+        Once true it stays true (nothing removes the state): checked no more."""
+        if self._ready:
+            return True
+        if isinstance(self.head, ImplicitETFHead) and self.head.num_steps == 0:
+            return False
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                if self.kind == "adam" and "step" not in state:
+                    return False
+                if self.kind == "sgd" and group["momentum"] != 0 \
+                        and state.get("momentum_buffer") is None:
+                    return False
+                if self.kind == "agd" and p.grad is None:
+                    return False
+        self._ready = True
+        return True
+
+    @torch.no_grad()
+    def _optimizer_step(self, row: Tensor) -> None:
+        """The optimiser's update with the scalars of ``row``: torch's single-tensor
+        arithmetic, the scalars as 0-d float64 tensors (cast to the parameter's dtype in the
+        kernel, as a Python scalar is)."""
+        groups = self.optimizer.param_groups
+        if self.kind == "agd":
+            self._agd_step(row)
+            return
+        width = 1 if self.kind == "sgd" else 3
+        for g, group in enumerate(groups):
+            cols = [row[g * width + j] for j in range(width)]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.optimizer.state[p]
+                if self.kind == "sgd":
+                    self._sgd(p, group, state, cols[0])
+                else:
+                    self._adam(p, group, state, *cols)
+
+    @staticmethod
+    def _sgd(p: Tensor, group: dict, state: dict, neg_lr: Tensor) -> None:
+        grad = p.grad
+        if group["weight_decay"] != 0:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state["momentum_buffer"]
+            buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+        p.addcmul_(grad, neg_lr)  # = p.add_(grad, alpha=-lr), lr from the device
+
+    def _adam(self, p: Tensor, group: dict, state: dict, bc2_sqrt: Tensor,
+              neg_step_size: Tensor, decay: Tensor) -> None:
+        grad = p.grad
+        beta1, beta2 = group["betas"]
+        if group["weight_decay"] != 0:
+            if group.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW):
+                p.mul_(decay)  # 1 - lr·weight_decay
+            else:
+                grad = grad.add(p, alpha=group["weight_decay"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
+        p.addcdiv_(exp_avg * neg_step_size, denom)  # value=-step_size, from the device
+
+    def _agd_step(self, row: Tensor) -> None:
+        """:meth:`gnc.optim.AGD.step` with G and η on the device (the eager one reads G)."""
+        groups = self.optimizer.param_groups
+        matrices = [p for g in groups for p in g["params"] if p.grad is not None and p.ndim >= 2]
+        num_layers = len(matrices)
+        if num_layers == 0:
+            return
+        norms = {p: _position_norms(p.grad) for p in matrices}
+        G = sum(_scale(p) * norms[p].sum() for p in matrices).double() / num_layers
+        eta = torch.log((1 + torch.sqrt(1 + 4 * G)) / 2)
+        for g, group in enumerate(groups):
+            neg_step = -(row[g] * eta / num_layers)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.ndim >= 2:
+                    n = norms[p]
+                    factor = torch.where(n > 0, _scale(p) / n.clamp_min(torch.finfo(n.dtype).tiny),
+                                         torch.zeros_like(n))
+                    p.addcmul_(p.grad * factor, neg_step)
+                else:
+                    p.addcmul_(p.grad, neg_step)
+
+    # ------------------------------------------------------------------ the epoch
+    def _epoch_plan(self, loader) -> Tensor:
+        """(rows, steps, B) long on the host: what ``loader`` would yield this epoch (the
+        sampler's index batches; for device images also the crop offsets and flips, drawn
+        from the loader's generator as its iteration draws them)."""
+        batches = [torch.as_tensor(b, dtype=torch.long) for b in loader.batch_sampler]
+        sizes = {len(b) for b in batches}
+        if len(sizes) > 1:
+            raise ValueError(f"graph_step needs batches of one size, got sizes {sorted(sizes)}")
+        if not batches:
+            raise ValueError("graph_step: the loader has no batches")
+        plan = torch.cat(batches)[None]
+        if isinstance(loader, DeviceImageLoader) and loader.augment:
+            plan = torch.cat([plan, loader._draws(plan.shape[1])])
+        return plan.view(plan.shape[0], len(batches), -1)
+
+    def begin_epoch(self, loader, global_step: int) -> int:
+        """Prepare an epoch of ``loader`` (its epoch set already) starting after
+        ``global_step`` optimiser steps; returns the number of steps. One copy of the plan
+        and one of the scalars to the device; the static tensors keep their storage."""
+        if not isinstance(loader, (DeviceImageLoader, TensorBatchLoader)):
+            raise ValueError("graph_step needs in-memory data: device-resident images "
+                             f"(--data-on-device) or a tensor dataset, not {type(loader).__name__}")
+        self.loader = loader
+        plan = self._epoch_plan(loader)
+        steps, self.batch_size = plan.shape[1], plan.shape[2]
+        table = torch.tensor([[x for group in self.optimizer.param_groups
+                               for x in self._group_scalars(group, global_step + k + 1)]
+                              for k in range(steps)], dtype=torch.float64)
+        self.plan = self._into(self.plan, plan)
+        self.scalars = self._into(self.scalars, table)
+        with torch.no_grad():
+            for t in (self.loss_sum, self.correct, self.bad, self.index):
+                t.zero_()
+            self.first_bad.fill_(-1)
+            self.step0.fill_(global_step)
+        self.static_steps = 0
+        return steps
+
+    def _into(self, static: Tensor | None, host: Tensor) -> Tensor:
+        if static is not None and static.shape == host.shape:
+            static.copy_(host, non_blocking=True)  # pageable source: no wait on the device
+            return static
+        self.plan_changed = True
+        return host.to(self.device)
+
+    def end_epoch(self) -> None:
+        """Advance the host-side step count of Adam's state by the capture-ready steps."""
+        if self.kind == "adam" and self.static_steps:
+            for state in self.optimizer.state.values():
+                state["step"] += self.static_steps
+        self.static_steps = 0
+
+    # ------------------------------------------------------------------ the step
+    def batch(self, i: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch ``i`` of the epoch, as the loader yields it, by device operations."""
+        plan = self.plan.index_select(1, i.view(1)).squeeze(1)  # (rows, B)
+        if isinstance(self.loader, DeviceImageLoader):
+            return self.loader._batch(plan)
+        idx = plan[0]
+        x, y = (t[idx] for t in self.loader.tensors)
+        return x, y
+
+    def _accumulate(self, loss: Tensor, logits: Tensor, y: Tensor, i: Tensor) -> None:
+        """The eager loop's statistics, on the device; then ``i += 1``."""
+        with torch.no_grad():
+            loss = loss.detach()
+            finite = torch.isfinite(loss)
+            step = self.step0 + i + 1
+            self.first_bad.copy_(torch.where(finite | (self.first_bad >= 0), self.first_bad,
+                                             step))
+            self.loss_sum += torch.where(finite, loss, 0.0)
+            self.bad += ~finite
+            self.correct += (logits.detach().argmax(1) == y).sum()
+            i += 1
+
+    def _forward(self, x: Tensor, y: Tensor) -> Tensor:
+        model = self.model
+        if self.head_fn is None:
+            logits, _ = model(x, y)
+            return logits
+        saved, model.head_step = model.head_step, self.head_fn
+        try:
+            logits, _ = model(x, y)
+        finally:
+            model.head_step = saved
+        return logits
+
+    def step(self, i: Tensor, mark: Callable[[], None] | None = None) -> None:
+        """Train on batch ``i`` by device operations only; ``mark`` (eager only) is called
+        after the loss, as the loop's timer is."""
+        x, y = self.batch(i)
+        logits = self._forward(x, y)
+        loss = classification_loss(self.loss, logits, y)
+        if mark is not None:
+            mark()
+        self.optimizer.zero_grad(set_to_none=True)  # backward allocates (a graph's pool)
+        loss.backward()
+        self._optimizer_step(self.scalars.index_select(0, i.view(1)).squeeze(0))
+        self.head.after_optimizer_step()
+        self._accumulate(loss, logits, y, i)
+
+    def eager_step(self, i: Tensor, mark: Callable[[], None] | None = None) -> None:
+        """The eager loop's body on batch ``i`` (torch's optimiser step, the heads' own
+        forward): the first step of training."""
+        x, y = self.batch(i)
+        logits, _ = self.model(x, y)
+        loss = classification_loss(self.loss, logits, y)
+        if mark is not None:
+            mark()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.head.after_optimizer_step()
+        self._accumulate(loss, logits, y, i)
+
+    # ------------------------------------------------------------------ snapshots
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor a step changes: parameters, buffers (non-persistent too), the
+        optimiser's state on the device, the accumulators and ``i``."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values()
+                        if isinstance(v, Tensor) and v.device == self.index.device]
+        return tensors + [self.index, self.loss_sum, self.correct, self.bad, self.first_bad]
+
+
+def cuda_graph(fn: Callable[[], None]) -> Callable[[], None]:
+    """Capture ``fn`` in a :class:`torch.cuda.CUDAGraph`; returns its ``replay``."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class GraphedStep:
+    """Runs the epoch's steps of a :class:`StaticStep`: eager until it is ready, then (on a
+    CUDA device) from one captured graph, else the capture-ready step eagerly.
+
+    Args:
+        static: the step.
+        capture: capture a graph (default: on a CUDA device).
+        graph_factory: ``fn -> replay``, the capture (default :func:`cuda_graph`; tests
+            pass a stand-in that runs ``fn``).
+        warmup_iters: warm-up steps before the capture (their effects are undone).
+    """
+
+    def __init__(self, static: StaticStep, *, capture: bool | None = None,
+                 graph_factory: Callable | None = None, warmup_iters: int = WARMUP_ITERS) -> None:
+        self.static = static
+        self.capture = static.device.type == "cuda" if capture is None else capture
+        self.graph_factory = graph_factory or cuda_graph
+        self.warmup_iters = warmup_iters
+        self._replay: Callable[[], None] | None = None
+        self._residual_seen = False  # the captured step updates the polar residual
+        self.failed: str | None = None  # why the capture failed: steps then run eagerly
+        self.captures = self.replays = 0
+
+    def run(self, mark: Callable[[], None]) -> None:
+        """One step at ``static.index``; ``mark`` is called once (after the loss when the
+        step runs eagerly, after the replay otherwise)."""
+        s = self.static
+        if not s.ready():
+            s.eager_step(s.index, mark)
+            return
+        s.static_steps += 1
+        if self.capture and not self.failed and (self._replay is None or s.plan_changed):
+            self._capture()
+        if not self.capture or self.failed:
+            s.step(s.index, mark)
+            return
+        self._replay()
+        mark()
+        self.replays += 1
+        # what the captured Python did on the host, a replay does not: the heads' host-side
+        # step count, and that the implicit head has a residual to report
+        if isinstance(s.head, (FixedETFHead, ImplicitETFHead)):
+            s.head.advance_host_steps(1)
+        if self._residual_seen:
+            s.head._residual_seen = True
+
+    def _snapshot(self) -> dict:
+        s = self.static
+        snap = {"tensors": [t.detach().clone() for t in s.state_tensors()],
+                "rng": torch.get_rng_state()}
+        if s.device.type == "cuda":
+            snap["cuda_rng"] = torch.cuda.get_rng_state(s.device)
+        if isinstance(s.head, (FixedETFHead, ImplicitETFHead)):
+            snap["head"] = s.head.snapshot()
+        return snap
+
+    @torch.no_grad()
+    def _restore(self, snap: dict, rng: bool = False) -> None:
+        """Back to ``snap``, in place; the RNG states only with ``rng`` (after the warm-up:
+        after a capture, which consumed none, the generator is left to the graph)."""
+        s = self.static
+        for t, saved in zip(s.state_tensors(), snap["tensors"], strict=True):
+            t.copy_(saved)
+        if rng:
+            torch.set_rng_state(snap["rng"])
+            if "cuda_rng" in snap:
+                torch.cuda.set_rng_state(snap["cuda_rng"], s.device)
+        if "head" in snap:
+            s.head.restore(snap["head"])
+
+    def _capture(self) -> None:
+        s = self.static
+        s.plan_changed = False
+        snap = self._snapshot()
+        cuda = s.device.type == "cuda"
+        implicit = isinstance(s.head, ImplicitETFHead)
+        try:
+            with products_only() if implicit else contextlib.nullcontext():
+                side = torch.cuda.Stream(s.device) if cuda else None
+                if side is not None:
+                    side.wait_stream(torch.cuda.current_stream(s.device))
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    for _ in range(self.warmup_iters):
+                        s.step(s.index)
+                if side is not None:
+                    torch.cuda.current_stream(s.device).wait_stream(side)
+                self._restore(snap, rng=True)
+                s.optimizer.zero_grad(set_to_none=True)  # backward allocates in the pool
+                self._replay = self.graph_factory(lambda: s.step(s.index))
+            self._residual_seen = bool(getattr(s.head, "_residual_seen", False))
+            self.captures += 1
+        except Exception as err:  # noqa: BLE001 -- any capture failure: train on, eagerly
+            self.failed = _one_line(err)
+            self._replay = None
+            self._restore(snap, rng=True)
+            logger.warning("the training step could not be captured in a CUDA graph (%s); "
+                           "it runs eagerly", self.failed)
+        finally:  # the warm-up (and a stand-in's capture) ran steps: undo them
+            self._restore(snap)

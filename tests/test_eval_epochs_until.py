@@ -1,0 +1,80 @@
+"""`--eval-epochs` evaluates exactly where asked; `--until-epoch` + `--resume` is one run."""
+
+import json
+
+import pytest
+import torch
+
+from gnc.cli import build_parser, main, train_config_from_args
+from gnc.config import TrainConfig
+from gnc.training import train
+
+TIMING = ("time_", "elapsed_s", "peak_mem_mb")
+DIGITS = dict(dataset="digits", model="mlp", width=16, feature_dim=16, epochs=6,
+              batch_size=100, lr=0.05, schedule="cosine", progress=False, seed=2)
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def results(row):
+    return {k: v for k, v in row.items() if not k.startswith(TIMING)}
+
+
+def test_eval_epochs_evaluate_exactly_there(tmp_path):
+    cfg = TrainConfig(**DIGITS, method="fixed", eval_every=0, eval_epochs=[2, 5])
+    train(cfg, tmp_path / "run")
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [2, 5, 6]  # and the last
+    cfg = TrainConfig(**DIGITS, method="fixed", eval_every=3, eval_epochs=[2])
+    train(cfg, tmp_path / "both")
+    assert [r["epoch"] for r in rows(tmp_path / "both")] == [2, 3, 6]
+
+
+def test_cli_eval_epochs_alone_means_only_there():
+    parse = build_parser().parse_args
+    cfg = train_config_from_args(parse(["train", "--eval-epochs", "10,25,50", "--epochs", "60",
+                                        "--out", "x"]))
+    assert cfg.eval_epochs == [10, 25, 50] and cfg.eval_every == 0
+    cfg = train_config_from_args(parse(["train", "--eval-epochs", "[10]", "--eval-every", "5",
+                                        "--epochs", "60", "--out", "x"]))
+    assert cfg.eval_epochs == [10] and cfg.eval_every == 5
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(eval_epochs=[0]), "eval_epochs"), (dict(eval_epochs=[7]), "eval_epochs"),
+    (dict(until_epoch=0), "until_epoch"), (dict(until_epoch=7), "until_epoch"),
+    (dict(eval_every=-1), "eval_every"),
+])
+def test_bad_values_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**DIGITS, **bad}).validate()
+
+
+@pytest.mark.parametrize("method", ["standard", "implicit"])
+def test_until_epoch_then_resume_equals_one_run(tmp_path, method):
+    whole = TrainConfig(**DIGITS, method=method, eval_every=2)
+    train(whole, tmp_path / "whole")
+    part = TrainConfig(**DIGITS, method=method, eval_every=2, until_epoch=3)
+    first = train(part, tmp_path / "part")
+    assert first["epoch"] == 2  # the last evaluation before the stop
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 3  # checkpointed where it stopped, not evaluated there
+    assert [r["epoch"] for r in rows(tmp_path / "part")] == [2]
+    train(TrainConfig(**DIGITS, method=method, eval_every=2), tmp_path / "part", resume=True)
+    assert [results(r) for r in rows(tmp_path / "part")] == [
+        results(r) for r in rows(tmp_path / "whole")]
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_until_epoch_from_the_cli_then_a_later_stop(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    common = ["train", "--dataset", "digits", "--model", "mlp", "--width", "16",
+              "--epochs", "6", "--method", "fixed", "--no-progress", "--out", out]
+    main(common + ["--until-epoch", "2"])
+    main(common + ["--until-epoch", "4", "--resume"])
+    main(common + ["--resume"])
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]

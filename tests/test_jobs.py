@@ -1,0 +1,230 @@
+"""``gnc experiment --jobs N`` (gnc.jobs): runs in worker processes, each as if alone."""
+
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import gnc.jobs as jobs
+from gnc.experiments import run_dir, run_experiment
+from gnc.jobs import launch, run_many, threads_per_job
+
+METHODS = ["standard", "implicit"]
+# tiny UFM runs of ~0.5 s, long enough to be killed half-way
+SETTINGS = {"epochs": 150, "eval_every": 50, "checkpoint_every": 10, "feature_dim": 8,
+            "dataset_options": {"num_classes": 3, "per_class": 4}}
+FLAGS = ["ufm10", "--seeds", "2", "--methods", ",".join(METHODS), "--epochs", "150",
+         "--eval-every", "50", "--checkpoint-every", "10", "--feature-dim", "8",
+         "--dataset-options", json.dumps(SETTINGS["dataset_options"]), "--no-progress",
+         "--no-report", "--jobs", "2"]
+TIMING = ("time_", "elapsed_s", "peak_mem_mb")
+
+
+def untimed(path: Path) -> list[dict]:
+    """A run's metrics rows without the fields that measure time or memory."""
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING)}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def results(out: Path) -> dict:
+    return {(m, s): untimed(run_dir(out, m, s)) for m in METHODS for s in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory) -> dict:
+    """The experiment one run after the other in this process, with the thread count each
+    run of ``--jobs 2`` gets."""
+    out = tmp_path_factory.mktemp("sequential")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_job(2))
+    try:
+        run_experiment("ufm10", out, seeds=2, methods=METHODS, report=False,
+                       overrides={**SETTINGS, "progress": False})
+    finally:
+        torch.set_num_threads(threads)
+    return results(out)
+
+
+class CountingBar:
+    """A stand-in for tqdm: records the total and the updates."""
+
+    made: list = []
+
+    def __init__(self, total, initial=0, **kw):
+        self.total, self.n = total, initial
+        CountingBar.made.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def close(self):
+        pass
+
+
+def test_jobs_equal_the_sequential_runs(tmp_path, sequential, monkeypatch):
+    import tqdm
+
+    monkeypatch.setattr(tqdm, "tqdm", CountingBar)
+    out = tmp_path / "exp"
+    dirs = run_experiment("ufm10", out, seeds=2, methods=METHODS, report=False, jobs=2,
+                          overrides={**SETTINGS, "progress": True})
+    assert all((d / "DONE").exists() for d in dirs)
+    got = results(out)
+    assert got == sequential  # bitwise: every metric but the timing fields
+    assert all(len(rows) == 3 for rows in got.values())
+    # one bar for all the runs, in epochs, fed by the workers
+    (bar,) = CountingBar.made
+    assert bar.total == bar.n == 4 * SETTINGS["epochs"]
+
+
+def test_killed_experiment_resumes_every_run(tmp_path, sequential):
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "gnc", "experiment", *FLAGS, "--out", str(out)]
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not any(out.glob("*/seed*/checkpoints/epoch_*.pt")):
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers
+            proc.wait()
+    done = [d for d in out.glob("*/seed*") if (d / "DONE").exists()]
+    assert len(done) < 4  # killed half-way
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert results(out) == sequential
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path, caplog):
+    # lr 1e6: the unnormalised features blow up, the normalised ones do not
+    out = tmp_path / "exp"
+    with pytest.raises(ValueError, match=r"^1 of 2 runs failed \(standard-unnormalized/seed1"
+                       ) as err:
+        run_experiment("ufm10", out, seeds=1, methods=["standard-unnormalized", "standard"],
+                       jobs=2, overrides={"epochs": 4, "eval_every": 2, "lr": 1e6,
+                                          "progress": False, "feature_dim": 8,
+                                          "dataset_options": {"num_classes": 3,
+                                                              "per_class": 4}})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and lines[1].startswith(
+        "  standard-unnormalized/seed1: FloatingPointError: training diverged")
+    assert (run_dir(out, "standard", 1) / "DONE").exists()
+    assert not (run_dir(out, "standard-unnormalized", 1) / "DONE").exists()
+    assert not (out / "report.md").exists()
+    # reported as it happened, in one line
+    assert any("standard-unnormalized/seed1 failed: FloatingPointError" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_run_many_a_dead_worker_fails_its_task_only_and_logs_reach_the_parent(caplog):
+    tasks = [("dies", os._exit, (3,)), ("pid", os.getpid, ()), ("bad", int, ("x",)),
+             ("log", logging.getLogger("gnc.test_jobs").warning, ("careful: %s", "x")),
+             ("warn", warnings.warn, ("a warning of a worker",)),
+             ("threads", torch.get_num_threads, ())]
+    dead, alive, bad, log, warn, threads = run_many(tasks, jobs=1, mode="processes")
+    assert dead.error == "its worker process died (exit status 3)"
+    assert alive.ok and alive.result != os.getpid()
+    assert bad.error.startswith("ValueError: invalid literal")
+    assert log.ok and warn.ok and threads.result == threads_per_job(1)
+    messages = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("gnc.test_jobs", "WARNING", "careful: x") in messages
+    assert any(name == "py.warnings" and "a warning of a worker" in text
+               for name, _, text in messages)
+    assert ("gnc.jobs", "ERROR", "dies failed: its worker process died (exit status 3)"
+            ) in messages
+
+
+# ------------------------------------------------------------------------------ MPS
+
+
+def fake_mps(tmp_path: Path, monkeypatch, rc: int = 0) -> Path:
+    """A stand-in ``nvidia-cuda-mps-control`` on PATH that records its calls."""
+    record = tmp_path / "mps_calls"
+    exe = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    exe.parent.mkdir()
+    exe.write_text(f"""#!/bin/sh
+{{ echo "args=$*"; echo "pipe=$CUDA_MPS_PIPE_DIRECTORY"; echo "log=$CUDA_MPS_LOG_DIRECTORY"
+  [ $# -eq 0 ] && echo "stdin=$(cat)"; }} >> {record}
+exit {rc}
+""")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.delenv("CUDA_MPS_LOG_DIRECTORY", raising=False)
+    return record
+
+
+def calls(record: Path) -> list[dict]:
+    """The stand-in's calls: [{"args": ..., "pipe": ..., "log": ..., "stdin": ...}]."""
+    out = []
+    for line in record.read_text().splitlines() if record.exists() else []:
+        key, _, value = line.partition("=")
+        if key == "args":
+            out.append({})
+        out[-1][key] = value
+    return out
+
+
+def test_mps_daemon_started_for_the_workers_and_stopped(tmp_path, monkeypatch, caplog):
+    record = fake_mps(tmp_path, monkeypatch)
+    tasks = [("pipe", os.getenv, ("CUDA_MPS_PIPE_DIRECTORY",)),
+             ("log", os.getenv, ("CUDA_MPS_LOG_DIRECTORY",))]
+    pipe, log = (o.result for o in run_many(tasks, jobs=1, mode="mps"))
+    start, stop = calls(record)
+    assert start == {"args": "-d", "pipe": pipe, "log": log}
+    assert stop == {"args": "", "pipe": pipe, "log": log, "stdin": "quit"}
+    assert Path(pipe).parent.name.startswith("gnc-mps-")
+    assert not Path(pipe).parent.exists()  # removed at the end
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_mps_missing_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control
+    with launch("mps", cuda=True) as env:
+        assert env == {}
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "nvidia-cuda-mps-control not found" in warning and "plain processes" in warning
+
+
+def test_mps_that_does_not_start_falls_back(tmp_path, monkeypatch, caplog):
+    record = fake_mps(tmp_path, monkeypatch, rc=1)
+    with launch("mps", cuda=False) as env:
+        assert env == {}
+    assert [c["args"] for c in calls(record)] == ["-d"]  # nothing to stop
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "did not start" in warning
+
+
+def test_mps_whose_clients_fail_is_stopped(tmp_path, monkeypatch, caplog):
+    record = fake_mps(tmp_path, monkeypatch)
+    monkeypatch.setattr(jobs, "MPS_PROBE", ("-c", "raise SystemExit('no CUDA device here')"))
+    with launch("auto", cuda=True) as env:  # auto: MPS for CUDA runs, probed
+        assert env == {}
+    assert [c["args"] for c in calls(record)] == ["-d", ""]  # started, then stopped
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "no CUDA device here" in warning
+
+
+def test_auto_on_the_cpu_and_processes_start_no_daemon(tmp_path, monkeypatch):
+    record = fake_mps(tmp_path, monkeypatch)
+    for mode in ("auto", "processes"):
+        with launch(mode, cuda=mode == "processes") as env:
+            assert env == {}
+    assert calls(record) == []
+    with pytest.raises(ValueError, match="jobs_mode"):
+        run_experiment("ufm10", tmp_path / "x", jobs=2, jobs_mode="streams")
+    with pytest.raises(ValueError, match="jobs"):
+        run_experiment("ufm10", tmp_path / "x", jobs=0)

@@ -1,0 +1,385 @@
+"""The reliability issue's refusals: one writer per run directory, ``--resume`` with fewer
+epochs, files replaced without ``--overwrite``, npz and image inputs checked at load time,
+typed config values, Ctrl-C during start-up. Each is one line (exit 2) and changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gnc.config import TrainConfig
+from gnc.data import load_dataset
+from gnc.data.device import ImageDecodeError
+from gnc.rundir import LOCK_FILE, RunLockedError, holds_results, run_lock
+from gnc.training import Trainer
+from test_cli import TINY_UFM, assert_one_line_error, run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (but the lock file) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+def tiny_run(out: Path, capsys, *extra: str) -> None:
+    code, err = run_main(["train", "--preset", "ufm10", "--epochs", "2", *TINY_UFM,
+                          "--device", "cpu", "--out", out, *extra], capsys)
+    assert code == 0, err
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Start a child process that holds the lock of a directory; yields (dir, process)."""
+    procs = []
+
+    def start(run_dir: Path) -> subprocess.Popen:
+        code = ("import sys, time\nfrom gnc.rundir import run_lock\n"
+                "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n"
+                "    time.sleep(120)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], env=ENV,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- A: the lock
+
+
+def test_run_lock_is_exclusive_across_processes_and_freed_by_a_kill(tmp_path, holder):
+    run_dir = tmp_path / "run"
+    proc = holder(run_dir)
+    assert (run_dir / LOCK_FILE).read_text().strip() == str(proc.pid)
+    with pytest.raises(RunLockedError, match=rf"in use by another gnc process \(PID "
+                       rf"{proc.pid}\); wait for it or use another --out"):
+        with run_lock(run_dir):
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with run_lock(run_dir):  # the OS released it with the process
+        assert (run_dir / LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert not holds_results(run_dir)  # .lock alone is no result
+
+
+def test_train_evaluate_and_measure_refuse_a_locked_directory(tmp_path, capsys, holder):
+    run_dir = tmp_path / "run"
+    tiny_run(run_dir, capsys, "--checkpoint-every", "1")
+    before = snapshot(run_dir)
+    proc = holder(run_dir)
+    for argv in (["train", "--preset", "ufm10", "--epochs", "3", *TINY_UFM, "--device", "cpu",
+                  "--out", run_dir, "--resume"],
+                 ["train", "--preset", "ufm10", "--epochs", "3", *TINY_UFM, "--device", "cpu",
+                  "--out", run_dir, "--overwrite"],
+                 ["evaluate", run_dir, "--all", "--device", "cpu"]):
+        code, err = run_main(argv, capsys)
+        assert code == 2
+        assert_one_line_error(code, err, f"is in use by another gnc process (PID {proc.pid})")
+    assert snapshot(run_dir) == before
+    measured = tmp_path / "measured"
+    holder(measured)
+    code, err = run_main(["measure", "--model", f"run:{run_dir}", "--device", "cpu",
+                          "--out", measured], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, "is in use by another gnc process")
+    assert snapshot(measured) == {}
+
+
+def test_a_second_gnc_train_into_the_same_directory_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "gnc", "train", "--preset", "ufm10", "--epochs", "100000",
+            *TINY_UFM, "--device", "cpu", "--eval-every", "100000", "--out", str(run_dir)]
+    first = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists():  # written under the lock
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        second = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert lines == [f"gnc: error: {run_dir} is in use by another gnc process (PID "
+                         f"{first.pid}); wait for it or use another --out"]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with run_lock(run_dir):  # free once the first is killed
+        pass
+
+
+def test_a_trainer_releases_its_lock(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    tiny_run(run_dir, capsys)
+    code = "import sys\nfrom gnc.rundir import run_lock\nwith run_lock(sys.argv[1]): pass\n"
+    subprocess.run([sys.executable, "-c", code, str(run_dir)], env=ENV, check=True)
+    with pytest.raises(ValueError, match="already holds a run"):  # an error in __init__ ...
+        Trainer(TrainConfig(epochs=1, progress=False), run_dir)
+    subprocess.run([sys.executable, "-c", code, str(run_dir)], env=ENV, check=True)  # ... too
+
+
+# --------------------------------------------------------------------------- B: fewer epochs
+
+
+def test_resume_with_fewer_epochs_is_refused_and_changes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    tiny_run(run_dir, capsys)
+    before = snapshot(run_dir)
+    code, err = run_main(["train", "--preset", "ufm10", "--epochs", "1", *TINY_UFM,
+                          "--device", "cpu", "--out", run_dir, "--resume"], capsys)
+    assert_one_line_error(code, err, f"{run_dir} has trained 2 epochs; --epochs 1 is fewer")
+    assert code == 2 and snapshot(run_dir) == before
+
+
+# --------------------------------------------------------------------------- C: no overwrite
+
+
+def test_measure_and_train_refuse_to_replace_a_users_files(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    tiny_run(run_dir, capsys)
+    measure = ["measure", "--model", f"run:{run_dir}", "--device", "cpu", "--out"]
+    single = tmp_path / "mine.json"
+    single.write_text("my notes\n")
+    assert_one_line_error(*run_main([*measure, single], capsys), "mine.json exists")
+    assert single.read_text() == "my notes\n"
+    assert run_main([*measure, single, "--overwrite"], capsys)[0] == 0
+    assert "nc1" in json.loads(single.read_text())
+    for name in ("config.json", "DONE"):
+        folder = tmp_path / f"mine-{name.partition('.')[0]}"
+        folder.mkdir()
+        (folder / name).write_text('{"mine": 1}\n')
+        code, err = run_main([*measure, folder], capsys)
+        assert code == 2
+        assert_one_line_error(code, err, f"{folder / name} exists")
+        assert snapshot(folder) == {name: b'{"mine": 1}\n'}
+    # a lone config.json of yours is a result; a gnc run's that never evaluated is not
+    folder = tmp_path / "mine-train"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"lr": 0.5}\n')
+    code, err = run_main(["train", "--preset", "ufm10", "--epochs", "1", *TINY_UFM,
+                          "--device", "cpu", "--out", folder], capsys)
+    assert_one_line_error(code, err, "already holds a run")
+    assert snapshot(folder) == {"config.json": b'{"lr": 0.5}\n'}
+    assert holds_results(folder)
+    (folder / "config.json").write_text(json.dumps(TrainConfig().to_dict()))
+    assert not holds_results(folder)
+
+
+# --------------------------------------------------------------------------- D: npz files
+
+
+def _forged_npz(path: Path) -> None:
+    """A few hundred bytes whose `x` header declares 8·10¹² float64."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (8 * 10**12,)})
+    labels = io.BytesIO()
+    np.save(labels, np.arange(4) % 2)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", header.getvalue() + bytes(64))
+        z.writestr("y.npy", labels.getvalue())
+
+
+def _npz_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    x, y = np.random.default_rng(0).normal(size=(8, 3)), np.arange(8) % 2
+    cases = {}
+
+    def save(stem: str, match: str, **arrays) -> None:
+        np.savez(tmp_path / f"{stem}.npz", **arrays)
+        cases[stem] = (tmp_path / f"{stem}.npz", match)
+
+    (tmp_path / "empty.npz").write_bytes(b"")
+    cases["empty"] = (tmp_path / "empty.npz", "empty: 0 bytes")
+    np.save(tmp_path / "renamed.npy", x)
+    os.replace(tmp_path / "renamed.npy", tmp_path / "renamed.npz")
+    cases["renamed"] = (tmp_path / "renamed.npz", "not a zip file; a .npy array renamed")
+    _forged_npz(tmp_path / "forged.npz")
+    assert (tmp_path / "forged.npz").stat().st_size < 1000
+    cases["forged"] = (tmp_path / "forged.npz", "declares shape .8000000000000,. of float64")
+    for kind in ("timedelta64[s]", "datetime64[s]", "complex128"):
+        save(f"y-{kind[:4]}", "Expected `y` to be a 1-D integer array", x=x, y=y.astype(kind))
+    save("y-object", "Object arrays cannot be loaded", x=x, y=y.astype(object))
+    save("x-timedelta", "Expected `x` to be a real numeric array", x=x.astype("m8[s]"), y=y)
+    save("x_test-empty", "`x_test` has no rows", x=x, y=y, x_test=x[:0], y_test=y[:0])
+    save("x-no-features", r"at least one feature axis \(none empty\), but got shape \(8, 0\)",
+         x=x[:, :0], y=y)
+    return cases
+
+
+def test_bad_npz_files_are_one_line_naming_the_file(tmp_path):
+    for stem, (path, match) in _npz_cases(tmp_path).items():
+        with pytest.raises(ValueError, match=match) as err:
+            load_dataset(f"npz:{path}")
+        assert str(path) in str(err.value) and "\n" not in str(err.value), stem
+
+
+@pytest.mark.parametrize("stem", ["forged", "x_test-empty", "y-time"])
+def test_bad_npz_fails_before_the_run_directory(tmp_path, capsys, stem):
+    path, match = _npz_cases(tmp_path)[stem]
+    out = tmp_path / "run"
+    code, err = run_main(["train", "--dataset", f"npz:{path}", "--model", "mlp", "--epochs",
+                          "1", "--no-progress", "--device", "cpu", "--out", out], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(path) in err, err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- E: images
+
+
+def _image_tree(root: Path, bad: str | None = None) -> Path | None:
+    """``root/{train,test}/{a,b}/*.png`` of 8x8 images; ``bad`` adds one offending file."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.png")
+    target = root / "train" / "b" / "z.jpg"
+    if bad == "text":
+        target.write_text("not an image")
+    elif bad == "empty":
+        target.write_bytes(b"")
+    elif bad == "size":
+        Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(target)
+    else:
+        return None
+    return target
+
+
+@pytest.mark.parametrize("bad,match", [("text", "is not a readable image"),
+                                       ("empty", "is not a readable image"),
+                                       ("size", "is 8x9 pixels, but the dataset's images are "
+                                        "8x8")])
+def test_bad_images_fail_before_the_run_directory(tmp_path, bad, match):
+    target = _image_tree(tmp_path / "imgs", bad)
+    cfg = TrainConfig(dataset=f"imagefolder:{tmp_path / 'imgs'}", model="mlp", width=8,
+                      epochs=1, batch_size=4, progress=False, device="cpu",
+                      data_on_device="off")
+    with pytest.raises(ImageDecodeError, match=match) as err:
+        Trainer(cfg, tmp_path / "run")
+    assert str(target) in str(err.value)
+    assert not (tmp_path / "run").exists()
+    # CIFAR-10's JPEG folders are read by the same code
+    data_dir = tmp_path / "data"
+    for split in ("train", "test"):
+        for k in range(10):
+            (data_dir / "cifar10-jpg" / split / f"c{k}").mkdir(parents=True)
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(
+                data_dir / "cifar10-jpg" / split / f"c{k}" / "0.png")
+    (data_dir / "cifar10-jpg" / "test" / "c3" / "1.jpg").write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match="c3/1.jpg is not a readable image"):
+        load_dataset("cifar10", data_dir=data_dir)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("device", "meta", "`device` to be auto, cpu, cuda or cuda:N"),
+    ("lr", 1e308, r"`lr` <= 1e\+06"),
+    ("momentum", 5.0, r"`momentum` in \[0, 1\)"),
+    ("momentum", 1, r"`momentum` in \[0, 1\)"),
+])
+def test_settings_no_run_can_use_fail_at_validation(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(TrainConfig(**{field: value, "progress": False}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- F: types
+
+
+WRONG_TYPES = [
+    ("epochs", 2.0, "int"), ("epochs", True, "int"), ("epochs", "3", "int"),
+    ("epochs", None, "int"), ("width", [1], "int"), ("seed", 1.5, "int"),
+    ("lr", "abc", "float"), ("lr", True, "float"), ("tau", None, "float"),
+    ("dataset_options", [1], "dict"), ("dataset_options", {1: 2}, "dict"),
+    ("dataset_options", "x", "dict"), ("milestones", [1.5], r"list\[int\] \| None"),
+    ("milestones", 3, r"list\[int\] \| None"), ("feature_dim", "8", r"int \| None"),
+    ("small_input", 1, r"bool \| None"), ("bias", 0, "bool"), ("eval_test", "yes", "bool"),
+    ("dataset", 3, "str"), ("device", None, "str"), ("method", ["implicit"], "str"),
+]
+
+
+@pytest.mark.parametrize("field,value,kind", WRONG_TYPES)
+def test_every_field_is_type_checked(field, value, kind):
+    match = rf"Expected `{field}` to be {kind}, but got "
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value}).validate()
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict({field: value})
+
+
+def test_right_types_pass():
+    TrainConfig(lr=1, tau=2, milestones=[1, 2], feature_dim=None, small_input=None,
+                dataset_options={"subset": 5}).validate()
+
+
+def test_a_config_json_of_wrong_types_is_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    tiny_run(run_dir, capsys)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "dataset_options": [1]}))
+    for argv in (["evaluate", run_dir, "--device", "cpu"],
+                 ["measure", "--model", f"run:{run_dir}", "--device", "cpu"]):
+        code, err = run_main(argv, capsys)
+        assert code == 2
+        assert_one_line_error(code, err, "Expected `dataset_options` to be dict, but got [1]")
+
+
+@pytest.mark.parametrize("item,match", [
+    ("lr=abc", "invalid JSON 'abc'"), ("dataset_options={bad", "invalid JSON '{bad'"),
+    ("dataset_options=[1,2]", "Expected `dataset_options` to be dict"),
+    ("epochs=null", "Expected `epochs` to be int"),
+])
+def test_bench_set_values_are_one_line(capsys, item, match):
+    code, err = run_main(["bench", "--sizes", "none", "--steps", "none", "--set", item],
+                         capsys)
+    assert code == 2
+    assert_one_line_error(code, err, match)
+
+
+# --------------------------------------------------------------------------- G: Ctrl-C
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """SIGINT while ``python -m gnc train`` imports torch: "gnc: interrupted", exit 130, no
+    traceback. Before gnc's code runs (the interpreter starting, runpy importing the package:
+    the first tens of milliseconds) Python's own handling applies — death by SIGINT, or its
+    KeyboardInterrupt traceback without a gnc frame: such a try is not counted, and repeated
+    at another delay."""
+    argv = [sys.executable, "-m", "gnc", "train", "--preset", "ufm10", "--epochs", "100000",
+            *TINY_UFM, "--device", "cpu", "--out", str(tmp_path / "run")]
+    interrupted = []
+    for delay in (0.3, 0.6, 1.0, 1.5, 2.5, 0.8, 2.0, 4.0):
+        proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert "gnc/cli.py" not in err and "gnc/__main__.py" not in err, (delay, err)
+        if proc.returncode == 130:
+            assert err.strip().splitlines() == ["gnc: interrupted"], (delay, err)
+            interrupted.append(delay)
+        else:  # before gnc's code ran
+            assert proc.returncode in (-signal.SIGINT, 1), (delay, proc.returncode, err)
+        if len(interrupted) >= 4:
+            break
+    assert len(interrupted) >= 2, interrupted

@@ -1,0 +1,278 @@
+"""The capture-ready training step (gnc.step, ``--graph-step``) on the CPU.
+
+It must equal the eager loop body of ``Trainer.train_epoch`` bitwise (parameters, buffers,
+optimiser state, losses), read nothing back from the device (a dispatch mode that raises on
+host reads), and GraphedStep's warm-up/capture/replay logic must leave no trace: tested with
+a stand-in for ``torch.cuda.graph`` that runs the captured function. The CUDA graph itself
+needs a GPU (never run yet)."""
+
+import contextlib
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gnc.config import TrainConfig
+from gnc.data.device import DeviceImageLoader
+from gnc.data.sampler import TensorBatchLoader
+from gnc.etf import products_only
+from gnc.heads import ImplicitETFHead
+from gnc.step import GraphedStep, HostReadError, NoHostReads, StaticStep
+from gnc.training import Trainer
+from gnc.validation import trusted_inputs
+
+METHODS = ("standard", "fixed", "implicit")
+OPTIMIZERS = ("sgd", "adam", "adamw", "agd")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GNC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A tiny image folder (3 classes, 8×8 RGB): device-resident, cropped and flipped."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 2)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    folder / f"{i}.png")
+    return root
+
+
+def _digits(**kw) -> TrainConfig:
+    base = {"dataset": "digits", "dataset_options": {"subset": 600}, "model": "mlp",
+            "width": 16, "feature_dim": 12, "epochs": 1, "batch_size": 30, "lr": 0.05,
+            "device": "cpu", "progress": False, "seed": 1, "polar_method": "newton_schulz"}
+    return TrainConfig(**{**base, **kw})
+
+
+def _images(root, **kw) -> TrainConfig:
+    base = {"dataset": f"imagefolder:{root}", "model": "resnet18", "width": 4,
+            "feature_dim": 6, "epochs": 2, "batch_size": 3, "lr": 0.05, "tau": 5.0,
+            "data_on_device": "on", "device": "cpu", "progress": False, "seed": 2,
+            "schedule": "cosine", "polar_method": "newton_schulz"}
+    return TrainConfig(**{**base, **kw})
+
+
+def _train(cfg, out, graph=None):
+    trainer = Trainer(cfg, out)
+    if graph is not None:
+        trainer.step_graph = graph(trainer)
+    try:
+        stats = [trainer.train_epoch(None) for _ in range(cfg.epochs)]
+    finally:
+        trainer.release_lock()
+    return trainer, stats
+
+
+def _assert_same_run(a, b, sa, sb):
+    assert a.step == b.step >= 20
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(x, y), k  # parameters and buffers (BN, U, W, μ_G, counts)
+    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for k, state in oa["state"].items():
+        for name, v in state.items():
+            w = ob["state"][k][name]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (k, name)
+    for x, y in zip(sa, sb, strict=True):
+        for key in ("train_loss", "train_batch_top1", "skipped_steps", "polar_residual"):
+            assert x.get(key) == y.get(key), key
+    if isinstance(a.model.head, ImplicitETFHead):  # replays report the residual too
+        assert all("polar_residual" in x for x in sb)
+    if hasattr(a.model.head, "num_steps"):
+        assert a.model.head.num_steps == b.model.head.num_steps == int(b.model.head.steps)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_tensor_data_step_equals_the_eager_step_bitwise(tmp_path, method, optimizer):
+    kw = {"method": method, "optimizer": optimizer, "lr": 1.0 if optimizer == "agd" else 0.05}
+    a, sa = _train(_digits(**kw), tmp_path / "eager")
+    b, sb = _train(_digits(**kw, graph_step=True), tmp_path / "static")
+    assert isinstance(b.train_loader, TensorBatchLoader)
+    assert not b.step_graph.capture and b.step_graph.replays == 0
+    _assert_same_run(a, b, sa, sb)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_device_image_step_equals_the_eager_step_bitwise(tmp_path, images, method):
+    """Gather, crop, flip, normalise on the device; BN buffers; two epochs (the plan and the
+    scalars copied in place, the lr changed by the schedule)."""
+    a, sa = _train(_images(images, method=method), tmp_path / "eager")
+    b, sb = _train(_images(images, method=method, graph_step=True), tmp_path / "static")
+    assert isinstance(b.train_loader, DeviceImageLoader) and b.train_loader.augment
+    _assert_same_run(a, b, sa, sb)
+
+
+def _stand_in(trainer, products=False):
+    """GraphedStep with a stand-in for torch.cuda.graph: the "capture" runs the step (a GPU
+    only records it; GraphedStep restores the state after), a "replay" runs the step again
+    with the Python-side effects a replay does not have undone (the heads' host step count);
+    with ``products`` under products_only, as the captured kernels are."""
+    static = StaticStep(trainer.model, trainer.optimizer, trainer.cfg.loss, trainer.device)
+    head = trainer.model.head
+
+    def factory(fn):
+        fn()
+        factory.captures += 1
+
+        def replay():  # a replay runs kernels, not Python: its host-side effects undone
+            host = {k: v for k, v in vars(head).items()
+                    if k in ("_host_steps", "_residual_seen")}
+            with products_only() if products else contextlib.nullcontext():
+                fn()
+            vars(head).update(host)
+
+        return replay
+
+    factory.captures = 0
+    graph = GraphedStep(static, capture=True, graph_factory=factory)
+    graph.factory = factory
+    return graph
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_graphed_step_with_a_stand_in_capture_equals_the_eager_run(tmp_path, images, method):
+    a, sa = _train(_images(images, method=method), tmp_path / "eager")
+    rng = torch.get_rng_state()
+    b, sb = _train(_images(images, method=method, graph_step=True), tmp_path / "graphed",
+                   graph=_stand_in)
+    assert torch.equal(rng, torch.get_rng_state())  # both runs seed, then draw the same
+    graph = b.step_graph
+    # step 1 eager, step 2 warms up, captures and replays, every later step replays; the
+    # second epoch's plan is copied in place: no second capture
+    assert graph.factory.captures == graph.captures == 1 and graph.failed is None
+    assert graph.replays == b.step - 1
+    _assert_same_run(a, b, sa, sb)
+
+
+def test_implicit_replays_of_products_only_kernels_stay_close(tmp_path, images):
+    a, _ = _train(_images(images, method="implicit"), tmp_path / "eager")
+    b, _ = _train(_images(images, method="implicit", graph_step=True), tmp_path / "graphed",
+                  graph=lambda t: _stand_in(t, products=True))
+    assert b.step_graph.replays == b.step - 1
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                         strict=True):
+        assert torch.allclose(x.double(), y.double(), rtol=0, atol=1e-5), k
+
+
+def test_a_failed_capture_warns_once_restores_and_trains_on_eagerly(tmp_path, images, caplog):
+    def broken(trainer):
+        static = StaticStep(trainer.model, trainer.optimizer, trainer.cfg.loss, trainer.device)
+
+        def factory(fn):
+            fn()  # a step ran before the capture failed: the state must be restored
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+        return GraphedStep(static, capture=True, graph_factory=factory)
+
+    a, sa = _train(_images(images, method="implicit"), tmp_path / "eager")
+    with caplog.at_level(logging.WARNING, logger="gnc.step"):
+        b, sb = _train(_images(images, method="implicit", graph_step=True),
+                       tmp_path / "broken", graph=broken)
+    assert b.step_graph.failed.startswith("RuntimeError: CUDA error")
+    assert caplog.text.count("could not be captured") == 1 and b.step_graph.replays == 0
+    _assert_same_run(a, b, sa, sb)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_step_reads_nothing_back(tmp_path, images, method):
+    """Three capture-ready steps (after the eager first) under a dispatch mode that raises
+    on every host read and error-checking linalg call."""
+    trainer = Trainer(_images(images, method=method, graph_step=True,
+                              optimizer="agd" if method == "fixed" else "adam"),
+                      tmp_path / "run")
+    try:
+        static = StaticStep(trainer.model, trainer.optimizer, "ce", trainer.device)
+        static.begin_epoch(trainer.train_loader, 0)
+        trainer.model.train()
+        with trusted_inputs():
+            static.eager_step(static.index)
+            assert static.ready()
+            with NoHostReads():
+                for _ in range(3):
+                    static.step(static.index)
+        assert int(static.index) == 4
+    finally:
+        trainer.release_lock()
+
+
+def test_the_dispatch_mode_catches_host_reads():
+    t = torch.randn(4, 4)
+    spd = t @ t.T + torch.eye(4)
+    for read in (lambda: t.sum().item(), lambda: bool(t.sum() > 0), lambda: float(t[0, 0]),
+                 lambda: torch.nonzero(t), lambda: torch.linalg.eigh(spd),
+                 lambda: torch.linalg.svd(t), lambda: torch.linalg.solve(spd, t),
+                 lambda: torch.linalg.cholesky(spd), lambda: torch.linalg.inv(spd),
+                 lambda: torch.equal(t, t), lambda: t.to("meta"),
+                 lambda: torch.empty(4, 4, device="meta").copy_(t)):
+        with pytest.raises(HostReadError), NoHostReads():
+            read()
+    with NoHostReads():  # the unchecked variants pass
+        torch.linalg.cholesky_ex(spd)
+        torch.linalg.inv_ex(spd)
+        torch.linalg.solve_ex(spd, t)
+        (t @ t).add_(1).sum()
+
+
+def test_the_implicit_first_step_would_read_back(tmp_path):
+    """Why the first step is eager: δ = 0 solves with the eigensolver."""
+    trainer = Trainer(_digits(method="implicit", graph_step=True), tmp_path / "run")
+    try:
+        static = StaticStep(trainer.model, trainer.optimizer, "ce", trainer.device)
+        static.begin_epoch(trainer.train_loader, 0)
+        assert not static.ready()
+        trainer.model.train()
+        with pytest.raises(HostReadError), trusted_inputs(), NoHostReads():
+            static.step(static.index)
+    finally:
+        trainer.release_lock()
+
+
+def test_fit_with_graph_step_logs_the_eager_metrics(tmp_path):
+    from gnc.training import train
+
+    rows = [train(_digits(method="fixed", epochs=2, **kw), tmp_path / name)
+            for name, kw in (("eager", {}), ("static", {"graph_step": True}))]
+    for key in ("train_loss", "train_batch_top1", "nc1", "top1", "step"):
+        assert rows[0][key] == rows[1][key], key
+    assert rows[1]["time_forward_ms"] > 0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"graph_head": True, "method": "implicit"}, "graph_head"),
+    ({"schedule": "onecycle"}, "onecycle"),
+    ({"amp": "bf16"}, "amp"),
+    ({"compile": True}, "compile"),
+    ({"method": "implicit", "polar_method": "auto"}, "newton_schulz"),
+])
+def test_validate_refuses_what_the_captured_step_cannot_hold(change, message):
+    with pytest.raises(ValueError, match=f"graph_step cannot capture.*{message}"):
+        TrainConfig(**{"polar_method": "newton_schulz", "graph_step": True, **change}).validate()
+    TrainConfig(graph_step=True, polar_method="newton_schulz").validate()
+
+
+def test_static_step_refuses_what_it_cannot_run(tmp_path):
+    trainer = Trainer(_digits(method="standard"), tmp_path / "run")
+    try:
+        with pytest.raises(ValueError, match="one process, not 2"):
+            StaticStep(trainer.model, trainer.optimizer, "ce", trainer.device, world_size=2)
+        opt = torch.optim.RMSprop(trainer.model.parameters())
+        with pytest.raises(ValueError, match="not RMSprop"):
+            StaticStep(trainer.model, opt, "ce", trainer.device)
+        opt = torch.optim.SGD(trainer.model.parameters(), lr=0.1, maximize=True)
+        with pytest.raises(ValueError, match="default options"):
+            StaticStep(trainer.model, opt, "ce", trainer.device)
+    finally:
+        trainer.release_lock()
