@@ -1,28 +1,28 @@
 #!/usr/bin/env bash
-# The GPU check, for the lent device machine as it is: its own python3 (PyTorch and
+# The GPU check (issue 18), for the lent device machine as it is: its own python3 (PyTorch and
 # torchvision preinstalled, no network, nothing of ours installed), our package from src/.
 #
-#   bash benchmarks/gpu_check.sh 1    # stage 1, at most ~5 min on an H100
-#   bash benchmarks/gpu_check.sh 2    # stage 2, only after stage 1 succeeded: longer runs
+#   bash benchmarks/gpu_check.sh 1    # stage 1, at most ~5 min: what the card gives
+#   bash benchmarks/gpu_check.sh 2    # stage 2: Table 1's epoch-50 column (15 runs x 50 epochs)
 #
 # Before the call, on the developer machine (the archive travels with `carry`):
 #   mkdir -p data && cp ../shared/data/cifar10-jpg.tar.gz data/
-#   run(command="bash benchmarks/gpu_check.sh 1", carry=["data/cifar10-jpg.tar.gz"])
+#   run(command="bash benchmarks/gpu_check.sh 1", carry=["data/cifar10-jpg.tar.gz"],
+#       timeout_s=330)
 #
-# Stage 1: GPU name; layer bench (512x10, 512x100, 2048x1000 with the eigensolvers and the
-# sync-free Newton-Schulz polar factor; 10240x10000 with the latter); epoch bench of
-# cifar10-resnet18 per method, then of the implicit head with --polar-method newton_schulz
-# and with that plus --graph-head (bench-epoch-variants.json); the profile of the three
-# methods (`gnc bench --profile`: launches, host waits, operators per step); EPOCHS (5)
-# epochs of cifar10-resnet18 per method at seed 1. Stage 2: the same three runs for as many
-# epochs as STAGE2_SECONDS (default 300) allows at stage 1's measured speed, the implicit
-# head in the fastest of stage 1's three variants, plus a resume check (the
-# implicit run killed a third of the way, then resumed). Every result is written to $OUT as
-# soon as it exists (a call cut by its timeout still returns it); the run directories come
-# back as one archive per stage (at most 8 files return from the device machine).
+# Stage 1 (benchmarks/gpu_throughput.py -> $OUT/throughput-stage1.json): per method the epoch
+# bench eager (bf16) and with the captured step (--graph-step); one evaluation's seconds;
+# 10 replayed steps per method under torch.cuda.set_sync_debug_mode("error"); aggregate
+# images/s with 1, 2, 4, 8 runs in flight, then the best N under CUDA MPS when its daemon
+# starts; peak memory per run; and which settings stage 2 should use. Stage 2:
+#   gnc experiment cifar10-resnet18 --seeds 5 --epochs 200 --until-epoch 50 \
+#       --eval-epochs 10,25,50 --jobs BEST [--jobs-mode mps] [captured-step flags]
+# its report (median [min, max] train top-1 per method at epoch 50, summary.json) into
+# $OUT/table1-cifar10-resnet18/, and $OUT/throughput.json (card, jobs,
+# aggregate_img_per_s, implicit_over_standard, s/epoch per method). Every result is written to
+# $OUT as soon as it exists (a call cut by its timeout still returns it).
 #
-# CPU dry run (tests): DEVICE=cpu LAYER=64x10 EPOCHS=1 EXTRA="--width 8 --subset 20
-#   --batch-size 100" BENCH_SET="--set width=8 --set batch_size=100 ..." bash ... 1
+# CPU dry run (tests/test_bench.py): DEVICE=cpu JOBS=1 BENCH_SET="--set width=4 ..." bash ... 1
 set -uo pipefail
 STAGE=${1:-1}
 OUT=${OUT:-gpu-out}
@@ -31,23 +31,16 @@ export PYTHONPATH=src GNC_CACHE_DIR=${GNC_CACHE_DIR:-$PWD/.gnc-cache} PYTHONUNBU
 PY=${PY:-python3}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs/gpu}
-EPOCHS=${EPOCHS:-5}
 DEVICE=${DEVICE:-cuda}
-LAYER=${LAYER:-512x10,512x100,2048x1000}
-read -r -a EXTRA <<< "${EXTRA:-}"
+JOBS=${JOBS:-1,2,4,8}
 read -r -a SET <<< "${BENCH_SET:-}"
+read -r -a EXTRA <<< "${EXTRA:-}"
 LOG="$OUT/log-stage$STAGE.txt"
-gnc() { $PY -m gnc "$@"; }
 say() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
-pack() { tar czf "$OUT/runs-stage$STAGE.tar.gz" --exclude='*.pt' "$RUNS" 2>/dev/null; }
 
 if [ ! -d "$DATA/cifar10-jpg" ] && [ -f "$DATA/cifar10-jpg.tar.gz" ]; then
   tar xzf "$DATA/cifar10-jpg.tar.gz" -C "$DATA"
 fi
-TRAIN=(--preset cifar10-resnet18 --data-dir "$DATA" --no-progress --device "$DEVICE"
-       "${EXTRA[@]}")
-BENCH=(bench --device "$DEVICE" --sizes none --steps none --epoch cifar10-resnet18
-       --data-dir "$DATA" "${SET[@]}" --json)
 
 if [ "$STAGE" = 1 ]; then
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -55,96 +48,66 @@ if [ "$STAGE" = 1 ]; then
 torchvision.__version__, "cuda", torch.version.cuda)'
   } > "$OUT/gpu.txt" 2>&1
   say "gpu: $(head -1 "$OUT/gpu.txt")"
-  timeout 60 $PY -m gnc bench --device "$DEVICE" --sizes "$LAYER" --steps none \
-    --epoch none --repeats 5 --json > "$OUT/bench-layer.json" 2>>"$LOG"
-  say "layer bench: exit $?"
-  # the largest layer alone, sync-free polar factor only, capped at a minute (the eigensolver
-  # path did not finish in a minute on an H200: a float64 eigh of 10000x10000 takes seconds)
-  timeout 60 $PY -m gnc bench --device "$DEVICE" --sizes "${BIG_LAYER:-10240x10000}" \
-    --polar newton_schulz --steps none --epoch none --repeats 3 --json \
-    > "$OUT/bench-layer-big.json" 2>>"$LOG"
-  say "layer bench ${BIG_LAYER:-10240x10000}: exit $?"
-  timeout ${BENCH_TIMEOUT:-150} $PY -m gnc "${BENCH[@]}" > "$OUT/bench-epoch.json" 2>>"$LOG"
-  say "epoch bench: exit $?"
-  # the implicit head with the sync-free polar factor, then also replayed from CUDA graphs;
-  # kept in RUNS for stage 2's choice, merged into one returned file
-  mkdir -p "$RUNS/stage1"
-  timeout 45 $PY -m gnc "${BENCH[@]}" --methods implicit --set polar_method=newton_schulz \
-    > "$RUNS/stage1/bench-epoch-ns.json" 2>>"$LOG"
-  say "epoch bench, implicit newton_schulz: exit $?"
-  timeout 60 $PY -m gnc "${BENCH[@]}" --methods implicit --set polar_method=newton_schulz \
-    --set graph_head=true > "$RUNS/stage1/bench-epoch-graph.json" 2>>"$LOG"
-  say "epoch bench, implicit newton_schulz + CUDA-graphed head: exit $?"
-  cp "$OUT/bench-epoch.json" "$RUNS/stage1/"
-  $PY - "$RUNS/stage1" > "$OUT/bench-epoch-variants.json" <<'PYEOF'
-import json, pathlib, sys
-out = []
-for variant in ("ns", "graph"):
-    try:
-        recs = json.loads((pathlib.Path(sys.argv[1]) / f"bench-epoch-{variant}.json").read_text())
-    except (OSError, ValueError):
-        continue
-    out += [dict(r, variant=variant) for r in recs]
-print(json.dumps(out, indent=1))
-PYEOF
-  # where the implicit head's extra time goes: kernel launches, host waits, top operators
-  timeout ${PROFILE_TIMEOUT:-60} $PY -m gnc bench --device "$DEVICE" --epoch cifar10-resnet18 \
-    --data-dir "$DATA" "${SET[@]}" --profile > "$OUT/profile-epoch.md" 2>>"$LOG"
-  say "epoch profile: exit $?"
-  for m in standard fixed implicit; do
-    gnc train "${TRAIN[@]}" --method "$m" --seed 1 --epochs "$EPOCHS" --eval-every 5 \
-      --overwrite --out "$RUNS/stage1/$m/seed1" >> "$LOG" 2>&1
-    say "train $m ($EPOCHS epochs): exit $?"
-    pack
-  done
+  timeout "${STAGE1_TIMEOUT:-270}" $PY benchmarks/gpu_throughput.py \
+    "$OUT/throughput-stage1.json" --device "$DEVICE" --data-dir "$DATA" --jobs "$JOBS" \
+    "${SET[@]}" >> "$LOG" 2>&1
+  say "throughput (stage 1): exit $?"
   say "stage 1 done"
   exit 0
 fi
 
-# Stage 2: epochs from stage 1's measured seconds per epoch and the budget; three runs plus
-# the resume check (a third of one more run), 10 % margin. Then the resume check's kill time,
-# and the implicit head's polar factor: whichever of stage 1's epoch benches was faster.
-read -r E2 KILL_S POLAR GRAPH < <($PY - "$RUNS/stage1" "${STAGE2_SECONDS:-300}" <<'PYEOF'
-import json, pathlib, sys
-root, budget = pathlib.Path(sys.argv[1]), float(sys.argv[2])
-per = []
-for m in ("standard", "fixed", "implicit"):
-    lines = (root / m / "seed1" / "metrics.jsonl").read_text().splitlines()
-    last = json.loads(lines[-1])
-    per.append(last["elapsed_s"] / last["epoch"])
-e2 = max(5, int(budget / ((sum(per) + per[2] / 3) * 1.1)) // 5 * 5)
-
-def implicit_s(name):
-    try:
-        recs = json.loads((root / name).read_text())
-        return next(r["epoch_s"] for r in recs if r["method"].startswith("implicit"))
-    except (OSError, ValueError, StopIteration, KeyError, TypeError):
-        return float("inf")
-
-flags = {"auto": "auto", "ns": "newton_schulz", "graph": "newton_schulz --graph-head"}
-best = min(flags, key=lambda v: implicit_s("bench-epoch.json" if v == "auto"
-                                           else f"bench-epoch-{v}.json"))
-print(e2, int(15 + per[2] * e2 / 3), flags[best])
+# Stage 2: the settings stage 1 found best (captured step or not, N runs, MPS or not).
+read -r NJOBS MODE CAPTURED < <($PY - "$OUT/throughput-stage1.json" <<'PYEOF'
+import json, sys
+try:
+    best = json.load(open(sys.argv[1]))["best"]
+except (OSError, ValueError, KeyError):
+    best = {"jobs": 4, "jobs_mode": "processes", "captured_step": False}
+print(best["jobs"], best["jobs_mode"], "yes" if best["captured_step"] else "no")
 PYEOF
 )
-say "stage 2: ${E2:?stage 1 results missing} epochs per method; resume check killed after \
-${KILL_S}s; implicit head: --polar-method $POLAR $GRAPH (the fastest in stage 1's epoch bench)"
-for m in standard fixed implicit; do
-  gnc train "${TRAIN[@]}" --method "$m" --seed 1 --epochs "$E2" --eval-every 5 \
-    --polar-method "$POLAR" $GRAPH --checkpoint-every 5 --overwrite \
-    --out "$RUNS/stage2/$m/seed1" >> "$LOG" 2>&1
-  say "train $m ($E2 epochs): exit $?"
-  pack
-done
-# Resume check: SIGKILL the implicit run a third of the way, resume it to the end; its
-# metrics should match the uninterrupted stage-2 run within bf16 noise.
-R="$RUNS/stage2-resume/implicit/seed1"
-timeout -s KILL "$KILL_S" $PY -m gnc train "${TRAIN[@]}" --method implicit --seed 1 \
-  --polar-method "$POLAR" $GRAPH --epochs "$E2" --eval-every 5 --checkpoint-every 5 \
-  --overwrite --out "$R" >> "$LOG" 2>&1
-say "resume check: killed after ${KILL_S}s (exit $?)"
-gnc train "${TRAIN[@]}" --method implicit --seed 1 --polar-method "$POLAR" $GRAPH \
-  --epochs "$E2" --eval-every 5 --checkpoint-every 5 --resume --out "$R" >> "$LOG" 2>&1
-say "resume check: resumed to $E2 epochs: exit $?"
-pack
+FLAGS=()
+if [ "$CAPTURED" = yes ]; then
+  FLAGS=(--graph-step --amp none --polar-method newton_schulz --data-on-device on)
+fi
+EXP="$RUNS/table1"
+say "stage 2: --jobs $NJOBS --jobs-mode $MODE ${FLAGS[*]}"
+T0=$(date +%s)
+$PY -m gnc experiment cifar10-resnet18 --seeds "${SEEDS:-5}" --epochs 200 \
+  --until-epoch "${UNTIL:-50}" --eval-epochs "${EVAL_EPOCHS:-10,25,50}" --jobs "$NJOBS" \
+  --jobs-mode "$MODE" --data-dir "$DATA" --device "$DEVICE" --no-progress "${FLAGS[@]}" \
+  "${EXTRA[@]}" --no-report --out "$EXP" >> "$LOG" 2>&1
+say "experiment: exit $? after $(( $(date +%s) - T0 )) s"
+$PY -m gnc report "$EXP" --preset cifar10-resnet18 --table-epochs "${UNTIL:-50},200" \
+  --out "$OUT/table1-cifar10-resnet18" --machine "$(head -1 "$OUT/gpu.txt" 2>/dev/null)" \
+  >> "$LOG" 2>&1
+say "report: exit $?"
+$PY - "$EXP" "$OUT" "$(( $(date +%s) - T0 ))" "$NJOBS" > "$OUT/throughput.json" <<'PYEOF'
+import json, pathlib, sys
+exp, out, wall, jobs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+stage1 = json.loads((out / "throughput-stage1.json").read_text())
+per_epoch, epochs = {}, 0
+for run in sorted(exp.glob("*/seed*")):
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    if rows:
+        per_epoch.setdefault(run.parent.name, []).append(rows[-1]["elapsed_s"] / rows[-1]["epoch"])
+        epochs += rows[-1]["epoch"]
+steps = stage1.get("steps", {})
+variant = "captured" if stage1.get("best", {}).get("captured_step") else "eager"
+ratio = None
+try:
+    ratio = steps[f"implicit/{variant}"]["step_ms"] / steps[f"standard/{variant}"]["step_ms"]
+except (KeyError, ZeroDivisionError):
+    pass
+print(json.dumps({
+    "card": stage1.get("card"), "jobs": jobs, "jobs_mode": stage1.get("best", {}).get("jobs_mode"),
+    "captured_step": variant == "captured",
+    "aggregate_img_per_s": stage1.get("best", {}).get("img_per_s"),  # training only (stage 1)
+    "experiment_img_per_s": epochs * 50000 / wall,  # stage 2, evaluations included
+    "experiment_wall_s": wall, "implicit_over_standard": ratio,
+    "s_per_epoch": {m: sum(v) / len(v) for m, v in per_epoch.items()},
+    "eval_s": stage1.get("eval_s"),
+}, indent=1))
+PYEOF
+say "throughput.json written"
 say "stage 2 done"

@@ -119,8 +119,36 @@ def test_gpu_check_script_parses_and_names_its_stages():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "PYTHONPATH=src" in text and "make install" not in text  # the bare device machine
-    for entry in ("gnc bench", "--epoch cifar10-resnet18", "--resume", "runs-stage"):
-        assert entry.split()[-1] in text
+    for entry in ("gpu_throughput.py", "--until-epoch", "--eval-epochs", "--jobs",
+                  "throughput.json", "table1-cifar10-resnet18"):
+        assert entry in text
+
+
+def test_gpu_check_stage1_python_runs_on_the_cpu_with_tiny_sizes(tmp_path):
+    """Stage 1's measurements (benchmarks/gpu_throughput.py), a width-4 ResNet-18 on random
+    CIFAR-shaped images: every part produces its entry and stage 2's choice."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "t.json"
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_throughput.py"), str(out),
+         "--device", "cpu", "--data-dir", str(tmp_path / "none"), "--jobs", "1",
+         "--set", "width=4", "--set", "batch_size=20", "--set",
+         'dataset_options={"subset": 4}'],
+        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(root / "src")},
+        timeout=600)
+    result = json.loads(out.read_text())
+    for method in ("standard", "fixed", "implicit"):
+        for variant in ("eager", "captured"):
+            assert result["steps"][f"{method}/{variant}"]["step_ms"] > 0
+        assert result["sync_free"][method] == "ok"
+    assert result["eval_s"] > 0 and result["jobs"][0]["img_per_s"] > 0
+    assert result["mps"] == "unavailable" and result["best"]["jobs"] == 1
 
 
 def test_cli_bench_epoch_case(tmp_path, capsys):

@@ -78,3 +78,25 @@ def test_until_epoch_from_the_cli_then_a_later_stop(tmp_path, capsys):
     main(common + ["--until-epoch", "4", "--resume"])
     main(common + ["--resume"])
     assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_experiment_until_epoch_is_a_prefix_of_the_full_experiment(tmp_path):
+    from gnc.experiments import run_experiment
+    from gnc.rundir import is_done, stopped_after
+
+    settings = {k: v for k, v in DIGITS.items() if k != "seed"} | {"eval_every": 0,
+                                                                    "eval_epochs": [2, 4]}
+    kw = dict(seeds=1, methods=["standard", "fixed"], report=False)
+    run_experiment(None, tmp_path / "whole", overrides=settings, **kw)
+    run_experiment(None, tmp_path / "part", overrides=settings | {"until_epoch": 4}, **kw)
+    run = tmp_path / "part" / "fixed" / "seed1"
+    assert is_done(run) and stopped_after(run) == 4
+    assert [r["epoch"] for r in rows(run)] == [2, 4]  # Table 1's early column, reportable
+    # the same command again does nothing; without --until-epoch it finishes the runs
+    run_experiment(None, tmp_path / "part", overrides=settings | {"until_epoch": 4}, **kw)
+    assert [r["epoch"] for r in rows(run)] == [2, 4]
+    run_experiment(None, tmp_path / "part", overrides=settings, **kw)
+    assert stopped_after(run) is None
+    for method in ("standard", "fixed"):
+        a, b = (rows(tmp_path / p / method / "seed1") for p in ("whole", "part"))
+        assert [results(r) for r in a] == [results(r) for r in b]

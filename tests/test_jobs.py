@@ -228,3 +228,6 @@ def test_auto_on_the_cpu_and_processes_start_no_daemon(tmp_path, monkeypatch):
         run_experiment("ufm10", tmp_path / "x", jobs=2, jobs_mode="streams")
     with pytest.raises(ValueError, match="jobs"):
         run_experiment("ufm10", tmp_path / "x", jobs=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="torchrun"):
+        run_experiment("ufm10", tmp_path / "x", jobs=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from gnc import training
 from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_implicit_head
 from gnc.heads import PAPER_METHODS, normalizes_features
 from gnc.jobs import JOBS_MODES, in_worker, report_progress, run_many, threads_per_job
-from gnc.rundir import has_checkpoint, is_done, mark_done, read_config
+from gnc.rundir import has_checkpoint, is_done, mark_done, read_config, stopped_after
 from gnc.training import RESUMABLE_KEYS, train
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def _check_existing_run(path: Path, cfg: TrainConfig) -> None:
     same (:data:`gnc.config.RUNTIME_KEYS` may differ); an interrupted one (checkpoint, no
     ``DONE``) resumes, which may also change what resuming allows (``epochs``, ...).
     """
-    if is_done(path):
+    if is_done(path) and stopped_after(path) is None:
         why = _config_mismatch(path, cfg, RUNTIME_KEYS)
         state = "finished"
     elif has_checkpoint(path):
@@ -339,6 +340,8 @@ def run_experiment(
     if jobs_mode not in JOBS_MODES:
         raise ValueError(f"Expected `jobs_mode` in {', '.join(JOBS_MODES)}, but got "
                          f"{jobs_mode!r}")
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--jobs starts processes of its own: not under torchrun")
     n_seeds = seeds or preset.seeds
     plan = []
     for method in methods:
@@ -355,7 +358,7 @@ def run_experiment(
         _run_in_parallel(plan, Path(out), jobs=jobs, jobs_mode=jobs_mode,
                          trust_checkpoint=trust_checkpoint)
     for path, cfg in plan if jobs == 1 else ():
-        if is_done(path):
+        if _done(path, cfg):
             logger.info("%s: finished, skipped", path)
             continue
         _train_run(path, cfg, trust_checkpoint)
@@ -377,7 +380,19 @@ def _train_run(path: Path, cfg: TrainConfig, trust_checkpoint: bool) -> None:
     with _epochs_to_parent(cfg) if in_worker() else contextlib.nullcontext():
         train(cfg, path, resume=resume, overwrite=not resume,
               trust_checkpoint=trust_checkpoint)
-    mark_done(path)
+    if cfg.until_epoch is None or cfg.until_epoch >= cfg.epochs:
+        mark_done(path)
+    else:  # reported at the epochs it reached; a later --until-epoch (or none) continues it
+        mark_done(path, f"stopped after epoch {cfg.until_epoch}")
+
+
+def _done(path: Path, cfg: TrainConfig) -> bool:
+    """Whether the run at ``path`` has gone as far as ``cfg`` asks: finished, or stopped by
+    ``until_epoch`` at or after ``cfg.until_epoch``."""
+    if not is_done(path):
+        return False
+    stopped = stopped_after(path)
+    return stopped is None or (cfg.until_epoch is not None and stopped >= cfg.until_epoch)
 
 
 @contextlib.contextmanager
@@ -418,9 +433,9 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
     raise the failed ones after all have ended."""
     import torch
 
-    todo = [(path, cfg) for path, cfg in plan if not is_done(path)]
-    for path, _ in plan:
-        if is_done(path):
+    todo = [(path, cfg) for path, cfg in plan if not _done(path, cfg)]
+    for path, cfg in plan:
+        if _done(path, cfg):
             logger.info("%s: finished, skipped", path)
     names = [path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
              for path, _ in todo]
@@ -436,7 +451,7 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
     outcomes = run_many(tasks, jobs=jobs, mode=jobs_mode, cuda=cuda,
                         progress_total=sum(cfg.epochs for _, cfg in plan) if show else 0,
                         progress_initial=sum(cfg.epochs for path, cfg in plan
-                                             if is_done(path)),
+                                             if _done(path, cfg)),
                         desc=f"{len(plan)} runs, {jobs} at a time")
     failed = [o for o in outcomes if not o.ok]
     if failed:

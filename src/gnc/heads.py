@@ -399,6 +399,13 @@ class ImplicitETFHead(_ETFHead):
         self._residual_seen = False
         return residual
 
+    def advance_host_steps(self, n: int = 1) -> None:
+        """As the base class; a replayed Newton–Schulz step also updated the residual that
+        :meth:`pop_polar_residual` reports."""
+        super().advance_host_steps(n)
+        if n > 0 and self.polar_method == "newton_schulz":
+            self._residual_seen = True
+
     def snapshot(self) -> dict[str, Any]:  # noqa: D102
         return super().snapshot() | {"residual_seen": self._residual_seen}
 

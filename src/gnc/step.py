@@ -457,7 +457,6 @@ class GraphedStep:
         self.graph_factory = graph_factory or cuda_graph
         self.warmup_iters = warmup_iters
         self._replay: Callable[[], None] | None = None
-        self._residual_seen = False  # the captured step updates the polar residual
         self.failed: str | None = None  # why the capture failed: steps then run eagerly
         self.captures = self.replays = 0
 
@@ -478,11 +477,9 @@ class GraphedStep:
         mark()
         self.replays += 1
         # what the captured Python did on the host, a replay does not: the heads' host-side
-        # step count, and that the implicit head has a residual to report
+        # step count (and with it, that the implicit head has a residual to report)
         if isinstance(s.head, (FixedETFHead, ImplicitETFHead)):
             s.head.advance_host_steps(1)
-        if self._residual_seen:
-            s.head._residual_seen = True
 
     def _snapshot(self) -> dict:
         s = self.static
@@ -527,7 +524,6 @@ class GraphedStep:
                 self._restore(snap, rng=True)
                 s.optimizer.zero_grad(set_to_none=True)  # backward allocates in the pool
                 self._replay = self.graph_factory(lambda: s.step(s.index))
-            self._residual_seen = bool(getattr(s.head, "_residual_seen", False))
             self.captures += 1
         except Exception as err:  # noqa: BLE001 -- any capture failure: train on, eagerly
             self.failed = _one_line(err)
