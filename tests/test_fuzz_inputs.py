@@ -167,7 +167,7 @@ def test_every_field_with_every_json_type(tmp_path: Path) -> None:
     import dataclasses
     import typing
 
-    from gnc.config import TrainConfig, _is_type
+    from gnc.config import TrainConfig, is_type
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -177,7 +177,7 @@ def test_every_field_with_every_json_type(tmp_path: Path) -> None:
             except ValueError as err:
                 text = str(err)
                 assert "\n" not in text and text, (f.name, value, text)
-                if not _is_type(hints[f.name], value):
+                if not is_type(hints[f.name], value):
                     assert text.startswith(f"Expected `{f.name}` to be "), (f.name, value, text)
             else:
-                assert _is_type(hints[f.name], value), (f.name, value)
+                assert is_type(hints[f.name], value), (f.name, value)

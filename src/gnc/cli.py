@@ -121,47 +121,22 @@ def _optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def _type_name(hint: Any) -> str:
-    plain = typing.get_origin(hint) is None and isinstance(hint, type)
-    return hint.__name__ if plain else str(hint)
-
-
-def _matches(hint: Any, value: Any) -> bool:
-    """Whether ``value`` (read from JSON) is of the annotation ``hint``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(a, value) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if hint is dict or origin is dict:
-        return isinstance(value, dict)
-    if origin is list:
-        return isinstance(value, list) and all(_matches(args[0], v) for v in value)
-    raise TypeError(f"gnc.cli has no flag type for the annotation {hint!r}")
-
-
 _INT_LIST = re.compile(r"\s*-?\d+(\s*,\s*-?\d+)*\s*")  # a list of ints without brackets
 
 
 def _from_json(name: str, hint: Any, text: str) -> Any:
     """The value of the field ``name`` (annotation ``hint``) that the JSON ``text`` is;
     ``ValueError`` for invalid JSON or a value of another type."""
-    if _INT_LIST.fullmatch(text) and _matches(hint, [0]):  # --eval-epochs 10,25,50
+    from gnc.config import hint_name, is_type  # loaded with the train flags already
+
+    if _INT_LIST.fullmatch(text) and is_type(hint, [0]):  # --eval-epochs 10,25,50
         text = f"[{text}]"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"invalid JSON {text!r} ({err})") from None
-    if not _matches(hint, value):
-        raise ValueError(f"Expected `{name}` to be {_type_name(hint)}, but got {text!r}")
+    if not is_type(hint, value):
+        raise ValueError(f"Expected `{name}` to be {hint_name(hint)}, but got {text!r}")
     return value
 
 
@@ -191,6 +166,8 @@ def _mentions(text: str, word: str) -> bool:
 
 def _add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None:
     """The flag of the TrainConfig field ``f``, from its annotation ``hint`` and metadata."""
+    from gnc.config import is_type
+
     flag = "--" + f.name.replace("_", "-")
     text = f.metadata["help"].replace("%", "%%")
     kind, optional = _optional(hint)
@@ -205,7 +182,7 @@ def _add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, hint: Any)
                        choices=choices, default=None, help=text,
                        metavar=_METAVARS[kind] + ("|none" if optional else ""))
     else:
-        _matches(hint, None)  # TypeError for an annotation JSON does not describe
+        is_type(hint, None)  # TypeError for an annotation JSON does not describe
         p.add_argument(flag, dest=f.name, type=_json_flag(f.name, hint), default=None,
                        help=text, metavar="JSON")
 

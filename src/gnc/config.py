@@ -55,13 +55,13 @@ def uses_implicit_head(method: str) -> bool:
     return issubclass(METHODS[method].head, ImplicitETFHead)
 
 
-def _is_type(hint: Any, value: Any) -> bool:
+def is_type(hint: Any, value: Any) -> bool:
     """Whether ``value`` (as JSON or the command line gives it) is of the annotation ``hint``:
     ``int`` rejects ``bool``; ``float`` takes ``int`` (not ``bool``); ``dict`` needs ``str``
     keys; ``list[T]`` every item a ``T``; ``T | None`` also ``None``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_is_type(a, value) for a in args)
+        return any(is_type(a, value) for a in args)
     if hint is type(None) or hint is None:
         return value is None
     if hint is bool:
@@ -75,11 +75,11 @@ def _is_type(hint: Any, value: Any) -> bool:
     if hint is dict or origin is dict:
         return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     if origin is list:
-        return isinstance(value, list) and all(_is_type(args[0], v) for v in value)
+        return isinstance(value, list) and all(is_type(args[0], v) for v in value)
     raise TypeError(f"gnc.config cannot check the annotation {hint!r}")
 
 
-def _hint_name(hint: Any) -> str:
+def hint_name(hint: Any) -> str:
     if isinstance(hint, type) and typing.get_origin(hint) is None:
         return hint.__name__
     return str(hint).replace("typing.", "")
@@ -185,15 +185,15 @@ class TrainConfig:
 
     def check_types(self) -> None:
         """Raise ``ValueError`` for a field whose value is not of its annotation (one line:
-        "Expected `FIELD` to be TYPE, but got VALUE"); see :func:`_is_type`."""
+        "Expected `FIELD` to be TYPE, but got VALUE"); see :func:`is_type`."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not _is_type(hints[f.name], value):
+            if not is_type(hints[f.name], value):
                 shown = json.dumps(value) if _jsonable(value) else repr(value)
                 if len(shown) > 60:
                     shown = shown[:57] + "..."
-                raise ValueError(f"Expected `{f.name}` to be {_hint_name(hints[f.name])}, "
+                raise ValueError(f"Expected `{f.name}` to be {hint_name(hints[f.name])}, "
                                  f"but got {shown}")
 
     def validate(self) -> None:

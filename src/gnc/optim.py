@@ -38,6 +38,13 @@ def _scale(p: Tensor) -> float:
     return math.sqrt(p.shape[0] / p[0].numel())
 
 
+def position_factor(p: Tensor, n: Tensor) -> Tensor:
+    """AGD's ``s_l / ‖g_p‖`` per kernel position of ``p`` (``n``: those gradient norms); a zero
+    slice stays put (0, not 0/0)."""
+    return torch.where(n > 0, _scale(p) / n.clamp_min(torch.finfo(n.dtype).tiny),
+                       torch.zeros_like(n))
+
+
 def _position_norms(g: Tensor) -> Tensor:
     """Frobenius norms of the ``out × in`` slices ``g[:, :, i, j, …]``, one per kernel
     position, shaped ``(1, 1, k₁, …)`` to broadcast against ``g`` (a matrix: its norm, (1, 1))."""
@@ -121,11 +128,7 @@ class AGD(Optimizer):
                 if p.grad is None:
                     continue
                 if p.ndim >= 2:
-                    n = norms[p]
-                    # s_l/‖g_p‖ per kernel position; a zero slice stays put (0, not 0/0)
-                    factor = torch.where(n > 0, _scale(p) / n.clamp_min(torch.finfo(n.dtype).tiny),
-                                         torch.zeros_like(n))
-                    p.add_(p.grad * factor, alpha=-step)
+                    p.add_(p.grad * position_factor(p, norms[p]), alpha=-step)
                 else:
                     p.add_(p.grad, alpha=-step)
         return loss

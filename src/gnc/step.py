@@ -59,7 +59,7 @@ from gnc.data.sampler import TensorBatchLoader
 from gnc.etf import products_only
 from gnc.heads import FixedETFHead, ImplicitETFHead, StandardHead
 from gnc.losses import classification_loss
-from gnc.optim import AGD, _position_norms, _scale
+from gnc.optim import AGD, _position_norms, _scale, position_factor
 from gnc.validation import check_features
 
 __all__ = ["HOST_READ_OPS", "GraphedStep", "HostReadError", "NoHostReads", "StaticStep",
@@ -296,10 +296,7 @@ class StaticStep:
                 if p.grad is None:
                     continue
                 if p.ndim >= 2:
-                    n = norms[p]
-                    factor = torch.where(n > 0, _scale(p) / n.clamp_min(torch.finfo(n.dtype).tiny),
-                                         torch.zeros_like(n))
-                    p.addcmul_(p.grad * factor, neg_step)
+                    p.addcmul_(p.grad * position_factor(p, norms[p]), neg_step)
                 else:
                     p.addcmul_(p.grad, neg_step)
 
