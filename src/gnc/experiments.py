@@ -7,7 +7,6 @@ paper states are marked "paper"; the rest are our choices and say so.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -15,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gnc import training
 from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_implicit_head
 from gnc.heads import PAPER_METHODS, normalizes_features
 from gnc.jobs import JOBS_MODES, in_worker, report_progress, run_many, threads_per_job
@@ -377,9 +375,8 @@ def _train_run(path: Path, cfg: TrainConfig, trust_checkpoint: bool) -> None:
     in a worker of :func:`gnc.jobs.run_many`, its epochs feed the parent's bar."""
     resume = has_checkpoint(path)
     # a run killed before its first checkpoint has nothing to resume: start it afresh
-    with _epochs_to_parent(cfg) if in_worker() else contextlib.nullcontext():
-        train(cfg, path, resume=resume, overwrite=not resume,
-              trust_checkpoint=trust_checkpoint)
+    train(cfg, path, resume=resume, overwrite=not resume, trust_checkpoint=trust_checkpoint,
+          progress_bar=_epochs_to_parent(cfg) if in_worker() else None)
     if cfg.until_epoch is None or cfg.until_epoch >= cfg.epochs:
         mark_done(path)
     else:  # reported at the epochs it reached; a later --until-epoch (or none) continues it
@@ -395,9 +392,8 @@ def _done(path: Path, cfg: TrainConfig) -> bool:
     return stopped is None or (cfg.until_epoch is not None and stopped >= cfg.until_epoch)
 
 
-@contextlib.contextmanager
-def _epochs_to_parent(cfg: TrainConfig):
-    """The loop's progress bar replaced, for the block, by one that reports each finished
+def _epochs_to_parent(cfg: TrainConfig) -> type:
+    """A progress-bar factory for :meth:`gnc.training.Trainer.fit` that reports each finished
     epoch to the parent (:func:`gnc.jobs.report_progress`); ``disable`` is set, so the
     loop computes no bar text (a host sync per step)."""
 
@@ -419,12 +415,7 @@ def _epochs_to_parent(cfg: TrainConfig):
         def close(self) -> None:
             pass
 
-    real = training._progress_bar
-    training._progress_bar = EpochFeed
-    try:
-        yield
-    finally:
-        training._progress_bar = real
+    return EpochFeed
 
 
 def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: int,

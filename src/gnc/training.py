@@ -40,6 +40,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,6 +77,7 @@ from gnc.rundir import (
     write_config,
 )
 from gnc.runtime import (
+    StepTimer,
     init_distributed,
     resolve_device,
     rng_state,
@@ -84,7 +86,7 @@ from gnc.runtime import (
     sum_over_ranks,
 )
 from gnc.step import GraphedStep, StaticStep
-from gnc.validation import NonFiniteError, all_finite, trusted_inputs
+from gnc.validation import NonFiniteError, all_finite_params, trusted_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +100,6 @@ RESUMABLE_KEYS = RUNTIME_KEYS | OUTPUT_KEYS | {"epochs"}
 # --------------------------------------------------------------------------- helpers
 
 
-def all_finite_params(model: nn.Module) -> bool:
-    """Whether every parameter is finite (one host sync: a NaN/Inf makes its sum non-finite)."""
-    sums = [p.detach().float().sum() for p in model.parameters()]
-    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
-        return True
-    return all(all_finite(p.detach()) for p in model.parameters())
-
-
 def _progress_bar(total: int, initial: int, disable: bool, desc: str):
     """A tqdm bar; without tqdm installed (a bare GPU machine), a silent stand-in."""
     try:
@@ -117,35 +111,6 @@ def _progress_bar(total: int, initial: int, disable: bool, desc: str):
                                set_postfix=lambda **kw: None)
     return tqdm(total=total, initial=initial, unit="step", disable=disable,
                 dynamic_ncols=True, desc=desc)
-
-
-class StepTimer:
-    """Forward and backward times of the steps of an epoch, without a host sync per step.
-
-    ``mark()`` three times per step (start, after the loss, after the optimiser step); on
-    CUDA the marks are events recorded in the stream and read once, in :meth:`times_ms`.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def times_ms(self) -> tuple[list[float], list[float]]:
-        """Per step: (forward ms, backward ms)."""
-        if self.cuda and self.marks:
-            self.marks[-1].synchronize()
-            ms = [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:], strict=False)]
-        else:
-            ms = [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
-        return ms[0::3], ms[1::3]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -470,13 +435,16 @@ class Trainer:
                     self.writer.add_scalar(k, v, row["epoch"])
             self.writer.flush()
 
-    def fit(self) -> dict:
+    def fit(self, progress_bar: Callable | None = None) -> dict:
+        """Train to ``cfg.epochs`` (or ``cfg.until_epoch``); returns the last metrics row.
+        ``progress_bar``: a factory like :func:`tqdm.tqdm` (``total``, ``initial``,
+        ``disable``, ``desc``) for the step bar (default: tqdm on rank 0)."""
         cfg = self.cfg
         steps = len(self.train_loader)
         if steps == 0:
             self._lock.release()
             raise ValueError("the training loader has no batches (batch size above the data?)")
-        bar = _progress_bar(total=cfg.epochs * steps, initial=self.epoch * steps,
+        bar = (progress_bar or _progress_bar)(total=cfg.epochs * steps, initial=self.epoch * steps,
                             disable=not (cfg.progress and self.dist.is_main),
                             desc=f"{cfg.method} seed {cfg.seed}")
         t_start = time.perf_counter()
@@ -511,12 +479,14 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
-          overwrite: bool = False, trust_checkpoint: bool = False) -> dict:
+          overwrite: bool = False, trust_checkpoint: bool = False,
+          progress_bar: Callable | None = None) -> dict:
     """Train one run into ``out_dir`` (see the module docstring); returns the last metrics.
 
     A directory that already holds a run is refused unless ``resume`` (continue it) or
     ``overwrite`` (replace it) is given; a missing or empty one is fine.
-    ``trust_checkpoint``: a resume may unpickle a checkpoint of an older gnc in full.
+    ``trust_checkpoint``: a resume may unpickle a checkpoint of an older gnc in full;
+    ``progress_bar``: see :meth:`Trainer.fit`.
     """
     return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite,
-                   trust_checkpoint=trust_checkpoint).fit()
+                   trust_checkpoint=trust_checkpoint).fit(progress_bar)

@@ -12,7 +12,7 @@ import contextvars
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _VALUE_CHECKS = contextvars.ContextVar("gnc_value_checks", default=True)
 
@@ -82,3 +82,11 @@ def check_features(features: Tensor, d: int, *, rows: str = "B",
         values = value_checks_enabled()
     if values and not all_finite(features):
         raise NonFiniteError("Expected `features` to be finite, but got NaN or Inf values")
+
+
+def all_finite_params(model: nn.Module) -> bool:
+    """Whether every parameter is finite (one host sync: a NaN/Inf makes its sum non-finite)."""
+    sums = [p.detach().float().sum() for p in model.parameters()]
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
+        return True
+    return all(all_finite(p.detach()) for p in model.parameters())
