@@ -1,5 +1,6 @@
 """``gnc experiment --jobs N`` (gnc.jobs): runs in worker processes, each as if alone."""
 
+import contextlib
 import json
 import logging
 import os
@@ -231,3 +232,70 @@ def test_auto_on_the_cpu_and_processes_start_no_daemon(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun"):
         run_experiment("ufm10", tmp_path / "x", jobs=2)
+
+
+# ------------------------------------------------------------------------------ start-up
+
+
+def parent_command() -> bytes:
+    return Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+
+
+def test_workers_come_from_the_fork_server_with_the_parents_environment(monkeypatch):
+    assert jobs.start_method() == "forkserver"  # Linux
+    jobs.prestart()
+    monkeypatch.setenv("GNC_TEST_JOBS_ENV", "set after the server started")
+    tasks = [("parent", parent_command, ()), ("env", os.getenv, ("GNC_TEST_JOBS_ENV",))]
+    parent, env = run_many(tasks, jobs=2, mode="processes")
+    # forked by the server (not by us), which imported the training code once
+    assert parent.ok and b"multiprocessing.forkserver" in parent.result, parent
+    assert b"gnc.experiments" in parent.result
+    assert env.result == "set after the server started"
+
+
+@pytest.mark.parametrize(("argv", "started"), [
+    (["experiment", "ufm10", "--jobs", "2", "--out", "x"], True),
+    (["experiment", "--jobs=3", "--lr", "0.1"], True),
+    (["experiment", "ufm10", "--jobs", "1"], False),
+    (["experiment", "ufm10"], False),
+    (["experiment", "--jobs", "two"], False),  # the real parse reports it
+    (["train", "--jobs", "2"], False),
+    ([], False),
+])
+def test_the_cli_starts_the_fork_server_before_importing_torch(argv, started, monkeypatch):
+    from gnc import cli
+
+    calls = []
+    monkeypatch.setattr(jobs, "prestart", lambda: calls.append(1))
+    cli._prestart_workers(argv)
+    assert bool(calls) == started
+
+
+def test_killing_the_parent_alone_ends_its_workers(tmp_path):
+    """SIGKILL of the parent only (not its process group): the fork server sees its end and
+    exits, and the workers end (killed by the kernel, PR_SET_PDEATHSIG, or at their next
+    message to the dead parent): no orphan trains on."""
+    out = tmp_path / "exp"
+    flags = [*FLAGS]
+    flags[flags.index("--epochs") + 1] = "100000"  # runs until killed
+    proc = subprocess.Popen([sys.executable, "-m", "gnc", "experiment", *flags, "--out",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*/seed*/checkpoints/epoch_*.pt"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while True:  # the session's other processes: the fork server and the workers
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "workers outlived their parent"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

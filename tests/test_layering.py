@@ -275,3 +275,14 @@ def test_the_public_names_resolve_lazily():
     assert gnc.nearest_etf.__module__ == "gnc.declarative"
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         gnc.nope  # noqa: B018
+
+
+def test_torchvision_is_imported_only_for_image_work():
+    """torchvision (and scikit-learn) take 1–2 s to import each: the training loop, the
+    experiments (and so every ``--jobs`` worker), the report and a non-image run do not pay it."""
+    loaded = _loaded_after("import gnc.experiments, gnc.training, gnc.report, gnc.jobs, "
+                           "gnc.evaluation, gnc.build, gnc.models, gnc.data")
+    assert not {"torchvision", "sklearn"} & loaded
+    build = "from gnc.models import build_backbone\nbuild_backbone({!r}, in_shape={!r})"
+    assert "torchvision" not in _loaded_after(build.format("mlp", (64,)))
+    assert "torchvision" in _loaded_after(build.format("resnet18", (3, 32, 32)))

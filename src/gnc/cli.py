@@ -631,11 +631,30 @@ def _start_up():
         signal.signal(signal.SIGINT, previous)
 
 
+def _prestart_workers(argv: Sequence[str]) -> None:
+    """``gnc experiment ... --jobs N`` with N > 1: start the workers' fork server now, so that
+    its import of torch overlaps this process's (the parse imports torch); see
+    :func:`gnc.jobs.prestart`. A bad value is left to the real parse."""
+    if not argv or argv[0] != "experiment":
+        return
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    peek.add_argument("--jobs", type=int, default=1)
+    try:
+        jobs = peek.parse_known_args(argv[1:])[0].jobs
+    except argparse.ArgumentError:
+        return
+    if jobs > 1:
+        from gnc.jobs import prestart
+
+        prestart()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``gnc``: errors are one line on stderr and a non-zero exit; Ctrl-C
     anywhere, the parse and its lazy imports (torch) included, is "gnc: interrupted", 130."""
     try:
         with _start_up():  # Ctrl-C while importing: exit at once (an import torn by
+            _prestart_workers(sys.argv[1:] if argv is None else list(argv))
             args = build_parser().parse_args(argv)  # KeyboardInterrupt may become an
             for module in _COMMAND_MODULES.get(args.func.__name__, ()):  # ImportError)
                 importlib.import_module(module)

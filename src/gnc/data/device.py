@@ -40,8 +40,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets as tvd
-from torchvision import transforms as T
 
 from .base import DatasetBundle, as_long
 from .perturb import RelabelledDataset
@@ -95,6 +93,10 @@ def image_spec(transform) -> ImageSpec | None:
     [RandomHorizontalFlip(0.5)] ToTensor Normalize`` — the transforms of
     :mod:`gnc.data.vision` except ImageNet's ``RandomResizedCrop``.
     """
+    if transform is None:
+        return None
+    from torchvision import transforms as T  # a transform exists: torchvision is loaded
+
     steps = list(transform.transforms) if isinstance(transform, T.Compose) else []
     prefix, crop, padding, flip, norm = [], None, 0, False, None
     for i, t in enumerate(steps):
@@ -152,6 +154,8 @@ def _array_pixels(ds) -> np.ndarray | None:
     data = data.numpy() if isinstance(data, Tensor) else np.asarray(data)
     if data.dtype != np.uint8:
         return None
+    from torchvision import datasets as tvd
+
     if isinstance(ds, (tvd.CIFAR10,)):  # CIFAR-100 subclasses CIFAR10: (N, H, W, C)
         return data.transpose(0, 3, 1, 2)
     if isinstance(ds, tvd.MNIST):  # MNIST, FashionMNIST, EMNIST, KMNIST: (N, H, W)
@@ -278,6 +282,12 @@ def _write_cache(file: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _is_image_folder(ds: Dataset) -> bool:
+    from torchvision import datasets as tvd
+
+    return isinstance(ds, tvd.DatasetFolder)
+
+
 def device_images(ds: Dataset, device: torch.device | str, *, cache: bool = True
                   ) -> DeviceImages | None:
     """A split's pixels on ``device``, or None when its transform or storage is unsupported.
@@ -298,7 +308,7 @@ def device_images(ds: Dataset, device: torch.device | str, *, cache: bool = True
                          else base.labels).numpy()
         if idx is not None:
             arr, labels = arr[idx], labels[idx]
-    elif isinstance(base, tvd.DatasetFolder):
+    elif _is_image_folder(base):
         samples = base.samples if idx is None else [base.samples[i] for i in idx]
         arr, labels = decode_files(samples, spec.prefix, cache=cache)
     else:

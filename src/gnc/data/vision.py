@@ -47,14 +47,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import datasets as tvd
-from torchvision import transforms as T
 
 from .base import DatasetBundle, DatasetNotFoundError, as_long
 from .device import check_image_headers, header_size
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 __all__ = ["NORMALIZATION", "load_imagefolder", "load_imagenet", "load_torchvision"]
 
@@ -70,15 +72,15 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 """Per-channel (mean, std) of each dataset's training images, for ``Normalize``."""
 
-# name -> (torchvision class, marker path under the root, image side, crop padding, flip)
+# name -> (torchvision class name, marker path under the root, image side, crop padding, flip)
 _TORCHVISION = {
-    "mnist": (tvd.MNIST, "MNIST/raw", 28, 2, False),
-    "fashion-mnist": (tvd.FashionMNIST, "FashionMNIST/raw", 28, 2, False),
-    "emnist": (tvd.EMNIST, "EMNIST/raw", 28, 2, False),
-    "cifar10": (tvd.CIFAR10, "cifar-10-batches-py", 32, 4, True),
-    "cifar100": (tvd.CIFAR100, "cifar-100-python", 32, 4, True),
-    "svhn": (tvd.SVHN, "train_32x32.mat", 32, 4, False),
-    "stl10": (tvd.STL10, "stl10_binary", 96, 12, True),
+    "mnist": ("MNIST", "MNIST/raw", 28, 2, False),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw", 28, 2, False),
+    "emnist": ("EMNIST", "EMNIST/raw", 28, 2, False),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", 32, 4, True),
+    "cifar100": ("CIFAR100", "cifar-100-python", 32, 4, True),
+    "svhn": ("SVHN", "train_32x32.mat", 32, 4, False),
+    "stl10": ("STL10", "stl10_binary", 96, 12, True),
 }
 _NUM_CLASSES = {"cifar100": 100, "emnist": 47}
 _GREY = ("mnist", "fashion-mnist", "emnist")
@@ -92,6 +94,7 @@ def _released(name: str, augment: bool) -> tuple[list[object], list[object], tup
     if name == "cifar10":
         std = (0.2023, 0.1994, 0.2010)  # the released code's (widespread) CIFAR-10 std
     side = {"stl10": 96}.get(name, 32)
+    T = _transforms()
     test: list[object] = [T.Grayscale(3), T.Resize(32)] if name in _GREY else []
     flip_crop = [T.RandomHorizontalFlip(), T.RandomCrop(side, padding=4)]
     aug: list[object] = {
@@ -119,7 +122,23 @@ def _find_root(data_dir: Path, name: str, marker: str) -> Path | None:
 def _compose(
     augmentation: Sequence[object], mean: Sequence[float], std: Sequence[float]
 ) -> T.Compose:
+    T = _transforms()
     return T.Compose([*augmentation, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _transforms():
+    """``torchvision.transforms``, imported when an image set is loaded: importing torchvision
+    takes 1–2 s, which the other datasets, the report and ``--jobs`` workers should not pay."""
+    from torchvision import transforms
+
+    return transforms
+
+
+def _datasets():
+    """``torchvision.datasets`` (imported on first use, as :func:`_transforms`)."""
+    from torchvision import datasets
+
+    return datasets
 
 
 def _targets(ds: Dataset) -> torch.Tensor:
@@ -152,7 +171,8 @@ def load_torchvision(
     if transforms not in TRANSFORMS:
         raise ValueError(f"unknown transforms {transforms!r} for dataset '{name}'; choose "
                          f"from {', '.join(TRANSFORMS)}")
-    cls, marker, side, padding, flip = _TORCHVISION[name]
+    cls_name, marker, side, padding, flip = _TORCHVISION[name]
+    cls, T = getattr(_datasets(), cls_name), _transforms()
     if transforms == "released":
         train_aug, test_pre, mean, std, side = _released(name, augment)
         train_tf, test_tf = _compose(train_aug, mean, std), _compose(test_pre, mean, std)
@@ -231,6 +251,7 @@ def load_imagenet(*, data_dir: Path, augment: bool = True, image_size: int = 224
             "--download: get it from image-net.org"
         )
     mean, std = NORMALIZATION["imagenet"]
+    T = _transforms()
     test_tf = _compose(
         [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)], mean, std
     )
@@ -271,6 +292,7 @@ def load_imagefolder(
         )
     mean = tuple(mean) if mean is not None else NORMALIZATION["imagenet"][0]
     std = tuple(std) if std is not None else NORMALIZATION["imagenet"][1]
+    T, tvd = _transforms(), _datasets()
     if image_size is not None:
         size: tuple[int, int] = (image_size, image_size)
         base: list[object] = [T.Resize(image_size), T.CenterCrop(image_size)]
@@ -308,6 +330,7 @@ def _folder_bundle(
     ``check_files`` every file's header is read first (:func:`gnc.data.device.
     check_image_headers`): a file that is not an image, or (``same_size``) of a size other
     than ``in_shape``'s, is one error naming it, before any run directory exists."""
+    tvd = _datasets()
     train = tvd.ImageFolder(str(train_dir), transform=train_tf)
     test = tvd.ImageFolder(str(test_dir), transform=test_tf) if test_dir.is_dir() else None
     if check_files:

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torchvision
 from torch import Tensor, nn
-from torchvision.models import resnet as tv_resnet
-from torchvision.models import vgg as tv_vgg
+
+if TYPE_CHECKING:
+    from torchvision.models import resnet as tv_resnet
 
 __all__ = [
     "BACKBONES",
@@ -174,6 +174,8 @@ class VGGFeatures(nn.Module):
         scaled: list[str | int] = [
             v if v == "M" else max(1, round(int(v) * width / 64)) for v in cfg
         ]
+        from torchvision.models import vgg as tv_vgg  # torchvision on first use (1–2 s)
+
         features = tv_vgg.make_layers(scaled, batch_norm=True)
         if in_channels != 3:
             first = features[0]
@@ -306,6 +308,8 @@ def _resnet(arch: str, *, in_channels: int, small_input: bool, width: int) -> nn
     channels using torchvision's own blocks and initialisation. ``small_input`` replaces the
     7×7 stride-2 stem conv by a 3×3 stride-1 conv and drops the max-pool (the usual CIFAR stem).
     """
+    import torchvision.models  # on first use (1–2 s)
+
     net: tv_resnet.ResNet = getattr(torchvision.models, arch)(weights=None)
     block = type(net.layer1[0])
     # torchvision's bottleneck has ⌊planes·base_width/64⌋·groups channels: with planes scaled
@@ -351,6 +355,8 @@ def _vgg_builder(arch: str, cfg_key: str) -> Callable[..., tuple[nn.Module, int,
     ) -> tuple[nn.Module, int, bool]:
         c, h, w = _image_shape(arch, in_shape)
         small = max(h, w) <= 64 if small_input is None else small_input
+        from torchvision.models import vgg as tv_vgg
+
         net = VGGFeatures(
             tv_vgg.cfgs[cfg_key],
             in_channels=c,
