@@ -10,11 +10,18 @@
 #   run(command="bash benchmarks/gpu_check.sh 1", carry=["data/cifar10-jpg.tar.gz"],
 #       timeout_s=330)
 #
-# Stage 1 (benchmarks/gpu_throughput.py -> $OUT/throughput-stage1.json): per method the epoch
-# bench eager (bf16) and with the captured step (--graph-step); one evaluation's seconds;
-# 10 replayed steps per method under torch.cuda.set_sync_debug_mode("error"); aggregate
-# images/s with 1, 2, 4, 8 runs in flight, then the best N under CUDA MPS when its daemon
-# starts; peak memory per run; and which settings stage 2 should use. Stage 2:
+# Stage 1 (benchmarks/gpu_throughput.py -> $OUT/throughput-stage1.json), in this order: per
+# method the epoch bench eager (bf16) and with the captured step (--graph-step); one
+# evaluation's seconds; 10 replayed steps per method under
+# torch.cuda.set_sync_debug_mode("error"); aggregate images/s with 1, 2, 4, 8 runs in flight
+# as processes, then the best N under CUDA MPS when its daemon starts; "best" (the settings
+# stage 2 uses); then 1, 2, 4, 8 runs in ONE process, each replaying its captured step on a
+# CUDA stream of its own ("streams", with the back-to-back replay floor "replay_floor_ms" and
+# peak memory per run; "best.streams_would_win" says whether they beat the processes -- stage
+# 2 cannot run them); last, grouped conv (groups=5) vs 5 dense convs on 5 streams / 1 stream
+# per ResNet-18 conv shape. A part that fails is recorded as its error; no part starts after
+# STAGE1_BUDGET s (recorded "skipped: budget"); STAGE1_TIMEOUT kills the rest;
+# STAGE1_PARTS=streams,grouped_conv (say) runs only those (gpu_throughput.py --parts). Stage 2:
 #   gnc experiment cifar10-resnet18 --seeds 5 --epochs 200 --until-epoch 50 \
 #       --eval-epochs 10,25,50 --jobs BEST [--jobs-mode mps] [captured-step flags]
 # its report (median [min, max] train top-1 per method at epoch 50, summary.json) into
@@ -22,7 +29,8 @@
 # aggregate_img_per_s, implicit_over_standard, s/epoch per method). Every result is written to
 # $OUT as soon as it exists (a call cut by its timeout still returns it).
 #
-# CPU dry run (tests/test_bench.py): DEVICE=cpu JOBS=1 BENCH_SET="--set width=4 ..." bash ... 1
+# CPU dry run (as tests/test_bench.py runs stage 1): DEVICE=cpu JOBS=1 BENCH_SET="--set width=4
+#   --set batch_size=10 ... --rounds 2 --conv-shapes 4x8 --conv-batch 2" bash ... 1
 set -uo pipefail
 STAGE=${1:-1}
 OUT=${OUT:-gpu-out}
@@ -50,20 +58,25 @@ torchvision.__version__, "cuda", torch.version.cuda)'
   say "gpu: $(head -1 "$OUT/gpu.txt")"
   timeout "${STAGE1_TIMEOUT:-270}" $PY benchmarks/gpu_throughput.py \
     "$OUT/throughput-stage1.json" --device "$DEVICE" --data-dir "$DATA" --jobs "$JOBS" \
-    "${SET[@]}" >> "$LOG" 2>&1
+    --budget-s "${STAGE1_BUDGET:-240}" \
+    ${STAGE1_PARTS:+--parts "$STAGE1_PARTS"} "${SET[@]}" >> "$LOG" 2>&1
   say "throughput (stage 1): exit $?"
   say "stage 1 done"
   exit 0
 fi
 
-# Stage 2: the settings stage 1 found best (captured step or not, N runs, MPS or not).
+# Stage 2: the settings stage 1 found best (captured step or not, N runs, MPS or not; a mode
+# `gnc experiment --jobs-mode` does not know, or no stage 1 result, falls back to defaults).
 read -r NJOBS MODE CAPTURED < <($PY - "$OUT/throughput-stage1.json" <<'PYEOF'
 import json, sys
 try:
     best = json.load(open(sys.argv[1]))["best"]
-except (OSError, ValueError, KeyError):
-    best = {"jobs": 4, "jobs_mode": "processes", "captured_step": False}
-print(best["jobs"], best["jobs_mode"], "yes" if best["captured_step"] else "no")
+    jobs, mode, captured = int(best["jobs"]), best["jobs_mode"], bool(best["captured_step"])
+    if mode not in ("auto", "processes", "mps"):
+        raise ValueError(mode)
+except (OSError, ValueError, KeyError, TypeError):
+    jobs, mode, captured = 4, "processes", False
+print(jobs, mode, "yes" if captured else "no")
 PYEOF
 )
 FLAGS=()
@@ -107,6 +120,7 @@ print(json.dumps({
     "experiment_wall_s": wall, "implicit_over_standard": ratio,
     "s_per_epoch": {m: sum(v) / len(v) for m, v in per_epoch.items()},
     "eval_s": stage1.get("eval_s"),
+    "eval_s_precise_bn_20": stage1.get("eval_s_precise_bn_20"),
 }, indent=1))
 PYEOF
 say "throughput.json written"

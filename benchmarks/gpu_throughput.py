@@ -1,42 +1,88 @@
 """Stage 1 of the GPU check (issue 18): what one card gives for many small runs.
 
     PYTHONPATH=src python3 benchmarks/gpu_throughput.py OUT.json [--device cuda] \
-        [--data-dir data] [--jobs 1,2,4,8] [--set KEY=VALUE ...]
+        [--data-dir data] [--jobs 1,2,4,8] [--parts steps,...] [--budget-s 240] \
+        [--rounds 80] [--conv-shapes 64x32,128x16,256x8,512x4] [--conv-batch 250] \
+        [--set KEY=VALUE ...]
 
 Writes one JSON object to OUT.json, rewritten after every measurement (a call cut by its
-time limit still returns what it had):
+time limit still returns what it had). In this order (the time each takes on the card
+decides what fits in stage 1's five minutes):
 
 - ``steps``: per method, the epoch bench (`gnc.bench.time_epoch`) eager (the preset as it is,
-  bf16 autocast) and with the captured step (``graph_step``: float32, the implicit head with
+  bf16 autocast) and with the captured step (``graph_step``, also bf16, the implicit head with
   the Newton–Schulz polar factor): ms per step, s per epoch, peak MiB;
 - ``eval_s``: one evaluation (precise statistics + train + test split), median of 3;
+  ``eval_s_precise_bn_20``: the same with the precise-BN pass bounded to 20 batches;
 - ``sync_free``: whether (up to) 10 replayed steps of each method run under
   ``torch.cuda.set_sync_debug_mode("error")`` (CUDA only);
 - ``jobs``: aggregate training images/s with N runs of the epoch bench in flight as plain
-  processes, and with the best N under CUDA MPS when its daemon starts;
-- ``best``: the settings stage 2 should use (the faster step variant, the best N, MPS or not).
+  processes (option (b) of the issue), and ``mps``: the best N under CUDA MPS when its
+  daemon starts; then ``best`` (written here, updated below);
+- ``streams``: option (a), one process driving N runs of the standard method with the
+  captured step, each captured on a CUDA stream of its own with a memory pool of its own
+  (:class:`gnc.step.GraphedStep` with ``stream``); R rounds (``--rounds``), each replaying one
+  step of every run in turn on its stream, one synchronize at the end: aggregate images/s,
+  ms per step (with N = 1: back-to-back replays of one run, the GPU-bound floor, also
+  ``replay_floor_ms``), the seconds spent building runs, the allocator's peak while each
+  run was built (data, model, warm-up, capture) and each run's mean training loss (a check
+  that concurrent replays do not disturb each other). The runs are built once for all N (the
+  N runs are the first N of the next N's);
+- ``grouped_conv``: per ResNet-18 CIFAR conv shape (C channels at S×S, 3×3, batch 250, bf16,
+  channels-last), forward+backward of one grouped conv (groups=5, 5·C channels) vs five
+  dense convs on five streams vs five dense convs on one stream, ms each: whether packing
+  five models into one network (vmap → grouped convs) could pay;
+- ``best``: the settings stage 2 uses (the faster step variant, the best N, MPS or
+  processes) and ``streams_would_win``: whether the best streams measurement beat them.
+  ``gnc experiment --jobs-mode`` has no streams mode (yet): streams are never chosen.
 
-On a CPU with ``--set width=4 --set batch_size=20 --set 'dataset_options={"subset": 4}'``
-every part runs in seconds (tests/test_bench.py runs it).
+Each part is recorded as an error string when it fails and the rest goes on; a part (for
+``jobs`` and ``streams``: an N) that would start after ``--budget-s`` seconds is recorded as
+``"skipped: budget"``, one left out of ``--parts`` as ``"skipped: --parts"`` (e.g.
+``--parts streams,grouped_conv`` measures option (a) alone).
+
+On a CPU with ``--set width=4 --set batch_size=10 --set 'dataset_options={"subset": 4}'
+--rounds 2 --conv-shapes 4x8 --conv-batch 2`` every part runs in seconds
+(tests/test_bench.py runs it; an epoch needs 4 steps: the warm-up before a capture reads
+batches 1 to 3): no streams there, the "replays" are the capture-ready step run eagerly (a
+stand-in for the capture, as tests/test_step.py uses).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 PRESET = "cifar10-resnet18"
 METHODS = ("standard", "fixed", "implicit")
-CAPTURED = {"graph_step": True, "amp": "none", "polar_method": "newton_schulz",
-            "data_on_device": "on"}
+# the preset's bf16 autocast is kept: it is captured (autocast without its weight cache)
+CAPTURED = {"graph_step": True, "polar_method": "newton_schulz", "data_on_device": "on"}
+DEFAULT_JOBS = 4  # stage 2's N when no process measurement exists (as gpu_check.sh's)
+CONV_SHAPES = "64x32,128x16,256x8,512x4"  # ResNet-18's CIFAR stages: channels x size
+SKIPPED = "skipped: budget"
+NOT_ASKED = "skipped: --parts"
+PARTS = ("steps", "eval_s", "sync_free", "jobs", "mps", "streams", "grouped_conv")
+_now = time.monotonic  # the budget's clock (tests replace it)
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:300]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def parse_set(items: list[str]) -> dict:
@@ -69,21 +115,31 @@ def step_variants(device: torch.device, data_dir: str, overrides: dict) -> dict:
     return out
 
 
-def eval_seconds(device: torch.device, data_dir: str, overrides: dict) -> float:
+PRECISE_BN_BATCHES = 20  # the bounded precise-BN pass timed beside the full one
+
+
+def eval_seconds(device: torch.device, data_dir: str, overrides: dict) -> dict:
+    """Median seconds of one evaluation (precise statistics, train and test splits): with
+    the BN pass over the whole train split ("full"), and bounded to
+    :data:`PRECISE_BN_BATCHES` batches."""
     from gnc.bench import _epoch_trainer
 
     with _epoch_trainer(PRESET, "implicit", device, 1, data_dir, overrides) as (trainer, _):
         trainer.train_epoch(None)
-        times = []
-        for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            trainer.evaluate_epoch({})
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        out = {}
+        for bn_batches in (0, PRECISE_BN_BATCHES):  # the full precise-BN pass, then bounded
+            trainer.cfg.precise_bn_batches = bn_batches
+            times = []
+            for _ in range(3):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                trainer.evaluate_epoch({})
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[bn_batches] = statistics.median(times)
+    return {"full": out[0], f"precise_bn_{PRECISE_BN_BATCHES}": out[PRECISE_BN_BATCHES]}
 
 
 def sync_free(device: torch.device, data_dir: str, overrides: dict) -> dict:
@@ -138,55 +194,373 @@ def in_flight(n: int, device: str, data_dir: str, sets: list[str], env: dict | N
     return {"runs": n, "img_per_s": sum(rates), "wall_s": wall, "errors": errors}
 
 
-def main() -> None:
+def mps_in_flight(n: int, device: str, data_dir: str, sets: list[str]) -> dict | str:
+    """:func:`in_flight` under CUDA MPS, or "unavailable" when its daemon does not start."""
+    from gnc.jobs import start_mps
+
+    daemon = start_mps(probe=True)
+    if daemon is None:
+        return "unavailable"
+    try:
+        return in_flight(n, device, data_dir, sets, daemon.env)
+    finally:
+        daemon.stop()
+
+
+def _stand_in_graph(fn):
+    """The CPU's stand-in for :func:`gnc.step.cuda_graph`: the "capture" runs the step once
+    (GraphedStep undoes it, as after a capture), a "replay" runs it again."""
+    fn()
+    return fn
+
+
+class StreamRun:
+    """One trainer's captured step on a CUDA stream of its own (on a CPU: the capture-ready
+    step through the stand-in); :meth:`step` runs the next step of the trainer's epochs."""
+
+    def __init__(self, trainer, device: torch.device) -> None:
+        from gnc.step import GraphedStep, StaticStep
+
+        self.trainer, self.device = trainer, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        static = StaticStep(trainer.model, trainer.optimizer, trainer.cfg.loss, device)
+        cpu = {} if self.stream is not None else {"capture": True,
+                                                  "graph_factory": _stand_in_graph}
+        self.graph = GraphedStep(static, stream=self.stream, **cpu)
+        self.left = 0  # steps left in the epoch
+        self.peak_mem_mb: float | None = None
+        trainer.model.train()
+
+    def step(self) -> None:
+        """The first call trains eagerly (on the current stream), the second warms up,
+        captures and replays, every later one replays (on the run's stream)."""
+        from gnc.data.sampler import set_loader_epoch
+
+        t, static = self.trainer, self.graph.static
+        if self.left == 0:  # next epoch: its plan overwrites what queued replays read
+            if self.stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            static.end_epoch()
+            t.epoch += 1
+            set_loader_epoch(t.train_loader, t.epoch)
+            self.left = static.begin_epoch(t.train_loader, t.step)
+            if self.left < 1 + self.graph.warmup_iters:  # on a GPU: a device-side assert
+                raise ValueError(f"the warm-up before the capture reads batches 1 to "
+                                 f"{self.graph.warmup_iters}: an epoch of {self.left} steps "
+                                 "is too short")
+        self.graph.run(lambda: None)
+        self.left -= 1
+        t.step += 1
+
+    def epoch_loss(self) -> float:
+        """The mean training loss of this epoch's steps so far (reads the device)."""
+        static = self.graph.static
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return float(static.loss_sum) / max(1, static.plan.shape[1] - self.left)
+
+
+class StreamRuns:
+    """Trainers of the standard method with the captured step (seeds ``seed``, ``seed + 1``,
+    ...), each trained one eager step and captured on a stream of its own, built when first
+    asked for: ``with StreamRuns(device, data_dir, overrides) as pool: pool.grow(n)``."""
+
+    def __init__(self, device: torch.device, data_dir: str, overrides: dict) -> None:
+        self.settings = {**overrides, **CAPTURED}
+        self.settings.pop("polar_method")
+        self.seed = self.settings.pop("seed", 0)
+        self.device, self.data_dir = device, data_dir
+        self.runs: list[StreamRun] = []
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> StreamRuns:
+        from gnc.validation import trusted_inputs
+
+        self._stack.enter_context(trusted_inputs())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runs.clear()
+        self._stack.close()  # the trainers, in reverse
+
+    def grow(self, n: int) -> list[StreamRun]:
+        """The first ``n`` runs, building those missing (with each one's allocator peak)."""
+        from gnc.bench import _epoch_trainer
+        from gnc.memory import PeakMemory
+
+        while len(self.runs) < n:
+            seed = self.seed + len(self.runs)
+            with PeakMemory(self.device) as mem:
+                trainer, _ = self._stack.enter_context(_epoch_trainer(
+                    PRESET, "standard", self.device, 1, self.data_dir,
+                    {**self.settings, "seed": seed}))
+                run = StreamRun(trainer, self.device)
+                run.step()  # eager: the optimiser's state
+                run.step()  # warm-up, capture, the first replay
+                _sync(self.device)
+            run.peak_mem_mb = mem.mb
+            self.runs.append(run)
+        return self.runs[:n]
+
+
+def round_robin(runs: list[StreamRun], rounds: int, device: torch.device) -> float:
+    """Seconds for ``rounds`` rounds of one step of every run in turn (each replay issued on
+    its run's stream), with one synchronize at the end."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for run in runs:
+            run.step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def streams_sweep(ns: list[int], device: torch.device, data_dir: str, overrides: dict, *,
+                  rounds: int = 80, warmup: int = 3, done: Callable | None = None,
+                  stop: Callable[[], bool] | None = None) -> list[dict | str]:
+    """Option (a) for each N of ``ns``: N runs in one process (:class:`StreamRuns`, built
+    once: the N runs are the first N of a larger N's), each replaying its captured step on
+    its own stream, ``warmup`` then ``rounds`` timed rounds (:func:`round_robin`). Per N:
+    training images/s in all, ms per step (N = 1: back-to-back replays, the GPU-bound
+    floor), the seconds spent building the runs added, each run's allocator peak while it
+    was built, the memory reserved in all, the runs whose capture failed, and each run's mean
+    training loss so far this epoch (read after the timing: NaN or a loss far from the N = 1
+    run's would say that concurrent replays disturb each other).
+    ``done(record)`` after each N; once ``stop()`` is true the rest are :data:`SKIPPED`."""
+    records: list[dict | str] = []
+    with StreamRuns(device, data_dir, overrides) as pool:
+        for n in ns:
+            if stop is not None and stop():
+                records.append(SKIPPED)
+            else:
+                t0 = time.perf_counter()
+                runs = pool.grow(n)
+                build_s = time.perf_counter() - t0
+                round_robin(runs, warmup, device)
+                seconds = round_robin(runs, rounds, device)
+                batch = runs[0].graph.static.batch_size
+                records.append({
+                    "runs": n, "img_per_s": n * rounds * batch / seconds,
+                    "ms_per_step": 1e3 * seconds / (n * rounds), "rounds": rounds,
+                    "build_s": build_s, "peak_mem_mb": [r.peak_mem_mb for r in runs],
+                    "replays": sum(r.graph.replays for r in runs),
+                    "not_captured": [r.graph.failed for r in runs if r.graph.failed],
+                    "train_loss": [r.epoch_loss() for r in runs]})
+                if device.type == "cuda":
+                    records[-1]["reserved_mb"] = torch.cuda.memory_reserved(device) / 2**20
+                del runs
+            if done is not None:
+                done(records[-1])
+    if device.type == "cuda":  # the trainers, their data, the graphs and their pools are gone
+        gc.collect()
+        torch.cuda.empty_cache()
+    return records
+
+
+def streams(n: int, device: torch.device, data_dir: str, overrides: dict, *,
+            rounds: int = 80, warmup: int = 3) -> dict:
+    """:func:`streams_sweep` for one N."""
+    (record,) = streams_sweep([n], device, data_dir, overrides, rounds=rounds, warmup=warmup)
+    return record
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"64x32,128x16"`` → ``[(64, 32), (128, 16)]`` (channels, size)."""
+    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+
+
+def grouped_conv(device: torch.device, shapes: list[tuple[int, int]], *, batch: int = 250,
+                 models: int = 5, repeats: int = 10) -> dict:
+    """Per (C, S): forward+backward (input and weight gradients) of a 3×3 conv on ``batch``
+    images of C channels at S×S, ``models`` times: as one grouped conv (groups=models,
+    models·C channels), as dense convs each on its own stream, and as dense convs on one
+    stream; median ms each. bf16 channels-last on CUDA (cudnn.benchmark on); float32 and no
+    streams on a CPU."""
+    import torch.nn.functional as F
+
+    from gnc.bench import median_ms
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
+        t = torch.randn(*shape, generator=gen).to(device, dtype)
+        if len(shape) == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.requires_grad_(grad)
+
+    def fwd_bwd(x, w, gy, groups: int = 1) -> None:
+        y = F.conv2d(x, w, padding=1, groups=groups)
+        torch.autograd.grad(y, (x, w), gy)
+
+    streams = [torch.cuda.Stream(device) if cuda else None for _ in range(models)]
+    out: dict = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "models": models,
+                 "streams": cuda}
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        for c, size in shapes:
+            x, gy = tensor(batch, models * c, size, size), tensor(batch, models * c, size,
+                                                                    size, grad=False)
+            w = tensor(models * c, c, 3, 3)
+            dense = [(tensor(batch, c, size, size), tensor(c, c, 3, 3),
+                      tensor(batch, c, size, size, grad=False)) for _ in range(models)]
+
+            def on_streams(dense=dense) -> None:
+                if not cuda:
+                    for args in dense:
+                        fwd_bwd(*args)
+                    return
+                current = torch.cuda.current_stream(device)
+                for s, args in zip(streams, dense, strict=True):
+                    s.wait_stream(current)
+                    with torch.cuda.stream(s):
+                        fwd_bwd(*args)
+                for s in streams:
+                    current.wait_stream(s)
+
+            variants = {"grouped_ms": lambda x=x, w=w, gy=gy: fwd_bwd(x, w, gy, models),
+                        "streams_ms": on_streams,
+                        "one_stream_ms": lambda dense=dense: [fwd_bwd(*a) for a in dense]}
+            row = {}
+            for name, fn in variants.items():
+                fn()  # cuDNN's autotuner (median_ms warms up once more)
+                row[name] = median_ms(fn, device, repeats)
+            row["grouped_over_streams"] = row["grouped_ms"] / row["streams_ms"]
+            out[f"{c}x{size}"] = row
+            del x, gy, w, dense
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    return out
+
+
+def _records(result: dict, key: str) -> list[dict]:
+    """The measurements of a per-N part (not those recorded as an error or skipped)."""
+    value = result.get(key)
+    return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
+
+
+def choose(result: dict) -> dict:
+    """Stage 2's settings from what ``result`` holds: the captured step when it is faster for
+    every method, the N (and MPS or plain processes) with the most images/s — or
+    :data:`DEFAULT_JOBS` plain processes when no process measurement exists — and whether
+    the best streams measurement (every capture made) beat that (stage 2 cannot run it;
+    None without a process measurement)."""
+    steps = result.get("steps")
+    steps = steps if isinstance(steps, dict) else {}
+
+    def epoch_s(key: str) -> float:
+        rec = steps.get(key)
+        return rec.get("epoch_s", float("inf")) if isinstance(rec, dict) else float("inf")
+
+    captured = all(epoch_s(f"{m}/captured") < epoch_s(f"{m}/eager") for m in METHODS)
+    jobs = [r for r in _records(result, "jobs") if r["img_per_s"] > 0]
+    best = {"captured_step": captured, "jobs": DEFAULT_JOBS, "jobs_mode": "processes",
+            "img_per_s": None, "measured": bool(jobs)}
+    if jobs:
+        top = max(jobs, key=lambda r: r["img_per_s"])
+        best.update(jobs=top["runs"], img_per_s=top["img_per_s"])
+        mps = result.get("mps")
+        if isinstance(mps, dict) and mps["img_per_s"] > top["img_per_s"]:
+            best.update(jobs=mps["runs"], jobs_mode="mps", img_per_s=mps["img_per_s"])
+    ok = [r for r in _records(result, "streams") if not r["not_captured"] and r["img_per_s"] > 0]
+    if ok:
+        top = max(ok, key=lambda r: r["img_per_s"])
+        best.update(streams_runs=top["runs"], streams_img_per_s=top["img_per_s"],
+                    streams_would_win=None if best["img_per_s"] is None  # nothing to beat
+                    else top["img_per_s"] > best["img_per_s"])
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--jobs", default="1,2,4,8")
+    ap.add_argument("--jobs", default="1,2,4,8", help="the N of the jobs and streams parts")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"the parts to run (default all: {','.join(PARTS)})")
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="start no part after this many seconds (it is recorded as skipped)")
+    ap.add_argument("--rounds", type=int, default=80, help="timed rounds of the streams part")
+    ap.add_argument("--conv-shapes", default=CONV_SHAPES, help="CxS,...: the grouped-conv part")
+    ap.add_argument("--conv-batch", type=int, default=250)
     ap.add_argument("--set", action="append", default=[])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    asked = set(args.parts.split(","))
+    if asked - set(PARTS):
+        ap.error(f"unknown part(s) {sorted(asked - set(PARTS))}; choose from {', '.join(PARTS)}")
     device, overrides = torch.device(args.device), parse_set(args.set)
+    data_dir = args.data_dir
     result: dict = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     path = Path(args.out)
+    start = _now()
 
     def save() -> None:
         path.write_text(json.dumps(result, indent=1))
 
-    result["steps"] = step_variants(device, args.data_dir, overrides)
+    def over_budget() -> bool:
+        return _now() - start > args.budget_s
+
+    def part(name: str, fn, *a, **kw):
+        """fn(*a, **kw), its error as a string, or why it did not run."""
+        if name not in asked:
+            return NOT_ASKED
+        if over_budget():
+            return SKIPPED
+        try:
+            return fn(*a, **kw)
+        except Exception as err:  # noqa: BLE001 -- a part that fails is a result
+            return _error(err)
+
+    result["steps"] = part("steps", step_variants, device, data_dir, overrides)
     save()
-    result["eval_s"] = eval_seconds(device, args.data_dir, overrides)
+    evals = part("eval_s", eval_seconds, device, data_dir, overrides)
+    for key in ("full", f"precise_bn_{PRECISE_BN_BATCHES}"):  # an error: in both
+        name = "eval_s" if key == "full" else f"eval_s_{key}"
+        result[name] = evals[key] if isinstance(evals, dict) else evals
     save()
-    result["sync_free"] = sync_free(device, args.data_dir, overrides)
+    result["sync_free"] = part("sync_free", sync_free, device, data_dir, overrides)
     save()
-    steps = result["steps"]
-    captured = all(steps.get(f"{m}/captured", {}).get("epoch_s", float("inf"))
-                   < steps.get(f"{m}/eager", {}).get("epoch_s", float("inf"))
-                   for m in METHODS)
+    captured = choose(result)["captured_step"]
     sets = args.set + ([f"{k}={json.dumps(v)}" for k, v in CAPTURED.items()
                         if k != "polar_method"] if captured else [])
+    ns = [int(j) for j in args.jobs.split(",")]
     result["jobs"] = []
-    for n in (int(j) for j in args.jobs.split(",")):
-        result["jobs"].append(in_flight(n, args.device, args.data_dir, sets))
+    for n in ns:
+        result["jobs"].append(part("jobs", in_flight, n, args.device, data_dir, sets))
         save()
-    best = max(result["jobs"], key=lambda r: r["img_per_s"])
-    mps = None
-    if device.type == "cuda":
-        from gnc.jobs import start_mps
-
-        daemon = start_mps(probe=True)
-        if daemon is not None:
-            try:
-                mps = in_flight(best["runs"], args.device, args.data_dir, sets, daemon.env)
-            finally:
-                daemon.stop()
-    result["mps"] = mps if mps is not None else "unavailable"
-    use_mps = mps is not None and mps["img_per_s"] > best["img_per_s"]
-    result["best"] = {"captured_step": captured, "jobs": best["runs"],
-                      "jobs_mode": "mps" if use_mps else "processes",
-                      "img_per_s": mps["img_per_s"] if use_mps else best["img_per_s"]}
+    result["mps"] = "unavailable"
+    measured = _records(result, "jobs")
+    if device.type == "cuda" and measured:
+        result["mps"] = part("mps", mps_in_flight,
+                             max(measured, key=lambda r: r["img_per_s"])["runs"], args.device,
+                             data_dir, sets)
+    result["best"] = choose(result)
     save()
 
+    def streams_done(record: dict | str) -> None:
+        result["streams"].append(record)
+        if isinstance(record, dict) and record["runs"] == 1:
+            result["replay_floor_ms"] = record["ms_per_step"]
+        result["best"] = choose(result)
+        save()
+
+    result["streams"] = []
+    if "streams" not in asked:
+        result["streams"] = [NOT_ASKED] * len(ns)
+    else:  # the budget is checked before each N
+        try:
+            streams_sweep(ns, device, data_dir, overrides, rounds=args.rounds,
+                          done=streams_done, stop=over_budget)
+        except Exception as err:  # noqa: BLE001 -- this N and the rest are not measured
+            streams_done(_error(err))
+    save()
+    result["grouped_conv"] = part("grouped_conv", grouped_conv, device,
+                                  parse_shapes(args.conv_shapes), batch=args.conv_batch)
+    result["elapsed_s"] = _now() - start
+    save()
 
 if __name__ == "__main__":
     main()

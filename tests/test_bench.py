@@ -138,10 +138,11 @@ def test_gpu_check_stage1_python_runs_on_the_cpu_with_tiny_sizes(tmp_path):
     subprocess.run(
         [sys.executable, str(root / "benchmarks" / "gpu_throughput.py"), str(out),
          "--device", "cpu", "--data-dir", str(tmp_path / "none"), "--jobs", "1",
-         "--set", "width=4", "--set", "batch_size=20", "--set",
-         'dataset_options={"subset": 4}'],
-        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(root / "src")},
-        timeout=600)
+         "--rounds", "2", "--conv-shapes", "4x8", "--conv-batch", "2", "--budget-s", "1e9",
+         *TINY_SETS],
+        check=True, capture_output=True, timeout=600,
+        # one intra-op thread: tiny steps on a shared 2-core machine run many times faster
+        env={**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"})
     result = json.loads(out.read_text())
     for method in ("standard", "fixed", "implicit"):
         for variant in ("eager", "captured"):
@@ -149,6 +150,156 @@ def test_gpu_check_stage1_python_runs_on_the_cpu_with_tiny_sizes(tmp_path):
         assert result["sync_free"][method] == "ok"
     assert result["eval_s"] > 0 and result["jobs"][0]["img_per_s"] > 0
     assert result["mps"] == "unavailable" and result["best"]["jobs"] == 1
+    (streams,) = result["streams"]
+    assert streams["runs"] == 1 and streams["img_per_s"] > 0 and streams["not_captured"] == []
+    assert result["replay_floor_ms"] == streams["ms_per_step"] > 0
+    assert result["best"]["streams_runs"] == 1
+    assert isinstance(result["best"]["streams_would_win"], bool)
+    assert result["grouped_conv"]["4x8"]["grouped_ms"] > 0
+
+
+# a width-4 ResNet-18 on 40 random CIFAR-shaped images, 4 steps an epoch (the warm-up before
+# a capture reads batches 1 to 3)
+TINY_SETS = ("--set", "width=4", "--set", "batch_size=10", "--set",
+             'dataset_options={"subset": 4}')
+TINY = {"width": 4, "batch_size": 10, "dataset_options": {"subset": 4}}
+
+
+@pytest.fixture(scope="module")
+def gpu_throughput():
+    """benchmarks/gpu_throughput.py as a module (it is a script, not part of gnc)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_throughput.py"
+    spec = importlib.util.spec_from_file_location("gpu_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny steps on a shared 2-core machine are many times faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_streams_two_runs_in_one_process_on_the_cpu(gpu_throughput, tmp_path, monkeypatch,
+                                                    one_thread):
+    """Option (a) on the CPU: two trainers, the stand-in capture, round-robin "replays" (the
+    capture-ready step run eagerly) that advance both runs, each from its own seed."""
+    import torch
+
+    monkeypatch.setenv("GNC_CACHE_DIR", str(tmp_path / "cache"))
+    cpu, data = torch.device("cpu"), str(tmp_path / "none")
+    with gpu_throughput.StreamRuns(cpu, data, {**TINY, "seed": 3}) as pool:
+        runs = pool.grow(2)
+        assert [r.trainer.cfg.seed for r in runs] == [3, 4] and pool.grow(1) == runs[:1]
+        assert all(r.graph.captures == 1 and r.graph.replays == 1 for r in runs)
+        before = [[p.detach().clone() for p in r.trainer.model.parameters()] for r in runs]
+        assert gpu_throughput.round_robin(runs, 3, cpu) > 0  # crosses an epoch's end
+        for run, params in zip(runs, before, strict=True):
+            assert run.graph.replays == 4 and run.graph.failed is None and run.trainer.step == 5
+            assert run.trainer.epoch == 2 and run.graph.captures == 1  # the plan kept its shape
+            assert all(not torch.equal(p, q)
+                       for p, q in zip(run.trainer.model.parameters(), params, strict=True))
+        a, b = (list(r.trainer.model.parameters()) for r in runs)
+        assert not any(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    record = gpu_throughput.streams(2, cpu, data, TINY, rounds=1, warmup=0)
+    assert record["runs"] == 2 and record["rounds"] == 1 and record["img_per_s"] > 0
+    assert record["ms_per_step"] > 0 and record["replays"] == 4 and record["build_s"] > 0
+    assert len(record["peak_mem_mb"]) == 2 and record["not_captured"] == []
+    assert all(0 < loss < 10 for loss in record["train_loss"])  # ln 10 at the start
+    with pytest.raises(ValueError, match="an epoch of 1 steps is too short"), \
+            gpu_throughput.StreamRuns(cpu, data, {**TINY, "batch_size": 40}) as pool:
+        pool.grow(1)
+
+
+def test_grouped_conv_on_the_cpu(gpu_throughput, one_thread):
+    import torch
+
+    out = gpu_throughput.grouped_conv(torch.device("cpu"), gpu_throughput.parse_shapes(
+        "4x8,8x4"), batch=2, repeats=1)
+    assert out["dtype"] == "float32" and out["streams"] is False and out["models"] == 5
+    for shape in ("4x8", "8x4"):
+        row = out[shape]
+        assert min(row["grouped_ms"], row["streams_ms"], row["one_stream_ms"]) > 0
+        assert row["grouped_over_streams"] == row["grouped_ms"] / row["streams_ms"]
+
+
+def test_stage1_records_errors_and_skips_parts_past_the_budget(gpu_throughput, tmp_path,
+                                                                monkeypatch):
+    """Each part runs through one guard: an error becomes its string and the rest goes on;
+    no part starts once the budget is spent; "best" falls back to stage 2's defaults."""
+    import json
+
+    clock = [0.0]
+    calls = []
+
+    def steps(*a):
+        calls.append("steps")
+        return {"standard/eager": {"epoch_s": 2.0}}
+
+    def broken(*a):
+        calls.append("eval")
+        raise RuntimeError("CUDA out of memory")
+
+    def slow(*a):
+        calls.append("sync_free")
+        clock[0] = 100.0  # this part takes the budget
+        return {"standard": "ok"}
+
+    def never(*a, **kw):
+        raise AssertionError("a part started after the budget")
+
+    monkeypatch.setattr(gpu_throughput, "_now", lambda: clock[0])
+    for name, fn in (("step_variants", steps), ("eval_seconds", broken), ("sync_free", slow),
+                     ("in_flight", never), ("StreamRun", never), ("grouped_conv", never)):
+        monkeypatch.setattr(gpu_throughput, name, fn)
+    out = tmp_path / "t.json"
+    gpu_throughput.main([str(out), "--device", "cpu", "--jobs", "1,2", "--budget-s", "50"])
+    result = json.loads(out.read_text())
+    assert calls == ["steps", "eval", "sync_free"]
+    assert result["eval_s"] == "RuntimeError: CUDA out of memory"
+    assert result["sync_free"] == {"standard": "ok"}
+    skipped = gpu_throughput.SKIPPED
+    assert result["jobs"] == result["streams"] == [skipped, skipped]
+    assert result["grouped_conv"] == skipped and result["mps"] == "unavailable"
+    assert result["best"] == {"captured_step": False, "jobs": 4, "jobs_mode": "processes",
+                              "img_per_s": None, "measured": False}
+    assert result["elapsed_s"] == 100.0
+
+    clock[0] = 0.0  # --parts: only those asked run
+    monkeypatch.setattr(gpu_throughput, "grouped_conv", lambda *a, **kw: {"4x8": {}})
+    gpu_throughput.main([str(out), "--device", "cpu", "--jobs", "1", "--parts", "grouped_conv"])
+    result = json.loads(out.read_text())
+    not_asked = gpu_throughput.NOT_ASKED
+    assert result["grouped_conv"] == {"4x8": {}} and result["steps"] == not_asked
+    assert result["jobs"] == result["streams"] == [not_asked]
+    with pytest.raises(SystemExit):
+        gpu_throughput.main([str(out), "--parts", "steps,evals"])
+
+
+def test_best_prefers_mps_and_says_whether_streams_would_win(gpu_throughput):
+    steps = {f"{m}/{v}": {"epoch_s": t} for m in ("standard", "fixed", "implicit")
+             for v, t in (("eager", 3.0), ("captured", 2.0))}
+    result = {"steps": steps, "jobs": [{"runs": 1, "img_per_s": 10.0},
+                                       {"runs": 4, "img_per_s": 30.0}, "skipped: budget"],
+              "mps": {"runs": 4, "img_per_s": 40.0},
+              "streams": [{"runs": 2, "img_per_s": 35.0, "not_captured": []},
+                          {"runs": 8, "img_per_s": 90.0, "not_captured": ["RuntimeError: x"]},
+                          "ValueError: y"]}
+    best = gpu_throughput.choose(result)
+    assert best == {"captured_step": True, "jobs": 4, "jobs_mode": "mps", "img_per_s": 40.0,
+                    "measured": True, "streams_runs": 2, "streams_img_per_s": 35.0,
+                    "streams_would_win": False}
+    result["streams"][0]["img_per_s"] = 45.0
+    assert gpu_throughput.choose(result)["streams_would_win"] is True
 
 
 def test_cli_bench_epoch_case(tmp_path, capsys):

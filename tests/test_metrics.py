@@ -461,6 +461,131 @@ def test_constructor_and_nc_metrics_validate():
         nc_metrics(torch.zeros(3, D), torch.zeros(3).long(), torch.zeros(K), torch.zeros(K))
 
 
+# --------------------------------------------------------------------------- compute()'s cost
+
+
+def reference_numerical_rank(moments: torch.Tensor) -> float:
+    """The definition, class by class: one eigvalsh of each S_c (eigenvalues below
+    d·eps·λ_max set to 0), (Σ√λ)²/tr(S_c), averaged over the classes with features."""
+    values = []
+    for S in moments:
+        lam = torch.linalg.eigvalsh(S)
+        lam = torch.where(lam > S.shape[0] * torch.finfo(lam.dtype).eps * lam[-1].clamp_min(0),
+                          lam, torch.zeros_like(lam))
+        if float(torch.trace(S)) > 0:
+            values.append(float(lam.sqrt().sum()) ** 2 / float(torch.trace(S)))
+    return sum(values) / len(values) if values else math.nan
+
+
+def reference_nc1_vci(h: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[float, float]:
+    """NC1 and VCI over the given classes with torch.linalg.pinv (the released code's way)."""
+    n, d, k = h.shape[0], h.shape[1], len(classes)
+    mu = torch.stack([h[y == c].mean(dim=0) for c in classes])
+    H = (mu - h.mean(dim=0)).T
+    centred = h - mu[torch.searchsorted(torch.tensor(classes), y)]
+    sigma_W, sigma_B = centred.T @ centred / n, H @ H.T / k
+    nc1 = float(torch.trace(sigma_W @ torch.linalg.pinv(sigma_B))) / k
+    sigma_T = sigma_W + sigma_B
+    vci = 1.0 - float(torch.trace(torch.linalg.pinv(sigma_T) @ sigma_B)) / min(d, k - 1)
+    return nc1, vci
+
+
+def rank_deficient_data(sizes: list[int], d: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """float32 features of len(sizes) classes with n_c = sizes[c] (0: a missing class; many
+    n_c < d: rank-deficient S_c), a random classifier."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    y = y[torch.randperm(len(y), generator=g)]
+    h = 3.0 * torch.randn(len(sizes), d, generator=g)[y] + torch.randn(len(y), d, generator=g)
+    return {"features": h, "labels": y, "W": torch.randn(len(sizes), d, generator=g),
+            "b": torch.randn(len(sizes), generator=g)}
+
+
+SIZES = [3, 40, 0, 17, 64, 1, 100]  # K = 7, d = 24: a missing class, rank-one class, n_c < d
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("block", ["default", "one-matrix"])
+def test_numerical_rank_blocks_and_threads_equal_the_per_class_loop(monkeypatch, threads,
+                                                                     block):
+    d = 24
+    if block == "one-matrix":
+        monkeypatch.setattr(metrics_module, "EIGVALSH_BYTES", d * d * 8)
+    data = rank_deficient_data(SIZES, d)
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    stats = NCStatistics(len(SIZES), d, linalg_threads=threads)
+    with trusted_inputs():
+        for s in torch.arange(len(y)).chunk(5):
+            stats.update(h[s], y[s])
+        for s in torch.arange(len(y)).chunk(5):
+            stats.update_margins(h[s], y[s], W, b)
+    threads_before = torch.get_num_threads()
+    got = stats.compute(W, b)
+    assert torch.get_num_threads() == threads_before  # the workers' setting is undone
+    assert got["missing_classes"] == [2]
+    want = reference_numerical_rank(stats._global.class_moments)
+    assert got["numerical_rank"] == pytest.approx(want, rel=1e-12)
+    # and the SVD of each class's raw features (the released code)
+    h64 = h.double()
+    svd = [float(torch.linalg.svdvals(h64[y == c]).sum() ** 2 / h64[y == c].square().sum())
+           for c in range(len(SIZES)) if SIZES[c]]
+    assert got["numerical_rank"] == pytest.approx(sum(svd) / len(svd), rel=1e-9)
+    classes = [c for c, n in enumerate(SIZES) if n]
+    nc1, vci = reference_nc1_vci(h64, y, classes)
+    assert got["nc1"] == pytest.approx(nc1, rel=1e-9)
+    assert got["vci"] == pytest.approx(vci, rel=1e-9)
+
+
+def test_compute_settings_give_the_same_metrics(monkeypatch):
+    d = 24
+    data = rank_deficient_data(SIZES, d, seed=1)
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    results = []
+    for kwargs in ({}, {"linalg_device": "cpu", "linalg_threads": 1},
+                   {"linalg_device": torch.device("cpu"), "linalg_threads": 4}):
+        stats = NCStatistics(len(SIZES), d, **kwargs)
+        stats.update(h, y)
+        stats.update_margins(h, y, W, b)
+        results.append(stats.compute(W, b))
+    for got in results[1:]:
+        for key in SCALAR_KEYS:
+            assert got[key] == pytest.approx(results[0][key], rel=1e-12, abs=1e-15), key
+        assert got["missing_classes"] == [2]
+    with pytest.raises(ValueError, match="Expected `linalg_threads` >= 1, but got 0"):
+        NCStatistics(K, D, linalg_threads=0)
+
+
+def test_one_present_class_of_two():
+    # K = 2 (the smallest K) with one class seen: the numerical rank of that class, the
+    # between-class metrics NaN
+    data = rank_deficient_data([0, 30], 5, seed=2)
+    h, y, W, b = (data[k] for k in ("features", "labels", "W", "b"))
+    got = nc_metrics(h, y, W, b)
+    assert got["missing_classes"] == [0]
+    assert all(math.isnan(got[k]) for k in ("nc1", "vci", "nc2_h", "nc3", "h_equinorm"))
+    s = torch.linalg.svdvals(h.double())
+    assert got["numerical_rank"] == pytest.approx(float(s.sum() ** 2 / s.square().sum()),
+                                                  rel=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linalg_on_the_host_equals_linalg_on_the_gpu():
+    # statistics on the GPU; compute()'s linear algebra there or on the CPU (full-rank
+    # classes: the eigenvalues near the cut of rank-deficient ones are rounding noise,
+    # which differs between cuSOLVER and LAPACK)
+    d = 48
+    data = rank_deficient_data([200, 300, 150, 250], d, seed=3)
+    h, y, W, b = (data[k].cuda() for k in ("features", "labels", "W", "b"))
+    results = []
+    for linalg in (None, "cpu"):
+        stats = NCStatistics(4, d, device="cuda", linalg_device=linalg)
+        stats.update(h, y)
+        stats.update_margins(h, y, W, b)
+        results.append(stats.compute(W, b))
+    for key in SCALAR_KEYS:
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-10, abs=1e-13), key
+
+
 # --------------------------------------------------------------------------- distributed
 
 

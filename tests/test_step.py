@@ -142,12 +142,15 @@ def _stand_in(trainer, products=False):
     return graph
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_graphed_step_with_a_stand_in_capture_equals_the_eager_run(tmp_path, images, method):
-    a, sa = _train(_images(images, method=method), tmp_path / "eager")
+@pytest.mark.parametrize(("method", "amp"), [(m, "none") for m in METHODS]
+                         + [("implicit", "bf16")])
+def test_graphed_step_with_a_stand_in_capture_equals_the_eager_run(tmp_path, images, method,
+                                                                   amp):
+    """bf16: the backbone under autocast (no weight-cast cache), as the presets train."""
+    a, sa = _train(_images(images, method=method, amp=amp), tmp_path / "eager")
     rng = torch.get_rng_state()
-    b, sb = _train(_images(images, method=method, graph_step=True), tmp_path / "graphed",
-                   graph=_stand_in)
+    b, sb = _train(_images(images, method=method, amp=amp, graph_step=True),
+                   tmp_path / "graphed", graph=_stand_in)
     assert torch.equal(rng, torch.get_rng_state())  # both runs seed, then draw the same
     graph = b.step_graph
     # step 1 eager, step 2 warms up, captures and replays, every later step replays; the
@@ -253,7 +256,7 @@ def test_fit_with_graph_step_logs_the_eager_metrics(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"graph_head": True, "method": "implicit"}, "graph_head"),
     ({"schedule": "onecycle"}, "onecycle"),
-    ({"amp": "bf16"}, "amp"),
+    ({"amp": "fp16"}, "fp16"),
     ({"compile": True}, "compile"),
     ({"method": "implicit", "polar_method": "auto"}, "newton_schulz"),
 ])
@@ -274,5 +277,19 @@ def test_static_step_refuses_what_it_cannot_run(tmp_path):
         opt = torch.optim.SGD(trainer.model.parameters(), lr=0.1, maximize=True)
         with pytest.raises(ValueError, match="default options"):
             StaticStep(trainer.model, opt, "ce", trainer.device)
+    finally:
+        trainer.release_lock()
+
+
+def test_a_stream_of_its_own_needs_a_cuda_device(tmp_path):
+    """``GraphedStep(stream=...)`` (several runs' graphs in one process) is CUDA only; the
+    default capture is :func:`gnc.step.cuda_graph` on that stream."""
+    trainer = Trainer(_digits(method="standard"), tmp_path / "run")
+    try:
+        static = StaticStep(trainer.model, trainer.optimizer, "ce", trainer.device)
+        with pytest.raises(ValueError, match="a stream needs a CUDA device, not cpu"):
+            GraphedStep(static, stream=object())
+        graph = GraphedStep(static)
+        assert graph.stream is None and graph.graph_factory.keywords == {"stream": None}
     finally:
         trainer.release_lock()

@@ -180,6 +180,9 @@ class TrainConfig:
     eval_stats: str = _field("precise", "BN statistics and mu_G at evaluation: precise "
                              "(recomputed over the training split) | running (the paper's)",
                              choices=EVAL_STATS)
+    precise_bn_batches: int = _field(0, "eval_stats precise: BatchNorm statistics from the "
+                                     "first N augmented training batches only (each rank N, "
+                                     "as detectron2's PreciseBN); 0: one full pass")
     save_classifier: bool = _field(False, "write OUT/classifier/epoch_XXXX.pt (W, b, class "
                                    "means, U) at every evaluation")
 
@@ -232,7 +235,8 @@ class TrainConfig:
                              (self.optimizer not in GRAPH_STEP_OPTIMIZERS,
                               f"optimizer {self.optimizer!r}"),
                              (self.schedule == "onecycle", "the per-step onecycle schedule"),
-                             (self.amp != "none", f"amp {self.amp!r} (autocast's cache)"),
+                             (self.amp == "fp16", "amp fp16 (its GradScaler reads back "
+                              "whether a gradient overflowed; bf16 can be captured)"),
                              (self.compile, "compile"),
                              (uses_implicit_head(self.method) and (
                                  self.polar_method != "newton_schulz" or self.solver != "exact"
@@ -259,10 +263,13 @@ class TrainConfig:
             raise ValueError(f"Expected `lr` <= {MAX_LR:g}, but got {self.lr} (the first "
                              "step would overflow the weights)")
         minimum = {"eval_batch_size": 1, "checkpoint_every": 0, "num_workers": 0, "width": 1,
-                   "seed": 0}
+                   "seed": 0, "precise_bn_batches": 0}
         for name, low in minimum.items():
             if getattr(self, name) < low:
                 raise ValueError(f"Expected `{name}` >= {low}, but got {getattr(self, name)}")
+        if self.precise_bn_batches and self.eval_stats != "precise":
+            raise ValueError(f"precise_bn_batches bounds the BN pass of eval_stats 'precise'; "
+                             f"with eval_stats {self.eval_stats!r} there is none (give 0)")
         if self.seed >= 2**32:
             raise ValueError(f"Expected `seed` < 2**32, but got {self.seed}")
         if self.feature_dim is not None and self.feature_dim < 1:

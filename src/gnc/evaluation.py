@@ -8,6 +8,11 @@ the training split — "precise BN" as in pycls and detectron2, and the exact ``
 stores them in the model, so a saved checkpoint's ``eval()`` logits equal the logged ones.
 ``eval_stats="running"`` (the paper's protocol) evaluates the running averages as they are.
 
+The trainer's evaluation costs, with precise statistics, one forward pass over the training
+batches (BN; bounded to N batches by ``precise_bn_batches``) and one over each split: ``μ_G``
+comes from the train split's own evaluation (:func:`evaluate` with ``set_global_mean``),
+whose features are computed before any logit needs ``μ_G``.
+
 :func:`nc_two_pass` is the one evaluation loop: the trainer's :func:`evaluate`, ``gnc
 evaluate`` (:func:`evaluate_run`, :func:`evaluate_checkpoints`) and ``gnc.measure`` all
 feed it, so they compute the same numbers the same way.
@@ -16,6 +21,8 @@ feed it, so they compute the same numbers the same way.
 from __future__ import annotations
 
 import contextlib
+import itertools
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,16 +68,34 @@ def quantiles(sorted_values: Tensor, n: int = MARGIN_QUANTILES) -> list[float]:
     return torch.quantile(sorted_values.double().cpu(), q).tolist()
 
 
+def check_bn_batches(max_batches: Any) -> None:
+    """Raise ``ValueError`` unless ``max_batches`` is an int >= 0 (0: the whole loader)."""
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 0:
+        raise ValueError(f"Expected `max_batches` to be an int >= 0 (0: the whole loader), "
+                         f"but got {max_batches!r}")
+
+
 @torch.no_grad()
 def recompute_bn(module: nn.Module, loader, device: torch.device,
-                 forward: Callable[[Tensor], Any] | None = None) -> None:
+                 forward: Callable[[Tensor], Any] | None = None, *,
+                 max_batches: int = 0) -> None:
     """"Precise BN": every BatchNorm of ``module`` gets, as running statistics, the cumulative
-    average (momentum None) of its batch statistics over one pass of ``loader``.
+    average (momentum None) of its batch statistics over one pass of ``loader``, or over its
+    first ``max_batches`` batches when ``max_batches > 0`` (all of them when it has fewer).
+
+    The bounded form is fvcore's ``update_bn_stats(model, data_loader, num_iters)``, which
+    detectron2's ``PreciseBN`` hook runs (``TEST.PRECISE_BN.NUM_ITER``, default 200): the
+    ``running_mean`` and ``running_var`` of each BN are the plain averages of the first
+    ``num_iters`` batches' means and (unbiased) variances — what momentum None computes,
+    ``r ← r + (x − r)/t`` at batch t. fvcore asserts that the loader has ``num_iters``
+    batches; here a shorter loader is simply used whole.
 
     Only the BN layers are put in training mode (the caller puts the rest in eval mode);
-    ``forward`` (default ``module``) maps a batch of inputs through them. Under DDP the ranks'
-    results are averaged. Momenta and eval mode come back even when a batch fails.
+    ``forward`` (default ``module``) maps a batch of inputs through them. Under DDP every rank
+    averages its own first ``max_batches`` batches, then the ranks' results are averaged.
+    Momenta and eval mode come back even when a batch fails.
     """
+    check_bn_batches(max_batches)
     bns = bn_layers(module)
     if not bns:
         return
@@ -81,7 +106,8 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
         m.momentum = None
         m.train()
     try:
-        for batch in loader:
+        # islice stops after the last batch it yields: the loader is not read further
+        for batch in itertools.islice(loader, max_batches or None):
             forward(batch[0].to(device, non_blocking=True))
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
@@ -94,31 +120,46 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
 
 @torch.no_grad()
 def recompute_statistics(model: FeatureClassifier, loader, device: torch.device,
-                         mean_loader=None) -> None:
+                         mean_loader=None, *, bn_batches: int = 0,
+                         global_mean: bool = True) -> None:
     """Set BatchNorm's running statistics from ``loader`` and the ETF head's ``μ_G`` from
     ``mean_loader`` (default: ``loader``).
 
-    BatchNorm: :func:`recompute_bn` over the backbone. Give it training batches *as trained
-    on* (augmented), as pycls and detectron2 do: the layers after a BN learnt to expect the
-    statistics of augmented batches, and statistics of un-augmented images (zero-padded
-    crops change them) cost CIFAR-10 three points of train accuracy at the end of training.
+    BatchNorm: :func:`recompute_bn` over the backbone (its first ``bn_batches`` batches when
+    > 0). Give it training batches *as trained on* (augmented), as pycls and detectron2 do:
+    the layers after a BN learnt to expect the statistics of augmented batches, and
+    statistics of un-augmented images (zero-padded crops change them) cost CIFAR-10 three
+    points of train accuracy at the end of training.
     ``μ_G``: the mean of the normalised features over ``mean_loader`` in eval mode, with the
-    new BN statistics — the un-augmented split that the evaluation measures.
+    new BN statistics — the un-augmented split that the evaluation measures. ``global_mean=
+    False`` leaves it to the evaluation of that split (:func:`evaluate` with
+    ``set_global_mean=True``), which computes the same features anyway: one pass fewer.
     """
     was_training = model.training
     model.eval()
-    recompute_bn(model.backbone, loader, device, forward=model.features)
-    if model.head.tracks_global_mean:
+    recompute_bn(model.backbone, loader, device, forward=model.features, max_batches=bn_batches)
+    if global_mean and model.head.tracks_global_mean:
         total, n = None, torch.zeros((), dtype=torch.float64, device=device)
         for x, _ in loader if mean_loader is None else mean_loader:
-            h = model.features(x.to(device, non_blocking=True)).double()
-            total = h.sum(0) if total is None else total + h.sum(0)
-            n += h.shape[0]
-        if total is not None:
-            all_reduce_sum_(total)
-            all_reduce_sum_(n)
-            model.head.set_global_mean((total / n).to(model.head.mu_G.dtype))
+            h = model.features(x.to(device, non_blocking=True))
+            total, n = _add_to_mean(total, n, h)
+        _set_global_mean(model, total, n)
     model.train(was_training)
+
+
+def _add_to_mean(total: Tensor | None, n: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """The float64 running sum of the rows of ``h`` and their count (in place)."""
+    s = h.double().sum(0)
+    n += h.shape[0]
+    return (s if total is None else total + s), n
+
+
+def _set_global_mean(model: FeatureClassifier, total: Tensor | None, n: Tensor) -> None:
+    """``μ_G = total / n`` over all ranks into the head (nothing when no batch was seen)."""
+    if total is not None:
+        all_reduce_sum_(total)
+        all_reduce_sum_(n)
+        model.head.set_global_mean((total / n).to(model.head.mu_G.dtype))
 
 
 def _outputs(model: FeatureClassifier, loader, device: torch.device):
@@ -126,6 +167,37 @@ def _outputs(model: FeatureClassifier, loader, device: torch.device):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits, h = model(x)
         yield h, y, logits
+
+
+def _outputs_after_global_mean(model: FeatureClassifier, loader, device: torch.device,
+                               max_cache_bytes: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`_outputs`, with the head's ``μ_G`` set first to the mean of the features over
+    ``loader`` (as :func:`recompute_statistics`): the logits depend on it (``b = −W μ_G``).
+
+    The features and labels are computed once and kept while they take at most
+    ``max_cache_bytes``; then ``μ_G`` is set and the logits ``head(h)`` come from the kept
+    features — exactly the model's eval-mode ``forward``. Beyond the budget the data are
+    read (and the model run) again, as with a separate ``μ_G`` pass.
+    """
+    cache: deque | None = deque()
+    cached = 0
+    total, n = None, torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in loader:
+        h = model.features(x.to(device, non_blocking=True))
+        total, n = _add_to_mean(total, n, h)
+        if cache is not None:
+            y = y.to(device, non_blocking=True)
+            cached += h.numel() * h.element_size() + y.numel() * y.element_size()
+            cache = cache if cached <= max_cache_bytes else None
+            if cache is not None:
+                cache.append((h, y))
+    _set_global_mean(model, total, n)
+    if cache is None:
+        yield from _outputs(model, loader, device)
+        return
+    while cache:  # handed over one by one: the caller keeps what its own budget allows
+        h, y = cache.popleft()
+        yield h, y, model.head(h)
 
 
 Outputs = Iterator[tuple[Tensor, Tensor, Tensor | None]]
@@ -197,19 +269,31 @@ def head_weights(head: nn.Module) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def evaluate(model: FeatureClassifier, loader, K: int, device: torch.device, *,
-             geometry: dict | None = None) -> tuple[dict, Any]:
+             geometry: dict | None = None, set_global_mean: bool = False,
+             max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[dict, Any]:
     """Every NC metric of ``model`` (eval mode, statistics as stored) over ``loader``
     (:func:`nc_two_pass`).
 
     Returns ``(metrics without cos_margins, sorted cos_margins tensor on the CPU)``.
     ``geometry``: a dict that, when given, receives :func:`nc_two_pass`'s geometry.
+    ``set_global_mean``: for a head that :attr:`~gnc.heads.Head.tracks_global_mean`, first
+    set its ``μ_G`` to the mean of the features over ``loader`` — what
+    :func:`recompute_statistics` sets, without its pass: the features of pass 1 are computed
+    first and its logits from them once ``μ_G`` is known (while the split's features and
+    labels fit in ``max_cache_bytes``, the pass-1 cache limit; else one more pass).
     """
     was_training = model.training
     model.eval()
+    first = ([_outputs_after_global_mean(model, loader, device, max_cache_bytes)]
+             if set_global_mean and model.head.tracks_global_mean else [])
+
+    def outputs() -> Outputs:  # the first pass sets μ_G before its logits, a second is plain
+        return first.pop() if first else _outputs(model, loader, device)
+
     try:
-        out, geo, _ = nc_two_pass(lambda: _outputs(model, loader, device),
-                                  lambda h: NCStatistics(K, h.shape[1], device=device),
-                                  lambda: head_weights(model.head))
+        out, geo, _ = nc_two_pass(outputs, lambda h: NCStatistics(K, h.shape[1], device=device),
+                                  lambda: head_weights(model.head),
+                                  max_cache_bytes=max_cache_bytes)
     finally:
         model.train(was_training)
     if geometry is not None:

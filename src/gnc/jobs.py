@@ -66,8 +66,9 @@ JOBS_MODES = ("auto", "processes", "mps")
 MPS_CONTROL = "nvidia-cuda-mps-control"
 # run with the MPS environment before the workers start: does a CUDA client get served?
 MPS_PROBE = ("-c", "import torch; torch.ones(1, device='cuda').add_(1); torch.cuda.synchronize()")
-# imported once by the fork server, before it forks the workers
-PRELOAD = ("gnc.experiments",)
+# imported once by the fork server, before it forks the workers; torch._dynamo (~1 s) is
+# what building a torch.optim optimiser imports on first use
+PRELOAD = ("gnc.experiments", "torch._dynamo")
 # errors that are the task's own outcome (bad settings, divergence, files): logged in one line;
 # the rest (likely bugs) with their traceback
 _PLAIN_ERRORS = (ValueError, OSError, FloatingPointError)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,8 @@ from torch import Tensor
 from gnc.runtime import all_gather_cat, all_reduce_sum
 from gnc.validation import NonFiniteError, all_finite, check_features, value_checks_enabled
 
-__all__ = ["CLASS_MOMENTS_BYTES", "PENDING_BYTES", "NCStatistics", "etf_distances", "nc_metrics"]
+__all__ = ["CLASS_MOMENTS_BYTES", "EIGVALSH_BYTES", "PENDING_BYTES", "NCStatistics",
+           "etf_distances", "nc_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ CLASS_MOMENTS_BYTES = 2**30
 # Features NCStatistics holds back (in their own dtype) before adding them to the per-class
 # second moments, sorted by class: one host read per flush instead of one per batch.
 PENDING_BYTES = 2**28
+# Largest input (bytes, over all threads) of the eigvalsh calls of the numerical rank at once
+# (64 matrices at d = 512, 4 at d = 2048; at least one): each call copies its block of
+# matrices for LAPACK to overwrite.
+EIGVALSH_BYTES = 2**27
 _warned_rank_budget: set[tuple[int, int]] = set()  # (K, d) already warned about, once each
 
 
@@ -201,8 +207,8 @@ def _vci(sigma_W: Tensor, H: Tensor, exact_pinv: bool = False) -> float:
     return 1.0 - trace / rank
 
 
-def _numerical_rank(moments: Tensor, present: Tensor, chunk: int = 16) -> float:
-    """Mean over the present classes of ``(‖H_c‖_*/‖H_c‖_F)²`` from ``S_c = H_cᵀ H_c``.
+def _numerical_rank(moments: Tensor, classes: list[int], workers: int = 1) -> float:
+    """Mean over the given classes of ``(‖H_c‖_*/‖H_c‖_F)²`` from ``S_c = H_cᵀ H_c``.
 
     ``H_c`` is the n_c × d matrix of the *raw* (uncentred) features of class c, as in the
     released code (``compute_numerical_rank``: the SVD of each class's features). Its
@@ -212,18 +218,51 @@ def _numerical_rank(moments: Tensor, present: Tensor, chunk: int = 16) -> float:
     to 0 so that this noise does not add ~``d·√(d·eps)`` to a rank-one class's value. Classes
     whose features are all zero are left out; NaN if no class is left. Between 1 (the class
     collapsed to one direction) and rank(H_c).
+
+    Cost: one ``eigvalsh`` of a d×d matrix per class ((4/3)d³ flops; ~20 ms at d = 512 on
+    one CPU core), in blocks of at most :data:`EIGVALSH_BYTES` of matrices at once (each
+    call's copy of its input is LAPACK's workspace). On the CPU the blocks go to ``workers``
+    threads, each running LAPACK single-threaded: the classes in parallel, and no
+    multithreaded tridiagonalisation, which at d = 512 was measured 10-100× slower on a
+    2-core machine busy with other jobs (OpenMP threads waiting for each other). Each
+    matrix's eigenvalues are computed alone either way: the blocking does not change them.
     """
-    S = moments[present]
-    values = []
-    for start in range(0, S.shape[0], chunk):  # bounds eigvalsh's workspace to chunk·d²
-        block = S[start:start + chunk]
-        lam = torch.linalg.eigvalsh(block)  # (c, d) ascending
-        cut = block.shape[-1] * torch.finfo(lam.dtype).eps * lam[:, -1:].clamp_min(0)
+    d = moments.shape[-1]
+    size = d * d * moments.element_size()
+    cpu = moments.device.type == "cpu"
+    workers = max(1, min(workers, len(classes), EIGVALSH_BYTES // size)) if cpu else 1
+    per_block = max(1, EIGVALSH_BYTES // (workers * size))
+    per_block = min(per_block, -(-len(classes) // workers))  # every worker gets a block
+    blocks = [classes[i:i + per_block] for i in range(0, len(classes), per_block)]
+
+    def block_values(block: list[int]) -> tuple[Tensor, Tensor]:
+        first, last = block[0], block[-1]
+        if block == list(range(first, last + 1)):
+            S = moments[first:last + 1]  # a view: no copy besides eigvalsh's own
+        else:
+            S = moments.index_select(0, torch.tensor(block, device=moments.device))
+        lam = torch.linalg.eigvalsh(S)  # (c, d) ascending
+        cut = d * torch.finfo(lam.dtype).eps * lam[:, -1:].clamp_min(0)
         lam = torch.where(lam > cut, lam, torch.zeros_like(lam))
-        fro2 = block.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
-        nonzero = fro2 > 0
-        values.append(lam.sqrt().sum(dim=-1)[nonzero] ** 2 / fro2[nonzero])
-    ranks = torch.cat(values) if values else torch.zeros(0, dtype=moments.dtype)
+        return lam.sqrt().sum(dim=-1), S.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+
+    if not blocks:
+        return math.nan
+    if cpu:
+        threads = torch.get_num_threads()
+        try:  # set_num_threads(1) in a worker: its own OpenMP/MKL threads, and the default
+            # of threads started later, restored below
+            with ThreadPoolExecutor(workers, thread_name_prefix="gnc-eigvalsh",
+                                    initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                parts = list(pool.map(block_values, blocks))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        parts = [block_values(block) for block in blocks]
+    nuclear = torch.cat([p[0] for p in parts])  # ‖H_c‖_*
+    fro2 = torch.cat([p[1] for p in parts])  # ‖H_c‖²_F
+    nonzero = fro2 > 0
+    ranks = nuclear[nonzero] ** 2 / fro2[nonzero]
     return float(ranks.mean()) if ranks.numel() else math.nan
 
 
@@ -369,6 +408,16 @@ class NCStatistics:
         class_moments_bytes: the most memory (bytes) the per-class second moments of
             ``numerical_rank`` may take, default :data:`CLASS_MOMENTS_BYTES` (1 GiB); above
             it they are not kept and ``numerical_rank`` is NaN. 0 turns them off.
+        linalg_device: where :meth:`compute` does its float64 linear algebra (default None:
+            ``device``). ``"cpu"`` with statistics on a GPU copies them to the host once
+            (K·d² + d² + dK floats: one wait for the queued work) and runs LAPACK there,
+            ``linalg_threads`` eigensolvers at a time, instead of cuSOLVER's, which torch
+            runs one matrix after another for d > 32: the same metrics up to float64
+            rounding. Which is faster depends on the machine: ``python
+            benchmarks/nc_metrics_cost.py --device cuda --linalg-device same,cpu`` measures
+            both.
+        linalg_threads: how many eigensolvers of the numerical rank run at once on the CPU,
+            each single-threaded (worker threads; default None: ``torch.get_num_threads()``).
 
     Shape:
         - features: (N, d), any floating dtype (accumulated in float64)
@@ -394,15 +443,22 @@ class NCStatistics:
     """
 
     def __init__(self, K: int, d: int, device: torch.device | str | None = None, *,
-                 class_moments_bytes: int = CLASS_MOMENTS_BYTES) -> None:
+                 class_moments_bytes: int = CLASS_MOMENTS_BYTES,
+                 linalg_device: torch.device | str | None = None,
+                 linalg_threads: int | None = None) -> None:
         if K < 2:
             raise ValueError(f"Expected `K` >= 2, but got {K}")
         if d < 1:
             raise ValueError(f"Expected `d` >= 1, but got {d}")
         if class_moments_bytes < 0:
             raise ValueError(f"Expected `class_moments_bytes` >= 0, but got {class_moments_bytes}")
+        if linalg_threads is not None and linalg_threads < 1:
+            raise ValueError(f"Expected `linalg_threads` >= 1, but got {linalg_threads}")
         self.K, self.d = K, d
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.linalg_device = self.device if linalg_device is None else torch.device(
+            linalg_device)
+        self.linalg_threads = linalg_threads
         need = K * d * d * 8
         self.keeps_class_moments = 0 < need <= class_moments_bytes
         if not self.keeps_class_moments and class_moments_bytes and (K, d) not in \
@@ -608,25 +664,32 @@ class NCStatistics:
         self._raise_deferred(invalid)
         means, mu_G = self._means()
         self._check_complete(pass2)
-        W, b = W.to(self.device, _F64), b.to(self.device, _F64)
-        n = int(self._global.counts.sum())
-        present = self._global.counts > 0
-        missing = (~present).nonzero().flatten().tolist()
-        H = (means[present] - mu_G).T  # (d, K') over the K' classes with samples
-        sigma_W = (self._global.second_moment - self._global.sums.T @ means) / n
-        hits = self._global.hits if int(self._global.hits[2]) == n else pass2[1:]
+        # the linear algebra on linalg_device: one copy of each statistic there (none when it
+        # is the statistics' device)
+        g, dev = self._global, self.linalg_device
+        means, mu_G, sums, second = (t.to(dev) for t in (means, mu_G, g.sums, g.second_moment))
+        moments = None if g.class_moments is None else g.class_moments.to(dev)
+        W, b = W.to(dev, _F64), b.to(dev, _F64)
+        counts = g.counts.tolist()
+        n = sum(counts)
+        classes = [c for c, count in enumerate(counts) if count]  # the K' with samples
+        missing = [c for c, count in enumerate(counts) if not count]
+        present = torch.tensor(classes, device=dev)
+        H = (means.index_select(0, present) - mu_G).T  # (d, K')
+        sigma_W = (second - sums.T @ means) / n
+        hits = g.hits if int(g.hits[2]) == n else pass2[1:]
         spread = H.shape[1] >= 2  # between-class statistics need two classes with samples
         w_equinorm = _coefficient_of_variation(W.norm(dim=1))
         h_equinorm = _coefficient_of_variation(H.norm(dim=0)) if spread else math.nan
-        moments = self._global.class_moments
+        threads = self.linalg_threads or torch.get_num_threads()
         return {
             "nc1": _nc1(sigma_W, H) if spread else math.nan,
             "vci": _vci(sigma_W, H) if spread else math.nan,
-            "numerical_rank": math.nan if moments is None else _numerical_rank(moments,
-                                                                                present),
+            "numerical_rank": math.nan if moments is None else _numerical_rank(
+                moments, classes, threads),
             "nc2": _etf_distance(W @ W.T),
             "nc2_h": _etf_distance(H.T @ H),
-            "nc3": _etf_distance(W[present] @ H),
+            "nc3": _etf_distance(W.index_select(0, present) @ H),
             "nc4_bias": float(torch.linalg.vector_norm(W @ mu_G + b)),
             "ncc_mismatch": 100.0 * int(pass2[0]) / n,
             "w_equinorm": w_equinorm,

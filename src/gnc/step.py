@@ -33,11 +33,18 @@ state restored and the run continues with the eager capture-ready step after ONE
 plan of another shape (a different number of steps per epoch) is captured again. On the
 CPU nothing is captured: the capture-ready step runs eagerly (what the tests check).
 
+Several runs in one process (``benchmarks/gpu_throughput.py``): ``GraphedStep(..., stream=s)``
+warms up, captures and replays on a stream of its own, so that the graphs of different runs
+may run at the same time; each capture has its own memory pool (``torch.cuda.graph``'s
+default) and, on its own stream, its own cuBLAS workspace.
+
 ``--graph-head`` stays separate (it captures the head only, with ``make_graphed_callables``)
 and cannot be combined with ``--graph-step``, whose graph holds the head already.
 
 Not supported (refused by :meth:`gnc.config.TrainConfig.validate` or here, one line each):
-several processes (DDP), fp16/bf16 autocast (autocast's weight cache cannot be captured),
+several processes (DDP), fp16 autocast (its ``GradScaler`` reads back whether a gradient
+overflowed; bf16 autocast is captured: :class:`gnc.models.FeatureClassifier` runs autocast
+without its weight-cast cache, which a graph cannot hold),
 ``torch.compile``, the per-step ``onecycle`` schedule (it also cycles the momentum, a
 constant of the graph), batches of unequal size. Nothing of it has run on a GPU yet: the
 capture path is exercised on the CPU with a stand-in for :func:`torch.cuda.graph`.
@@ -46,6 +53,7 @@ capture path is exercised on the CPU with a stand-in for :func:`torch.cuda.graph
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
@@ -427,10 +435,13 @@ class StaticStep:
         return tensors + [self.index, self.loss_sum, self.correct, self.bad, self.first_bad]
 
 
-def cuda_graph(fn: Callable[[], None]) -> Callable[[], None]:
-    """Capture ``fn`` in a :class:`torch.cuda.CUDAGraph`; returns its ``replay``."""
+def cuda_graph(fn: Callable[[], None], stream: torch.cuda.Stream | None = None
+               ) -> Callable[[], None]:
+    """Capture ``fn`` in a :class:`torch.cuda.CUDAGraph` with a memory pool of its own, on
+    ``stream`` (default: torch's capture stream); returns its ``replay``, which runs on the
+    stream current at the call."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):  # pool=None: a private pool
         fn()
     return graph.replay
 
@@ -442,16 +453,26 @@ class GraphedStep:
     Args:
         static: the step.
         capture: capture a graph (default: on a CUDA device).
-        graph_factory: ``fn -> replay``, the capture (default :func:`cuda_graph`; tests
-            pass a stand-in that runs ``fn``).
+        graph_factory: ``fn -> replay``, the capture (default :func:`cuda_graph` on
+            ``stream``; tests pass a stand-in that runs ``fn``).
         warmup_iters: warm-up steps before the capture (their effects are undone).
+        stream: a CUDA stream of this run's own for the warm-up, the capture and the
+            replays (default: warm-up on a fresh side stream, capture on torch's capture
+            stream, replays on the current stream). A replay on ``stream`` first waits for
+            the current stream (what the host queued there, e.g. :meth:`StaticStep.begin_epoch`'s
+            copies) and nothing waits for it: read the step's tensors on the current stream
+            after ``torch.cuda.current_stream().wait_stream(stream)`` (or a synchronize).
     """
 
     def __init__(self, static: StaticStep, *, capture: bool | None = None,
-                 graph_factory: Callable | None = None, warmup_iters: int = WARMUP_ITERS) -> None:
+                 graph_factory: Callable | None = None, warmup_iters: int = WARMUP_ITERS,
+                 stream: torch.cuda.Stream | None = None) -> None:
+        if stream is not None and static.device.type != "cuda":
+            raise ValueError(f"a stream needs a CUDA device, not {static.device}")
         self.static = static
+        self.stream = stream
         self.capture = static.device.type == "cuda" if capture is None else capture
-        self.graph_factory = graph_factory or cuda_graph
+        self.graph_factory = graph_factory or functools.partial(cuda_graph, stream=stream)
         self.warmup_iters = warmup_iters
         self._replay: Callable[[], None] | None = None
         self.failed: str | None = None  # why the capture failed: steps then run eagerly
@@ -470,7 +491,12 @@ class GraphedStep:
         if not self.capture or self.failed:
             s.step(s.index, mark)
             return
-        self._replay()
+        if self.stream is None:
+            self._replay()
+        else:  # after what the host queued on the current stream (the epoch's plan)
+            self.stream.wait_stream(torch.cuda.current_stream(s.device))
+            with torch.cuda.stream(self.stream):
+                self._replay()
         mark()
         self.replays += 1
         # what the captured Python did on the host, a replay does not: the heads' host-side
@@ -510,7 +536,9 @@ class GraphedStep:
         implicit = isinstance(s.head, ImplicitETFHead)
         try:
             with products_only() if implicit else contextlib.nullcontext():
-                side = torch.cuda.Stream(s.device) if cuda else None
+                side = None
+                if cuda:
+                    side = self.stream if self.stream is not None else torch.cuda.Stream(s.device)
                 if side is not None:
                     side.wait_stream(torch.cuda.current_stream(s.device))
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():

@@ -391,17 +391,20 @@ class Trainer:
 
     def evaluate_epoch(self, row: dict) -> dict:
         """NC metrics of both splits; first, with ``eval_stats="precise"``, the BN statistics
-        and μ_G recomputed over the (un-augmented) training split (:mod:`gnc.evaluation`)."""
+        recomputed over training batches and μ_G over the (un-augmented) training split, by
+        the train split's evaluation before its logits (:mod:`gnc.evaluation`)."""
         if not all_finite_params(self.model):
             raise self._diverged("the weights are NaN/Inf")
-        if self.cfg.eval_stats == "precise":
+        precise = self.cfg.eval_stats == "precise"
+        if precise:
             self._precise_statistics()
         row["eval_stats"] = self.cfg.eval_stats
-        for split, loader in self.eval_loaders.items():
+        for split, loader in self.eval_loaders.items():  # "train" first: it sets μ_G
             geometry: dict = {}
             try:
                 metrics, margins = evaluate(self.model, loader, self.K, self.device,
-                                            geometry=geometry)
+                                            geometry=geometry,
+                                            set_global_mean=precise and split == "train")
             except NonFiniteError as err:
                 raise self._diverged(f"the {split} features are NaN/Inf at evaluation") from err
             prefix = "" if split == "train" else "test_"
@@ -418,11 +421,12 @@ class Trainer:
 
     def _precise_statistics(self) -> None:
         """BN statistics over one pass of training batches as trained on (the next epoch's
-        order and augmentation, so training is unchanged), μ_G over the un-augmented split."""
+        order and augmentation, so training is unchanged), or its first
+        ``precise_bn_batches``; μ_G is left to the train split's evaluation."""
         rng = torch.get_rng_state()  # the PIL path draws its augmentation from it
         set_loader_epoch(self.train_loader, self.epoch)
         recompute_statistics(self.model, self.train_loader, self.device,
-                             mean_loader=self.eval_loaders["train"])
+                             bn_batches=self.cfg.precise_bn_batches, global_mean=False)
         torch.set_rng_state(rng)
 
     def log(self, row: dict) -> None:

@@ -36,7 +36,10 @@ class FeatureClassifier(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """Backbone features, normalised onto the sphere of radius τ (B×d)."""
         amp = self.amp_dtype is not None
-        with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=amp):
+        # no weight-cast cache: each weight is cast once per forward anyway, and a cache
+        # cannot be captured in a CUDA graph (torch's make_graphed_callables refuses it)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=amp,
+                            cache_enabled=False):
             h = self.backbone(x)
         h = h.flatten(1).float() if amp else h.flatten(1)
         if self.tau is None:
