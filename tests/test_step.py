@@ -293,3 +293,16 @@ def test_a_stream_of_its_own_needs_a_cuda_device(tmp_path):
         assert graph.stream is None and graph.graph_factory.keywords == {"stream": None}
     finally:
         trainer.release_lock()
+
+
+def test_no_capture_whose_warm_up_would_run_past_the_epoch(tmp_path, images):
+    """Epochs of 3 steps: the warm-up (3 steps) from step 2 of epoch 1 would index past the
+    plan (on a GPU a device-side fault); the capture waits for the next epoch's first step."""
+    kw = {"method": "standard", "batch_size": 12, "epochs": 8}
+    a, sa = _train(_images(images, **kw), tmp_path / "eager")
+    b, sb = _train(_images(images, **kw, graph_step=True), tmp_path / "graphed",
+                   graph=_stand_in)
+    graph = b.step_graph
+    assert graph.failed is None and graph.captures == 1
+    assert graph.replays == b.step - 3  # epoch 1 ran eagerly; later epochs: capture + replays
+    _assert_same_run(a, b, sa, sb)

@@ -183,6 +183,7 @@ class StaticStep:
         self.batch_size = 0
         self.static_steps = 0  # capture-ready steps this epoch (Adam's host step count)
         self.plan_changed = False  # the plan was reallocated: a captured graph is stale
+        self.position = 0  # steps run in this epoch (the host's copy of ``index``)
         self._ready = False
 
     # ------------------------------------------------------------------ the optimiser
@@ -345,6 +346,7 @@ class StaticStep:
             self.first_bad.fill_(-1)
             self.step0.fill_(global_step)
         self.static_steps = 0
+        self.position = 0  # the host's copy of ``index``: GraphedStep.run advances it
         return steps
 
     def _into(self, static: Tensor | None, host: Tensor) -> Tensor:
@@ -482,14 +484,20 @@ class GraphedStep:
         """One step at ``static.index``; ``mark`` is called once (after the loss when the
         step runs eagerly, after the replay otherwise)."""
         s = self.static
+        position, s.position = s.position, s.position + 1
         if not s.ready():
             s.eager_step(s.index, mark)
             return
         s.static_steps += 1
-        if self.capture and not self.failed and (self._replay is None or s.plan_changed):
+        # the warm-up runs the steps at position, position + 1, ...: within the epoch's plan
+        # (past its end a GPU would fault on the index); else later, or never for an epoch
+        # shorter than the warm-up
+        room = s.plan.shape[1] - position >= self.warmup_iters
+        stale = self._replay is None or s.plan_changed
+        if self.capture and not self.failed and stale and room:
             self._capture()
-        if not self.capture or self.failed:
-            s.step(s.index, mark)
+        if not self.capture or self.failed or self._replay is None or s.plan_changed:
+            s.step(s.index, mark)  # no (current) graph: the capture-ready step, eagerly
             return
         if self.stream is None:
             self._replay()
