@@ -162,6 +162,11 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     with open(exp / "fixed" / "seed1" / "metrics.jsonl", "a") as f:
         f.write('{"top1": 1}\n[1, 2]\n')
     assert run_main(["report", exp, "--machine", "m"], capsys)[0] == 0
+    assert run_main(["report", exp, "--machine", "m", "--out", tmp_path / "two", "--jobs", "2"],
+                    capsys)[0] == 0
+    assert (tmp_path / "two" / "curve_nc1.png").read_bytes() == (
+        exp / "curve_nc1.png").read_bytes()
+    assert_one_line_error(*run_main(["report", exp, "--jobs", "0"], capsys), "jobs")
     (tmp_path / "file").write_text("")
     assert_one_line_error(*run_main(["report", exp, "--out", tmp_path / "file"], capsys),
                           "to be a directory, but it is a file")

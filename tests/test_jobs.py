@@ -242,7 +242,12 @@ def parent_command() -> bytes:
 
 
 def test_workers_come_from_the_fork_server_with_the_parents_environment(monkeypatch):
+    from multiprocessing import forkserver
+
     assert jobs.start_method() == "forkserver"  # Linux
+    # one server a process, with the preload of whoever started it (here maybe a test of
+    # the report's): start ours
+    forkserver._forkserver._stop()  # CPython's own test hook
     jobs.prestart()
     monkeypatch.setenv("GNC_TEST_JOBS_ENV", "set after the server started")
     tasks = [("parent", parent_command, ()), ("env", os.getenv, ("GNC_TEST_JOBS_ENV",))]
@@ -253,22 +258,24 @@ def test_workers_come_from_the_fork_server_with_the_parents_environment(monkeypa
     assert env.result == "set after the server started"
 
 
-@pytest.mark.parametrize(("argv", "started"), [
-    (["experiment", "ufm10", "--jobs", "2", "--out", "x"], True),
-    (["experiment", "--jobs=3", "--lr", "0.1"], True),
-    (["experiment", "ufm10", "--jobs", "1"], False),
-    (["experiment", "ufm10"], False),
-    (["experiment", "--jobs", "two"], False),  # the real parse reports it
-    (["train", "--jobs", "2"], False),
-    ([], False),
+@pytest.mark.parametrize(("argv", "preload"), [
+    (["experiment", "ufm10", "--jobs", "2", "--out", "x"], jobs.PRELOAD + jobs.REPORT_PRELOAD),
+    (["experiment", "--jobs=3", "--lr", "0.1", "--no-report"], jobs.PRELOAD),
+    (["report", "exp", "--jobs", "2"], jobs.REPORT_PRELOAD),
+    (["experiment", "ufm10", "--jobs", "1"], None),
+    (["experiment", "ufm10"], None),
+    (["experiment", "--jobs", "two"], None),  # the real parse reports it
+    (["report", "exp"], None),
+    (["train", "--jobs", "2"], None),
+    ([], None),
 ])
-def test_the_cli_starts_the_fork_server_before_importing_torch(argv, started, monkeypatch):
+def test_the_cli_starts_the_fork_server_before_importing_torch(argv, preload, monkeypatch):
     from gnc import cli
 
     calls = []
-    monkeypatch.setattr(jobs, "prestart", lambda: calls.append(1))
+    monkeypatch.setattr(jobs, "prestart", lambda modules=jobs.PRELOAD: calls.append(modules))
     cli._prestart_workers(argv)
-    assert bool(calls) == started
+    assert calls == ([preload] if preload else [])
 
 
 def test_killing_the_parent_alone_ends_its_workers(tmp_path):

@@ -314,8 +314,8 @@ def test_figures_draw_each_method_median_line_and_band(exp, monkeypatch):
     root, rows = exp
     figures, real_savefig = {}, Figure.savefig
 
-    def capture(self, fname, *args, **kwargs):
-        figures[Path(fname).name] = self
+    def capture(self, fname, *args, **kwargs):  # written as .NAME.<pid>.<hex>.tmp, renamed
+        figures[Path(fname).name.split(".", 1)[1].rsplit(".", 3)[0]] = self
         return real_savefig(self, fname, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", capture)
@@ -368,3 +368,61 @@ def test_figures_draw_each_method_median_line_and_band(exp, monkeypatch):
             rgb = np.array(colors.to_rgb(COLOURS[m]))
             # the legend's sample alone is < 100 pixels of the colour; the lines are more
             assert (np.abs(pixels - rgb).max(axis=-1) < 0.02).sum() > 400, (name, m)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_figures_drawn_by_worker_processes_are_the_same_files(exp, tmp_path_factory):
+    """--jobs 2 shares the figures out to two processes: the same files, byte for byte,
+    the same report, and nothing else in the folder (no temporary file left)."""
+    root, _ = exp
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    make_report(root, machine="m", out_dir=one)
+    make_report(root, machine="m", out_dir=two, jobs=2)
+    a, b = _files(one), _files(two)
+    assert sorted(a) == sorted(b)
+    assert {"report.md", "summary.csv", "summary.json", "curves.png", "cos_margins.png",
+            *(f"curve_{k}.png" for k in CURVE_KEYS)} == set(a)
+    assert all(a[name] == b[name] for name in a), [n for n in a if a[n] != b[n]]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_figure_that_cannot_be_written_is_one_error_and_the_rest_is_kept(exp, jobs):
+    """A figure whose name is taken by a folder: the error names it; every other figure is
+    written (jobs > 1) and no temporary file is left behind."""
+    root, _ = exp
+    (root / "curve_nc1.png").mkdir()
+    with pytest.raises(OSError, match="curve_nc1.png"):
+        make_report(root, machine="m", jobs=jobs)
+    assert not list(root.glob(".*.tmp"))
+    if jobs > 1:
+        assert all((root / f"curve_{k}.png").is_file() for k in CURVE_KEYS if k != "nc1")
+
+
+def test_a_failed_write_keeps_the_previous_file(exp, monkeypatch):
+    """Figures, tables and report.md are written atomically: a write that fails part-way
+    leaves the previous file as it was."""
+    from matplotlib.figure import Figure
+
+    root, _ = exp
+    make_report(root, machine="m")
+    before = _files(root)
+
+    def torn(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", torn)
+    with pytest.raises(OSError):
+        make_report(root, machine="m")
+    assert _files(root) == before
+
+
+def test_jobs_must_be_positive(exp):
+    root, _ = exp
+    for jobs in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="jobs"):
+            make_report(root, machine="m", jobs=jobs)

@@ -330,7 +330,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
         table_epochs=table_epochs,
         notes=f"Preset notes: {preset.notes}" if preset else None,
         command=args.command, machine=args.machine, out_dir=args.out,
-        preset_config=resolved_config(preset) if preset else None,
+        preset_config=resolved_config(preset) if preset else None, jobs=args.jobs,
     )
     print(f"report: {path}")
 
@@ -535,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", help="where the runs ran (default: this machine)")
     p.add_argument("--table-epochs", help="the two epochs of the top-1 table, A,B "
                    "(default: the preset's)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="processes that draw the figures (default 1: this one)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
@@ -632,21 +634,25 @@ def _start_up():
 
 
 def _prestart_workers(argv: Sequence[str]) -> None:
-    """``gnc experiment ... --jobs N`` with N > 1: start the workers' fork server now, so that
-    its import of torch overlaps this process's (the parse imports torch); see
+    """``gnc experiment|report ... --jobs N`` with N > 1: start the workers' fork server now,
+    so that its import of torch overlaps this process's (the parse imports torch); see
     :func:`gnc.jobs.prestart`. A bad value is left to the real parse."""
-    if not argv or argv[0] != "experiment":
+    if not argv or argv[0] not in ("experiment", "report"):
         return
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     peek.add_argument("--jobs", type=int, default=1)
+    peek.add_argument("--no-report", action="store_true")
     try:
-        jobs = peek.parse_known_args(argv[1:])[0].jobs
+        args = peek.parse_known_args(argv[1:])[0]
     except argparse.ArgumentError:
         return
-    if jobs > 1:
-        from gnc.jobs import prestart
+    if args.jobs > 1:
+        from gnc.jobs import PRELOAD, REPORT_PRELOAD, prestart
 
-        prestart()
+        if argv[0] == "report":
+            prestart(REPORT_PRELOAD)
+        else:  # the same workers draw the report's figures
+            prestart(PRELOAD if args.no_report else PRELOAD + REPORT_PRELOAD)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

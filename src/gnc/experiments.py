@@ -16,7 +16,16 @@ from pathlib import Path
 
 from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_implicit_head
 from gnc.heads import PAPER_METHODS, normalizes_features
-from gnc.jobs import JOBS_MODES, in_worker, report_progress, run_many, threads_per_job
+from gnc.jobs import (
+    JOBS_MODES,
+    PRELOAD,
+    REPORT_PRELOAD,
+    in_worker,
+    prestart,
+    report_progress,
+    run_many,
+    threads_per_job,
+)
 from gnc.rundir import has_checkpoint, is_done, mark_done, read_config, stopped_after
 from gnc.training import RESUMABLE_KEYS, train
 
@@ -352,7 +361,8 @@ def run_experiment(
             path = run_dir(out, method, seed)
             _check_existing_run(path, cfg)
             plan.append((path, cfg))
-    if jobs > 1:
+    if jobs > 1:  # the workers' fork server, unless the CLI started it (the report's too)
+        prestart(PRELOAD + REPORT_PRELOAD if report else PRELOAD)
         _run_in_parallel(plan, Path(out), jobs=jobs, jobs_mode=jobs_mode,
                          trust_checkpoint=trust_checkpoint)
     for path, cfg in plan if jobs == 1 else ():
@@ -366,7 +376,7 @@ def run_experiment(
         make_report(out, title=f"{preset.name}: {preset.summary}",
                     table_epochs=preset.table_epochs, command=command,
                     notes=f"Preset notes: {preset.notes}",
-                    preset_config=resolved_config(preset))
+                    preset_config=resolved_config(preset), jobs=jobs)
     return [path for path, _ in plan]
 
 

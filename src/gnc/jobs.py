@@ -5,10 +5,12 @@ each) in ``N`` worker processes. Every task runs as it would alone, in its own p
 own seed, data order, augmentation and files are the task's business.
 
 - **Start-up.** Workers are forked by a *fork server* (``multiprocessing``'s ``forkserver``: a
-  fresh Python that imports :data:`PRELOAD` — torch and the training code — once, and forks a
-  worker per request), never by the parent (``fork`` of a process that may have started CUDA
-  or its OpenMP threads is unsafe). A spawned worker spends 2–5 s importing torch before its
-  first step, more than a small run trains; a forked one starts in milliseconds.
+  fresh Python that imports :data:`PRELOAD` — torch and the training code; with
+  :data:`REPORT_PRELOAD` where the workers draw the report — once, and forks a worker per
+  request), never by the parent (``fork`` of a process that may have started CUDA or its
+  OpenMP threads is unsafe). A spawned worker
+  spends 2–5 s importing torch before its first step, more than a small run trains; a
+  forked one starts in milliseconds.
   :func:`prestart` starts the server early (``gnc experiment --jobs N`` does it before it
   imports torch itself), so its imports overlap the parent's. Where there is no fork server
   (Windows), ``spawn``. Each worker takes the parent's environment as it is at
@@ -69,6 +71,9 @@ MPS_PROBE = ("-c", "import torch; torch.ones(1, device='cuda').add_(1); torch.cu
 # imported once by the fork server, before it forks the workers; torch._dynamo (~1 s) is
 # what building a torch.optim optimiser imports on first use
 PRELOAD = ("gnc.experiments", "torch._dynamo")
+# what the workers that draw the report's figures need (matplotlib; gnc.report.write_figures):
+# added to PRELOAD by an experiment that writes its report, alone for gnc report --jobs N
+REPORT_PRELOAD = ("gnc.report",)
 # errors that are the task's own outcome (bad settings, divergence, files): logged in one line;
 # the rest (likely bugs) with their traceback
 _PLAIN_ERRORS = (ValueError, OSError, FloatingPointError)

@@ -20,6 +20,9 @@ has finished it, a ``DONE`` file. Only finished runs are reported; the others ar
   over seeds — n, mean, std (ddof 1), median, min, max — the released code's seed statistics
   (``nc/seed_statistics.py``) in machine-readable form.
 
+Every file is written atomically (a kill leaves the previous one or the new one); with
+``jobs`` > 1 worker processes draw the figures (:func:`write_figures`), the same files.
+
 Every curve is the median over seeds (line) with the min–max range over seeds (band), one
 colour per method. Seeds are aligned by epoch (the epochs common to all seeds of a method).
 Tables report ``median [min, max] (mean ± std)`` over seeds, std with ddof 1 (n/a for one
@@ -29,6 +32,7 @@ seed); NaN values are left out of all of them.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -36,7 +40,7 @@ import os
 import platform
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -46,7 +50,14 @@ from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves the 
 
 from gnc.config import OUTPUT_KEYS, RUNTIME_KEYS
 from gnc.heads import METHOD_NAMES, METHODS, PAPER_METHODS
-from gnc.rundir import is_done, read_config, read_margins, read_metrics
+from gnc.rundir import (
+    atomic_write,
+    atomic_write_text,
+    is_done,
+    read_config,
+    read_margins,
+    read_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -387,16 +398,17 @@ def write_summary(runs: Mapping[str, list[RunData]], out_dir: Path) -> tuple[Pat
     max}}}}``, ``null`` where undefined: JSON has no NaN); returns both paths."""
     records = seed_summary(runs)
     csv_path, json_path = out_dir / "summary.csv", out_dir / "summary.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["method", "epoch", "metric", *SUMMARY_STATS])
-        writer.writeheader()
-        writer.writerows(records)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["method", "epoch", "metric", *SUMMARY_STATS])
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write(csv_path, lambda tmp: tmp.write_text(table.getvalue(), newline=""))
     nested: dict = {}
     for r in records:
         stats = {k: None if isinstance(r[k], float) and math.isnan(r[k]) else r[k]
                  for k in SUMMARY_STATS}
         nested.setdefault(r["method"], {}).setdefault(str(r["epoch"]), {})[r["metric"]] = stats
-    json_path.write_text(json.dumps(nested, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(json_path, json.dumps(nested, indent=1, allow_nan=False) + "\n")
     logger.info("wrote %s and %s", csv_path, json_path)
     return csv_path, json_path
 
@@ -480,55 +492,116 @@ def _plot_margins(ax: Axes, runs: Mapping[str, list[RunData]]) -> None:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=DPI)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix[1:]))
     logger.info("wrote %s", path)
 
 
-def write_figures(runs: Mapping[str, list[RunData]], out_dir: Path, title: str) -> list[str]:
-    """Write every figure into ``out_dir``; returns the file names: the grid, the margins,
-    ``etf_distances.png`` when the runs logged the ETF distances, then the single curves."""
-    specs = [s for s in CURVES if _has_key(runs, s[0])]
-    names = ["curves.png", "cos_margins.png"]
-    fig = Figure(figsize=(20, 9.5))
-    axes = fig.subplots(2, 4).ravel()
-    for ax, spec in zip(axes, specs, strict=False):
-        _plot_curve(ax, runs, spec)
-    _plot_margins(axes[len(specs)], runs)
-    for ax in axes[len(specs) + 1:]:
-        ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    _save(fig, out_dir / "curves.png")
+def figure_plan(runs: Mapping[str, list[RunData]]) -> list[tuple[str, str, tuple | None]]:
+    """The figures :func:`write_figures` draws, in order: ``(file name, kind, curve spec)``.
 
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    _plot_margins(ax, runs)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, out_dir / "cos_margins.png")
+    The grid, the margins, ``etf_distances.png`` when the runs logged the ETF distances,
+    then one ``curve_<key>.png`` per logged curve.
+    """
+    specs = [s for s in CURVES if _has_key(runs, s[0])]
     etf = [s for s in ETF_CURVES if _has_key(runs, s[0])]
+    plan = [("curves.png", "grid", None), ("cos_margins.png", "margins", None)]
     if etf:
+        plan.append(("etf_distances.png", "etf", None))
+    singles = specs + [s for s in EXTRA_CURVES if _has_key(runs, s[0])] + etf
+    return plan + [(f"curve_{spec[0]}.png", "curve", spec) for spec in singles]
+
+
+def _cost(runs: Mapping[str, list[RunData]], kind: str) -> int:
+    """Axes a figure draws (its drawing time is about proportional: text layout)."""
+    if kind == "grid":
+        return 1 + sum(_has_key(runs, s[0]) for s in CURVES)
+    if kind == "etf":
+        return sum(_has_key(runs, s[0]) for s in ETF_CURVES)
+    return 1
+
+
+def _without_margins(runs: Mapping[str, list[RunData]]) -> dict[str, list[RunData]]:
+    """``runs`` without the per-sample margins (50,000 floats a CIFAR run), for the figures
+    that do not draw them."""
+    return {m: [replace(run, margins=None) for run in rs] for m, rs in runs.items()}
+
+
+def draw_figure(runs: Mapping[str, list[RunData]], title: str, kind: str,
+                spec: tuple | None = None) -> Figure:
+    """One figure of :func:`figure_plan`, laid out, not saved."""
+    if kind == "grid":
+        specs = [s for s in CURVES if _has_key(runs, s[0])]
+        fig = Figure(figsize=(20, 9.5))
+        axes = fig.subplots(2, 4).ravel()
+        for ax, curve in zip(axes, specs, strict=False):
+            _plot_curve(ax, runs, curve)
+        _plot_margins(axes[len(specs)], runs)
+        for ax in axes[len(specs) + 1:]:
+            ax.set_visible(False)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        fig.suptitle(title)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    elif kind == "etf":
+        etf = [s for s in ETF_CURVES if _has_key(runs, s[0])]
         fig = Figure(figsize=(5 * len(etf), 4.5))
         axes = np.atleast_1d(fig.subplots(1, len(etf))).ravel()
-        for ax, spec in zip(axes, etf, strict=True):
-            _plot_curve(ax, runs, spec)
+        for ax, curve in zip(axes, etf, strict=True):
+            _plot_curve(ax, runs, curve)
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
         fig.suptitle(f"{title}: distance to the nearest simplex ETF (train)")
         fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-        names.append("etf_distances.png")
-        _save(fig, out_dir / names[-1])
-    for spec in specs + [s for s in EXTRA_CURVES if _has_key(runs, s[0])] + etf:
+    elif kind in ("margins", "curve"):
         fig = Figure(figsize=(7, 4.5))
         ax = fig.subplots()
-        _plot_curve(ax, runs, spec)
+        if kind == "margins":
+            _plot_margins(ax, runs)
+        else:
+            _plot_curve(ax, runs, spec)
         ax.legend()
         fig.tight_layout()
-        names.append(f"curve_{spec[0]}.png")
-        _save(fig, out_dir / names[-1])
-    return names
+    else:
+        raise ValueError(f"Expected a figure kind of figure_plan, but got {kind!r}")
+    return fig
+
+
+def render_figures(runs: Mapping[str, list[RunData]], out_dir: Path, title: str,
+                   plan: Sequence[tuple[str, str, tuple | None]]) -> list[str]:
+    """Draw and save (atomically) the figures of ``plan`` into ``out_dir``; their names."""
+    for name, kind, spec in plan:
+        _save(draw_figure(runs, title, kind, spec), Path(out_dir) / name)
+    return [name for name, _, _ in plan]
+
+
+def write_figures(runs: Mapping[str, list[RunData]], out_dir: Path, title: str, *,
+                  jobs: int = 1) -> list[str]:
+    """Write every figure of :func:`figure_plan` into ``out_dir``; returns their names.
+
+    ``jobs`` > 1: drawn by that many worker processes (:func:`gnc.jobs.run_many`; drawing
+    is single-threaded Python, 0.1–1 s a figure), a figure a task, the costliest first, each
+    to the next free worker. The files are the same either way.
+
+    Raises:
+        OSError: a figure could not be drawn or written (the others are written first).
+    """
+    plan = figure_plan(runs)
+    if jobs <= 1 or len(plan) < 2:
+        return render_figures(runs, out_dir, title, plan)
+    from gnc.jobs import REPORT_PRELOAD, prestart, run_many
+
+    prestart(REPORT_PRELOAD)  # where no fork server runs yet: one that imports only this
+    lean = _without_margins(runs)
+    order = sorted(plan, key=lambda item: -_cost(runs, item[1]))  # stable: plan order in ties
+    tasks = [(name, render_figures, (runs if kind in ("grid", "margins") else lean, out_dir,
+                                     title, [(name, kind, spec)]))
+             for name, kind, spec in order]
+    failed = [o for o in run_many(tasks, jobs=min(jobs, len(tasks)), mode="processes")
+              if not o.ok]
+    if failed:
+        raise OSError(f"drawing the report's figure {failed[0].name} failed: "
+                      f"{failed[0].error}")
+    return [name for name, _, _ in plan]
 
 
 # --------------------------------------------------------------------------- report
@@ -584,7 +657,8 @@ def overrides(runs: Mapping[str, list[RunData]], preset_config: Mapping) -> list
 def make_report(exp_dir: str | Path, *, title: str | None = None,
                 table_epochs: tuple[int, int] | None = None, command: str | None = None,
                 machine: str | None = None, out_dir: str | Path | None = None,
-                notes: str | None = None, preset_config: Mapping | None = None) -> Path:
+                notes: str | None = None, preset_config: Mapping | None = None,
+                jobs: int = 1) -> Path:
     """Write ``report.md``, its PNG figures and ``summary.csv`` / ``summary.json`` (into
     ``out_dir``, default ``exp_dir``); returns the report's path.
 
@@ -601,11 +675,14 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
         preset_config: the full config of the preset the ``title`` describes: settings where
             the runs differ from it are appended to the title (figures and report), as in
             ``"(overridden: epochs=500)"``, so the title never describes runs not made.
+        jobs: worker processes that draw the figures (:func:`write_figures`).
 
     Raises:
         FileNotFoundError: ``exp_dir`` does not exist.
-        ValueError: it holds no finished run, or ``out_dir`` is not a directory.
+        ValueError: it holds no finished run, ``out_dir`` is not a directory, or ``jobs`` < 1.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"Expected `jobs` >= 1, but got {jobs}")
     root = Path(exp_dir)
     out = Path(out_dir) if out_dir is not None else root
     if out.exists() and not out.is_dir():
@@ -616,7 +693,7 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
     changed = overrides(runs, preset_config) if preset_config is not None else []
     if changed:
         title += f" (overridden: {', '.join(changed)})"
-    figures = write_figures(runs, out, title)
+    figures = write_figures(runs, out, title, jobs=jobs)
     write_summary(runs, out)
     singles = [n for n in figures[2:] if n != "etf_distances.png"]
     etf = ["## Distance to the nearest simplex ETF", "",
@@ -659,6 +736,6 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
     if skipped:
         lines += ["## Skipped runs", "", *(f"- {s}" for s in skipped), ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     logger.info("wrote %s", path)
     return path

@@ -10,11 +10,11 @@ and ``checkpoints/epoch_XXXX.pt`` (:func:`save_checkpoint`, :func:`kept_checkpoi
 
 The promises:
 
-- a write never leaves a half-written file under the final name: :func:`atomic_save` and
-  :func:`atomic_write_text` write a temporary file, ``fsync`` it and rename it over the
-  target; :func:`append_line` writes one ``metrics.jsonl`` line in a single ``write`` and
-  ``fsync``s it, so a kill leaves at most one torn last line, which :func:`read_metrics`
-  drops;
+- a write never leaves a half-written file under the final name: :func:`atomic_save`,
+  :func:`atomic_write_text` and :func:`atomic_write` (any writer) write a temporary file,
+  ``fsync`` it and rename it over the target; :func:`append_line` writes one
+  ``metrics.jsonl`` line in a single ``write`` and ``fsync``s it, so a kill leaves at most
+  one torn last line, which :func:`read_metrics` drops;
 - every checkpoint is loaded onto the CPU (``map_location="cpu"``): the RNG states must stay
   CPU ``ByteTensor`` objects, and ``load_state_dict`` moves model and optimiser tensors to the
   device of the module they are loaded into;
@@ -45,7 +45,7 @@ import re
 import secrets
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,7 @@ def _write_error(err: BaseException, path: Path) -> BaseException | None:
     return None
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` a temporary file next to ``path``, ``fsync`` it and rename it over
     ``path``; a failure removes the temporary file and names ``path``."""
     path = Path(path)
@@ -184,12 +184,12 @@ def atomic_save(obj: Any, path: Path) -> None:
         open(tmp, "wb").close()  # a folder we may not write: Python's error, not torch's
         torch.save(obj, tmp)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with the guarantee of :func:`atomic_save`."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def append_line(path: Path, line: str) -> None:
@@ -559,7 +559,7 @@ def save_margins(run_dir: str | Path, margins: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(margins), allow_pickle=False)
 
-    _atomic_write(Path(run_dir) / "cos_margins.npy", write)
+    atomic_write(Path(run_dir) / "cos_margins.npy", write)
 
 
 def read_margins(run_dir: str | Path) -> np.ndarray | None:
