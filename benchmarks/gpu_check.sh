@@ -31,6 +31,9 @@
 #
 # CPU dry run (as tests/test_bench.py runs stage 1): DEVICE=cpu JOBS=1 BENCH_SET="--set width=4
 #   --set batch_size=10 ... --rounds 2 --conv-shapes 4x8 --conv-batch 2" bash ... 1
+# Stage 2 on the CPU (a throughput-stage1.json with "best" in $OUT, CIFAR-10 under $DATA):
+#   OUT=o DEVICE=cpu SEEDS=1 UNTIL=1 EVAL_EPOCHS=1 REPORT_JOBS=2 PY=.venv/bin/python \
+#   EXTRA="--width 4 --batch-size 10 --subset 4 --num-workers 1" bash ... 2   (~1 min)
 set -uo pipefail
 STAGE=${1:-1}
 OUT=${OUT:-gpu-out}
@@ -92,7 +95,7 @@ $PY -m gnc experiment cifar10-resnet18 --seeds "${SEEDS:-5}" --epochs 200 \
   "${EXTRA[@]}" --no-report --out "$EXP" >> "$LOG" 2>&1
 say "experiment: exit $? after $(( $(date +%s) - T0 )) s"
 $PY -m gnc report "$EXP" --preset cifar10-resnet18 --table-epochs "${UNTIL:-50},200" \
-  --out "$OUT/table1-cifar10-resnet18" --machine "$(head -1 "$OUT/gpu.txt" 2>/dev/null)" \
+  --jobs "${REPORT_JOBS:-8}" --out "$OUT/table1-cifar10-resnet18" --machine "$(head -1 "$OUT/gpu.txt" 2>/dev/null)" \
   >> "$LOG" 2>&1
 say "report: exit $?"
 $PY - "$EXP" "$OUT" "$(( $(date +%s) - T0 ))" "$NJOBS" > "$OUT/throughput.json" <<'PYEOF'

@@ -130,6 +130,27 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, caplog):
                for r in caplog.records)
 
 
+def test_runs_whose_data_loader_has_worker_processes(tmp_path):
+    """A run's DataLoader starts processes of its own (--num-workers; the CIFAR presets use
+    8): allowed in a worker of --jobs, and the results equal the sequential runs' with the
+    same thread count."""
+    settings = {"epochs": 2, "eval_every": 1, "progress": False, "num_workers": 1,
+                "batch_size": 100}
+    parallel, alone = tmp_path / "parallel", tmp_path / "alone"
+    run_experiment("digits", parallel, seeds=1, methods=["standard", "implicit"], jobs=2,
+                   overrides=settings, report=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_job(2))
+    try:
+        run_experiment("digits", alone, seeds=1, methods=["standard", "implicit"],
+                       overrides=settings, report=False)
+    finally:
+        torch.set_num_threads(threads)
+    for method in ("standard", "implicit"):
+        rows = untimed(run_dir(parallel, method, 1))
+        assert len(rows) == 2 and rows == untimed(run_dir(alone, method, 1))
+
+
 def test_run_many_a_dead_worker_fails_its_task_only_and_logs_reach_the_parent(caplog):
     tasks = [("dies", os._exit, (3,)), ("pid", os.getpid, ()), ("bad", int, ("x",)),
              ("log", logging.getLogger("gnc.test_jobs").warning, ("careful: %s", "x")),

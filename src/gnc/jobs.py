@@ -387,7 +387,10 @@ def run_many(tasks: Sequence[tuple[str, Callable, tuple]], *, jobs: int, mode: s
     def start(slot: int, env: dict) -> None:
         task_out, task_in = ctx.Pipe(duplex=False)
         result_out, result_in = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, name=f"gnc-job-{slot}", daemon=True,
+        # not daemonic: a run's DataLoader starts worker processes of its own (--num-workers),
+        # which a daemonic process may not; the workers end with run_many (below) or with
+        # the parent (_die_with_parent), not by the daemon flag
+        proc = ctx.Process(target=_worker, name=f"gnc-job-{slot}", daemon=False,
                            args=(task_out, result_in, os.getpid(), threads,
                                  {**os.environ, **env}, level))
         proc.start()
