@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/gnc experiment ufm10 --seeds 3 --out runs/ufm10
+	$(VENV)/bin/gnc experiment ufm10 --seeds 3 --jobs 2 --out runs/ufm10
 
 test: $(STAMP)
 	$(PY) -m pytest
