@@ -44,6 +44,7 @@ own seed, data order, augmentation and files are the task's business.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import logging.handlers
@@ -215,7 +216,10 @@ def _worker(tasks, results, parent: int, threads: int, env: dict, level: int) ->
     except (KeyboardInterrupt, EOFError, BrokenPipeError):  # Ctrl-C (the whole process
         return  # group gets it: the parent reports), or the parent is gone
     # the end: everything is sent (pipes have no feeder thread), then out without the
-    # interpreter's slow clean-up (seconds with torch loaded; the tasks closed their files)
+    # interpreter's slow clean-up (seconds with torch loaded; the tasks closed their files),
+    # but with the libraries' exit hooks (--compile's compile-worker pool and its semaphores)
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
