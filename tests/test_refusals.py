@@ -359,6 +359,26 @@ def test_bench_set_values_are_one_line(capsys, item, match):
 # --------------------------------------------------------------------------- G: Ctrl-C
 
 
+@pytest.mark.parametrize(("argv", "trains"), [
+    (["train", "--preset", "ufm10", "--out", "x"], True),
+    (["experiment", "ufm10", "--out", "x"], True),
+    (["experiment", "ufm10", "--out", "x", "--jobs", "2"], False),  # its workers train
+    (["bench"], True),
+    (["report", "x"], False),
+    (["evaluate", "x"], False),
+])
+def test_commands_that_train_import_dynamo_while_ctrl_c_exits_at_once(argv, trains):
+    """torch._dynamo (which the first optimiser step imports: 1 s, ~900 modules) is imported
+    in the start-up window by the commands that train in the process: a Ctrl-C inside that
+    import was sometimes swallowed (torch's optional-import guards catch what it became) and
+    the run went on."""
+    from gnc import cli
+
+    modules = cli._command_modules(cli.build_parser().parse_args(argv))
+    assert ("torch._dynamo" in modules) == trains
+    assert modules[0].startswith("gnc.")
+
+
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     """SIGINT while ``python -m gnc train`` imports torch: "gnc: interrupted", exit 130, no
     traceback. Before gnc's code runs (the interpreter starting, runpy importing the package:

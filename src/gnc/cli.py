@@ -600,12 +600,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The modules each command imports (lazily): imported by main under _start_up
+# The modules each command imports (lazily): imported by main under _start_up. TRAINS: a
+# command that trains in this process also imports torch._dynamo there, which the first
+# torch.optim step would import (~900 modules, 1 s): a Ctrl-C inside that import can be
+# turned into another error (a RuntimeError of triton's class set-up) that torch's optional-
+# import guards swallow, and the run would go on as if no Ctrl-C had come
 _COMMAND_MODULES = {
     "_cmd_train": ("gnc.training",), "_cmd_experiment": ("gnc.experiments",),
     "_cmd_evaluate": ("gnc.evaluation",), "_cmd_measure": ("gnc.measure",),
     "_cmd_report": ("gnc.report", "gnc.experiments"), "_cmd_bench": ("gnc.bench",),
 }
+TRAINS = ("torch._dynamo",)
+
+
+def _command_modules(args: argparse.Namespace) -> tuple[str, ...]:
+    """What ``main`` imports under :func:`_start_up` for the parsed command."""
+    modules = _COMMAND_MODULES.get(args.func.__name__, ())
+    trains = args.func.__name__ in ("_cmd_train", "_cmd_bench") or (
+        args.func.__name__ == "_cmd_experiment" and args.jobs == 1)  # else its workers train
+    return modules + TRAINS if trains else modules
 
 
 def _interrupted_at_start_up(signum, frame) -> None:
@@ -662,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with _start_up():  # Ctrl-C while importing: exit at once (an import torn by
             _prestart_workers(sys.argv[1:] if argv is None else list(argv))
             args = build_parser().parse_args(argv)  # KeyboardInterrupt may become an
-            for module in _COMMAND_MODULES.get(args.func.__name__, ()):  # ImportError)
+            for module in _command_modules(args):  # ImportError)
                 importlib.import_module(module)
         args.func(args)
     except KeyboardInterrupt:
