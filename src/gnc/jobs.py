@@ -197,6 +197,11 @@ def _worker(tasks, results, parent: int, threads: int, env: dict, level: int) ->
         _die_with_parent(parent)
         os.environ.clear()  # the parent's, not the fork server's; before any CUDA call
         os.environ.update(env)  # (CUDA_VISIBLE_DEVICES, MPS's are read when CUDA starts)
+        # a child of the fork server has "forkserver" as its default start method: a run's
+        # DataLoader would start its workers through a fork server of its own, importing
+        # torch and unpickling the dataset every epoch (20x slower on digits); the
+        # platform's default, as in a process of its own
+        multiprocessing.set_start_method(None, force=True)
         root = logging.getLogger()
         root.handlers[:] = [_ForwardHandler(channel)]
         root.setLevel(level)
