@@ -278,7 +278,8 @@ def test_a_workers_own_processes_start_as_in_a_process_of_its_own():
     assert outcome.result == fresh
 
 
-def test_workers_come_from_the_fork_server_with_the_parents_environment(monkeypatch):
+def test_workers_come_from_the_fork_server_with_the_parents_environment(monkeypatch,
+                                                                       tmp_path):
     from multiprocessing import forkserver
 
     assert jobs.start_method() == "forkserver"  # Linux
@@ -287,12 +288,15 @@ def test_workers_come_from_the_fork_server_with_the_parents_environment(monkeypa
     forkserver._forkserver._stop()  # CPython's own test hook
     jobs.prestart()
     monkeypatch.setenv("GNC_TEST_JOBS_ENV", "set after the server started")
-    tasks = [("parent", parent_command, ()), ("env", os.getenv, ("GNC_TEST_JOBS_ENV",))]
-    parent, env = run_many(tasks, jobs=2, mode="processes")
+    monkeypatch.chdir(tmp_path)  # and the working directory changed after it started
+    tasks = [("parent", parent_command, ()), ("env", os.getenv, ("GNC_TEST_JOBS_ENV",)),
+             ("cwd", os.getcwd, ())]
+    parent, env, cwd = run_many(tasks, jobs=2, mode="processes")
     # forked by the server (not by us), which imported the training code once
     assert parent.ok and b"multiprocessing.forkserver" in parent.result, parent
     assert b"gnc.experiments" in parent.result
     assert env.result == "set after the server started"
+    assert cwd.result == str(tmp_path)
 
 
 @pytest.mark.parametrize(("argv", "preload"), [

@@ -13,8 +13,9 @@ own seed, data order, augmentation and files are the task's business.
   forked one starts in milliseconds.
   :func:`prestart` starts the server early (``gnc experiment --jobs N`` does it before it
   imports torch itself), so its imports overlap the parent's. Where there is no fork server
-  (Windows), ``spawn``. Each worker takes the parent's environment as it is at
-  :func:`run_many` (the server's is the one it started with).
+  (Windows), ``spawn``. Each worker takes the parent's environment and working directory as
+  they are at :func:`run_many` (the server's are those it started with), and the platform's
+  default start method for processes of its own (a DataLoader's workers).
 
 - **Threads.** Each worker runs ``torch.set_num_threads(threads_per_job(N))``:
   ``max(1, cores // N)`` with ``cores = len(os.sched_getaffinity(0))``. The order of floating-
@@ -187,7 +188,8 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def _worker(tasks, results, parent: int, threads: int, env: dict, level: int) -> None:
+def _worker(tasks, results, parent: int, threads: int, env: dict, cwd: str,
+            level: int) -> None:
     """A worker: runs the tasks read from ``tasks`` until None; sends "ready", then per task
     its progress and log records and "done"/"failed" through ``results``."""
     global _to_parent
@@ -197,6 +199,7 @@ def _worker(tasks, results, parent: int, threads: int, env: dict, level: int) ->
         _die_with_parent(parent)
         os.environ.clear()  # the parent's, not the fork server's; before any CUDA call
         os.environ.update(env)  # (CUDA_VISIBLE_DEVICES, MPS's are read when CUDA starts)
+        os.chdir(cwd)  # the parent's now: relative paths mean what they mean there
         # a child of the fork server has "forkserver" as its default start method: a run's
         # DataLoader would start its workers through a fork server of its own, importing
         # torch and unpickling the dataset every epoch (20x slower on digits); the
@@ -401,7 +404,7 @@ def run_many(tasks: Sequence[tuple[str, Callable, tuple]], *, jobs: int, mode: s
         # the parent (_die_with_parent), not by the daemon flag
         proc = ctx.Process(target=_worker, name=f"gnc-job-{slot}", daemon=False,
                            args=(task_out, result_in, os.getpid(), threads,
-                                 {**os.environ, **env}, level))
+                                 {**os.environ, **env}, os.getcwd(), level))
         proc.start()
         task_out.close()  # the worker's ends
         result_in.close()
