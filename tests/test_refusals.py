@@ -379,6 +379,13 @@ def test_commands_that_train_import_dynamo_while_ctrl_c_exits_at_once(argv, trai
     assert modules[0].startswith("gnc.")
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """In the child: SIGINT's default action, also when the suite runs where it is ignored
+    (a background job of a non-interactive shell), which the child would inherit and gnc
+    rightly leave alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     """SIGINT while ``python -m gnc train`` imports torch: "gnc: interrupted", exit 130, no
     traceback. Before gnc's code runs (the interpreter starting, runpy importing the package:
@@ -390,7 +397,7 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     interrupted = []
     for delay in (0.3, 0.6, 1.0, 1.5, 2.5, 0.8, 2.0, 4.0):
         proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=_ctrl_c_as_at_a_terminal)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
