@@ -600,17 +600,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The modules each command imports (lazily): imported by main under _start_up. TRAINS: a
-# command that trains in this process also imports torch._dynamo there, which the first
-# torch.optim step would import (~900 modules, 1 s): a Ctrl-C inside that import can be
-# turned into another error (a RuntimeError of triton's class set-up) that torch's optional-
+# The modules each command imports (lazily): imported by main under _start_up. A command
+# that trains in this process also imports TRAINING_IMPORTS there: torch._dynamo, which the
+# first torch.optim step would import (~900 modules, 1 s); a Ctrl-C inside that import can
+# become another error (a RuntimeError of triton's class set-up) that torch's optional-
 # import guards swallow, and the run would go on as if no Ctrl-C had come
 _COMMAND_MODULES = {
     "_cmd_train": ("gnc.training",), "_cmd_experiment": ("gnc.experiments",),
     "_cmd_evaluate": ("gnc.evaluation",), "_cmd_measure": ("gnc.measure",),
     "_cmd_report": ("gnc.report", "gnc.experiments"), "_cmd_bench": ("gnc.bench",),
 }
-TRAINS = ("torch._dynamo",)
+TRAINING_IMPORTS = ("torch._dynamo",)
 
 
 def _command_modules(args: argparse.Namespace) -> tuple[str, ...]:
@@ -618,7 +618,7 @@ def _command_modules(args: argparse.Namespace) -> tuple[str, ...]:
     modules = _COMMAND_MODULES.get(args.func.__name__, ())
     trains = args.func.__name__ in ("_cmd_train", "_cmd_bench") or (
         args.func.__name__ == "_cmd_experiment" and args.jobs == 1)  # else its workers train
-    return modules + TRAINS if trains else modules
+    return modules + TRAINING_IMPORTS if trains else modules
 
 
 def _interrupted_at_start_up(signum, frame) -> None:
@@ -660,12 +660,10 @@ def _prestart_workers(argv: Sequence[str]) -> None:
     except argparse.ArgumentError:
         return
     if args.jobs > 1:
-        from gnc.jobs import PRELOAD, REPORT_PRELOAD, prestart
+        from gnc.jobs import REPORT_PRELOAD, experiment_preload, prestart
 
-        if argv[0] == "report":
-            prestart(REPORT_PRELOAD)
-        else:  # the same workers draw the report's figures
-            prestart(PRELOAD if args.no_report else PRELOAD + REPORT_PRELOAD)
+        prestart(REPORT_PRELOAD if argv[0] == "report"
+                 else experiment_preload(report=not args.no_report))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -18,8 +18,7 @@ from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_impli
 from gnc.heads import PAPER_METHODS, normalizes_features
 from gnc.jobs import (
     JOBS_MODES,
-    PRELOAD,
-    REPORT_PRELOAD,
+    experiment_preload,
     in_worker,
     prestart,
     report_progress,
@@ -362,7 +361,7 @@ def run_experiment(
             _check_existing_run(path, cfg)
             plan.append((path, cfg))
     if jobs > 1:  # the workers' fork server, unless the CLI started it (the report's too)
-        prestart(PRELOAD + REPORT_PRELOAD if report else PRELOAD)
+        prestart(experiment_preload(report))
         _run_in_parallel(plan, Path(out), jobs=jobs, jobs_mode=jobs_mode,
                          trust_checkpoint=trust_checkpoint)
     for path, cfg in plan if jobs == 1 else ():

@@ -8,9 +8,8 @@ own seed, data order, augmentation and files are the task's business.
   fresh Python that imports :data:`PRELOAD` — torch and the training code; with
   :data:`REPORT_PRELOAD` where the workers draw the report — once, and forks a worker per
   request), never by the parent (``fork`` of a process that may have started CUDA or its
-  OpenMP threads is unsafe). A spawned worker
-  spends 2–5 s importing torch before its first step, more than a small run trains; a
-  forked one starts in milliseconds.
+  OpenMP threads is unsafe). A spawned worker spends 2–5 s importing torch before its first
+  step, more than a small run trains; a forked one starts in milliseconds.
   :func:`prestart` starts the server early (``gnc experiment --jobs N`` does it before it
   imports torch itself), so its imports overlap the parent's. Where there is no fork server
   (Windows), ``spawn``. Each worker takes the parent's environment and working directory as
@@ -76,6 +75,12 @@ PRELOAD = ("gnc.experiments", "torch._dynamo")
 # what the workers that draw the report's figures need (matplotlib; gnc.report.write_figures):
 # added to PRELOAD by an experiment that writes its report, alone for gnc report --jobs N
 REPORT_PRELOAD = ("gnc.report",)
+
+
+def experiment_preload(report: bool) -> tuple[str, ...]:
+    """What the fork server of ``gnc experiment --jobs N`` imports: :data:`PRELOAD`, and
+    :data:`REPORT_PRELOAD` when the same workers then draw the report."""
+    return PRELOAD + REPORT_PRELOAD if report else PRELOAD
 # errors that are the task's own outcome (bad settings, divergence, files): logged in one line;
 # the rest (likely bugs) with their traceback
 _PLAIN_ERRORS = (ValueError, OSError, FloatingPointError)
