@@ -3,12 +3,15 @@
 # torchvision preinstalled, no network, nothing of ours installed), our package from src/.
 #
 #   bash benchmarks/gpu_check.sh 1    # stage 1, at most ~5 min: what the card gives
-#   bash benchmarks/gpu_check.sh 2    # stage 2: Table 1's epoch-50 column (15 runs x 50 epochs)
+#   bash benchmarks/gpu_check.sh 2    # stage 2: Table 1's first column (15 runs to epoch
+#                                     # 50, or to the last epoch all reach by the deadline)
 #
 # Before the call, on the developer machine (the archive travels with `carry`):
 #   mkdir -p data && cp ../shared/data/cifar10-jpg.tar.gz data/
 #   run(command="bash benchmarks/gpu_check.sh 1", carry=["data/cifar10-jpg.tar.gz"],
 #       timeout_s=330)
+#   run(command="STAGE2_SECONDS=S bash benchmarks/gpu_check.sh 2",
+#       carry=["data/cifar10-jpg.tar.gz"], timeout_s=S + 100)  # S: what the loan has left
 #
 # Stage 1 (benchmarks/gpu_throughput.py -> $OUT/throughput-stage1.json), in this order: per
 # method the epoch bench eager (bf16) and with the captured step (--graph-step); one
@@ -21,19 +24,29 @@
 # 2 cannot run them); last, grouped conv (groups=5) vs 5 dense convs on 5 streams / 1 stream
 # per ResNet-18 conv shape. A part that fails is recorded as its error; no part starts after
 # STAGE1_BUDGET s (recorded "skipped: budget"); STAGE1_TIMEOUT kills the rest;
-# STAGE1_PARTS=streams,grouped_conv (say) runs only those (gpu_throughput.py --parts). Stage 2:
-#   gnc experiment cifar10-resnet18 --seeds 5 --epochs 200 --until-epoch 50 \
-#       --eval-epochs 10,25,50 --jobs BEST [--jobs-mode mps] [captured-step flags]
-# its report (median [min, max] train top-1 per method at epoch 50, summary.json) into
-# $OUT/table1-cifar10-resnet18/, and $OUT/throughput.json (card, jobs,
-# aggregate_img_per_s, implicit_over_standard, s/epoch per method). Every result is written to
-# $OUT as soon as it exists (a call cut by its timeout still returns it).
+# STAGE1_PARTS=streams,grouped_conv (say) runs only those (gpu_throughput.py --parts).
+#
+# Stage 2 (STAGE2_SECONDS=S, default 420: the call takes S + ~1 min for the report):
+#   gnc experiment cifar10-resnet18 --seeds 5 --epochs 200 --until-epoch E \
+#       --eval-epochs 10,25,E --eval-every 0 --jobs BEST [--jobs-mode mps] [captured step]
+# with stage 1's best settings and E the last epoch <= UNTIL (50) that all 15 runs reach in
+# 0.9 S by stage 1's numbers (benchmarks/table1_stage2.py plan: Table 1's column at epoch E
+# rather than epoch 50 for some runs and none for others). Stage 1's result is read from this
+# call's $OUT, else $RUNS/stage1 (a warm machine keeps it), else STAGE1_JSON (copy the one
+# that came back into a git-ignored folder and carry it), else
+# docs/results/gpu/throughput-stage1.json (committed after an earlier loan). The experiment
+# gets SIGINT at S s; the report includes unfinished runs at the epochs they evaluated
+# (gnc report --unfinished). $OUT then holds log-stage2.txt, gpu.txt, throughput.json (card,
+# jobs, aggregate_img_per_s, implicit_over_standard, s/epoch per method, the plan and the
+# epoch each run reached) and table1.tar.gz: the report (median [min, max] train top-1 per
+# method, summary.json, figures) and the runs without checkpoints -- one file, since a call
+# returns at most 8. Every result is written to $OUT as soon as it exists.
 #
 # CPU dry run (as tests/test_bench.py runs stage 1): DEVICE=cpu JOBS=1 BENCH_SET="--set width=4
 #   --set batch_size=10 ... --rounds 2 --conv-shapes 4x8 --conv-batch 2" bash ... 1
-# Stage 2 on the CPU (a throughput-stage1.json with "best" in $OUT, CIFAR-10 under $DATA):
-#   OUT=o DEVICE=cpu SEEDS=1 UNTIL=1 EVAL_EPOCHS=1 REPORT_JOBS=2 PY=.venv/bin/python \
-#   EXTRA="--width 4 --batch-size 10 --subset 4 --num-workers 1" bash ... 2   (~1 min)
+# Stage 2 on the CPU (CIFAR-10 under $DATA; tests/test_bench.py runs it):
+#   OUT=o RUNS=r DEVICE=cpu SEEDS=1 UNTIL=2 REPORT_JOBS=2 PY=.venv/bin/python \
+#   EXTRA="--width 4 --batch-size 10 --subset 4 --num-workers 0" bash ... 2
 set -uo pipefail
 STAGE=${1:-1}
 OUT=${OUT:-gpu-out}
@@ -64,67 +77,56 @@ torchvision.__version__, "cuda", torch.version.cuda)'
     --budget-s "${STAGE1_BUDGET:-240}" \
     ${STAGE1_PARTS:+--parts "$STAGE1_PARTS"} "${SET[@]}" >> "$LOG" 2>&1
   say "throughput (stage 1): exit $?"
+  mkdir -p "$RUNS/stage1"  # for stage 2 on this machine while it is warm ($OUT is per call)
+  cp "$OUT/throughput-stage1.json" "$RUNS/stage1/" 2>/dev/null
   say "stage 1 done"
   exit 0
 fi
 
-# Stage 2: the settings stage 1 found best (captured step or not, N runs, MPS or not; a mode
-# `gnc experiment --jobs-mode` does not know, or no stage 1 result, falls back to defaults).
-read -r NJOBS MODE CAPTURED < <($PY - "$OUT/throughput-stage1.json" <<'PYEOF'
-import json, sys
-try:
-    best = json.load(open(sys.argv[1]))["best"]
-    jobs, mode, captured = int(best["jobs"]), best["jobs_mode"], bool(best["captured_step"])
-    if mode not in ("auto", "processes", "mps"):
-        raise ValueError(mode)
-except (OSError, ValueError, KeyError, TypeError):
-    jobs, mode, captured = 4, "processes", False
-print(jobs, mode, "yes" if captured else "no")
-PYEOF
-)
+# Stage 2: stage 1's best settings and the last epoch all runs reach by the deadline
+# (benchmarks/table1_stage2.py plan). Stage 1's result: this call's $OUT, else the copy a
+# warm machine kept ($RUNS/stage1), else $STAGE1_JSON (carried from an earlier call), else
+# the one committed from an earlier loan; none: the defaults.
+STAGE1=""
+for f in "$OUT/throughput-stage1.json" "$RUNS/stage1/throughput-stage1.json" \
+         "${STAGE1_JSON:-}" docs/results/gpu/throughput-stage1.json; do
+  if [ -n "$f" ] && [ -f "$f" ]; then STAGE1=$f; break; fi
+done
+say "stage 1 result: ${STAGE1:-none (defaults)}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+  > "$OUT/gpu.txt" 2>/dev/null || echo "$DEVICE" > "$OUT/gpu.txt"
+SECONDS2=${STAGE2_SECONDS:-420}
+mkdir -p "$RUNS"
+read -r NJOBS MODE CAPTURED UNTIL EVALS < <($PY benchmarks/table1_stage2.py plan \
+  "${STAGE1:-/nonexistent}" "$(( SECONDS2 * 9 / 10 ))" --seeds "${SEEDS:-5}" \
+  --until "${UNTIL:-50}" --json "$RUNS/plan.json")
 FLAGS=()
 if [ "$CAPTURED" = yes ]; then
-  FLAGS=(--graph-step --amp none --polar-method newton_schulz --data-on-device on)
+  FLAGS=(--graph-step --polar-method newton_schulz --data-on-device on)
 fi
 EXP="$RUNS/table1"
-say "stage 2: --jobs $NJOBS --jobs-mode $MODE ${FLAGS[*]}"
+say "stage 2: --until-epoch $UNTIL --eval-epochs $EVALS --jobs $NJOBS --jobs-mode $MODE" \
+    "${FLAGS[*]}, stopped after $SECONDS2 s: $(tr -d '\n ' < "$RUNS/plan.json")"
 T0=$(date +%s)
-$PY -m gnc experiment cifar10-resnet18 --seeds "${SEEDS:-5}" --epochs 200 \
-  --until-epoch "${UNTIL:-50}" --eval-epochs "${EVAL_EPOCHS:-10,25,50}" --jobs "$NJOBS" \
-  --jobs-mode "$MODE" --data-dir "$DATA" --device "$DEVICE" --no-progress "${FLAGS[@]}" \
-  "${EXTRA[@]}" --no-report --out "$EXP" >> "$LOG" 2>&1
-say "experiment: exit $? after $(( $(date +%s) - T0 )) s"
-$PY -m gnc report "$EXP" --preset cifar10-resnet18 --table-epochs "${UNTIL:-50},200" \
-  --jobs "${REPORT_JOBS:-8}" --out "$OUT/table1-cifar10-resnet18" --machine "$(head -1 "$OUT/gpu.txt" 2>/dev/null)" \
-  >> "$LOG" 2>&1
+# SIGINT to the experiment and its workers at the deadline: the evaluated epochs are kept
+timeout -s INT -k 30 "$SECONDS2" $PY -m gnc experiment cifar10-resnet18 \
+  --seeds "${SEEDS:-5}" --epochs 200 --until-epoch "$UNTIL" --eval-epochs "$EVALS" \
+  --eval-every 0 --jobs "$NJOBS" --jobs-mode "$MODE" --data-dir "$DATA" --device "$DEVICE" \
+  --no-progress "${FLAGS[@]}" "${EXTRA[@]}" --no-report --out "$EXP" >> "$LOG" 2>&1
+RC=$?
+WALL=$(( $(date +%s) - T0 ))
+say "experiment: exit $RC after $WALL s$([ $RC = 124 ] && echo ' (deadline)')"
+FIRST=$(echo "$EVALS" | tr ',' '\n' | tail -2 | head -1)
+$PY -m gnc report "$EXP" --preset cifar10-resnet18 --table-epochs "$FIRST,$UNTIL" \
+  --unfinished --jobs "${REPORT_JOBS:-8}" --out "$RUNS/table1-report" \
+  --command "bash benchmarks/gpu_check.sh 2 (gnc experiment cifar10-resnet18 --seeds ${SEEDS:-5} --epochs 200 --until-epoch $UNTIL --eval-epochs $EVALS --eval-every 0 --jobs $NJOBS --jobs-mode $MODE ${FLAGS[*]})" \
+  --machine "$(head -1 "$OUT/gpu.txt")" >> "$LOG" 2>&1
 say "report: exit $?"
-$PY - "$EXP" "$OUT" "$(( $(date +%s) - T0 ))" "$NJOBS" > "$OUT/throughput.json" <<'PYEOF'
-import json, pathlib, sys
-exp, out, wall, jobs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-stage1 = json.loads((out / "throughput-stage1.json").read_text())
-per_epoch, epochs = {}, 0
-for run in sorted(exp.glob("*/seed*")):
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    if rows:
-        per_epoch.setdefault(run.parent.name, []).append(rows[-1]["elapsed_s"] / rows[-1]["epoch"])
-        epochs += rows[-1]["epoch"]
-steps = stage1.get("steps", {})
-variant = "captured" if stage1.get("best", {}).get("captured_step") else "eager"
-ratio = None
-try:
-    ratio = steps[f"implicit/{variant}"]["step_ms"] / steps[f"standard/{variant}"]["step_ms"]
-except (KeyError, ZeroDivisionError):
-    pass
-print(json.dumps({
-    "card": stage1.get("card"), "jobs": jobs, "jobs_mode": stage1.get("best", {}).get("jobs_mode"),
-    "captured_step": variant == "captured",
-    "aggregate_img_per_s": stage1.get("best", {}).get("img_per_s"),  # training only (stage 1)
-    "experiment_img_per_s": epochs * 50000 / wall,  # stage 2, evaluations included
-    "experiment_wall_s": wall, "implicit_over_standard": ratio,
-    "s_per_epoch": {m: sum(v) / len(v) for m, v in per_epoch.items()},
-    "eval_s": stage1.get("eval_s"),
-    "eval_s_precise_bn_20": stage1.get("eval_s_precise_bn_20"),
-}, indent=1))
-PYEOF
-say "throughput.json written"
+$PY benchmarks/table1_stage2.py summary "${STAGE1:-/nonexistent}" "$EXP" "$WALL" \
+  "$RUNS/plan.json" --card "$(head -1 "$OUT/gpu.txt")" > "$OUT/throughput.json" 2>> "$LOG"
+say "throughput.json: exit $?"
+# one file for the report and the runs' metrics (a call returns at most 8 files)
+tar czf "$OUT/table1.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude=checkpoints table1 \
+  table1-report 2>> "$LOG"
+say "table1.tar.gz: exit $? ($(du -k "$OUT/table1.tar.gz" 2>/dev/null | cut -f1) KiB)"
 say "stage 2 done"

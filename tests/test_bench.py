@@ -119,8 +119,8 @@ def test_gpu_check_script_parses_and_names_its_stages():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "PYTHONPATH=src" in text and "make install" not in text  # the bare device machine
-    for entry in ("gpu_throughput.py", "--until-epoch", "--eval-epochs", "--jobs",
-                  "throughput.json", "table1-cifar10-resnet18"):
+    for entry in ("gpu_throughput.py", "table1_stage2.py", "--until-epoch", "--eval-epochs",
+                  "--jobs", "--unfinished", "throughput.json", "table1.tar.gz"):
         assert entry in text
 
 

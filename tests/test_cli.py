@@ -174,6 +174,15 @@ def test_report_errors_are_one_line(tmp_path, capsys):
                           "experiment directory not found")
 
 
+def test_report_unfinished_includes_a_run_without_done(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    assert run_main(["train", "--preset", "ufm10", "--epochs", "2", *TINY_UFM, "--out",
+                     exp / "fixed" / "seed1", "--method", "fixed"], capsys)[0] == 0
+    assert_one_line_error(*run_main(["report", exp], capsys), "no finished runs under")
+    assert run_main(["report", exp, "--unfinished", "--machine", "m"], capsys)[0] == 0
+    assert "- fixed/seed1: last evaluated epoch 2" in (exp / "report.md").read_text()
+
+
 def test_experiment_refuses_runs_made_with_other_overrides(tmp_path, capsys):
     out = tmp_path / "exp"
     common = ["experiment", "ufm10", "--seeds", "1", "--methods", "fixed", "--out", out,

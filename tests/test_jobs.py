@@ -87,6 +87,31 @@ def test_jobs_equal_the_sequential_runs(tmp_path, sequential, monkeypatch):
     assert bar.total == bar.n == 4 * SETTINGS["epochs"]
 
 
+def test_runs_are_queued_seed_major_with_the_implicit_head_first(tmp_path, monkeypatch):
+    """A queue cut short (a deadline, a kill) lacks whole seeds rather than a whole method,
+    and the slowest runs start first in each seed."""
+    import gnc.experiments as experiments
+
+    queued = []
+
+    def fake_run_many(tasks, **_):
+        queued.extend(name for name, _, _ in tasks)
+        return [jobs.Outcome(name) for name, _, _ in tasks]
+
+    monkeypatch.setattr(experiments, "run_many", fake_run_many)
+    monkeypatch.setattr(experiments, "prestart", lambda *_: None)
+    done = run_dir(tmp_path, "fixed", 1)
+    done.mkdir(parents=True)
+    (done / "DONE").write_text("finished\n")
+    (done / "config.json").write_text(json.dumps(experiments.resolved_config(
+        experiments.get_preset("ufm10"), **SETTINGS, method="fixed", seed=1,
+        progress=False, graph_head=False)))
+    run_experiment("ufm10", tmp_path, seeds=2, methods=["standard", "fixed", "implicit"],
+                   report=False, jobs=2, overrides={**SETTINGS, "progress": False})
+    assert queued == ["implicit/seed1", "standard/seed1",
+                      "implicit/seed2", "standard/seed2", "fixed/seed2"]
+
+
 def test_killed_experiment_resumes_every_run(tmp_path, sequential):
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "gnc", "experiment", *FLAGS, "--out", str(out)]

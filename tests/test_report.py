@@ -163,6 +163,42 @@ def test_load_runs_skips_unfinished(exp):
     assert run.margins.shape == (50,)
 
 
+def test_unfinished_runs_are_included_at_the_epochs_they_reached(exp):
+    root, rows = exp  # implicit/seed4 has no DONE and evaluated epochs 1 and 3
+    runs, skipped = scan_runs(root, unfinished=True)
+    assert skipped == [] and [r.seed for r in runs["implicit"]] == [1, 2, 3, 4]
+    assert [r.finished for r in runs["implicit"]] == [True, True, True, False]
+    text = make_report(root, machine="m", unfinished=True).read_text()
+    assert "Seeds per method: Standard 3 (1, 2, 3), Implicit ETF 4 (1, 2, 3, 4)." in text
+    assert "- implicit/seed4: last evaluated epoch 3" in text
+    assert "## Skipped runs" not in text
+    # the top-1 table holds only the epochs every run evaluated: by default 1 and 3
+    seed4 = [json.loads(line) for line in
+             (root / "implicit" / "seed4" / "metrics.jsonl").read_text().splitlines()]
+    cell = expected(at(rows["implicit"], 3, "train_top1") + at([seed4], 3, "train_top1"))
+    assert f"| Implicit ETF | {expected(at(rows['implicit'] + [seed4], 1, 'train_top1'))} | " \
+           f"{cell} |" in text
+    assert "| Method | epoch 1 | epoch 3 |" in text
+    table = accuracy_table(scan_runs(root, unfinished=True)[0], (1, 10))
+    assert table.header == ["Method", "epoch 1", "epoch 3"]
+    assert any("epoch 10 was not evaluated" in n for n in table.notes)
+    # without the flag the same directory reports the finished runs only, as before
+    text = make_report(root, machine="m").read_text()
+    assert "Finished seeds per method: Standard 3 (1, 2, 3), Implicit ETF 3 (1, 2, 3)." in text
+    assert "- implicit/seed4: unfinished (no DONE file)" in text
+
+
+def test_unfinished_runs_without_rows_are_skipped_and_none_at_all_is_one_error(tmp_path):
+    rng = np.random.default_rng(2)
+    write_run(tmp_path / "standard" / "seed1", "standard", 1, rng, epochs=(), done=False)
+    with pytest.raises(ValueError, match="no run with evaluated epochs under"):
+        scan_runs(tmp_path, unfinished=True)
+    write_run(tmp_path / "standard" / "seed2", "standard", 2, rng, epochs=(1,), done=False)
+    runs, skipped = scan_runs(tmp_path, unfinished=True)
+    assert [r.seed for r in runs["standard"]] == [2]
+    assert skipped == ["standard/seed1: unfinished, but metrics.jsonl is missing or empty"]
+
+
 def test_report_files_and_sections(exp):
     root, _ = exp
     path = make_report(root, title="Test experiment", command="gnc experiment x --out y",

@@ -331,6 +331,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
         notes=f"Preset notes: {preset.notes}" if preset else None,
         command=args.command, machine=args.machine, out_dir=args.out,
         preset_config=resolved_config(preset) if preset else None, jobs=args.jobs,
+        unfinished=args.unfinished,
     )
     print(f"report: {path}")
 
@@ -537,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the preset's)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="processes that draw the figures (default 1: this one)")
+    p.add_argument("--unfinished", action="store_true",
+                   help="include runs without DONE at the epochs they evaluated (an "
+                   "interrupted experiment); the report lists them")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(

@@ -427,13 +427,24 @@ def _epochs_to_parent(cfg: TrainConfig) -> type:
     return EpochFeed
 
 
+def _relative_cost(method: str) -> float:
+    """A run's time relative to the standard head's, for the order of the ``--jobs`` queue:
+    the implicit head's step is the slowest (its polar factor and backward)."""
+    return 2.0 if uses_implicit_head(method) else 1.0
+
+
 def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: int,
                      jobs_mode: str, trust_checkpoint: bool) -> None:
     """Train the unfinished runs of ``plan``, ``jobs`` at a time (:func:`run_experiment`);
     raise the failed ones after all have ended."""
     import torch
 
-    todo = [(path, cfg) for path, cfg in plan if not _done(path, cfg)]
+    # seed-major (every method's seed 1, then seed 2, ...), the slowest method first within
+    # a seed: the waves balance, and a stopped experiment lacks whole seeds, not a method
+    methods = dict.fromkeys(cfg.method for _, cfg in plan)  # in the plan's order
+    slow_first = {m: i for i, m in enumerate(sorted(methods, key=lambda m: -_relative_cost(m)))}
+    todo = sorted(((path, cfg) for path, cfg in plan if not _done(path, cfg)),
+                  key=lambda item: (item[1].seed, slow_first[item[1].method]))
     for path, cfg in plan:
         if _done(path, cfg):
             logger.info("%s: finished, skipped", path)

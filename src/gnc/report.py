@@ -2,7 +2,8 @@
 
 An experiment directory holds runs at ``DIR/<method>/seed<k>/``, each with ``config.json``,
 ``metrics.jsonl`` (one row per evaluated epoch), ``cos_margins.npy`` and, once the runner
-has finished it, a ``DONE`` file. Only finished runs are reported; the others are listed.
+has finished it, a ``DONE`` file. Only finished runs are reported and the others are listed,
+unless ``unfinished`` (``gnc report --unfinished``) includes them at the epochs they reached.
 
 :func:`make_report` writes ``DIR/report.md`` and, beside it,
 
@@ -121,7 +122,7 @@ CONFIG_KEYS = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "m
 
 @dataclass
 class RunData:
-    """One finished run: its config, its evaluated epochs and its final sorted margins."""
+    """One run: its config, its evaluated epochs and its final sorted margins."""
 
     method: str
     seed: int
@@ -129,6 +130,7 @@ class RunData:
     config: dict
     metrics: list[dict]  # one row per evaluated epoch, sorted by epoch
     margins: np.ndarray | None = None  # sorted per-sample train cosine margins at the end
+    finished: bool = True  # False: no DONE file, included by ``unfinished``
 
     @cached_property
     def by_epoch(self) -> dict[int, dict]:
@@ -176,8 +178,11 @@ def order_methods(methods: Iterable[str]) -> list[str]:
     return sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))
 
 
-def scan_runs(exp_dir: str | Path) -> tuple[dict[str, list[RunData]], list[str]]:
-    """The finished runs of ``exp_dir`` by method (ordered), and a line per skipped run."""
+def scan_runs(exp_dir: str | Path, *, unfinished: bool = False
+              ) -> tuple[dict[str, list[RunData]], list[str]]:
+    """The finished runs of ``exp_dir`` by method (ordered), and a line per skipped run;
+    ``unfinished``: runs without ``DONE`` too, at the epochs they evaluated (one that
+    evaluated none is skipped)."""
     root = Path(exp_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment directory not found: {root}")
@@ -188,24 +193,31 @@ def scan_runs(exp_dir: str | Path) -> tuple[dict[str, list[RunData]], list[str]]
                  if p.is_dir() and (m := re.fullmatch(r"seed(\d+)", p.name))]
         for seed, path in sorted(seeds):
             name = f"{method_dir.name}/{path.name}"
-            if not is_done(path):
+            finished = is_done(path)
+            if not finished and not unfinished:
                 skipped.append(f"{name}: unfinished (no DONE file)")
                 continue
             by_epoch = {row["epoch"]: row for row in read_metrics(path / "metrics.jsonl")}
             metrics = [by_epoch[e] for e in sorted(by_epoch)]  # a resumed epoch: the later row
             if not metrics:
-                skipped.append(f"{name}: finished, but metrics.jsonl is missing or empty")
+                state = "finished" if finished else "unfinished"
+                skipped.append(f"{name}: {state}, but metrics.jsonl is missing or empty")
                 continue
             try:
                 config = read_config(path, "report")
             except FileNotFoundError:
                 config = {}
             except ValueError:
-                skipped.append(f"{name}: finished, but config.json is not a JSON object")
+                state = "finished" if finished else "unfinished"
+                skipped.append(f"{name}: {state}, but config.json is not a JSON object")
                 continue
             runs.setdefault(method_dir.name, []).append(
-                RunData(method_dir.name, seed, path, config, metrics, read_margins(path)))
+                RunData(method_dir.name, seed, path, config, metrics, read_margins(path),
+                        finished))
     if not runs:
+        if unfinished:
+            raise ValueError(f"no run with evaluated epochs under {root} (expected "
+                             f"{root}/<method>/seed<k>/metrics.jsonl)")
         raise ValueError(f"no finished runs under {root} (expected {root}/<method>/seed<k>/DONE)")
     return {m: runs[m] for m in order_methods(runs)}, skipped
 
@@ -658,7 +670,7 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
                 table_epochs: tuple[int, int] | None = None, command: str | None = None,
                 machine: str | None = None, out_dir: str | Path | None = None,
                 notes: str | None = None, preset_config: Mapping | None = None,
-                jobs: int = 1) -> Path:
+                jobs: int = 1, unfinished: bool = False) -> Path:
     """Write ``report.md``, its PNG figures and ``summary.csv`` / ``summary.json`` (into
     ``out_dir``, default ``exp_dir``); returns the report's path.
 
@@ -676,10 +688,13 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
             the runs differ from it are appended to the title (figures and report), as in
             ``"(overridden: epochs=500)"``, so the title never describes runs not made.
         jobs: worker processes that draw the figures (:func:`write_figures`).
+        unfinished: include the runs without ``DONE`` at the epochs they evaluated (e.g. an
+            experiment stopped at a deadline); the report lists them with their last epoch.
 
     Raises:
         FileNotFoundError: ``exp_dir`` does not exist.
-        ValueError: it holds no finished run, ``out_dir`` is not a directory, or ``jobs`` < 1.
+        ValueError: it holds no finished run (``unfinished``: no run with a metrics row),
+            ``out_dir`` is not a directory, or ``jobs`` < 1.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"Expected `jobs` >= 1, but got {jobs}")
@@ -687,7 +702,7 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
     out = Path(out_dir) if out_dir is not None else root
     if out.exists() and not out.is_dir():
         raise ValueError(f"Expected the report's output {out} to be a directory, but it is a file")
-    runs, skipped = scan_runs(root)
+    runs, skipped = scan_runs(root, unfinished=unfinished)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"Experiment report: {root.resolve().name}"
     changed = overrides(runs, preset_config) if preset_config is not None else []
@@ -704,13 +719,19 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
            "![ETF distances](etf_distances.png)", ""] if "etf_distances.png" in figures else []
     seeds = ", ".join(f"{display_name(m)} {len(rs)} ({', '.join(str(r.seed) for r in rs)})"
                       for m, rs in runs.items())
+    partial = [f"{r.method}/seed{r.seed}: last evaluated epoch {r.metrics[-1]['epoch']}"
+               for r in _all_runs(runs) if not r.finished]
     lines = [
         f"# {title}", "",
         "Command:", "", "```", command or f"gnc report {root}", "```", "",
         f"Machine: {machine or describe_machine() + ' (the machine that wrote this report)'}",
         "",
-        f"Finished seeds per method: {seeds}.",
+        f"{'Seeds' if partial else 'Finished seeds'} per method: {seeds}.",
         "",
+        *(["**Unfinished runs are included** (`--unfinished`), at the epochs they reached: "
+           "a method's curves use the epochs all its seeds evaluated, the top-1 table the epochs "
+           "every run evaluated, the final metrics each run's last evaluation.", "",
+           *(f"- {line}" for line in partial), ""] if partial else []),
         *([notes, ""] if notes else []),
         *_config_lines(runs),
         "## Curves", "",
