@@ -15,7 +15,9 @@ for others. The estimate, from stage 1's numbers:
   evaluates in ``eval_s`` s (precise statistics, train and test split);
 - with N runs in flight each is slower by ``slowdown = N * img_1 / img_N`` (images/s of one
   run alone and of N at once, the ``jobs`` part; the MPS one when stage 2 uses MPS);
-- a run to epoch E takes ``start_s + slowdown * (E * e_m + n_evals(E) * eval_s)``;
+- a run to epoch E takes ``start_s + slowdown * (E * e_m + n_evals(E) * eval_s)``, with
+  ``start_s`` the start of one bench process alone (its wall time less its two epochs:
+  process, imports, data to the device, model; :func:`start_seconds`), at least 5 s;
 - the runs start in ``gnc experiment``'s queue order (seed-major, the implicit head first in
   each seed), each on the first free slot of N: the last to end is the experiment's time.
 
@@ -41,7 +43,8 @@ QUEUE = ("implicit", "standard", "fixed")  # gnc experiment's order within a see
 TRAIN_IMAGES = 50_000  # CIFAR-10's train split
 EVAL_EPOCHS = (10, 25, 50)  # the evaluations Table 1 and the figures need
 DEFAULT_JOBS = 4
-START_S = 20.0  # a run's start on the card: process, data to the GPU, cuDNN tuning, capture
+START_S = 20.0  # a run's start when stage 1 did not time one
+MIN_START_S = 5.0
 
 
 def read_stage1(path: str | Path) -> dict:
@@ -94,6 +97,21 @@ def run_seconds(stage1: dict) -> dict[str, tuple[float, float]] | None:
     return {m: (slowdown * e, slowdown * eval_s) for m, e in epoch_s.items()}
 
 
+def start_seconds(stage1: dict) -> float:
+    """Seconds a run takes to start: the one-run bench process's wall time less its two
+    epochs (warm-up and timed; the standard head, the variant stage 2 uses), at least
+    :data:`MIN_START_S`; :data:`START_S` when stage 1 did not measure it."""
+    _, _, captured = settings(stage1)
+    records = [r for r in stage1.get("jobs") or [] if isinstance(r, dict)]
+    wall = next((_number(r.get("wall_s")) for r in records if r.get("runs") == 1), None)
+    steps = stage1.get("steps") if isinstance(stage1.get("steps"), dict) else {}
+    epoch = _number((steps.get(f"standard/{'captured' if captured else 'eager'}") or {})
+                    .get("epoch_s"))
+    if wall is None or epoch is None:
+        return START_S
+    return max(MIN_START_S, wall - 2 * epoch)
+
+
 def makespan(costs: dict[str, tuple[float, float]], until: int, jobs: int, seeds: int,
              start_s: float = START_S) -> float:
     """Seconds until the last of ``seeds`` × methods runs reaches ``until``: the queue
@@ -108,13 +126,16 @@ def makespan(costs: dict[str, tuple[float, float]], until: int, jobs: int, seeds
 
 
 def plan(stage1: dict, seconds: float, *, seeds: int = 5, until: int = 50,
-         start_s: float = START_S) -> dict:
+         start_s: float | None = None) -> dict:
     """Stage 2's settings: stage 1's best and the last epoch (≤ ``until``, ≥ 1) that every
-    run reaches within ``seconds`` by the estimate (``until`` when it cannot be estimated)."""
+    run reaches within ``seconds`` by the estimate (``until`` when it cannot be estimated);
+    ``start_s`` None: :func:`start_seconds`."""
     jobs, mode, captured = settings(stage1)
     costs = run_seconds(stage1)
+    start_s = start_seconds(stage1) if start_s is None else start_s
     out = {"jobs": jobs, "jobs_mode": mode, "captured_step": captured, "seconds": seconds,
-           "asked_until": until, "until": until, "estimate_s": None}
+           "asked_until": until, "until": until, "estimate_s": None,
+           "start_s": round(start_s, 1)}
     if costs is None:
         return out
     fits = [e for e in range(1, until + 1) if makespan(costs, e, jobs, seeds, start_s) <= seconds]
@@ -173,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("seconds", type=float)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--until", type=int, default=50)
-    p.add_argument("--start-s", type=float, default=START_S)
+    p.add_argument("--start-s", type=float, help="a run's start (default: from stage 1)")
     p.add_argument("--json", help="also write the plan here")
     p = sub.add_parser("summary")
     p.add_argument("stage1")

@@ -32,7 +32,8 @@ def stage1(jobs: int = 4, captured: bool = True, mode: str = "processes") -> dic
         steps[f"{m}/captured"] = {"step_ms": 5.0 * epoch_s, "epoch_s": epoch_s}
         steps[f"{m}/eager"] = {"step_ms": 8.0 * epoch_s, "epoch_s": 1.6 * epoch_s}
     return {"card": "card X", "steps": steps, "eval_s": 0.5,
-            "jobs": [{"runs": 1, "img_per_s": 50_000.0}, {"runs": jobs, "img_per_s": 80_000.0}],
+            "jobs": [{"runs": 1, "img_per_s": 50_000.0, "wall_s": 22.0},
+                     {"runs": jobs, "img_per_s": 80_000.0, "wall_s": 30.0}],
             "best": {"captured_step": captured, "jobs": jobs, "jobs_mode": mode,
                      "img_per_s": 80_000.0}}
 
@@ -71,11 +72,13 @@ def test_plan_takes_the_last_epoch_that_fits(stage2, seconds):
     s1 = stage1()
     got = stage2.plan(s1, seconds)
     costs = stage2.run_seconds(s1)
-    until = got["until"]
+    until, start = got["until"], 22.0 - 2 * 1.0  # the one-run bench less its two epochs
     assert got["jobs"] == 4 and got["jobs_mode"] == "processes" and got["captured_step"]
-    assert stage2.makespan(costs, until, 4, 5) <= seconds
-    assert until == 50 or stage2.makespan(costs, until + 1, 4, 5) > seconds
-    assert got["estimate_s"] == pytest.approx(stage2.makespan(costs, until, 4, 5), abs=0.05)
+    assert got["start_s"] == start == stage2.start_seconds(s1)
+    assert stage2.makespan(costs, until, 4, 5, start) <= seconds
+    assert until == 50 or stage2.makespan(costs, until + 1, 4, 5, start) > seconds
+    assert got["estimate_s"] == pytest.approx(stage2.makespan(costs, until, 4, 5, start),
+                                              abs=0.05)
 
 
 def test_plan_without_measurements_keeps_the_asked_epoch_and_the_defaults(stage2):
@@ -87,6 +90,10 @@ def test_plan_without_measurements_keeps_the_asked_epoch_and_the_defaults(stage2
         == (2, "mps", True)
     assert stage2.settings({"best": {"jobs": 2, "jobs_mode": "streams",
                                      "captured_step": True}}) == (4, "processes", False)
+    assert stage2.start_seconds({}) == stage2.START_S
+    fast = stage1()
+    fast["jobs"][0]["wall_s"] = 2.5  # less than its two epochs would take: the floor
+    assert stage2.start_seconds(fast) == stage2.MIN_START_S
     # nothing fits: epoch 1, said by its estimate
     got = stage2.plan(stage1(), 1.0)
     assert got["until"] == 1 and got["estimate_s"] > 1.0
