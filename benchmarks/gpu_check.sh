@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_check.sh 1    # stage 1, at most ~5 min: what the card gives
 #   bash benchmarks/gpu_check.sh 2    # stage 2: Table 1's first column (15 runs to epoch
 #                                     # 50, or to the last epoch all reach by the deadline)
+#   TOTAL_SECONDS=T bash benchmarks/gpu_check.sh all   # both in one call of T s at most
+#                                     # (the machine goes back 30 s after a call: one call
+#                                     # cannot lose it in between)
 #
 # Before the call, on the developer machine (the archive travels with `carry`):
 #   mkdir -p data && cp ../shared/data/cifar10-jpg.tar.gz data/
@@ -12,6 +15,8 @@
 #       timeout_s=330)
 #   run(command="STAGE2_SECONDS=S bash benchmarks/gpu_check.sh 2",
 #       carry=["data/cifar10-jpg.tar.gz"], timeout_s=S + 100)  # S: what the loan has left
+#   or run(command="TOTAL_SECONDS=560 STAGE1_BUDGET=150 bash benchmarks/gpu_check.sh all",
+#          carry=["data/cifar10-jpg.tar.gz"], timeout_s=600)
 #
 # Stage 1 (benchmarks/gpu_throughput.py -> $OUT/throughput-stage1.json), in this order: per
 # method the epoch bench eager (bf16) and with the captured step (--graph-step); one
@@ -26,7 +31,8 @@
 # STAGE1_BUDGET s (recorded "skipped: budget"); STAGE1_TIMEOUT kills the rest;
 # STAGE1_PARTS=streams,grouped_conv (say) runs only those (gpu_throughput.py --parts).
 #
-# Stage 2 (STAGE2_SECONDS=S, default 420: the call takes S + ~1 min for the report):
+# Stage 2 (STAGE2_SECONDS=S, default 420, or with TOTAL_SECONDS what stage 1 left less 75 s;
+# the call takes S + ~1 min for the report):
 #   gnc experiment cifar10-resnet18 --seeds 5 --epochs 200 --until-epoch E \
 #       --eval-epochs 10,25,E --eval-every 0 --jobs BEST [--jobs-mode mps] [captured step]
 # with stage 1's best settings and E the last epoch <= UNTIL (50) that all 15 runs reach in
@@ -59,14 +65,15 @@ DEVICE=${DEVICE:-cuda}
 JOBS=${JOBS:-1,2,4,8}
 read -r -a SET <<< "${BENCH_SET:-}"
 read -r -a EXTRA <<< "${EXTRA:-}"
-LOG="$OUT/log-stage$STAGE.txt"
 say() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
 
+T_START=$(date +%s)
 if [ ! -d "$DATA/cifar10-jpg" ] && [ -f "$DATA/cifar10-jpg.tar.gz" ]; then
   tar xzf "$DATA/cifar10-jpg.tar.gz" -C "$DATA"
 fi
 
-if [ "$STAGE" = 1 ]; then
+stage1() {
+  LOG="$OUT/log-stage1.txt"
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     $PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision",
 torchvision.__version__, "cuda", torch.version.cuda)'
@@ -80,53 +87,68 @@ torchvision.__version__, "cuda", torch.version.cuda)'
   mkdir -p "$RUNS/stage1"  # for stage 2 on this machine while it is warm ($OUT is per call)
   cp "$OUT/throughput-stage1.json" "$RUNS/stage1/" 2>/dev/null
   say "stage 1 done"
-  exit 0
-fi
+}
 
-# Stage 2: stage 1's best settings and the last epoch all runs reach by the deadline
-# (benchmarks/table1_stage2.py plan). Stage 1's result: this call's $OUT, else the copy a
-# warm machine kept ($RUNS/stage1), else $STAGE1_JSON (carried from an earlier call), else
-# the one committed from an earlier loan; none: the defaults.
-STAGE1=""
-for f in "$OUT/throughput-stage1.json" "$RUNS/stage1/throughput-stage1.json" \
-         "${STAGE1_JSON:-}" docs/results/gpu/throughput-stage1.json; do
-  if [ -n "$f" ] && [ -f "$f" ]; then STAGE1=$f; break; fi
-done
-say "stage 1 result: ${STAGE1:-none (defaults)}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
-  > "$OUT/gpu.txt" 2>/dev/null || echo "$DEVICE" > "$OUT/gpu.txt"
-SECONDS2=${STAGE2_SECONDS:-420}
-mkdir -p "$RUNS"
-read -r NJOBS MODE CAPTURED UNTIL EVALS < <($PY benchmarks/table1_stage2.py plan \
-  "${STAGE1:-/nonexistent}" "$(( SECONDS2 * 9 / 10 ))" --seeds "${SEEDS:-5}" \
-  --until "${UNTIL:-50}" --json "$RUNS/plan.json")
-FLAGS=()
-if [ "$CAPTURED" = yes ]; then
-  FLAGS=(--graph-step --polar-method newton_schulz --data-on-device on)
-fi
-EXP="$RUNS/table1"
-say "stage 2: --until-epoch $UNTIL --eval-epochs $EVALS --jobs $NJOBS --jobs-mode $MODE" \
-    "${FLAGS[*]}, stopped after $SECONDS2 s: $(tr -d '\n ' < "$RUNS/plan.json")"
-T0=$(date +%s)
-# SIGINT to the experiment and its workers at the deadline: the evaluated epochs are kept
-timeout -s INT -k 30 "$SECONDS2" $PY -m gnc experiment cifar10-resnet18 \
-  --seeds "${SEEDS:-5}" --epochs 200 --until-epoch "$UNTIL" --eval-epochs "$EVALS" \
-  --eval-every 0 --jobs "$NJOBS" --jobs-mode "$MODE" --data-dir "$DATA" --device "$DEVICE" \
-  --no-progress "${FLAGS[@]}" "${EXTRA[@]}" --no-report --out "$EXP" >> "$LOG" 2>&1
-RC=$?
-WALL=$(( $(date +%s) - T0 ))
-say "experiment: exit $RC after $WALL s$([ $RC = 124 ] && echo ' (deadline)')"
-FIRST=$(echo "$EVALS" | tr ',' '\n' | tail -2 | head -1)
-$PY -m gnc report "$EXP" --preset cifar10-resnet18 --table-epochs "$FIRST,$UNTIL" \
-  --unfinished --jobs "${REPORT_JOBS:-8}" --out "$RUNS/table1-report" \
-  --command "bash benchmarks/gpu_check.sh 2 (gnc experiment cifar10-resnet18 --seeds ${SEEDS:-5} --epochs 200 --until-epoch $UNTIL --eval-epochs $EVALS --eval-every 0 --jobs $NJOBS --jobs-mode $MODE ${FLAGS[*]})" \
-  --machine "$(head -1 "$OUT/gpu.txt")" >> "$LOG" 2>&1
-say "report: exit $?"
-$PY benchmarks/table1_stage2.py summary "${STAGE1:-/nonexistent}" "$EXP" "$WALL" \
-  "$RUNS/plan.json" --card "$(head -1 "$OUT/gpu.txt")" > "$OUT/throughput.json" 2>> "$LOG"
-say "throughput.json: exit $?"
-# one file for the report and the runs' metrics (a call returns at most 8 files)
-tar czf "$OUT/table1.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude=checkpoints table1 \
-  table1-report 2>> "$LOG"
-say "table1.tar.gz: exit $? ($(du -k "$OUT/table1.tar.gz" 2>/dev/null | cut -f1) KiB)"
-say "stage 2 done"
+stage2() {
+  LOG="$OUT/log-stage2.txt"
+  # Stage 2: stage 1's best settings and the last epoch all runs reach by the deadline
+  # (benchmarks/table1_stage2.py plan). Stage 1's result: this call's $OUT, else the copy a
+  # warm machine kept ($RUNS/stage1), else $STAGE1_JSON (carried from an earlier call), else
+  # the one committed from an earlier loan; none: the defaults.
+  STAGE1=""
+  for f in "$OUT/throughput-stage1.json" "$RUNS/stage1/throughput-stage1.json" \
+           "${STAGE1_JSON:-}" docs/results/gpu/throughput-stage1.json; do
+    if [ -n "$f" ] && [ -f "$f" ]; then STAGE1=$f; break; fi
+  done
+  say "stage 1 result: ${STAGE1:-none (defaults)}"
+  [ -s "$OUT/gpu.txt" ] || nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null || echo "$DEVICE" > "$OUT/gpu.txt"
+  # the deadline: STAGE2_SECONDS, or what TOTAL_SECONDS leaves after stage 1 and ~75 s for
+  # the report and the archive
+  SECONDS2=${STAGE2_SECONDS:-420}
+  if [ -n "${TOTAL_SECONDS:-}" ] && [ -z "${STAGE2_SECONDS:-}" ]; then
+    SECONDS2=$(( TOTAL_SECONDS - ($(date +%s) - T_START) - 75 ))
+    [ "$SECONDS2" -ge 30 ] || SECONDS2=30
+  fi
+  mkdir -p "$RUNS"
+  read -r NJOBS MODE CAPTURED UNTIL EVALS < <($PY benchmarks/table1_stage2.py plan \
+    "${STAGE1:-/nonexistent}" "$(( SECONDS2 * 9 / 10 ))" --seeds "${SEEDS:-5}" \
+    --until "${UNTIL:-50}" --json "$RUNS/plan.json")
+  FLAGS=()
+  if [ "$CAPTURED" = yes ]; then
+    FLAGS=(--graph-step --polar-method newton_schulz --data-on-device on)
+  fi
+  EXP="$RUNS/table1"
+  say "stage 2: --until-epoch $UNTIL --eval-epochs $EVALS --jobs $NJOBS --jobs-mode $MODE" \
+      "${FLAGS[*]}, stopped after $SECONDS2 s: $(tr -d '\n ' < "$RUNS/plan.json")"
+  T0=$(date +%s)
+  # SIGINT to the experiment and its workers at the deadline: the evaluated epochs are kept
+  timeout -s INT -k 30 "$SECONDS2" $PY -m gnc experiment cifar10-resnet18 \
+    --seeds "${SEEDS:-5}" --epochs 200 --until-epoch "$UNTIL" --eval-epochs "$EVALS" \
+    --eval-every 0 --jobs "$NJOBS" --jobs-mode "$MODE" --data-dir "$DATA" --device "$DEVICE" \
+    --no-progress "${FLAGS[@]}" "${EXTRA[@]}" --no-report --out "$EXP" >> "$LOG" 2>&1
+  RC=$?
+  WALL=$(( $(date +%s) - T0 ))
+  say "experiment: exit $RC after $WALL s$([ $RC = 124 ] && echo ' (deadline)')"
+  FIRST=$(echo "$EVALS" | tr ',' '\n' | tail -2 | head -1)
+  $PY -m gnc report "$EXP" --preset cifar10-resnet18 --table-epochs "$FIRST,$UNTIL" \
+    --unfinished --jobs "${REPORT_JOBS:-8}" --out "$RUNS/table1-report" \
+    --command "bash benchmarks/gpu_check.sh 2 (gnc experiment cifar10-resnet18 --seeds ${SEEDS:-5} --epochs 200 --until-epoch $UNTIL --eval-epochs $EVALS --eval-every 0 --jobs $NJOBS --jobs-mode $MODE ${FLAGS[*]})" \
+    --machine "$(head -1 "$OUT/gpu.txt")" >> "$LOG" 2>&1
+  say "report: exit $?"
+  $PY benchmarks/table1_stage2.py summary "${STAGE1:-/nonexistent}" "$EXP" "$WALL" \
+    "$RUNS/plan.json" --card "$(head -1 "$OUT/gpu.txt")" > "$OUT/throughput.json" 2>> "$LOG"
+  say "throughput.json: exit $?"
+  # one file for the report and the runs' metrics (a call returns at most 8 files)
+  tar czf "$OUT/table1.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude=checkpoints table1 \
+    table1-report 2>> "$LOG"
+  say "table1.tar.gz: exit $? ($(du -k "$OUT/table1.tar.gz" 2>/dev/null | cut -f1) KiB)"
+  say "stage 2 done"
+}
+
+case "$STAGE" in
+  1) stage1 ;;
+  2) stage2 ;;
+  all) stage1; stage2 ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh 1|2|all" >&2; exit 2 ;;
+esac
