@@ -127,21 +127,25 @@ def _jpeg_tree(root: Path, per_class: int) -> None:
                 Image.fromarray(pixels).save(folder / f"{i:04d}.jpg")
 
 
+def _stage2_env(tmp_path: Path, **extra: str) -> dict:
+    _jpeg_tree(tmp_path / "data" / "cifar10-jpg", per_class=4)
+    return {**os.environ, "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
+            "DATA": str(tmp_path / "data"), "DEVICE": "cpu", "SEEDS": "1", "REPORT_JOBS": "1",
+            "PY": sys.executable, "OMP_NUM_THREADS": "1",
+            "EXTRA": "--width 4 --batch-size 10 --num-workers 0",
+            "GNC_CACHE_DIR": str(tmp_path / "cache"), **extra}
+
+
 def test_gpu_check_stage2_on_the_cpu(tmp_path):
     """Stage 2 of benchmarks/gpu_check.sh, a width-4 ResNet-18 on a 40-image CIFAR stand-in:
     the plan from a stage-1 result, the experiment, the report of the runs and what comes
     back: at most 8 files, one archive with the report and the runs but no checkpoint."""
-    _jpeg_tree(tmp_path / "data" / "cifar10-jpg", per_class=4)
     s1 = tmp_path / "carried" / "throughput-stage1.json"
     s1.parent.mkdir()
     s1.write_text(json.dumps({"card": "cpu", "best": {"captured_step": False, "jobs": 3,
                                                       "jobs_mode": "processes"}}))
-    out, runs = tmp_path / "out", tmp_path / "runs"
-    env = {**os.environ, "OUT": str(out), "RUNS": str(runs), "DATA": str(tmp_path / "data"),
-           "DEVICE": "cpu", "SEEDS": "1", "UNTIL": "2", "REPORT_JOBS": "1",
-           "PY": sys.executable, "STAGE1_JSON": str(s1), "OMP_NUM_THREADS": "1",
-           "EXTRA": "--width 4 --batch-size 10 --num-workers 0",
-           "GNC_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    env = _stage2_env(tmp_path, UNTIL="2", STAGE1_JSON=str(s1))
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "2"], cwd=ROOT,
                    env=env, check=True, capture_output=True, timeout=600)
     log = (out / "log-stage2.txt").read_text()
@@ -161,3 +165,26 @@ def test_gpu_check_stage2_on_the_cpu(tmp_path):
     assert not [n for n in names if n.endswith(".pt") or "checkpoints" in n]
     assert "Finished seeds per method: Standard 1 (1), Fixed ETF 1 (1), Implicit ETF 1 (1)." \
         in report
+
+
+def test_gpu_check_stage2_stopped_at_its_deadline_still_returns_everything(tmp_path):
+    """200 epochs cannot end in 6 s: the experiment gets SIGINT, and the report of what the
+    runs reached (or its error, if none evaluated yet), throughput.json and the archive still
+    come back."""
+    env = _stage2_env(tmp_path, UNTIL="200", STAGE2_SECONDS="6")
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "2"], cwd=ROOT,
+                   env=env, check=True, capture_output=True, timeout=600)
+    out = tmp_path / "out"
+    log = (out / "log-stage2.txt").read_text()
+    assert "stage 1 result: none (defaults)" in log
+    assert "--until-epoch 200 --eval-epochs 10,25,50,200 --jobs 4" in log
+    assert "experiment: exit 124 after" in log and "(deadline)" in log
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu.txt", "log-stage2.txt", "table1.tar.gz", "throughput.json"]
+    reached = json.loads((out / "throughput.json").read_text())["epoch_reached"]
+    assert all(e in (10, 25, 50) for e in reached.values())
+    with tarfile.open(out / "table1.tar.gz") as tar:
+        names = tar.getnames()
+    assert not [n for n in names if "DONE" in n or n.endswith(".pt")]
+    if reached:  # the runs that evaluated an epoch are in the report, as unfinished
+        assert "table1-report/report.md" in names
