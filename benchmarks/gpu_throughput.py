@@ -18,7 +18,11 @@ decides what fits in stage 1's five minutes):
   ``torch.cuda.set_sync_debug_mode("error")`` (CUDA only);
 - ``jobs``: aggregate training images/s with N runs of the epoch bench in flight as plain
   processes (option (b) of the issue), and ``mps``: the best N under CUDA MPS when its
-  daemon starts; then ``best`` (written here, updated below);
+  daemon starts; then ``best`` (written here, updated below). The N timed epochs start at
+  one barrier (after each process's warm-up epoch) and ``img_per_s`` is all their images
+  over the span from the first start to the last end (:func:`aggregate`; the sum of the
+  per-process rates, ``img_per_s_sum``, counted benches that started apart as concurrent:
+  on this CPU two tiny benches came out at exactly 2.0x one, 1.4x with the barrier);
 - ``streams``: option (a), one process driving N runs of the standard method with the
   captured step, each captured on a CUDA stream of its own with a memory pool of its own
   (:class:`gnc.step.GraphedStep` with ``stream``); R rounds (``--rounds``), each replaying one
@@ -58,6 +62,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -170,28 +175,71 @@ def sync_free(device: torch.device, data_dir: str, overrides: dict) -> dict:
     return out
 
 
+def barrier(folder: Path, n: int, timeout_s: float = 120.0) -> None:
+    """Wait until ``n`` processes have reached this call (one file each in ``folder``), at
+    most ``timeout_s`` (a process that failed before it must not hang the rest: their
+    timed epochs then start apart, which ``start_spread_s`` shows)."""
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout_s
+    while sum(1 for _ in folder.iterdir()) < n and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Images/s of benches that ran at once, from each one's ``images``, ``epoch_s`` and
+    ``started_at`` (Unix time of its timed epoch): all images over the span from the first
+    start to the last end (``img_per_s``; the timed epochs start at one barrier, so the span
+    is the slowest epoch), next to the sum of the per-process rates (``img_per_s_sum``,
+    which a staggered start would inflate) and how far apart they started."""
+    starts = [r["started_at"] for r in records]
+    span = max(r["started_at"] + r["epoch_s"] for r in records) - min(starts)
+    return {"img_per_s": sum(r["images"] for r in records) / span,
+            "img_per_s_sum": sum(r["images"] / r["epoch_s"] for r in records),
+            "span_s": span, "start_spread_s": max(starts) - min(starts)}
+
+
 def in_flight(n: int, device: str, data_dir: str, sets: list[str], env: dict | None = None
               ) -> dict:
-    """N epoch benches of the standard method at once; images/s summed over them."""
-    cmd = [sys.executable, "-m", "gnc", "bench", "--device", device, "--sizes", "none",
-           "--steps", "none", "--epoch", PRESET, "--methods", "standard", "--data-dir",
-           data_dir, "--json", *[a for s in sets for a in ("--set", s)]]
-
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **(env or {})}) for _ in range(n)]
-    results = [p.communicate() for p in procs]
-    wall = time.perf_counter() - t0
-    rates, errors = [], []
+    """N epoch benches of the standard method at once, their timed epochs started together
+    (:func:`barrier`): :func:`aggregate` images/s."""
+    with tempfile.TemporaryDirectory(prefix="gnc-barrier-") as folder:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "child", folder, str(n),
+               "--device", device, "--data-dir", data_dir,
+               *[a for s in sets for a in ("--set", s)]]
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, **(env or {})})
+                 for _ in range(n)]
+        results = [p.communicate() for p in procs]
+        wall = time.perf_counter() - t0
+    records, errors = [], []
     for p, (stdout, stderr) in zip(procs, results, strict=True):
         if p.returncode:
             errors.append((stderr.strip().splitlines() or ["?"])[-1][:200])
             continue
-        (rec,) = json.loads(stdout)
-        steps = int(rec["note"].split(" steps")[0].rsplit(" ", 1)[-1])
-        batch = parse_set(sets).get("batch_size", 250)
-        rates.append(steps * batch / rec["epoch_s"])
-    return {"runs": n, "img_per_s": sum(rates), "wall_s": wall, "errors": errors}
+        records.append(json.loads(stdout))
+    rates = aggregate(records) if records else {"img_per_s": 0.0}
+    return {"runs": n, **rates, "wall_s": wall, "errors": errors}
+
+
+def _child(argv: list[str]) -> None:
+    """One bench of :func:`in_flight`: prints ``{"images", "epoch_s", "started_at"}``."""
+    from gnc.bench import time_epoch
+
+    ap = argparse.ArgumentParser(prog="gpu_throughput.py child")
+    ap.add_argument("barrier", type=Path)
+    ap.add_argument("n", type=int)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args(argv)
+    overrides = parse_set(args.set)
+    record = time_epoch(PRESET, "standard", torch.device(args.device), data_dir=args.data_dir,
+                        before_timed=lambda: barrier(args.barrier, args.n), **overrides)
+    steps = int(record.note.split(" steps")[0].rsplit(" ", 1)[-1])
+    images = steps * overrides.get("batch_size", 250)
+    print(json.dumps({"images": images, "epoch_s": record.epoch_s,
+                      "started_at": record.started_at}))
 
 
 def mps_in_flight(n: int, device: str, data_dir: str, sets: list[str]) -> dict | str:
@@ -474,6 +522,10 @@ def choose(result: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["child"]:  # one process of in_flight
+        _child(argv[1:])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--device", default="cuda")

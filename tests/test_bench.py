@@ -189,6 +189,50 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def test_in_flight_rate_is_all_images_over_the_span_of_the_timed_epochs(gpu_throughput):
+    together = [{"images": 100, "epoch_s": 2.0, "started_at": 10.0},
+                {"images": 100, "epoch_s": 2.0, "started_at": 10.0}]
+    got = gpu_throughput.aggregate(together)
+    assert got == {"img_per_s": 100.0, "img_per_s_sum": 100.0, "span_s": 2.0,
+                   "start_spread_s": 0.0}
+    # one after the other: the per-process rates would count them as concurrent
+    apart = [{"images": 100, "epoch_s": 2.0, "started_at": 10.0},
+             {"images": 100, "epoch_s": 2.0, "started_at": 12.0}]
+    got = gpu_throughput.aggregate(apart)
+    assert got["img_per_s"] == 50.0 and got["img_per_s_sum"] == 100.0
+    assert got["span_s"] == 4.0 and got["start_spread_s"] == 2.0
+
+
+def test_barrier_releases_when_all_have_arrived_and_after_its_timeout(gpu_throughput,
+                                                                    tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    code = ("import sys, time, pathlib; sys.path.insert(0, sys.argv[1]); "
+            "import gpu_throughput as g; g.barrier(pathlib.Path(sys.argv[2]), 3); "
+            "print(time.time())")
+    bench = str(Path(__file__).parents[1] / "benchmarks")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen([sys.executable, "-c", code, bench, str(tmp_path)],
+                                      stdout=subprocess.PIPE, text=True, env=env))
+    while sum(1 for _ in tmp_path.iterdir()) < 2:  # both wait at the barrier
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert all(p.poll() is None for p in procs)
+    before = time.time()
+    gpu_throughput.barrier(tmp_path, 3)  # the third arrives: all go
+    released = [float(p.communicate(timeout=60)[0]) for p in procs]
+    assert all(t >= before - 0.05 for t in released)
+    t0 = time.monotonic()
+    gpu_throughput.barrier(tmp_path, 5, timeout_s=0.3)  # 3 processes came: never 5
+    assert 0.3 <= time.monotonic() - t0 < 5
+
+
 def test_streams_two_runs_in_one_process_on_the_cpu(gpu_throughput, tmp_path, monkeypatch,
                                                     one_thread):
     """Option (a) on the CPU: two trainers, the stand-in capture, round-robin "replays" (the

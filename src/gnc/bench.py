@@ -58,6 +58,7 @@ class BenchRecord:
     note: str = ""
     epoch_s: float | None = None  # epoch cases: wall seconds of one training epoch
     data_wait_pct: float | None = None  # epoch cases: share of the epoch outside the steps
+    started_at: float | None = None  # epoch cases: Unix time the timed epoch began
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -475,18 +476,24 @@ HEAD_SETTINGS = ("polar_method", "graph_head", "solve_device")
 
 
 def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 2,
-               data_dir: str = "data", **overrides) -> BenchRecord:
+               data_dir: str = "data", before_timed: Callable[[], object] | None = None,
+               **overrides) -> BenchRecord:
     """Seconds of the last of ``epochs`` training epochs of ``preset`` (the first warms up
     cuDNN's autotuner and the allocator), its mean step times and the peak memory.
 
     Data as :func:`_epoch_trainer` finds it. "data wait" is the share of the epoch spent
-    outside the timed steps: fetching batches.
+    outside the timed steps: fetching batches. ``before_timed()`` is called after the
+    warm-up, just before the timed epoch (e.g. a barrier, so that benches of several
+    processes time the same seconds).
     """
     with _epoch_trainer(preset, method, device, epochs, data_dir, overrides) as (trainer, note):
         for _ in range(epochs - 1):
             trainer.train_epoch(None)
         _sync(device)
+        if before_timed is not None:
+            before_timed()
         with PeakMemory(device) as mem:
+            started_at = time.time()
             t0 = time.perf_counter()
             stats = trainer.train_epoch(None)
             _sync(device)
@@ -498,7 +505,8 @@ def time_epoch(preset: str, method: str, device: torch.device, *, epochs: int = 
         method = f"{method} ({', '.join(head_settings)})"
     return BenchRecord(f"epoch {preset}", method, str(device), stats["time_forward_ms"],
                        stats["time_backward_ms"], mem.mb, note, epoch_s=seconds,
-                       data_wait_pct=max(0.0, 100 * (1 - busy / seconds)))
+                       data_wait_pct=max(0.0, 100 * (1 - busy / seconds)),
+                       started_at=started_at)
 
 
 # CUDA runtime calls that make the host wait for the device
