@@ -201,23 +201,40 @@ def aggregate(records: list[dict]) -> dict:
 def in_flight(n: int, device: str, data_dir: str, sets: list[str], env: dict | None = None
               ) -> dict:
     """N epoch benches of the standard method at once, their timed epochs started together
-    (:func:`barrier`): :func:`aggregate` images/s."""
-    with tempfile.TemporaryDirectory(prefix="gnc-barrier-") as folder:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "child", folder, str(n),
+    (:func:`barrier`; one that fails before it counts as arrived): :func:`aggregate`
+    images/s."""
+    with tempfile.TemporaryDirectory(prefix="gnc-in-flight-") as tmp:
+        folder = Path(tmp) / "barrier"
+        folder.mkdir()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "child", str(folder), str(n),
                "--device", device, "--data-dir", data_dir,
                *[a for s in sets for a in ("--set", s)]]
         t0 = time.perf_counter()
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env={**os.environ, **(env or {})})
-                 for _ in range(n)]
-        results = [p.communicate() for p in procs]
+        procs, logs = [], []
+        for k in range(n):  # files, not pipes: the parent polls instead of reading
+            out, err = open(Path(tmp) / f"{k}.out", "w+"), open(Path(tmp) / f"{k}.err", "w+")
+            logs.append((out, err))
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
+                                          env={**os.environ, **(env or {})}))
+        running = set(range(n))
+        while running:
+            for k in list(running):
+                if procs[k].poll() is not None:
+                    running.discard(k)
+                    if procs[k].returncode:  # release the others waiting for it
+                        (folder / f"failed-{procs[k].pid}").touch()
+            time.sleep(0.01)
         wall = time.perf_counter() - t0
-    records, errors = [], []
-    for p, (stdout, stderr) in zip(procs, results, strict=True):
-        if p.returncode:
-            errors.append((stderr.strip().splitlines() or ["?"])[-1][:200])
-            continue
-        records.append(json.loads(stdout))
+        records, errors = [], []
+        for p, (out, err) in zip(procs, logs, strict=True):
+            out.seek(0)
+            err.seek(0)
+            if p.returncode:
+                errors.append((err.read().strip().splitlines() or ["?"])[-1][:200])
+            else:
+                records.append(json.loads(out.read()))
+            out.close()
+            err.close()
     rates = aggregate(records) if records else {"img_per_s": 0.0}
     return {"runs": n, **rates, "wall_s": wall, "errors": errors}
 

@@ -233,6 +233,35 @@ def test_barrier_releases_when_all_have_arrived_and_after_its_timeout(gpu_throug
     assert 0.3 <= time.monotonic() - t0 < 5
 
 
+def test_in_flight_a_bench_that_fails_releases_the_others(gpu_throughput, monkeypatch):
+    """One of two benches dies before the barrier: the other is not kept waiting for it
+    (the barrier's 120 s), and the result has its rate and the other's error."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    real_popen, started = subprocess.Popen, []
+    ok = ("import json, sys, time, pathlib; sys.path.insert(0, sys.argv[1]); "
+          "import gpu_throughput as g; g.barrier(pathlib.Path(sys.argv[2]), 2, 60); "
+          "print(json.dumps({'images': 10, 'epoch_s': 0.5, 'started_at': time.time()}))")
+    bad = "import sys; sys.exit('RuntimeError: no device')"
+
+    def fake_popen(cmd, **kw):
+        folder = cmd[cmd.index("child") + 1]
+        code = ok if not started else bad
+        started.append(code)
+        bench = str(Path(gpu_throughput.__file__).parent)
+        return real_popen([sys.executable, "-c", code, bench, folder], **kw)
+
+    monkeypatch.setattr(gpu_throughput.subprocess, "Popen", fake_popen)
+    t0 = time.monotonic()
+    got = gpu_throughput.in_flight(2, "cpu", "none", [])
+    assert time.monotonic() - t0 < 30
+    assert got["runs"] == 2 and got["img_per_s"] == pytest.approx(20.0)
+    assert got["errors"] == ["RuntimeError: no device"]
+
+
 def test_streams_two_runs_in_one_process_on_the_cpu(gpu_throughput, tmp_path, monkeypatch,
                                                     one_thread):
     """Option (a) on the CPU: two trainers, the stand-in capture, round-robin "replays" (the
