@@ -282,6 +282,32 @@ def test_auto_on_the_cpu_and_processes_start_no_daemon(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ start-up
 
 
+def test_the_fork_servers_imports_leave_cuda_alone():
+    """The workers are forked from the fork server: had its imports initialised the CUDA
+    driver (``torch.cuda.is_available()`` does, through ``cudaGetDeviceCount``), CUDA would
+    fail in every worker on a GPU. Counted with spies on the calls that would."""
+    code = """
+import torch, torch.cuda
+calls = []
+for name in ("_cuda_getDeviceCount", "_cuda_init"):
+    real = getattr(torch._C, name)
+    def spy(*a, real=real, name=name):
+        calls.append(name)
+        return real(*a)
+    setattr(torch._C, name, spy)
+real_lazy = torch.cuda._lazy_init
+torch.cuda._lazy_init = lambda: (calls.append("_lazy_init"), real_lazy())[1]
+import gnc.jobs as jobs
+for module in jobs.experiment_preload(True) + jobs.REPORT_PRELOAD:
+    __import__(module)
+print(calls)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def parent_command() -> bytes:
     return Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
 
