@@ -160,6 +160,62 @@ def test_graphed_step_with_a_stand_in_capture_equals_the_eager_run(tmp_path, ima
     _assert_same_run(a, b, sa, sb)
 
 
+def _storages(trainer, static) -> dict:
+    """Every tensor a step reads or writes, by name: (object id, storage address). A CUDA
+    graph replays on the addresses it captured, so none may be rebound by a step: the
+    parameters, buffers and tensor attributes of every module, the optimiser state, the
+    static step's own tensors and the device-resident data."""
+    found = {}
+    for name, module in trainer.model.named_modules():
+        tensors = {**vars(module), **module._parameters, **module._buffers}
+        found |= {f"{name}.{k}": v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    for i, state in enumerate(trainer.optimizer.state.values()):
+        found |= {f"optimizer.{i}.{k}": v for k, v in state.items()
+                  if isinstance(v, torch.Tensor)}
+    for owner, obj in (("static", static), ("loader", static.loader),
+                       ("images", getattr(static.loader, "images", None))):
+        found |= {f"{owner}.{k}": v for k, v in vars(obj or object()).items()
+                  if isinstance(v, torch.Tensor)}
+    return {k: (id(v), v.data_ptr()) for k, v in found.items()}
+
+
+@pytest.mark.parametrize(("method", "optimizer", "amp"),
+                         [("standard", "sgd", "none"), ("fixed", "agd", "none"),
+                          ("implicit", "adam", "none"), ("implicit", "adamw", "bf16")])
+def test_replays_find_every_tensor_where_the_capture_left_it(tmp_path, images, method,
+                                                             optimizer, amp):
+    """What the stand-in cannot show by itself: a step that rebinds a tensor (``self.U =
+    new`` instead of ``self.U.copy_(new)``) trains the same eagerly, but a real graph would
+    go on writing the old storage. Every tensor keeps its object and storage from the
+    capture through every replay of both epochs."""
+    seen = {}
+
+    def pinned(trainer):
+        graph = _stand_in(trainer)
+        capture = graph.graph_factory
+
+        def factory(fn):
+            replay = capture(fn)
+            seen["capture"] = _storages(trainer, graph.static)
+
+            def checked():
+                replay()
+                assert _storages(trainer, graph.static) == seen["capture"]
+                seen["replays"] = seen.get("replays", 0) + 1
+
+            return checked
+
+        graph.graph_factory = factory
+        graph.factory = capture
+        return graph
+
+    lr = 1.0 if optimizer == "agd" else 0.05
+    b, _ = _train(_images(images, method=method, optimizer=optimizer, amp=amp, lr=lr,
+                          graph_step=True), tmp_path / "pinned", graph=pinned)
+    assert b.step_graph.captures == 1 and seen["replays"] == b.step - 1 >= 10
+    assert len(seen["capture"]) > 50  # the walk found the model, not just a few tensors
+
+
 def test_implicit_replays_of_products_only_kernels_stay_close(tmp_path, images):
     a, _ = _train(_images(images, method="implicit"), tmp_path / "eager")
     b, _ = _train(_images(images, method="implicit", graph_step=True), tmp_path / "graphed",
