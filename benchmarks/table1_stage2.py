@@ -4,7 +4,7 @@
     python3 benchmarks/table1_stage2.py summary STAGE1.json EXP_DIR WALL_S PLAN.json [--card C]
 
 ``plan`` prints one line for ``gpu_check.sh`` — ``JOBS MODE CAPTURED UNTIL EVAL_EPOCHS`` —
-and writes nothing: stage 1's best settings (``best`` of benchmarks/gpu_throughput.py:
+(and with ``--json F`` the plan to F): stage 1's best settings (``best`` of benchmarks/gpu_throughput.py:
 captured step or not, N runs in flight, MPS or plain processes) and the last epoch the 15
 runs can all reach in ``SECONDS``, at most ``--until``. A device loan is 15 minutes in all, so
 stage 2 rarely has the ten minutes 15 × 50 epochs need at the issue's target rate; a column
