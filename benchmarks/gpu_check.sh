@@ -40,6 +40,7 @@
 # the call takes S + ~1 min for the report):
 #   gnc experiment cifar10-resnet18 --seeds 5 --epochs 200 --until-epoch E \
 #       --eval-epochs 10,25,E --eval-every 0 --jobs BEST [--jobs-mode mps] [captured step]
+# (also every 5th epoch when that costs at most 10% of E: the figures' curves)
 # with stage 1's best settings and E the last epoch <= UNTIL (50) that all 15 runs reach in
 # 0.9 S by stage 1's numbers (benchmarks/table1_stage2.py plan: Table 1's column at epoch E
 # rather than epoch 50 for some runs and none for others). Stage 1's result is read from this
@@ -116,7 +117,7 @@ stage2() {
     [ "$SECONDS2" -ge 30 ] || SECONDS2=30
   fi
   mkdir -p "$RUNS"
-  read -r NJOBS MODE CAPTURED UNTIL EVALS < <($PY benchmarks/table1_stage2.py plan \
+  read -r NJOBS MODE CAPTURED UNTIL EVALS TABLE < <($PY benchmarks/table1_stage2.py plan \
     "${STAGE1:-/nonexistent}" "$(( SECONDS2 * 9 / 10 ))" --seeds "${SEEDS:-5}" \
     --until "${UNTIL:-50}" --json "$RUNS/plan.json")
   FLAGS=()
@@ -135,8 +136,7 @@ stage2() {
   RC=$?
   WALL=$(( $(date +%s) - T0 ))
   say "experiment: exit $RC after $WALL s$([ $RC = 124 ] && echo ' (deadline)')"
-  FIRST=$(echo "$EVALS" | tr ',' '\n' | tail -2 | head -1)
-  $PY -m gnc report "$EXP" --preset cifar10-resnet18 --table-epochs "$FIRST,$UNTIL" \
+  $PY -m gnc report "$EXP" --preset cifar10-resnet18 --table-epochs "$TABLE" \
     --unfinished --jobs "${REPORT_JOBS:-8}" --out "$RUNS/table1-report" \
     --command "bash benchmarks/gpu_check.sh 2 (gnc experiment cifar10-resnet18 --seeds ${SEEDS:-5} --epochs 200 --until-epoch $UNTIL --eval-epochs $EVALS --eval-every 0 --jobs $NJOBS --jobs-mode $MODE ${FLAGS[*]})" \
     --machine "$(head -1 "$OUT/gpu.txt")" >> "$LOG" 2>&1

@@ -3,13 +3,14 @@
     python3 benchmarks/table1_stage2.py plan STAGE1.json SECONDS [--seeds 5] [--until 50]
     python3 benchmarks/table1_stage2.py summary STAGE1.json EXP_DIR WALL_S PLAN.json [--card C]
 
-``plan`` prints one line for ``gpu_check.sh`` — ``JOBS MODE CAPTURED UNTIL EVAL_EPOCHS`` —
-(and with ``--json F`` the plan to F): stage 1's best settings (``best`` of benchmarks/gpu_throughput.py:
-captured step or not, N runs in flight, MPS or plain processes) and the last epoch the 15
-runs can all reach in ``SECONDS``, at most ``--until``. A device loan is 15 minutes in all, so
-stage 2 rarely has the ten minutes 15 × 50 epochs need at the issue's target rate; a column
-that every run reaches (epoch 20, say) is worth more than 50 epochs for some runs and none
-for others. The estimate, from stage 1's numbers:
+``plan`` prints one line for ``gpu_check.sh``, ``JOBS MODE CAPTURED UNTIL EVAL_EPOCHS
+TABLE_EPOCHS`` (and with ``--json F`` the plan to F): stage 1's best settings (``best`` of
+benchmarks/gpu_throughput.py: captured step or not, N runs in flight, MPS or plain
+processes), the last epoch E the 15 runs can all reach in ``SECONDS`` (at most ``--until``),
+the evaluations, and the report's two table epochs (Table 1's last below E, and E). A device
+loan is 15 minutes in all, so stage 2 rarely has the ten minutes 15 × 50 epochs need at the
+issue's target rate; a column that every run reaches (epoch 20, say) is worth more than 50
+epochs for some runs and none for others. The estimate, from stage 1's numbers:
 
 - one run of method m alone trains an epoch in ``e_m`` s (the epoch bench, ``steps``) and
   evaluates in ``eval_s`` s (precise statistics, train and test split);
@@ -19,7 +20,9 @@ for others. The estimate, from stage 1's numbers:
   ``start_s`` the start of one bench process alone (its wall time less its two epochs:
   process, imports, data to the device, model; :func:`start_seconds`), at least 5 s;
 - the runs start in ``gnc experiment``'s queue order (seed-major, the implicit head first in
-  each seed), each on the first free slot of N: the last to end is the experiment's time.
+  each seed), each on the first free slot of N: the last to end is the experiment's time;
+- evaluations every 5 epochs as well (the figures' curves) when E with them is at least 90%
+  of E without them.
 
 Without stage 1's numbers (no file, or no measurement) the plan keeps ``--until`` and the
 default N (:data:`DEFAULT_JOBS`); the deadline in gpu_check.sh still bounds the experiment.
@@ -41,7 +44,9 @@ from pathlib import Path
 METHODS = ("standard", "fixed", "implicit")
 QUEUE = ("implicit", "standard", "fixed")  # gnc experiment's order within a seed
 TRAIN_IMAGES = 50_000  # CIFAR-10's train split
-EVAL_EPOCHS = (10, 25, 50)  # the evaluations Table 1 and the figures need
+EVAL_EPOCHS = (10, 25, 50)  # the evaluations Table 1 needs
+DENSE_EVERY = 5  # and for the figures' curves, when they cost at most 10% of the epochs
+DENSE_KEEPS = 0.9
 DEFAULT_JOBS = 4
 START_S = 20.0  # a run's start when stage 1 did not time one
 MIN_START_S = 5.0
@@ -68,9 +73,11 @@ def settings(stage1: dict) -> tuple[int, str, bool]:
     return jobs, mode, captured
 
 
-def eval_epochs(until: int) -> list[int]:
-    """The evaluations of a run to ``until``: Table 1's epochs below it, and ``until``."""
-    return [e for e in EVAL_EPOCHS if e < until] + [until]
+def eval_epochs(until: int, every: int = 0) -> list[int]:
+    """The evaluations of a run to ``until``: Table 1's epochs below it, every ``every``-th
+    epoch (0: none), and ``until``."""
+    dense = range(every, until, every) if every else ()
+    return sorted({e for e in EVAL_EPOCHS if e < until} | set(dense) | {until})
 
 
 def _number(value: object) -> float | None:
@@ -113,10 +120,11 @@ def start_seconds(stage1: dict) -> float:
 
 
 def makespan(costs: dict[str, tuple[float, float]], until: int, jobs: int, seeds: int,
-             start_s: float = START_S) -> float:
-    """Seconds until the last of ``seeds`` × methods runs reaches ``until``: the queue
-    (seed-major, :data:`QUEUE` order) on ``jobs`` slots, each run to the first free one."""
-    n_evals = len(eval_epochs(until))
+             start_s: float = START_S, every: int = 0) -> float:
+    """Seconds until the last of ``seeds`` × methods runs reaches ``until`` (evaluating at
+    :func:`eval_epochs`): the queue (seed-major, :data:`QUEUE` order) on ``jobs`` slots, each
+    run to the first free one."""
+    n_evals = len(eval_epochs(until, every))
     queue = [m for _ in range(seeds) for m in QUEUE if m in costs]
     free = [0.0] * min(jobs, len(queue))
     for m in queue:
@@ -127,20 +135,30 @@ def makespan(costs: dict[str, tuple[float, float]], until: int, jobs: int, seeds
 
 def plan(stage1: dict, seconds: float, *, seeds: int = 5, until: int = 50,
          start_s: float | None = None) -> dict:
-    """Stage 2's settings: stage 1's best and the last epoch (≤ ``until``, ≥ 1) that every
-    run reaches within ``seconds`` by the estimate (``until`` when it cannot be estimated);
-    ``start_s`` None: :func:`start_seconds`."""
+    """Stage 2's settings: stage 1's best, the last epoch (≤ ``until``, ≥ 1) that every run
+    reaches within ``seconds`` by the estimate (``until`` when it cannot be estimated), and
+    the evaluations: every :data:`DENSE_EVERY` epochs too (curves for the figures) when the
+    epoch reached with them is at least :data:`DENSE_KEEPS` of the one without, else Table
+    1's only. ``start_s`` None: :func:`start_seconds`."""
     jobs, mode, captured = settings(stage1)
     costs = run_seconds(stage1)
     start_s = start_seconds(stage1) if start_s is None else start_s
     out = {"jobs": jobs, "jobs_mode": mode, "captured_step": captured, "seconds": seconds,
-           "asked_until": until, "until": until, "estimate_s": None,
-           "start_s": round(start_s, 1)}
+           "asked_until": until, "until": until, "eval_every": 0,
+           "eval_epochs": eval_epochs(until), "estimate_s": None, "start_s": round(start_s, 1)}
     if costs is None:
         return out
-    fits = [e for e in range(1, until + 1) if makespan(costs, e, jobs, seeds, start_s) <= seconds]
-    out["until"] = fits[-1] if fits else 1
-    out["estimate_s"] = round(makespan(costs, out["until"], jobs, seeds, start_s), 1)
+    def last_fit(every: int) -> int:
+        fits = [e for e in range(1, until + 1)
+                if makespan(costs, e, jobs, seeds, start_s, every) <= seconds]
+        return fits[-1] if fits else 0
+
+    end, every = last_fit(0), 0
+    if last_fit(DENSE_EVERY) >= DENSE_KEEPS * end > 0:  # curves for at most 10% of the epochs
+        end, every = last_fit(DENSE_EVERY), DENSE_EVERY
+    end = max(end, 1)
+    out.update(until=end, eval_every=every, eval_epochs=eval_epochs(end, every),
+               estimate_s=round(makespan(costs, end, jobs, seeds, start_s, every), 1))
     return out
 
 
@@ -209,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
                    start_s=args.start_s)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
-        print(out["jobs"], out["jobs_mode"], "yes" if out["captured_step"] else "no",
-              out["until"], ",".join(map(str, eval_epochs(out["until"]))))
+        end = out["until"]
+        first = max([e for e in EVAL_EPOCHS if e < end], default=end)
+        print(out["jobs"], out["jobs_mode"], "yes" if out["captured_step"] else "no", end,
+              ",".join(map(str, out["eval_epochs"])), f"{first},{end}")
     else:
         planned = read_stage1(args.plan)  # any JSON object
         json.dump(summary(stage1, args.exp, args.wall_s, planned, args.card), sys.stdout,

@@ -43,6 +43,8 @@ def test_eval_epochs_keep_table1s_epochs_below_the_last(stage2):
     assert stage2.eval_epochs(31) == [10, 25, 31]
     assert stage2.eval_epochs(10) == [10]
     assert stage2.eval_epochs(3) == [3]
+    assert stage2.eval_epochs(27, every=5) == [5, 10, 15, 20, 25, 27]
+    assert stage2.eval_epochs(50, every=5) == list(range(5, 55, 5))
 
 
 def test_makespan_of_one_slot_is_the_sum_and_of_enough_slots_the_longest_run(stage2):
@@ -75,10 +77,26 @@ def test_plan_takes_the_last_epoch_that_fits(stage2, seconds):
     until, start = got["until"], 22.0 - 2 * 1.0  # the one-run bench less its two epochs
     assert got["jobs"] == 4 and got["jobs_mode"] == "processes" and got["captured_step"]
     assert got["start_s"] == start == stage2.start_seconds(s1)
-    assert stage2.makespan(costs, until, 4, 5, start) <= seconds
-    assert until == 50 or stage2.makespan(costs, until + 1, 4, 5, start) > seconds
-    assert got["estimate_s"] == pytest.approx(stage2.makespan(costs, until, 4, 5, start),
-                                              abs=0.05)
+
+    def last_fit(every):
+        return max(e for e in range(1, 51)
+                   if stage2.makespan(costs, e, 4, 5, start, every) <= seconds)
+
+    sparse, dense = last_fit(0), last_fit(5)
+    # evaluations every 5 epochs too when they keep at least 90% of the epochs: here always
+    assert dense >= 0.9 * sparse and (until, got["eval_every"]) == (dense, 5)
+    assert got["eval_epochs"] == stage2.eval_epochs(until, 5)
+    assert got["estimate_s"] == round(stage2.makespan(costs, until, 4, 5, start, 5), 1)
+
+
+def test_plan_keeps_table1s_evaluations_only_when_more_would_cost_epochs(stage2):
+    s1 = stage1()
+    s1["eval_s"] = 20.0  # an evaluation as dear as 20 epochs: curves would cost the column
+    got = stage2.plan(s1, 420.0)
+    costs, start = stage2.run_seconds(s1), got["start_s"]
+    assert got["eval_every"] == 0 and got["eval_epochs"] == stage2.eval_epochs(got["until"])
+    assert stage2.makespan(costs, got["until"], 4, 5, start) <= 420.0
+    assert stage2.makespan(costs, got["until"] + 1, 4, 5, start) > 420.0
 
 
 def test_plan_without_measurements_keeps_the_asked_epoch_and_the_defaults(stage2):
