@@ -220,7 +220,9 @@ def test_barrier_releases_when_all_have_arrived_and_after_its_timeout(gpu_throug
     for _ in range(2):
         procs.append(subprocess.Popen([sys.executable, "-c", code, bench, str(tmp_path)],
                                       stdout=subprocess.PIPE, text=True, env=env))
+    deadline = time.monotonic() + 120
     while sum(1 for _ in tmp_path.iterdir()) < 2:  # both wait at the barrier
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.01)
     time.sleep(0.2)
     assert all(p.poll() is None for p in procs)
