@@ -433,3 +433,32 @@ def test_jobs_speedup_times_every_jobs_value_and_prints_the_ratio():
     rows = {int(line.split()[0]): line.split()[1:] for line in lines[2:]}
     assert sorted(rows) == [1, 2]
     assert rows[1][1] == "1.00" and float(rows[2][0]) > 0 and len(rows[2][2:]) == 1
+
+
+def test_step_kernels_counts_two_kernels_a_newton_schulz_step_in_a_capture(monkeypatch,
+                                                                           tmp_path):
+    """benchmarks/step_kernels.py on a tiny ResNet-18: the implicit head's polar factor and
+    its backward's sign iteration run two kernels a step of their schedule when captured (a
+    launch-bound graph pays per kernel, not per flop)."""
+    import importlib.util
+    from pathlib import Path
+
+    from gnc.etf import newton_schulz_schedule, proximal_lower_bound
+    from gnc.experiments import get_preset
+
+    monkeypatch.setenv("GNC_CACHE_DIR", str(tmp_path / "cache"))
+    path = Path(__file__).parents[1] / "benchmarks" / "step_kernels.py"
+    spec = importlib.util.spec_from_file_location("step_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    overrides = {"width": 4, "batch_size": 10, "graph_step": True, "data_on_device": "on",
+                 "amp": "none", "channels_last": False, "dataset_options": {"subset": 2}}
+    standard = module.count("cifar10-resnet18", "standard", overrides)
+    implicit = module.count("cifar10-resnet18", "implicit",
+                            {**overrides, "polar_method": "newton_schulz"})
+    delta = get_preset("cifar10-resnet18").train_config().delta
+    steps = len(newton_schulz_schedule(proximal_lower_bound(10, delta)))
+    forward, backward = module.PARTS.values()
+    assert 2 * steps <= implicit[forward] <= 2 * steps + 20
+    assert 2 * steps <= implicit[backward] <= 2 * steps + 10
+    assert sum(implicit.values()) > sum(standard.values()) > 100 and standard[forward] == 0

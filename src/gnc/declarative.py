@@ -170,6 +170,9 @@ def closed_form_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tens
 # Up to this many classes the sync-free backward solves its Lyapunov equation as one K²×K²
 # Cholesky system (a few kernels) instead of the ~5 products a step of the sign iteration.
 LYAPUNOV_KRON_MAX_K = 16
+# Up to this many classes a captured backward iterates on the whole 2K×2K block matrix (two
+# kernels a step; launch-bound) rather than on its blocks (six kernels, 5/8 of the flops).
+LYAPUNOV_BLOCK_MAX_K = 64
 
 
 def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...], *,
@@ -183,15 +186,22 @@ def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...
     iteration with the same ``α_k`` (P̂ has the singular values of C/s) on the
     block-triangular matrix, whose off-diagonal block evolves as
     ``E ↦ (α/2)(3E − Q²E + QEQ − EQ²)``, ``Q = α P̂_k``. ``products_only`` (inside a
-    CUDA-graph capture): always the latter.
+    CUDA-graph capture): always the sign iteration, for K <= :data:`LYAPUNOV_BLOCK_MAX_K` on
+    the whole block matrix ``W ↦ (α/2) W (3I − α² W²)``, whose blocks evolve exactly as
+    above (two kernels a step instead of six).
     """
     K = P.shape[0]
     if K <= LYAPUNOV_KRON_MAX_K and not products_only:
         eye = torch.eye(K, dtype=P.dtype, device=P.device)
         L, _ = torch.linalg.cholesky_ex(torch.kron(P, eye) + torch.kron(eye, P))
         return torch.cholesky_solve(S.reshape(K * K, 1), L).reshape(K, K)
-    E = S
     P_hat = P / scale
+    if products_only and K <= LYAPUNOV_BLOCK_MAX_K:
+        W = torch.cat([torch.cat([P_hat, S], 1), torch.cat([torch.zeros_like(S), -P_hat], 1)])
+        for a in alphas:
+            W = torch.addmm(W, W, W @ W, beta=1.5 * a, alpha=-0.5 * a**3)
+        return W[:K, K:] / (2.0 * scale)
+    E = S
     for a in alphas:  # Q = a P̂: E ← (a/2)(3E − a²ME + a²P̂EP̂ − a²EM), M = P̂², by addmm
         M = P_hat @ P_hat
         R = torch.addmm(E, M, E, beta=1.5 * a, alpha=-0.5 * a**3)

@@ -343,7 +343,8 @@ def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False
     below that the smallest singular directions are not, which ``residual`` shows. ``P`` and
     its inverse are for the backward: the inverse by Cholesky, or with ``products_only``
     (inside a CUDA-graph capture) as the product ``Y`` of the steps' polynomials,
-    ``X_N = C Y``.
+    ``X_N = C Y``, iterated with X as one stacked matrix ``[X; Y]`` (the same two kernels a
+    step: a graph's step is launch-bound, not flop-bound).
 
     Everything is float64, whatever C's dtype: rounding in the iterates is amplified by
     cond(C) in the slow singular directions (float32 iterates: 1.6e-5 off the exact factor
@@ -354,14 +355,13 @@ def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False
     C = C.double()
     eye = torch.eye(C.shape[1], dtype=C.dtype, device=C.device)
     s = torch.linalg.matrix_norm(C.T @ C).sqrt().clamp_min(torch.finfo(C.dtype).tiny)
-    X = C / s
-    Y = eye / s if products_only else None  # X_k = C Y_k
+    d = C.shape[0]
+    # X (3a/2) − (a³/2) X (XᵀX): two kernels a step; products_only: on Z = [X; Y], X_k = C Y_k
+    Z = torch.cat([C, eye]) / s if products_only else C / s
     for a in alphas:
-        if Y is None:  # X (3a/2) − (a³/2) X (XᵀX): two kernels a step
-            X = torch.addmm(X, X, X.T @ X, beta=1.5 * a, alpha=-0.5 * a**3)
-        else:
-            T = (1.5 * a) * eye - (0.5 * a**3) * (X.T @ X)
-            X, Y = X @ T, Y @ T
+        X = Z[:d]
+        Z = torch.addmm(Z, Z, X.T @ X, beta=1.5 * a, alpha=-0.5 * a**3)
+    X, Y = Z[:d], (Z[d:] if products_only else None)
     residual = (X.T @ X - eye).abs().amax()
     P = X.T @ C
     P = 0.5 * (P + P.T)
