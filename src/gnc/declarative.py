@@ -171,7 +171,7 @@ def closed_form_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tens
 # Cholesky system (a few kernels) instead of the ~5 products a step of the sign iteration.
 LYAPUNOV_KRON_MAX_K = 16
 # Up to this many classes a captured backward iterates on the whole 2K×2K block matrix (two
-# kernels a step; launch-bound) rather than on its blocks (six kernels, 5/8 of the flops).
+# kernels a step; launch-bound) rather than on its blocks (six kernels, 3/8 of the flops).
 LYAPUNOV_BLOCK_MAX_K = 64
 
 
