@@ -171,8 +171,10 @@ def closed_form_backward(U: Tensor, B: Tensor, sigma: Tensor, G: Tensor) -> Tens
 # Cholesky system (a few kernels) instead of the ~5 products a step of the sign iteration.
 LYAPUNOV_KRON_MAX_K = 16
 # Up to this many classes a captured backward iterates on the whole 2K×2K block matrix (two
-# kernels a step; launch-bound) rather than on its blocks (six kernels, 3/8 of the flops).
-LYAPUNOV_BLOCK_MAX_K = 64
+# kernels a step) rather than on its blocks (six kernels, 3/8 of the flops): four launches
+# (~3 µs each in a graph) buy 20K³ float64 flops, the break-even near K ≈ 300 at 50 TFLOP/s
+# (an estimate; small products run below peak).
+LYAPUNOV_BLOCK_MAX_K = 128
 
 
 def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...], *,
