@@ -77,13 +77,16 @@ class KernelCount(TorchDispatchMode):
 
 
 def count(preset: str, method: str, overrides: dict) -> collections.Counter:
-    """Kernels of one capture-ready step of ``method`` after the first (eager) one."""
+    """Kernels of one capture-ready step of ``method`` as replays run it: after the first
+    (eager) step and one capture-ready step (its one-off allocations)."""
     with _epoch_trainer(preset, method, torch.device("cpu"), 1, "none", overrides) as (tr, _):
         static = StaticStep(tr.model, tr.optimizer, tr.cfg.loss, tr.device)
         static.begin_epoch(tr.train_loader, 0)
         mode = KernelCount()
         with trusted_inputs():
             static.eager_step(static.index)
+            with products_only():
+                static.step(static.index)
             with products_only(), mode.tagging(), mode:
                 static.step(static.index)
     return mode.parts
@@ -97,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = {"width": args.width, "batch_size": args.batch_size, "graph_step": True,
                  "polar_method": "newton_schulz", "data_on_device": "on", "amp": "none",
-                 "channels_last": False, "dataset_options": {"subset": 4}}
+                 "channels_last": False, "dataset_options": {"subset": 6}}
     counts = {m: count(args.preset, m, overrides if m == "implicit" else
                        {k: v for k, v in overrides.items() if k != "polar_method"})
               for m in METHODS}

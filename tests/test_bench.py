@@ -452,7 +452,7 @@ def test_step_kernels_counts_two_kernels_a_newton_schulz_step_in_a_capture(monke
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     overrides = {"width": 4, "batch_size": 10, "graph_step": True, "data_on_device": "on",
-                 "amp": "none", "channels_last": False, "dataset_options": {"subset": 2}}
+                 "amp": "none", "channels_last": False, "dataset_options": {"subset": 3}}
     standard = module.count("cifar10-resnet18", "standard", overrides)
     implicit = module.count("cifar10-resnet18", "implicit",
                             {**overrides, "polar_method": "newton_schulz"})

@@ -245,12 +245,15 @@ def test_a_failed_capture_warns_once_restores_and_trains_on_eagerly(tmp_path, im
     _assert_same_run(a, b, sa, sb)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_the_step_reads_nothing_back(tmp_path, images, method):
+@pytest.mark.parametrize(("method", "optimizer"),
+                         [("standard", "sgd"), ("fixed", "agd"), ("implicit", "adam"),
+                          ("implicit", "sgd"), ("standard", "adamw")])
+def test_the_step_reads_nothing_back(tmp_path, images, method, optimizer):
     """Three capture-ready steps (after the eager first) under a dispatch mode that raises
-    on every host read and error-checking linalg call."""
-    trainer = Trainer(_images(images, method=method, graph_step=True,
-                              optimizer="agd" if method == "fixed" else "adam"),
+    on every host read and error-checking linalg call (a 0-d tensor passed where torch also
+    takes a Python number can be read back: ``_foreach_add_(xs, t)`` without ``alpha``)."""
+    trainer = Trainer(_images(images, method=method, graph_step=True, optimizer=optimizer,
+                              weight_decay=0.01 if optimizer == "adamw" else 5e-4),
                       tmp_path / "run")
     try:
         static = StaticStep(trainer.model, trainer.optimizer, "ce", trainer.device)

@@ -16,8 +16,11 @@ CPU (``tests/test_step.py``):
   decay factor) are computed on the host once per epoch, exactly as torch computes them, and
   copied to the device as a table read with ``i``; the update itself is torch's single-tensor
   algorithm (``torch.optim.SGD/Adam/AdamW``; :class:`gnc.optim.AGD` with its step size
-  computed on the device) with those scalars as 0-d float64 tensors. Adam's ``state["step"]``
-  (a CPU tensor) is advanced on the host at the end of the epoch;
+  computed on the device) with those scalars as 0-d tensors, each operation applied to a
+  parameter group at once (``torch._foreach_*``: one kernel per operation instead of one
+  per parameter, 241 fewer kernels a ResNet-18 SGD step; on the CPU the same per-tensor
+  operations, so bitwise the same). Adam's ``state["step"]`` (a CPU tensor) is advanced on
+  the host at the end of the epoch;
 - the fixed head's EMA weight of μ_G comes from its ``steps`` buffer on the device;
 - the implicit head needs ``polar_method="newton_schulz"`` with ``ns_fallback=False``.
 
@@ -253,9 +256,15 @@ class StaticStep:
         width = 1 if self.kind == "sgd" else 3
         for g, group in enumerate(groups):
             cols = [row[g * width + j] for j in range(width)]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if len({(p.dtype, p.device) for p in params}) == 1:  # one foreach kernel per op
+                cols = [c.to(params[0].dtype) for c in cols]  # as the per-tensor ops cast them
+                if self.kind == "sgd":
+                    self._sgd_foreach(params, group, cols[0])
+                else:
+                    self._adam_foreach(params, group, *cols)
+                continue
+            for p in params:
                 state = self.optimizer.state[p]
                 if self.kind == "sgd":
                     self._sgd(p, group, state, cols[0])
@@ -273,6 +282,56 @@ class StaticStep:
             buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
             grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
         p.addcmul_(grad, neg_lr)  # = p.add_(grad, alpha=-lr), lr from the device
+
+    def _sgd_foreach(self, params: list[Tensor], group: dict, neg_lr: Tensor) -> None:
+        """:meth:`_sgd` for a group's parameters at once (``torch._foreach_*``: a kernel per
+        operation, not per parameter; on the CPU the same per-tensor operations). The update
+        ``p + g·(−lr)`` is ``addcmul`` with a tensor of ``−lr`` per parameter (filled on the
+        device each step), the only form that is bitwise ``p.add_(g, alpha=−lr)``."""
+        state = self.optimizer.state
+        grads = [p.grad for p in params]
+        if group["weight_decay"] != 0:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        momentum = group["momentum"]
+        if momentum != 0:
+            bufs = [state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
+            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] \
+                else bufs
+        lrs = [self._lr_like(p) for p in params]
+        torch._foreach_zero_(lrs)
+        torch._foreach_add_(lrs, neg_lr, alpha=1)  # alpha: the Tensor overload, no .item()
+        torch._foreach_addcmul_(params, grads, lrs)
+
+    def _lr_like(self, p: Tensor) -> Tensor:
+        """A persistent tensor shaped like ``p`` for :meth:`_sgd_foreach`'s learning rate."""
+        lrs = self.__dict__.setdefault("_lrs", {})
+        if id(p) not in lrs:
+            lrs[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return lrs[id(p)]
+
+    def _adam_foreach(self, params: list[Tensor], group: dict, bc2_sqrt: Tensor,
+                      neg_step_size: Tensor, decay: Tensor) -> None:
+        """:meth:`_adam` for a group's parameters at once, the same operations in the same
+        order (``torch._foreach_*``; the scalars as 0-d tensors of the parameters' dtype)."""
+        state = self.optimizer.state
+        grads = [p.grad for p in params]
+        beta1, beta2 = group["betas"]
+        if group["weight_decay"] != 0:
+            if group.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW):
+                torch._foreach_mul_(params, decay)  # 1 - lr·weight_decay
+            else:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        exp_avgs = [state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, neg_step_size), denom)
 
     def _adam(self, p: Tensor, group: dict, state: dict, bc2_sqrt: Tensor,
               neg_step_size: Tensor, decay: Tensor) -> None:
