@@ -247,8 +247,9 @@ class StaticStep:
     @torch.no_grad()
     def _optimizer_step(self, row: Tensor) -> None:
         """The optimiser's update with the scalars of ``row``: torch's single-tensor
-        arithmetic, the scalars as 0-d float64 tensors (cast to the parameter's dtype in the
-        kernel, as a Python scalar is)."""
+        arithmetic, the scalars as 0-d tensors cast to the parameters' dtype (as the kernel
+        casts a Python scalar), per group with ``torch._foreach_*`` when the group's
+        parameters share a dtype and device, else parameter by parameter."""
         groups = self.optimizer.param_groups
         if self.kind == "agd":
             self._agd_step(row)
