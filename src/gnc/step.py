@@ -248,47 +248,29 @@ class StaticStep:
     def _optimizer_step(self, row: Tensor) -> None:
         """The optimiser's update with the scalars of ``row``: torch's single-tensor
         arithmetic, the scalars as 0-d tensors cast to the parameters' dtype (as the kernel
-        casts a Python scalar), per group with ``torch._foreach_*`` when the group's
-        parameters share a dtype and device, else parameter by parameter."""
+        casts a Python scalar), with ``torch._foreach_*`` over the parameters of a group
+        that share a dtype and device."""
         groups = self.optimizer.param_groups
         if self.kind == "agd":
             self._agd_step(row)
             return
         width = 1 if self.kind == "sgd" else 3
+        update = self._sgd_foreach if self.kind == "sgd" else self._adam_foreach
         for g, group in enumerate(groups):
             cols = [row[g * width + j] for j in range(width)]
-            params = [p for p in group["params"] if p.grad is not None]
-            if len({(p.dtype, p.device) for p in params}) == 1:  # one foreach kernel per op
-                cols = [c.to(params[0].dtype) for c in cols]  # as the per-tensor ops cast them
-                if self.kind == "sgd":
-                    self._sgd_foreach(params, group, cols[0])
-                else:
-                    self._adam_foreach(params, group, *cols)
-                continue
-            for p in params:
-                state = self.optimizer.state[p]
-                if self.kind == "sgd":
-                    self._sgd(p, group, state, cols[0])
-                else:
-                    self._adam(p, group, state, *cols)
-
-    @staticmethod
-    def _sgd(p: Tensor, group: dict, state: dict, neg_lr: Tensor) -> None:
-        grad = p.grad
-        if group["weight_decay"] != 0:
-            grad = grad.add(p, alpha=group["weight_decay"])
-        momentum = group["momentum"]
-        if momentum != 0:
-            buf = state["momentum_buffer"]
-            buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-        p.addcmul_(grad, neg_lr)  # = p.add_(grad, alpha=-lr), lr from the device
+            buckets: dict[tuple, list[Tensor]] = {}  # foreach needs one dtype and device
+            for p in group["params"]:
+                if p.grad is not None:
+                    buckets.setdefault((p.dtype, p.device), []).append(p)
+            for (dtype, _), params in buckets.items():
+                update(params, group, *(c.to(dtype) for c in cols))
 
     def _sgd_foreach(self, params: list[Tensor], group: dict, neg_lr: Tensor) -> None:
-        """:meth:`_sgd` for a group's parameters at once (``torch._foreach_*``: a kernel per
-        operation, not per parameter; on the CPU the same per-tensor operations). The update
-        ``p + g·(−lr)`` is ``addcmul`` with a tensor of ``−lr`` per parameter (filled on the
-        device each step), the only form that is bitwise ``p.add_(g, alpha=−lr)``."""
+        """torch's single-tensor SGD for parameters of one dtype and device at once
+        (``torch._foreach_*``: an operation for all of them, not one per parameter; on the
+        CPU the same per-tensor operations). The update ``p + g·(−lr)`` is ``addcmul`` with a
+        tensor of ``−lr`` per parameter (filled on the device each step), the form that is
+        bitwise ``p.add_(g, alpha=−lr)``."""
         state = self.optimizer.state
         grads = [p.grad for p in params]
         if group["weight_decay"] != 0:
@@ -314,8 +296,9 @@ class StaticStep:
 
     def _adam_foreach(self, params: list[Tensor], group: dict, bc2_sqrt: Tensor,
                       neg_step_size: Tensor, decay: Tensor) -> None:
-        """:meth:`_adam` for a group's parameters at once, the same operations in the same
-        order (``torch._foreach_*``; the scalars as 0-d tensors of the parameters' dtype)."""
+        """torch's single-tensor Adam/AdamW for parameters of one dtype and device at once,
+        its operations in its order (``torch._foreach_*``; the scalars as 0-d tensors of the
+        parameters' dtype)."""
         state = self.optimizer.state
         grads = [p.grad for p in params]
         beta1, beta2 = group["betas"]
@@ -333,21 +316,6 @@ class StaticStep:
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, neg_step_size), denom)
-
-    def _adam(self, p: Tensor, group: dict, state: dict, bc2_sqrt: Tensor,
-              neg_step_size: Tensor, decay: Tensor) -> None:
-        grad = p.grad
-        beta1, beta2 = group["betas"]
-        if group["weight_decay"] != 0:
-            if group.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW):
-                p.mul_(decay)  # 1 - lr·weight_decay
-            else:
-                grad = grad.add(p, alpha=group["weight_decay"])
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
-        p.addcdiv_(exp_avg * neg_step_size, denom)  # value=-step_size, from the device
 
     def _agd_step(self, row: Tensor) -> None:
         """:meth:`gnc.optim.AGD.step` with G and η on the device (the eager one reads G)."""
