@@ -174,8 +174,9 @@ def _storages(trainer, static) -> dict:
                   if isinstance(v, torch.Tensor)}
     for owner, obj in (("static", static), ("loader", static.loader),
                        ("images", getattr(static.loader, "images", None))):
-        found |= {f"{owner}.{k}": v for k, v in vars(obj or object()).items()
-                  if isinstance(v, torch.Tensor)}
+        for k, v in vars(obj or object()).items():
+            items = v.items() if isinstance(v, dict) else [("", v)]  # e.g. SGD's lr tensors
+            found |= {f"{owner}.{k}.{j}": t for j, t in items if isinstance(t, torch.Tensor)}
     return {k: (id(v), v.data_ptr()) for k, v in found.items()}
 
 
