@@ -19,8 +19,8 @@
 #          carry=["data/cifar10-jpg.tar.gz"], timeout_s=600)
 # After it, here: commit throughput-stage1.json, throughput.json, gpu.txt and the logs under
 # docs/results/gpu/, and unpack the archive (report and runs, no checkpoints):
-#   tar xzf FILES_AT/table1.tar.gz -C /tmp/t1 && cp /tmp/t1/table1-report/* \
-#     docs/results/gpu/table1-cifar10-resnet18/ && cp -r /tmp/t1/table1 docs/results/gpu/raw/
+#   t=$(mktemp -d) && tar xzf FILES_AT/table1.tar.gz -C "$t" && cp "$t"/table1-report/* \
+#     docs/results/gpu/table1-cifar10-resnet18/ && cp -r "$t"/table1 docs/results/gpu/raw/
 # (the committed throughput-stage1.json is what a later loan's stage 2 alone starts from).
 #
 # Stage 1 (benchmarks/gpu_throughput.py -> $OUT/throughput-stage1.json), in this order: per
