@@ -81,6 +81,8 @@ def experiment_preload(report: bool) -> tuple[str, ...]:
     """What the fork server of ``gnc experiment --jobs N`` imports: :data:`PRELOAD`, and
     :data:`REPORT_PRELOAD` when the same workers then draw the report."""
     return PRELOAD + REPORT_PRELOAD if report else PRELOAD
+
+
 # errors that are the task's own outcome (bad settings, divergence, files): logged in one line;
 # the rest (likely bugs) with their traceback
 _PLAIN_ERRORS = (ValueError, OSError, FloatingPointError)
