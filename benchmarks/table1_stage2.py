@@ -85,19 +85,28 @@ def _number(value: object) -> float | None:
     return float(value) if ok and math.isfinite(value) and value > 0 else None
 
 
+def _one_run(stage1: dict) -> dict:
+    """Stage 1's record of one run alone in the ``jobs`` part (``{}`` when missing)."""
+    records = [r for r in stage1.get("jobs") or [] if isinstance(r, dict)]
+    return next((r for r in records if r.get("runs") == 1), {})
+
+
+def _epoch_seconds(stage1: dict, method: str) -> float | None:
+    """Stage 1's epoch-bench seconds of ``method`` in the variant stage 2 uses."""
+    steps = stage1.get("steps") if isinstance(stage1.get("steps"), dict) else {}
+    variant = "captured" if settings(stage1)[2] else "eager"
+    return _number((steps.get(f"{method}/{variant}") or {}).get("epoch_s"))
+
+
 def run_seconds(stage1: dict) -> dict[str, tuple[float, float]] | None:
     """Per method, ``(seconds per epoch, seconds per evaluation)`` of one run while N run at
     once (stage 1's single-run times × the slowdown of N in flight), or None when stage 1
     did not measure what the estimate needs."""
-    jobs, mode, captured = settings(stage1)
-    best = stage1.get("best") or {}
-    agg = _number(best.get("img_per_s"))
-    records = [r for r in stage1.get("jobs") or [] if isinstance(r, dict)]
-    img_1 = next((_number(r.get("img_per_s")) for r in records if r.get("runs") == 1), None)
+    jobs = settings(stage1)[0]
+    agg = _number((stage1.get("best") or {}).get("img_per_s"))
+    img_1 = _number(_one_run(stage1).get("img_per_s"))
     eval_s = _number(stage1.get("eval_s"))
-    steps = stage1.get("steps") if isinstance(stage1.get("steps"), dict) else {}
-    variant = "captured" if captured else "eager"
-    epoch_s = {m: _number((steps.get(f"{m}/{variant}") or {}).get("epoch_s")) for m in METHODS}
+    epoch_s = {m: _epoch_seconds(stage1, m) for m in METHODS}
     if agg is None or img_1 is None or eval_s is None or None in epoch_s.values():
         return None
     slowdown = max(1.0, jobs * img_1 / agg)
@@ -108,12 +117,8 @@ def start_seconds(stage1: dict) -> float:
     """Seconds a run takes to start: the one-run bench process's wall time less its two
     epochs (warm-up and timed; the standard head, the variant stage 2 uses), at least
     :data:`MIN_START_S`; :data:`START_S` when stage 1 did not measure it."""
-    _, _, captured = settings(stage1)
-    records = [r for r in stage1.get("jobs") or [] if isinstance(r, dict)]
-    wall = next((_number(r.get("wall_s")) for r in records if r.get("runs") == 1), None)
-    steps = stage1.get("steps") if isinstance(stage1.get("steps"), dict) else {}
-    epoch = _number((steps.get(f"standard/{'captured' if captured else 'eager'}") or {})
-                    .get("epoch_s"))
+    wall = _number(_one_run(stage1).get("wall_s"))
+    epoch = _epoch_seconds(stage1, "standard")
     if wall is None or epoch is None:
         return START_S
     return max(MIN_START_S, wall - 2 * epoch)
@@ -166,17 +171,12 @@ def summary(stage1: dict, exp: Path, wall_s: float, planned: dict, card: str | N
             ) -> dict:
     """throughput.json (see the module's docstring); ``card`` when stage 1 names none.
     ``experiment_img_per_s`` counts each run's epochs up to its last evaluation."""
+    from gnc.rundir import read_metrics  # drops a line torn by the deadline's kill
+
     per_epoch: dict[str, list[float]] = {}
     epochs, reached = 0, {}
     for run in sorted(exp.glob("*/seed*")):
-        rows = []
-        for line in (run / "metrics.jsonl").read_text().splitlines() if (
-                run / "metrics.jsonl").is_file() else []:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line torn by the deadline's kill
-        rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("epoch"), int)]
+        rows = read_metrics(run / "metrics.jsonl")
         if rows:
             last = rows[-1]
             if _number(last.get("elapsed_s")):
