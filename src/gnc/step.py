@@ -188,6 +188,7 @@ class StaticStep:
         self.plan_changed = False  # the plan was reallocated: a captured graph is stale
         self.position = 0  # steps run in this epoch (the host's copy of ``index``)
         self._ready = False
+        self._lrs: dict[int, Tensor] = {}  # SGD's −lr per parameter (:meth:`_lr_like`)
 
     # ------------------------------------------------------------------ the optimiser
     @staticmethod
@@ -289,10 +290,9 @@ class StaticStep:
 
     def _lr_like(self, p: Tensor) -> Tensor:
         """A persistent tensor shaped like ``p`` for :meth:`_sgd_foreach`'s learning rate."""
-        lrs = self.__dict__.setdefault("_lrs", {})
-        if id(p) not in lrs:
-            lrs[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return lrs[id(p)]
+        if id(p) not in self._lrs:
+            self._lrs[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return self._lrs[id(p)]
 
     def _adam_foreach(self, params: list[Tensor], group: dict, bc2_sqrt: Tensor,
                       neg_step_size: Tensor, decay: Tensor) -> None:
