@@ -30,8 +30,8 @@
 # as processes, then the best N under CUDA MPS when its daemon starts; "best" (the settings
 # stage 2 uses); then 1, 2, 4, 8 runs in ONE process, each replaying its captured step on a
 # CUDA stream of its own ("streams", with the back-to-back replay floor "replay_floor_ms" and
-# peak memory per run; "best.streams_would_win" says whether they beat the processes -- stage
-# 2 cannot run them); last, grouped conv (groups=5) vs 5 dense convs on 5 streams / 1 stream
+# peak memory per run; "best.streams_win" says whether they beat the processes, and then,
+# with the captured step, stage 2 runs --jobs-mode streams); last, grouped conv (groups=5) vs 5 dense convs on 5 streams / 1 stream
 # per ResNet-18 conv shape. A part that fails is recorded as its error; no part starts after
 # STAGE1_BUDGET s (recorded "skipped: budget"); STAGE1_TIMEOUT kills the rest;
 # STAGE1_PARTS=streams,grouped_conv (say) runs only those (gpu_throughput.py --parts).
@@ -39,7 +39,7 @@
 # Stage 2 (STAGE2_SECONDS=S, default 420, or with TOTAL_SECONDS what stage 1 left less 75 s;
 # the call takes S + ~1 min for the report):
 #   gnc experiment cifar10-resnet18 --seeds 5 --epochs 200 --until-epoch E \
-#       --eval-epochs 10,25,E --eval-every 0 --jobs BEST [--jobs-mode mps] [captured step]
+#       --eval-epochs 10,25,E --eval-every 0 --jobs BEST --jobs-mode MODE [captured step]
 # (also every 5th epoch when that costs at most 10% of E: the figures' curves)
 # with stage 1's best settings and E the last epoch <= UNTIL (50) that all 15 runs reach in
 # 0.9 S by stage 1's numbers (benchmarks/table1_stage2.py plan: Table 1's column at epoch E

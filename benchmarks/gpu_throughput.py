@@ -36,9 +36,10 @@ decides what fits in stage 1's five minutes):
   channels-last), forward+backward of one grouped conv (groups=5, 5·C channels) vs five
   dense convs on five streams vs five dense convs on one stream, ms each: whether packing
   five models into one network (vmap → grouped convs) could pay;
-- ``best``: the settings stage 2 uses (the faster step variant, the best N, MPS or
-  processes) and ``streams_would_win``: whether the best streams measurement beat them.
-  ``gnc experiment --jobs-mode`` has no streams mode (yet): streams are never chosen.
+- ``best``: the settings stage 2 uses (the faster step variant; the best N and how the runs
+  share the card: ``streams`` — ``gnc experiment --jobs-mode streams`` — when the captured
+  step is faster and the best streams measurement beat every process measurement, else MPS or
+  plain processes), with ``streams_win``: whether streams beat the processes.
 
 Each part is recorded as an error string when it fails and the rest goes on; a part (for
 ``jobs`` and ``streams``: an N) that would start after ``--budget-s`` seconds is recorded as
@@ -508,10 +509,11 @@ def _records(result: dict, key: str) -> list[dict]:
 
 def choose(result: dict) -> dict:
     """Stage 2's settings from what ``result`` holds: the captured step when it is faster for
-    every method, the N (and MPS or plain processes) with the most images/s — or
-    :data:`DEFAULT_JOBS` plain processes when no process measurement exists — and whether
-    the best streams measurement (every capture made) beat that (stage 2 cannot run it;
-    None without a process measurement)."""
+    every method; the N (and MPS or plain processes) with the most images/s — or
+    :data:`DEFAULT_JOBS` plain processes when no process measurement exists; then, with the
+    captured step, streams (``--jobs-mode streams``) at their best N when that measurement
+    (every capture made) beat the processes' best. ``streams_win``: whether it did (None
+    without a process measurement to beat: streams are then not chosen either)."""
     steps = result.get("steps")
     steps = steps if isinstance(steps, dict) else {}
 
@@ -532,9 +534,11 @@ def choose(result: dict) -> dict:
     ok = [r for r in _records(result, "streams") if not r["not_captured"] and r["img_per_s"] > 0]
     if ok:
         top = max(ok, key=lambda r: r["img_per_s"])
+        win = None if best["img_per_s"] is None else top["img_per_s"] > best["img_per_s"]
         best.update(streams_runs=top["runs"], streams_img_per_s=top["img_per_s"],
-                    streams_would_win=None if best["img_per_s"] is None  # nothing to beat
-                    else top["img_per_s"] > best["img_per_s"])
+                    streams_win=win)
+        if win and captured:
+            best.update(jobs=top["runs"], jobs_mode="streams", img_per_s=top["img_per_s"])
     return best
 
 

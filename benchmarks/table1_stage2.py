@@ -5,8 +5,8 @@
 
 ``plan`` prints one line for ``gpu_check.sh``, ``JOBS MODE CAPTURED UNTIL EVAL_EPOCHS
 TABLE_EPOCHS`` (and with ``--json F`` the plan to F): stage 1's best settings (``best`` of
-benchmarks/gpu_throughput.py: captured step or not, N runs in flight, MPS or plain
-processes), the last epoch E the 15 runs can all reach in ``SECONDS`` (at most ``--until``),
+benchmarks/gpu_throughput.py: captured step or not, N runs in flight, streams, MPS or
+plain processes), the last epoch E the 15 runs can all reach in ``SECONDS`` (at most ``--until``),
 the evaluations, and the report's two table epochs (Table 1's last below E, and E). A device
 loan is 15 minutes in all, so stage 2 rarely has the ten minutes 15 × 50 epochs need at the
 issue's target rate; a column that every run reaches (epoch 20, say) is worth more than 50
@@ -15,7 +15,8 @@ epochs for some runs and none for others. The estimate, from stage 1's numbers:
 - one run of method m alone trains an epoch in ``e_m`` s (the epoch bench, ``steps``) and
   evaluates in ``eval_s`` s (precise statistics, train and test split);
 - with N runs in flight each is slower by ``slowdown = N * img_1 / img_N`` (images/s of one
-  run alone and of N at once, the ``jobs`` part; the MPS one when stage 2 uses MPS);
+  run alone and of N at once, the ``jobs`` part; the MPS one when stage 2 uses MPS; with
+  ``--jobs-mode streams`` both from the ``streams`` part);
 - a run to epoch E takes ``start_s + slowdown * (E * e_m + n_evals(E) * eval_s)``, with
   ``start_s`` the start of one bench process alone (its wall time less its two epochs:
   process, imports, data to the device, model; :func:`start_seconds`), at least 5 s;
@@ -66,7 +67,7 @@ def settings(stage1: dict) -> tuple[int, str, bool]:
     best = stage1.get("best")
     try:
         jobs, mode, captured = int(best["jobs"]), best["jobs_mode"], bool(best["captured_step"])
-        if jobs < 1 or mode not in ("auto", "processes", "mps"):
+        if jobs < 1 or mode not in ("auto", "processes", "mps", "streams"):
             raise ValueError(mode)
     except (ValueError, KeyError, TypeError):
         return DEFAULT_JOBS, "processes", False
@@ -85,9 +86,10 @@ def _number(value: object) -> float | None:
     return float(value) if ok and math.isfinite(value) and value > 0 else None
 
 
-def _one_run(stage1: dict) -> dict:
-    """Stage 1's record of one run alone in the ``jobs`` part (``{}`` when missing)."""
-    records = [r for r in stage1.get("jobs") or [] if isinstance(r, dict)]
+def _one_run(stage1: dict, part: str = "jobs") -> dict:
+    """Stage 1's record of one run alone in ``part`` (``jobs``, ``streams``; ``{}`` when
+    missing)."""
+    records = [r for r in stage1.get(part) or [] if isinstance(r, dict)]
     return next((r for r in records if r.get("runs") == 1), {})
 
 
@@ -102,9 +104,11 @@ def run_seconds(stage1: dict) -> dict[str, tuple[float, float]] | None:
     """Per method, ``(seconds per epoch, seconds per evaluation)`` of one run while N run at
     once (stage 1's single-run times × the slowdown of N in flight), or None when stage 1
     did not measure what the estimate needs."""
-    jobs = settings(stage1)[0]
+    jobs, mode, _ = settings(stage1)
     agg = _number((stage1.get("best") or {}).get("img_per_s"))
-    img_1 = _number(_one_run(stage1).get("img_per_s"))
+    # the slowdown within the part that measured `agg`: streams' N against streams' one run
+    img_1 = _number(_one_run(stage1, "streams" if mode == "streams" else "jobs")
+                    .get("img_per_s"))
     eval_s = _number(stage1.get("eval_s"))
     epoch_s = {m: _epoch_seconds(stage1, m) for m in METHODS}
     if agg is None or img_1 is None or eval_s is None or None in epoch_s.values():

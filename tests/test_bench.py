@@ -154,7 +154,7 @@ def test_gpu_check_stage1_python_runs_on_the_cpu_with_tiny_sizes(tmp_path):
     assert streams["runs"] == 1 and streams["img_per_s"] > 0 and streams["not_captured"] == []
     assert result["replay_floor_ms"] == streams["ms_per_step"] > 0
     assert result["best"]["streams_runs"] == 1
-    assert isinstance(result["best"]["streams_would_win"], bool)
+    assert isinstance(result["best"]["streams_win"], bool)
     assert result["grouped_conv"]["4x8"]["grouped_ms"] > 0
 
 
@@ -360,7 +360,7 @@ def test_stage1_records_errors_and_skips_parts_past_the_budget(gpu_throughput, t
         gpu_throughput.main([str(out), "--parts", "steps,evals"])
 
 
-def test_best_prefers_mps_and_says_whether_streams_would_win(gpu_throughput):
+def test_best_prefers_mps_and_streams_when_they_win_with_the_captured_step(gpu_throughput):
     steps = {f"{m}/{v}": {"epoch_s": t} for m in ("standard", "fixed", "implicit")
              for v, t in (("eager", 3.0), ("captured", 2.0))}
     result = {"steps": steps, "jobs": [{"runs": 1, "img_per_s": 10.0},
@@ -372,9 +372,17 @@ def test_best_prefers_mps_and_says_whether_streams_would_win(gpu_throughput):
     best = gpu_throughput.choose(result)
     assert best == {"captured_step": True, "jobs": 4, "jobs_mode": "mps", "img_per_s": 40.0,
                     "measured": True, "streams_runs": 2, "streams_img_per_s": 35.0,
-                    "streams_would_win": False}
-    result["streams"][0]["img_per_s"] = 45.0
-    assert gpu_throughput.choose(result)["streams_would_win"] is True
+                    "streams_win": False}
+    result["streams"][0]["img_per_s"] = 45.0  # streams beat MPS: chosen
+    assert gpu_throughput.choose(result) == {**best, "jobs": 2, "jobs_mode": "streams",
+                                             "img_per_s": 45.0, "streams_img_per_s": 45.0,
+                                             "streams_win": True}
+    steps["fixed/captured"]["epoch_s"] = 4.0  # but not without the captured step
+    best = gpu_throughput.choose(result)
+    assert (best["jobs_mode"], best["jobs"], best["streams_win"]) == ("mps", 4, True)
+    del result["jobs"]  # nothing to beat: not chosen
+    best = gpu_throughput.choose(result)
+    assert best["jobs_mode"] == "processes" and best["streams_win"] is None
 
 
 def test_cli_bench_epoch_case(tmp_path, capsys):

@@ -68,10 +68,13 @@ def test_experiment_runs_reports_and_resumes(tmp_path, monkeypatch):
     import gnc.experiments as experiments
 
     calls = []
-    real_train = experiments.train
-    monkeypatch.setattr(experiments, "train",
-                        lambda cfg, path, **kw: calls.append(path) or real_train(
-                            cfg, path, **kw))
+
+    class Recording(experiments.Trainer):
+        def __init__(self, cfg, path, *args, **kw):
+            calls.append(path)
+            super().__init__(cfg, path, *args, **kw)
+
+    monkeypatch.setattr(experiments, "Trainer", Recording)
     run_experiment("ufm10", out, **kw)
     assert calls == []  # nothing retrained
     import shutil
@@ -145,7 +148,7 @@ def test_finished_runs_with_other_overrides_are_refused(tmp_path, monkeypatch):
     run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False, overrides=TINY)
     import gnc.experiments as experiments
 
-    monkeypatch.setattr(experiments, "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(experiments, "Trainer", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ValueError, match=r"finished run .*fixed/seed1 does not match this "
                                          r"experiment: it was made with epochs=2 \(now 3\)"):
         run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False,

@@ -69,6 +69,17 @@ def test_n_in_flight_slows_each_run_by_the_measured_ratio(stage2):
     assert eager["standard"] == pytest.approx((1.6 * slowdown, 0.5 * slowdown))
 
 
+def test_streams_slow_each_run_by_the_streams_ratio(stage2):
+    """With --jobs-mode streams the slowdown of N in flight is the streams part's (N runs
+    against one, both replaying in one process), not the processes'."""
+    s1 = stage1(jobs=4, mode="streams")
+    s1["streams"] = [{"runs": 1, "img_per_s": 64_000.0}, {"runs": 4, "img_per_s": 80_000.0}]
+    costs = stage2.run_seconds(s1)
+    assert costs["standard"] == pytest.approx((1.0 * 4 * 64_000 / 80_000, 0.5 * 3.2))
+    del s1["streams"]  # no one-run measurement of streams: no estimate
+    assert stage2.run_seconds(s1) is None
+
+
 @pytest.mark.parametrize("seconds", [120.0, 300.0, 420.0, 540.0])
 def test_plan_takes_the_last_epoch_that_fits(stage2, seconds):
     s1 = stage1()
@@ -107,6 +118,8 @@ def test_plan_without_measurements_keeps_the_asked_epoch_and_the_defaults(stage2
     assert stage2.settings({"best": {"jobs": 2, "jobs_mode": "mps", "captured_step": True}}) \
         == (2, "mps", True)
     assert stage2.settings({"best": {"jobs": 2, "jobs_mode": "streams",
+                                     "captured_step": True}}) == (2, "streams", True)
+    assert stage2.settings({"best": {"jobs": 2, "jobs_mode": "threads",
                                      "captured_step": True}}) == (4, "processes", False)
     assert stage2.start_seconds({}) == stage2.START_S
     fast = stage1()
@@ -156,19 +169,20 @@ def _stage2_env(tmp_path: Path, **extra: str) -> dict:
 
 def test_gpu_check_stage2_on_the_cpu(tmp_path):
     """Stage 2 of benchmarks/gpu_check.sh, a width-4 ResNet-18 on a 40-image CIFAR stand-in:
-    the plan from a stage-1 result, the experiment, the report of the runs and what comes
-    back: at most 8 files, one archive with the report and the runs but no checkpoint."""
+    the plan from a stage-1 result (the captured step, three runs in turn in one process:
+    --jobs-mode streams), the experiment, the report of the runs and what comes back: at
+    most 8 files, one archive with the report and the runs but no checkpoint."""
     s1 = tmp_path / "carried" / "throughput-stage1.json"
     s1.parent.mkdir()
-    s1.write_text(json.dumps({"card": "cpu", "best": {"captured_step": False, "jobs": 3,
-                                                      "jobs_mode": "processes"}}))
+    s1.write_text(json.dumps({"card": "cpu", "best": {"captured_step": True, "jobs": 3,
+                                                      "jobs_mode": "streams"}}))
     out = tmp_path / "out"
     env = _stage2_env(tmp_path, UNTIL="2", STAGE1_JSON=str(s1))
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "2"], cwd=ROOT,
                    env=env, check=True, capture_output=True, timeout=600)
     log = (out / "log-stage2.txt").read_text()
     assert f"stage 1 result: {s1}" in log
-    assert "--until-epoch 2 --eval-epochs 2 --jobs 3 --jobs-mode processes" in log
+    assert "--until-epoch 2 --eval-epochs 2 --jobs 3 --jobs-mode streams --graph-step" in log
     assert "experiment: exit 0" in log and "report: exit 0" in log
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert files == ["gpu.txt", "log-stage2.txt", "table1.tar.gz", "throughput.json"]

@@ -464,6 +464,8 @@ def _echo(rows):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gnc.jobs import JOBS_MODES  # no torch: the fork server may still be importing it
+
     parser = _Parser(
         prog="gnc", description="Guided neural collapse: nearest-simplex-ETF classifiers."
     )
@@ -522,10 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs in flight at once, each in its own process with max(1, cores "
                    "// N) threads; a failed run does not stop the others (default 1: one "
                    "after the other in this process)")
-    p.add_argument("--jobs-mode", default="auto", choices=("auto", "processes", "mps"),
-                   help="how --jobs runs share a GPU: plain processes (time-slicing), or "
-                   "the CUDA MPS daemon started as the user (falls back to processes); "
-                   "auto: mps when the runs use CUDA")
+    p.add_argument("--jobs-mode", default="auto", choices=JOBS_MODES,
+                   help="how --jobs runs share a GPU: plain processes (time-slicing), "
+                   "the CUDA MPS daemon started as the user (falls back to processes), or "
+                   "streams: no worker processes, this one advances the runs a step each in "
+                   "turn, each on a CUDA stream of its own (for --graph-step; on a CPU the "
+                   "runs one after the other, interleaved); auto: mps when the runs use CUDA")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="figures and report.md from an experiment directory")
@@ -659,11 +663,12 @@ def _prestart_workers(argv: Sequence[str]) -> None:
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     peek.add_argument("--jobs", type=int, default=1)
     peek.add_argument("--no-report", action="store_true")
+    peek.add_argument("--jobs-mode", default="auto")
     try:
         args = peek.parse_known_args(argv[1:])[0]
     except argparse.ArgumentError:
         return
-    if args.jobs > 1:
+    if args.jobs > 1 and not (args.jobs_mode == "streams" and args.no_report):
         from gnc.jobs import REPORT_PRELOAD, experiment_preload, prestart
 
         prestart(REPORT_PRELOAD if argv[0] == "report"

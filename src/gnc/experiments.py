@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_implicit_head
 from gnc.heads import PAPER_METHODS, normalizes_features
@@ -26,7 +27,10 @@ from gnc.jobs import (
     threads_per_job,
 )
 from gnc.rundir import has_checkpoint, is_done, mark_done, read_config, stopped_after
-from gnc.training import RESUMABLE_KEYS, train
+from gnc.training import RESUMABLE_KEYS, Trainer, drain
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -324,10 +328,13 @@ def run_experiment(
     trained alone with that thread count: on the CPU its ``metrics.jsonl`` is bitwise equal
     (but for the time and memory fields) to the sequential run's after
     ``torch.set_num_threads(max(1, cores // jobs))`` (the thread count changes the order of
-    float sums). A run that fails does not stop the others; after all have ended, the failed
-    ones (no ``DONE``, no report) are listed in one ``ValueError``, and the same call again
-    retries them. ``jobs=1`` trains the runs one after the other in this process, with its
-    thread count, and stops at the first failure.
+    float sums). ``jobs_mode="streams"``: no worker processes; this process advances the
+    runs a step each in turn, each on a CUDA stream of its own (:mod:`gnc.interleave`; for
+    captured steps, ``graph_step``), with this process's threads: on the CPU bitwise the
+    sequential runs. A run that fails does not stop the others; after all have ended, the
+    failed ones (no ``DONE``, no report) are listed in one ``ValueError``, and the same call
+    again retries them. ``jobs=1`` trains the runs one after the other in this process, with
+    its thread count, and stops at the first failure.
 
     Raises:
         ValueError: unknown preset or method, ``seeds`` < 1, ``jobs`` < 1, an invalid config,
@@ -361,7 +368,8 @@ def run_experiment(
             _check_existing_run(path, cfg)
             plan.append((path, cfg))
     if jobs > 1:  # the workers' fork server, unless the CLI started it (the report's too)
-        prestart(experiment_preload(report))
+        if jobs_mode != "streams" or report:
+            prestart(experiment_preload(report))
         _run_in_parallel(plan, Path(out), jobs=jobs, jobs_mode=jobs_mode,
                          trust_checkpoint=trust_checkpoint)
     for path, cfg in plan if jobs == 1 else ():
@@ -380,12 +388,27 @@ def run_experiment(
 
 
 def _train_run(path: Path, cfg: TrainConfig, trust_checkpoint: bool) -> None:
-    """Train one run of an experiment (resumed when it has a checkpoint) and mark it DONE;
-    in a worker of :func:`gnc.jobs.run_many`, its epochs feed the parent's bar."""
+    """Train one run of an experiment (:func:`_run_steps` to its end); in a worker of
+    :func:`gnc.jobs.run_many`, its epochs feed the parent's bar."""
+    drain(_run_steps(path, cfg, trust_checkpoint,
+                     progress=report_progress if in_worker() else None))
+
+
+def _run_steps(path: Path, cfg: TrainConfig, trust_checkpoint: bool, *,
+               stream: torch.cuda.Stream | None = None,
+               progress: Callable[[int], None] | None = None) -> Generator[None, None, None]:
+    """Train one run of an experiment (resumed when it has a checkpoint) and mark it DONE,
+    pausing after every step (:meth:`gnc.training.Trainer.fit_steps`; a task of
+    :func:`gnc.interleave.run_interleaved`, which gives ``stream``). ``progress(n)``: ``n``
+    more epochs done (instead of the run's own step bar)."""
     resume = has_checkpoint(path)
     # a run killed before its first checkpoint has nothing to resume: start it afresh
-    train(cfg, path, resume=resume, overwrite=not resume, trust_checkpoint=trust_checkpoint,
-          progress_bar=_epochs_to_parent(cfg) if in_worker() else None)
+    trainer = Trainer(cfg, path, resume=resume, overwrite=not resume,
+                      trust_checkpoint=trust_checkpoint, stream=stream)
+    try:
+        yield from trainer.fit_steps(None if progress is None else _epoch_feed(cfg, progress))
+    finally:  # closed before its first step, fit_steps has nothing to release
+        trainer.release_lock()
     if cfg.until_epoch is None or cfg.until_epoch >= cfg.epochs:
         mark_done(path)
     else:  # reported at the epochs it reached; a later --until-epoch (or none) continues it
@@ -401,10 +424,10 @@ def _done(path: Path, cfg: TrainConfig) -> bool:
     return stopped is None or (cfg.until_epoch is not None and stopped >= cfg.until_epoch)
 
 
-def _epochs_to_parent(cfg: TrainConfig) -> type:
+def _epoch_feed(cfg: TrainConfig, progress: Callable[[int], None]) -> type:
     """A progress-bar factory for :meth:`gnc.training.Trainer.fit` that reports each finished
-    epoch to the parent (:func:`gnc.jobs.report_progress`); ``disable`` is set, so the
-    loop computes no bar text (a host sync per step)."""
+    epoch to ``progress`` (the one bar of all the runs: :func:`gnc.jobs.report_progress` in a
+    worker); ``disable`` is set, so the loop computes no bar text (a host sync per step)."""
 
     class EpochFeed:
         disable = True
@@ -412,11 +435,11 @@ def _epochs_to_parent(cfg: TrainConfig) -> type:
         def __init__(self, total: int, initial: int, **_) -> None:
             self.steps = max(1, total // max(cfg.epochs, 1))  # per epoch
             self.done = initial
-            report_progress(initial // self.steps)  # a resumed run's trained epochs
+            progress(initial // self.steps)  # a resumed run's trained epochs
 
         def update(self, n: int = 1) -> None:
             before, self.done = self.done // self.steps, self.done + n
-            report_progress(self.done // self.steps - before)
+            progress(self.done // self.steps - before)
 
         def set_postfix(self, **_) -> None:
             pass
@@ -431,6 +454,17 @@ def _relative_cost(method: str) -> float:
     """A run's time relative to the standard head's, for the order of the ``--jobs`` queue:
     the implicit head's step is the slowest (its polar factor and backward)."""
     return 2.0 if uses_implicit_head(method) else 1.0
+
+
+def _one_device(runs: list[tuple[Path, TrainConfig]]) -> torch.device:
+    """The device of every run (``--jobs-mode streams`` runs them in one process on one)."""
+    from gnc.runtime import resolve_device
+
+    devices = {resolve_device(cfg.device) for _, cfg in runs}
+    if len(devices) != 1:
+        raise ValueError("--jobs-mode streams runs every run on one device, not on "
+                         + ", ".join(sorted(map(str, devices))))
+    return devices.pop()
 
 
 def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: int,
@@ -454,16 +488,33 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
     cuda = any(cfg.device.startswith("cuda") or (cfg.device == "auto" and
                                                  torch.cuda.is_available())
                for _, cfg in todo)
-    logger.info("%d runs, %d at a time, %d threads each", len(todo), jobs,
-                threads_per_job(jobs))
-    tasks = [(name, _train_run, (path, dataclasses.replace(cfg, progress=False),
-                                 trust_checkpoint))
-             for name, (path, cfg) in zip(names, todo, strict=True)]
-    outcomes = run_many(tasks, jobs=jobs, mode=jobs_mode, cuda=cuda,
-                        progress_total=sum(cfg.epochs for _, cfg in plan) if show else 0,
-                        progress_initial=sum(cfg.epochs for path, cfg in plan
-                                             if _done(path, cfg)),
-                        desc=f"{len(plan)} runs, {jobs} at a time")
+    progress = {"progress_total": sum(cfg.epochs for _, cfg in plan) if show else 0,
+                "progress_initial": sum(cfg.epochs for path, cfg in plan if _done(path, cfg)),
+                "desc": f"{len(plan)} runs, {jobs} at a time"}
+    quiet = [(path, dataclasses.replace(cfg, progress=False)) for path, cfg in todo]
+    if jobs_mode == "streams":
+        from gnc.interleave import run_interleaved
+
+        device = _one_device(todo)
+        if any(cfg.graph_head for _, cfg in todo):  # make_graphed_callables: torch's stream
+            raise ValueError("--graph-head captures every run's head on one stream (one "
+                             "cuBLAS workspace for graphs replayed at once): not with "
+                             "--jobs-mode streams; --graph-step captures each run on its own")
+        logger.info("%d runs, %d at a time in this process, a step of each in turn%s",
+                    len(todo), jobs, " on CUDA streams" if device.type == "cuda" else "")
+        if device.type == "cuda" and not all(cfg.graph_step for _, cfg in todo):
+            logger.warning("--jobs-mode streams without --graph-step: one host thread "
+                           "launches every kernel of every run (expect no gain)")
+        outcomes = run_interleaved(
+            [(name, _run_steps, (path, cfg, trust_checkpoint))
+             for name, (path, cfg) in zip(names, quiet, strict=True)],
+            jobs=jobs, device=device, **progress)
+    else:
+        logger.info("%d runs, %d at a time, %d threads each", len(todo), jobs,
+                    threads_per_job(jobs))
+        outcomes = run_many([(name, _train_run, (path, cfg, trust_checkpoint))
+                             for name, (path, cfg) in zip(names, quiet, strict=True)],
+                            jobs=jobs, mode=jobs_mode, cuda=cuda, **progress)
     failed = [o for o in outcomes if not o.ok]
     if failed:
         raise ValueError(

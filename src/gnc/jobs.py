@@ -37,9 +37,9 @@ own seed, data order, augmentation and files are the task's business.
   the end (``echo quit | nvidia-cuda-mps-control``); the GPU's compute mode is never changed.
   When the daemon is missing or does not work (a sandbox, a GPU that refuses it), one warning
   and plain processes. ``auto``: ``mps`` when the runs use CUDA, else ``processes``. One MPS
-  client's fatal fault ends every client: with MPS a crash fails every run in flight. A third
-  way, one process replaying the runs' captured steps on N CUDA streams, needs the captured
-  training step and is not offered yet.
+  client's fatal fault ends every client: with MPS a crash fails every run in flight. The
+  third way, ``streams``, is no pool of processes: one process advancing the runs a step each
+  in turn, each on a CUDA stream of its own (:mod:`gnc.interleave`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-JOBS_MODES = ("auto", "processes", "mps")
+JOBS_MODES = ("auto", "processes", "mps", "streams")  # streams: gnc.interleave
 MPS_CONTROL = "nvidia-cuda-mps-control"
 # run with the MPS environment before the workers start: does a CUDA client get served?
 MPS_PROBE = ("-c", "import torch; torch.ones(1, device='cuda').add_(1); torch.cuda.synchronize()")
@@ -85,7 +85,7 @@ def experiment_preload(report: bool) -> tuple[str, ...]:
 
 # errors that are the task's own outcome (bad settings, divergence, files): logged in one line;
 # the rest (likely bugs) with their traceback
-_PLAIN_ERRORS = (ValueError, OSError, FloatingPointError)
+PLAIN_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def cores() -> int:
@@ -190,7 +190,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
@@ -224,8 +224,8 @@ def _worker(tasks, results, parent: int, threads: int, env: dict, cwd: str,
             try:
                 result = func(*args)
             except Exception as err:
-                tb = None if isinstance(err, _PLAIN_ERRORS) else traceback.format_exc()
-                channel.send(("failed", index, _first_line(err), tb))
+                tb = None if isinstance(err, PLAIN_ERRORS) else traceback.format_exc()
+                channel.send(("failed", index, first_line(err), tb))
             else:
                 channel.send(("done", index, result))
     except (KeyboardInterrupt, EOFError, BrokenPipeError):  # Ctrl-C (the whole process
@@ -310,8 +310,9 @@ def start_mps(*, probe: bool) -> _MPS | None:
 def launch(mode: str, *, cuda: bool) -> Iterator[dict]:
     """The environment of the workers for ``mode`` (see the module docstring), with the MPS
     daemon running for the block when it is used."""
-    if mode not in JOBS_MODES:
-        raise ValueError(f"Expected `jobs_mode` in {', '.join(JOBS_MODES)}, but got {mode!r}")
+    if mode not in JOBS_MODES or mode == "streams":
+        raise ValueError(f"Expected `jobs_mode` in auto, processes, mps, but got {mode!r} "
+                         "(streams: one process, gnc.interleave.run_interleaved)")
     mps = start_mps(probe=cuda) if mode == "mps" or (mode == "auto" and cuda) else None
     try:
         yield dict(mps.env) if mps else {}
@@ -331,7 +332,8 @@ class _NoBar:
         pass
 
 
-def _bar(total: int, initial: int, desc: str | None):
+def epoch_bar(total: int, initial: int, desc: str | None):
+    """One tqdm bar (in epochs) for all the runs; a silent stand-in without tqdm or total."""
     if total <= 0:
         return _NoBar()
     try:
@@ -341,14 +343,14 @@ def _bar(total: int, initial: int, desc: str | None):
     return tqdm(total=total, initial=initial, unit="epoch", dynamic_ncols=True, desc=desc)
 
 
-def _writing_around(bar):
+def writing_around(bar):
     """A block that writes to stderr without breaking ``bar`` (tqdm's external write mode)."""
     write_mode = getattr(bar, "external_write_mode", None)
     return write_mode() if write_mode else contextlib.nullcontext()
 
 
 def _handle_log(record: logging.LogRecord, bar) -> None:
-    with _writing_around(bar):
+    with writing_around(bar):
         logging.getLogger(record.name).handle(record)
 
 
@@ -432,7 +434,7 @@ def run_many(tasks: Sequence[tuple[str, Callable, tuple]], *, jobs: int, mode: s
     def finish(index: int, outcome: Outcome, tb: str | None = None) -> None:
         outcomes[index] = outcome
         if not outcome.ok:
-            with _writing_around(bar):
+            with writing_around(bar):
                 logger.error("%s failed: %s%s", outcome.name, outcome.error,
                              f"\n{tb.rstrip()}" if tb else "")
 
@@ -481,7 +483,7 @@ def run_many(tasks: Sequence[tuple[str, Callable, tuple]], *, jobs: int, mode: s
                 start(slot, env)
 
     with launch(mode, cuda=cuda) as env:
-        bar = _bar(progress_total, progress_initial, desc)
+        bar = epoch_bar(progress_total, progress_initial, desc)
         try:
             for slot in range(min(jobs, len(tasks))):
                 start(slot, env)

@@ -36,7 +36,8 @@ state restored and the run continues with the eager capture-ready step after ONE
 plan of another shape (a different number of steps per epoch) is captured again. On the
 CPU nothing is captured: the capture-ready step runs eagerly (what the tests check).
 
-Several runs in one process (``benchmarks/gpu_throughput.py``): ``GraphedStep(..., stream=s)``
+Several runs in one process (``gnc experiment --jobs-mode streams``, :mod:`gnc.interleave`;
+``benchmarks/gpu_throughput.py``): ``GraphedStep(..., stream=s)``
 warms up, captures and replays on a stream of its own, so that the graphs of different runs
 may run at the same time; each capture has its own memory pool (``torch.cuda.graph``'s
 default) and, on its own stream, its own cuBLAS workspace.
@@ -492,6 +493,8 @@ class GraphedStep:
             the current stream (what the host queued there, e.g. :meth:`StaticStep.begin_epoch`'s
             copies) and nothing waits for it: read the step's tensors on the current stream
             after ``torch.cuda.current_stream().wait_stream(stream)`` (or a synchronize).
+            When ``stream`` is the current stream (a trainer run by :mod:`gnc.interleave`,
+            everything of the run on its stream), a replay is simply issued there.
     """
 
     def __init__(self, static: StaticStep, *, capture: bool | None = None,
@@ -527,7 +530,7 @@ class GraphedStep:
         if not self.capture or self.failed or self._replay is None or s.plan_changed:
             s.step(s.index, mark)  # no (current) graph: the capture-ready step, eagerly
             return
-        if self.stream is None:
+        if self.stream is None or self.stream == torch.cuda.current_stream(s.device):
             self._replay()
         else:  # after what the host queued on the current stream (the epoch's plan)
             self.stream.wait_stream(torch.cuda.current_stream(s.device))

@@ -40,7 +40,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import torch
@@ -122,15 +122,20 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                  overwrite: bool = False,
                  data: tuple[DatasetBundle, DatasetBundle] | None = None, *,
-                 trust_checkpoint: bool = False) -> None:
+                 trust_checkpoint: bool = False,
+                 stream: torch.cuda.Stream | None = None) -> None:
         """``data``: the (training, un-augmented evaluation) bundles, when not loaded from
         ``cfg`` (benchmarks on synthetic data). ``trust_checkpoint``: a resume may unpickle a
         checkpoint of an older gnc in full (see :func:`gnc.rundir.load_checkpoint`).
+        ``stream``: the CUDA stream the run's work is issued on (its caller makes it current
+        around every call, :mod:`gnc.interleave`); the captured step is captured on it, so
+        that graphs of runs on other streams share no cuBLAS workspace.
 
         Rank 0 holds :func:`gnc.rundir.run_lock` on ``out_dir`` from before the directory is
         prepared (or resumed) to the end of :meth:`fit` (:class:`gnc.rundir.RunLockedError`
         when another process holds it); an error here releases it."""
         self._lock = RunLock(out_dir)
+        self.stream = stream
         try:
             self._setup(cfg, out_dir, resume, overwrite, data, trust_checkpoint)
         except BaseException:
@@ -271,9 +276,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- one epoch
     def train_epoch(self, bar) -> dict:
-        """One epoch. On a GPU nothing in a step waits for the device: losses and accuracy
-        add up on the device, step times are CUDA events, and the loss is checked for
-        NaN/Inf every :data:`NONFINITE_CHECK_EVERY` steps and at the end of the epoch."""
+        """One epoch (:meth:`epoch_steps` to its end); returns its statistics."""
+        return drain(self.epoch_steps(bar))
+
+    def epoch_steps(self, bar) -> Generator[None, None, dict]:
+        """One epoch, pausing (``yield``) after every step; returns its statistics. On a GPU
+        nothing in a step waits for the device: losses and accuracy add up on the device,
+        step times are CUDA events, and the loss is checked for NaN/Inf every
+        :data:`NONFINITE_CHECK_EVERY` steps and at the end of the epoch."""
         model, device = self.model, self.device
         self.ddp.train()
         set_loader_epoch(self.train_loader, self.epoch)
@@ -288,14 +298,14 @@ class Trainer:
             if getattr(self, "step_graph", None) is None:  # built at the first epoch
                 self.step_graph = GraphedStep(StaticStep(
                     model, self.optimizer, self.cfg.loss, device,
-                    world_size=self.dist.world_size))
+                    world_size=self.dist.world_size), stream=self.stream)
             graph = self.step_graph
             batches = range(graph.static.begin_epoch(self.train_loader, self.step))
             # its accumulators, on the device, updated in place by every step
             loss_sum, correct, bad, first_bad = (graph.static.loss_sum, graph.static.correct,
                                                  graph.static.bad, graph.static.first_bad)
-        with trusted_inputs():  # data were validated at load time; the loss is checked here
-            for batch in batches:
+        for batch in batches:
+            with trusted_inputs():  # validated at load time; the loss is checked here
                 if graph is not None:  # one mark mid-step: after the loss, or the replay
                     timer.mark()
                     graph.run(timer.mark)
@@ -324,15 +334,16 @@ class Trainer:
                     bad += ~finite
                     correct += (logits.detach().argmax(1) == y).sum()
                     seen += y.numel()
-                steps += 1
-                self.step += 1
-                if steps % NONFINITE_CHECK_EVERY == 0:
-                    self._check_finite(bad, first_bad, steps, end=False)
-                if bar is not None:
-                    bar.update(1)
-                    if show and steps % NONFINITE_CHECK_EVERY == 0:
-                        bar.set_postfix(loss=f"{float(loss_sum) / max(steps - float(bad), 1):.4f}",
-                                        acc=f"{100 * float(correct) / seen:.1f}")
+            steps += 1
+            self.step += 1
+            if steps % NONFINITE_CHECK_EVERY == 0:
+                self._check_finite(bad, first_bad, steps, end=False)
+            if bar is not None:
+                bar.update(1)
+                if show and steps % NONFINITE_CHECK_EVERY == 0:
+                    bar.set_postfix(loss=f"{float(loss_sum) / max(steps - float(bad), 1):.4f}",
+                                    acc=f"{100 * float(correct) / seen:.1f}")
+            yield
         if graph is not None:
             graph.static.end_epoch()
         self._check_finite(bad, first_bad, steps, end=True)
@@ -443,6 +454,12 @@ class Trainer:
         """Train to ``cfg.epochs`` (or ``cfg.until_epoch``); returns the last metrics row.
         ``progress_bar``: a factory like :func:`tqdm.tqdm` (``total``, ``initial``,
         ``disable``, ``desc``) for the step bar (default: tqdm on rank 0)."""
+        return drain(self.fit_steps(progress_bar))
+
+    def fit_steps(self, progress_bar: Callable | None = None) -> Generator[None, None, dict]:
+        """:meth:`fit`, pausing (``yield``) after every training step: a caller may advance
+        several runs in turn (:mod:`gnc.interleave`). Closing it early (``close()``) releases
+        the run directory as :meth:`fit`'s end does; the last checkpoint stays."""
         cfg = self.cfg
         steps = len(self.train_loader)
         if steps == 0:
@@ -457,7 +474,7 @@ class Trainer:
         try:
             stop = cfg.epochs if cfg.until_epoch is None else cfg.until_epoch
             while self.epoch < stop:
-                stats = self.train_epoch(bar)
+                stats = yield from self.epoch_steps(bar)
                 last = self.epoch == cfg.epochs
                 evaluate = last or self._is_due(cfg.eval_every) or self.epoch in (
                     cfg.eval_epochs or ())
@@ -480,6 +497,16 @@ class Trainer:
                 self.writer.close()
             self._lock.release()
         return row
+
+
+def drain(steps: Generator[None, None, dict]) -> dict:
+    """Run ``steps`` (:meth:`Trainer.fit_steps`, :meth:`Trainer.epoch_steps`) to its end;
+    returns its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
