@@ -324,7 +324,10 @@ FLAGS = ["ufm10", "--seeds", "2", "--methods", ",".join(METHODS), "--epochs", "1
          "--no-report", "--jobs", "2", "--jobs-mode", "streams"]
 
 
-def test_killed_streams_experiment_resumes_every_run(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_streams_experiment_resumes_every_run(tmp_path, sig):
+    """Killed (a crash) or interrupted (Ctrl-C, the GPU check's deadline) after the first
+    checkpoint: the same command again finishes every run as the sequential runs."""
     seq = tmp_path / "seq"
     run_experiment("ufm10", seq, seeds=2, methods=METHODS, report=False,
                    overrides={**UFM, "progress": False})
@@ -340,8 +343,11 @@ def test_killed_streams_experiment_resumes_every_run(tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=60)
+    if sig == signal.SIGINT:  # every run closed: one line, the interrupt's exit status
+        assert proc.returncode == 130
+        assert (tmp_path / "stderr").read_text().strip().splitlines()[-1] == "gnc: interrupted"
     assert len([d for d in out.glob("*/seed*") if (d / "DONE").exists()]) < 4
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
