@@ -24,9 +24,12 @@ decides what fits in stage 1's five minutes):
   per-process rates, ``img_per_s_sum``, counted benches that started apart as concurrent:
   on this CPU two tiny benches came out at exactly 2.0x one, 1.4x with the barrier);
 - ``streams``: option (a), one process driving N runs of the standard method with the
-  captured step, each captured on a CUDA stream of its own with a memory pool of its own
-  (:class:`gnc.step.GraphedStep` with ``stream``); R rounds (``--rounds``), each replaying one
-  step of every run in turn on its stream, one synchronize at the end: aggregate images/s,
+  captured step as ``gnc experiment --jobs-mode streams`` drives them (each trainer's
+  ``epoch_steps`` a step per turn under :class:`gnc.interleave.RunStates`: captured and
+  replayed on a CUDA stream of its own, with a memory pool of its own; the loop's step
+  timer, its NaN check every 25 steps and the turn's RNG swap included); R rounds
+  (``--rounds``), each one step of every run in turn, one synchronize at the end: aggregate
+  images/s,
   ms per step (with N = 1: back-to-back replays of one run, the GPU-bound floor, also
   ``replay_floor_ms``), the seconds spent building runs, the allocator's peak while each
   run was built (data, model, warm-up, capture) and each run's mean training loss (a check
@@ -281,55 +284,53 @@ def _stand_in_graph(fn):
 
 
 class StreamRun:
-    """One trainer's captured step on a CUDA stream of its own (on a CPU: the capture-ready
-    step through the stand-in); :meth:`step` runs the next step of the trainer's epochs."""
+    """One trainer with the captured step, advanced as ``gnc experiment --jobs-mode streams``
+    advances it: its :meth:`~gnc.training.Trainer.epoch_steps` one step per turn, each turn
+    under its :class:`gnc.interleave.RunStates` (its RNG states and context; on a GPU its
+    stream current, on which its step is captured and replayed), epoch after epoch. On a CPU
+    the capture is the stand-in: the "replays" run the capture-ready step eagerly."""
 
-    def __init__(self, trainer, device: torch.device) -> None:
+    def __init__(self, trainer, states) -> None:
         from gnc.step import GraphedStep, StaticStep
 
-        self.trainer, self.device = trainer, device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        static = StaticStep(trainer.model, trainer.optimizer, trainer.cfg.loss, device)
-        cpu = {} if self.stream is not None else {"capture": True,
-                                                  "graph_factory": _stand_in_graph}
-        self.graph = GraphedStep(static, stream=self.stream, **cpu)
-        self.left = 0  # steps left in the epoch
+        self.trainer, self.states = trainer, states
+        if trainer.device.type != "cuda":  # else epoch_steps captures on the run's stream
+            trainer.step_graph = GraphedStep(
+                StaticStep(trainer.model, trainer.optimizer, trainer.cfg.loss, trainer.device),
+                capture=True, graph_factory=_stand_in_graph)
+        self.epoch = None  # the running epoch's steps (a generator)
         self.peak_mem_mb: float | None = None
-        trainer.model.train()
+
+    @property
+    def graph(self):
+        return self.trainer.step_graph
+
+    def _advance(self) -> None:
+        while True:  # past an epoch's last step: its end, then the next epoch's first step
+            if self.epoch is None:
+                self.epoch = self.trainer.epoch_steps(None)
+            try:
+                next(self.epoch)
+                return
+            except StopIteration:
+                self.epoch = None
 
     def step(self) -> None:
-        """The first call trains eagerly (on the current stream), the second warms up,
-        captures and replays, every later one replays (on the run's stream)."""
-        from gnc.data.sampler import set_loader_epoch
-
-        t, static = self.trainer, self.graph.static
-        if self.left == 0:  # next epoch: its plan overwrites what queued replays read
-            if self.stream is not None:
-                torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            static.end_epoch()
-            t.epoch += 1
-            set_loader_epoch(t.train_loader, t.epoch)
-            self.left = static.begin_epoch(t.train_loader, t.step)
-            if self.left < 1 + self.graph.warmup_iters:  # on a GPU: a device-side assert
-                raise ValueError(f"the warm-up before the capture reads batches 1 to "
-                                 f"{self.graph.warmup_iters}: an epoch of {self.left} steps "
-                                 "is too short")
-        self.graph.run(lambda: None)
-        self.left -= 1
-        t.step += 1
+        """The next step, in the run's turn: the first trains eagerly, the second warms up,
+        captures and replays, every later one replays."""
+        self.states.run(self._advance)
 
     def epoch_loss(self) -> float:
         """The mean training loss of this epoch's steps so far (reads the device)."""
         static = self.graph.static
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return float(static.loss_sum) / max(1, static.plan.shape[1] - self.left)
+        return self.states.run(lambda: float(static.loss_sum) / max(1, static.position))
 
 
 class StreamRuns:
     """Trainers of the standard method with the captured step (seeds ``seed``, ``seed + 1``,
-    ...), each trained one eager step and captured on a stream of its own, built when first
-    asked for: ``with StreamRuns(device, data_dir, overrides) as pool: pool.grow(n)``."""
+    ...), each built in its own turn (on a GPU with a stream of its own current), trained
+    one eager step and captured, built when first asked for:
+    ``with StreamRuns(device, data_dir, overrides) as pool: pool.grow(n)``."""
 
     def __init__(self, device: torch.device, data_dir: str, overrides: dict) -> None:
         self.settings = {**overrides, **CAPTURED}
@@ -340,9 +341,6 @@ class StreamRuns:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> StreamRuns:
-        from gnc.validation import trusted_inputs
-
-        self._stack.enter_context(trusted_inputs())
         return self
 
     def __exit__(self, *exc) -> None:
@@ -352,15 +350,19 @@ class StreamRuns:
     def grow(self, n: int) -> list[StreamRun]:
         """The first ``n`` runs, building those missing (with each one's allocator peak)."""
         from gnc.bench import _epoch_trainer
+        from gnc.interleave import RunStates
         from gnc.memory import PeakMemory
 
         while len(self.runs) < n:
             seed = self.seed + len(self.runs)
+            cuda = self.device.type == "cuda"
+            states = RunStates.now(self.device,
+                                   torch.cuda.Stream(self.device) if cuda else None)
             with PeakMemory(self.device) as mem:
-                trainer, _ = self._stack.enter_context(_epoch_trainer(
+                trainer, _ = states.run(self._stack.enter_context, _epoch_trainer(
                     PRESET, "standard", self.device, 1, self.data_dir,
-                    {**self.settings, "seed": seed}))
-                run = StreamRun(trainer, self.device)
+                    {**self.settings, "seed": seed}, stream=states.stream))
+                run = StreamRun(trainer, states)
                 run.step()  # eager: the optimiser's state
                 run.step()  # warm-up, capture, the first replay
                 _sync(self.device)
@@ -371,7 +373,8 @@ class StreamRuns:
 
 def round_robin(runs: list[StreamRun], rounds: int, device: torch.device) -> float:
     """Seconds for ``rounds`` rounds of one step of every run in turn (each replay issued on
-    its run's stream), with one synchronize at the end."""
+    its run's stream, as ``--jobs-mode streams`` issues it), with one synchronize at the
+    end."""
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(rounds):
@@ -387,8 +390,9 @@ def streams_sweep(ns: list[int], device: torch.device, data_dir: str, overrides:
     """Option (a) for each N of ``ns``: N runs in one process (:class:`StreamRuns`, built
     once: the N runs are the first N of a larger N's), each replaying its captured step on
     its own stream, ``warmup`` then ``rounds`` timed rounds (:func:`round_robin`). Per N:
-    training images/s in all, ms per step (N = 1: back-to-back replays, the GPU-bound
-    floor), the seconds spent building the runs added, each run's allocator peak while it
+    training images/s in all, ms per step (N = 1: one run's replays one after the other
+    through the training loop, the floor of one run), the seconds spent building the runs
+    added, each run's allocator peak while it
     was built, the memory reserved in all, the runs whose capture failed, and each run's mean
     training loss so far this epoch (read after the timing: NaN or a loss far from the N = 1
     run's would say that concurrent replays disturb each other).
@@ -410,7 +414,9 @@ def streams_sweep(ns: list[int], device: torch.device, data_dir: str, overrides:
                     "ms_per_step": 1e3 * seconds / (n * rounds), "rounds": rounds,
                     "build_s": build_s, "peak_mem_mb": [r.peak_mem_mb for r in runs],
                     "replays": sum(r.graph.replays for r in runs),
-                    "not_captured": [r.graph.failed for r in runs if r.graph.failed],
+                    "not_captured": [r.graph.failed or "never captured (an epoch shorter "
+                                     "than the warm-up)" for r in runs
+                                     if r.graph.failed or not r.graph.captures],
                     "train_loss": [r.epoch_loss() for r in runs]})
                 if device.type == "cuda":
                     records[-1]["reserved_mb"] = torch.cuda.memory_reserved(device) / 2**20

@@ -266,8 +266,10 @@ def test_in_flight_a_bench_that_fails_releases_the_others(gpu_throughput, monkey
 
 def test_streams_two_runs_in_one_process_on_the_cpu(gpu_throughput, tmp_path, monkeypatch,
                                                     one_thread):
-    """Option (a) on the CPU: two trainers, the stand-in capture, round-robin "replays" (the
-    capture-ready step run eagerly) that advance both runs, each from its own seed."""
+    """Option (a) on the CPU: two trainers advanced as --jobs-mode streams advances them
+    (their epoch_steps a step per turn), the stand-in capture, round-robin "replays" (the
+    capture-ready step run eagerly) that advance both runs across an epoch's end, each from
+    its own seed and with its own RNG states."""
     import torch
 
     monkeypatch.setenv("GNC_CACHE_DIR", str(tmp_path / "cache"))
@@ -280,19 +282,21 @@ def test_streams_two_runs_in_one_process_on_the_cpu(gpu_throughput, tmp_path, mo
         assert gpu_throughput.round_robin(runs, 3, cpu) > 0  # crosses an epoch's end
         for run, params in zip(runs, before, strict=True):
             assert run.graph.replays == 4 and run.graph.failed is None and run.trainer.step == 5
-            assert run.trainer.epoch == 2 and run.graph.captures == 1  # the plan kept its shape
+            assert run.trainer.epoch == 1 and run.graph.captures == 1  # the plan kept its shape
             assert all(not torch.equal(p, q)
                        for p, q in zip(run.trainer.model.parameters(), params, strict=True))
         a, b = (list(r.trainer.model.parameters()) for r in runs)
         assert not any(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+        assert not torch.equal(runs[0].states.rng[0], runs[1].states.rng[0])
     record = gpu_throughput.streams(2, cpu, data, TINY, rounds=1, warmup=0)
     assert record["runs"] == 2 and record["rounds"] == 1 and record["img_per_s"] > 0
     assert record["ms_per_step"] > 0 and record["replays"] == 4 and record["build_s"] > 0
     assert len(record["peak_mem_mb"]) == 2 and record["not_captured"] == []
     assert all(0 < loss < 10 for loss in record["train_loss"])  # ln 10 at the start
-    with pytest.raises(ValueError, match="an epoch of 1 steps is too short"), \
-            gpu_throughput.StreamRuns(cpu, data, {**TINY, "batch_size": 40}) as pool:
-        pool.grow(1)
+    # an epoch of one step leaves no room for the warm-up: never captured, and said so
+    short = gpu_throughput.streams(1, cpu, data, {**TINY, "batch_size": 40}, rounds=1,
+                                   warmup=0)
+    assert short["not_captured"] == ["never captured (an epoch shorter than the warm-up)"]
 
 
 def test_grouped_conv_on_the_cpu(gpu_throughput, one_thread):

@@ -441,10 +441,12 @@ def synthetic_cifar10(num_train: int = 50_000, num_test: int = 10_000, seed: int
 
 @contextmanager
 def _epoch_trainer(preset: str, method: str, device: torch.device, epochs: int,
-                   data_dir: str, overrides: dict) -> Iterator[tuple[Any, str]]:
+                   data_dir: str, overrides: dict, *, stream: torch.cuda.Stream | None = None
+                   ) -> Iterator[tuple[Any, str]]:
     """A :class:`~gnc.training.Trainer` of ``preset`` for ``method`` in a temporary run
     directory, and a note on its data: real data when ``data_dir`` has it, otherwise
-    :func:`synthetic_cifar10` (said in the note)."""
+    :func:`synthetic_cifar10` (said in the note). ``stream``: the trainer's (its caller makes
+    it current, :mod:`gnc.interleave`)."""
     import tempfile
 
     from gnc.build import load_data
@@ -462,7 +464,7 @@ def _epoch_trainer(preset: str, method: str, device: torch.device, epochs: int,
         sizes = (10 * per_class, 10 * per_class) if per_class else ()
         data, note = synthetic_cifar10(*sizes), "random images of CIFAR's shape"
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, tmp, data=data)
+        trainer = Trainer(cfg, tmp, data=data, stream=stream)
         note += f", {len(trainer.train_loader)} steps, data on device: " + (
             "yes" if type(trainer.train_loader).__name__ == "DeviceImageLoader" else "no")
         try:

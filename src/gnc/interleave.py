@@ -85,6 +85,11 @@ class RunStates:
     stream: torch.cuda.Stream | None = None
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
+    @classmethod
+    def now(cls, device: torch.device, stream: torch.cuda.Stream | None = None) -> RunStates:
+        """A run that starts from the process's RNG states as they are now."""
+        return cls(device, _rng_states(device), stream)
+
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
         _set_rng_states(self.rng, self.device)
