@@ -1,4 +1,9 @@
 import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +30,26 @@ def near_etf_means(d: int, K: int, seed: int = 0, noise: float = 1e-3) -> torch.
     H = random_stiefel(d, K, seed) @ centering(K) / math.sqrt(K - 1)
     H = H + noise * torch.randn(d, K, generator=g, dtype=torch.float64) @ centering(K)
     return H / H.norm()
+
+
+def stop_after_first_checkpoint(cmd: list[str], out: Path, stderr: Path,
+                                sig: int = signal.SIGKILL) -> subprocess.Popen:
+    """Start ``cmd`` (an experiment into ``out``) in a session of its own and send ``sig`` to
+    it and its processes once a run has written its first ``epoch_*.pt``; returns it, ended
+    (its stderr in ``stderr``)."""
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not any(out.glob("*/seed*/checkpoints/epoch_*.pt")):
+                assert proc.poll() is None, stderr.read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        finally:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=60)
+    return proc
 
 
 @pytest.fixture(autouse=True)

@@ -5,12 +5,10 @@ import contextlib
 import contextvars
 import json
 import logging
-import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import gnc.interleave as interleave
 from gnc.experiments import run_dir, run_experiment
 from gnc.interleave import run_interleaved
 from gnc.training import drain
+from tests.conftest import stop_after_first_checkpoint
 
 TIMING = ("time_", "elapsed_s", "peak_mem_mb")
 
@@ -333,18 +332,7 @@ def test_killed_streams_experiment_resumes_every_run(tmp_path, sig):
                    overrides={**UFM, "progress": False})
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "gnc", "experiment", *FLAGS, "--out", str(out)]
-    with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while not any(out.glob("*/seed*/checkpoints/epoch_*.pt")):
-                assert proc.poll() is None, (tmp_path / "stderr").read_text()
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-        finally:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=60)
+    proc = stop_after_first_checkpoint(cmd, out, tmp_path / "stderr", sig)
     if sig == signal.SIGINT:  # every run closed: one line, the interrupt's exit status
         assert proc.returncode == 130
         assert (tmp_path / "stderr").read_text().strip().splitlines()[-1] == "gnc: interrupted"

@@ -18,6 +18,7 @@ import torch
 import gnc.jobs as jobs
 from gnc.experiments import run_dir, run_experiment
 from gnc.jobs import launch, run_many, threads_per_job
+from tests.conftest import stop_after_first_checkpoint
 
 METHODS = ["standard", "implicit"]
 # tiny UFM runs of ~0.5 s, long enough to be killed half-way
@@ -115,18 +116,7 @@ def test_runs_are_queued_seed_major_with_the_implicit_head_first(tmp_path, monke
 def test_killed_experiment_resumes_every_run(tmp_path, sequential):
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "gnc", "experiment", *FLAGS, "--out", str(out)]
-    with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while not any(out.glob("*/seed*/checkpoints/epoch_*.pt")):
-                assert proc.poll() is None, (tmp_path / "stderr").read_text()
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers
-            proc.wait()
+    stop_after_first_checkpoint(cmd, out, tmp_path / "stderr")  # the parent and its workers
     done = [d for d in out.glob("*/seed*") if (d / "DONE").exists()]
     assert len(done) < 4  # killed half-way
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
