@@ -147,9 +147,34 @@ def not_a_generator(*, stream=None, progress=None):
 
 
 def test_a_task_that_fails_before_its_first_step():
+    """A function that raises instead of returning its steps, and a run whose set-up (its
+    first turn) fails: each ends alone and frees its slot."""
     outcomes = run_interleaved([("x", not_a_generator, ()), ("y", steps_then, ("y", 1))],
                                jobs=1)
     assert outcomes[0].error == "OSError: no such file" and outcomes[1].result == "y"
+
+
+def test_a_run_whose_directory_another_process_holds_fails_alone(tmp_path):
+    """The trainer's set-up in its first turn refuses a directory locked by another process
+    (RunLockedError); the other run trains."""
+    locked = run_dir(tmp_path, "standard", 1)
+    locked.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)",
+         str(locked / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # it holds the lock
+        with pytest.raises(ValueError, match=r"1 of 2 runs failed \(standard/seed1") as err:
+            run_experiment("ufm10", tmp_path, seeds=1, methods=["standard", "implicit"],
+                           report=False, jobs=2, jobs_mode="streams",
+                           overrides={**UFM, "epochs": 4, "progress": False})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "RunLockedError: " in str(err.value) and "is in use by another gnc process" \
+        in str(err.value)
+    assert (run_dir(tmp_path, "implicit", 1) / "DONE").exists()
 
 
 def test_an_interrupt_closes_every_run_and_is_raised():
@@ -162,6 +187,29 @@ def test_an_interrupt_closes_every_run_and_is_raised():
     assert ("end", "a") in events and ("end", "b") in events  # a's finally ran
     assert ("start", "c") not in events
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def closes_badly(name: str, err: BaseException, *, stream=None, progress=None):
+    try:
+        while True:
+            yield
+    finally:
+        events.append(("end", name))
+        raise err
+
+
+def test_every_run_is_closed_even_when_closing_one_fails(caplog):
+    """An interrupt; closing one run raises (logged), closing another is interrupted again:
+    the rest are still closed, then the interrupt is raised."""
+    events.clear()
+    tasks = [("a", closes_badly, ("a", KeyboardInterrupt())),
+             ("b", closes_badly, ("b", OSError("disk full"))),
+             ("c", steps_then, ("c", 5)), ("d", steps_then, ("d", 1, KeyboardInterrupt()))]
+    with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING, "gnc.interleave"):
+        run_interleaved(tasks, jobs=4)
+    assert {e for e in events if e[0] == "end"} == {("end", n) for n in "abcd"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "b: closing it failed: OSError: disk full"]
 
 
 def test_one_bar_for_all_runs(monkeypatch):
@@ -294,7 +342,33 @@ def test_streams_equal_the_sequential_runs_bitwise(tmp_path, monkeypatch):
             ca, cb = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)
                       for d in (a, b))
             for key in ("model", "rng"):
-                assert str(ca[key]) == str(cb[key]), (m, s, key)
+                assert identical(ca[key], cb[key]), (m, s, key)
+            assert json.loads((b / "metrics.jsonl").read_text().splitlines()[-1])[
+                "peak_mem_mb"] is None  # the process's memory is not the run's alone
+
+
+def identical(a, b) -> bool:
+    """Equal to the bit: tensors by ``torch.equal`` (dtype and shape too), containers item by
+    item, the rest by ``==``."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(identical, a, b))
+    return a == b
+
+
+def test_identical_tells_one_bit():
+    state = {"w": torch.linspace(0, 1, 5000), "rng": [torch.get_rng_state(), 3]}
+    other = {"w": state["w"].clone(), "rng": [state["rng"][0].clone(), 3]}
+    assert identical(state, other)
+    other["w"][4321] = torch.nextafter(other["w"][4321], torch.tensor(2.0))
+    assert not identical(state, other)  # str() of both prints the same
+    other["w"] = state["w"]
+    other["rng"][0][4000] ^= 1
+    assert not identical(state, other)
 
 
 def test_a_failed_run_does_not_stop_the_others_in_streams(tmp_path):
@@ -307,12 +381,13 @@ def test_a_failed_run_does_not_stop_the_others_in_streams(tmp_path):
                                   "dataset_options": {"num_classes": 3, "per_class": 4}})
     assert (run_dir(out, "standard", 1) / "DONE").exists()
     assert not (run_dir(out, "standard-unnormalized", 1) / "DONE").exists()
-    # its directory is released: the same command retries it
-    from gnc.rundir import RunLock
+    # every run's directory is released (a lock of another open file description conflicts
+    # with a held one even in this process): the same command retries the failed one
+    import fcntl
 
-    lock = RunLock(run_dir(out, "standard-unnormalized", 1))
-    lock.acquire()
-    lock.release()
+    for method in ("standard-unnormalized", "standard"):
+        with open(run_dir(out, method, 1) / ".lock", "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 UFM = {"epochs": 150, "eval_every": 50, "checkpoint_every": 10, "feature_dim": 8,

@@ -394,17 +394,19 @@ def _train_run(path: Path, cfg: TrainConfig, trust_checkpoint: bool) -> None:
                      progress=report_progress if in_worker() else None))
 
 
-def _run_steps(path: Path, cfg: TrainConfig, trust_checkpoint: bool, *,
-               stream: torch.cuda.Stream | None = None,
+def _run_steps(path: Path, cfg: TrainConfig, trust_checkpoint: bool,
+               shared: bool = False, *, stream: torch.cuda.Stream | None = None,
                progress: Callable[[int], None] | None = None) -> Generator[None, None, None]:
     """Train one run of an experiment (resumed when it has a checkpoint) and mark it DONE,
-    pausing after every step (:meth:`gnc.training.Trainer.fit_steps`; a task of
-    :func:`gnc.interleave.run_interleaved`, which gives ``stream``). ``progress(n)``: ``n``
-    more epochs done (instead of the run's own step bar)."""
+    pausing after every step (:meth:`gnc.training.Trainer.fit_steps`; with ``shared``, a
+    task of :func:`gnc.interleave.run_interleaved`, which gives ``stream``: the process's
+    memory is not the run's alone, no ``peak_mem_mb``). ``progress(n)``: ``n`` more epochs
+    done (instead of the run's own step bar)."""
     resume = has_checkpoint(path)
     # a run killed before its first checkpoint has nothing to resume: start it afresh
     trainer = Trainer(cfg, path, resume=resume, overwrite=not resume,
-                      trust_checkpoint=trust_checkpoint, stream=stream)
+                      trust_checkpoint=trust_checkpoint, stream=stream,
+                      peak_memory=not shared)
     try:
         yield from trainer.fit_steps(None if progress is None else _epoch_feed(cfg, progress))
     finally:  # closed before its first step, fit_steps has nothing to release
@@ -506,7 +508,7 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
             logger.warning("--jobs-mode streams without --graph-step: one host thread "
                            "launches every kernel of every run (expect no gain)")
         outcomes = run_interleaved(
-            [(name, _run_steps, (path, cfg, trust_checkpoint))
+            [(name, _run_steps, (path, cfg, trust_checkpoint, True))
              for name, (path, cfg) in zip(names, quiet, strict=True)],
             jobs=jobs, device=device, **progress)
     else:

@@ -24,16 +24,19 @@ On the CPU there are no streams: the runs take turns on all of the process's thr
 each run's results are bitwise those of the same runs one after the other (``--jobs 1``) —
 the stand-in that the tests check; it is not faster.
 
-Shared by the runs in flight: the process (a run's ``peak_mem_mb`` is the process's peak
-since the latest run started, all runs in flight included; its step times are those seen on
-its stream while the others run), ``torch.backends.cudnn.benchmark``. A turn costs ~90 µs
-of host time on a 2-core CPU (NumPy's legacy state get/set are 70 of them), against a
-captured step's milliseconds on a GPU. A run that raises ends with its outcome (the first
-line of its error, logged as it happens) and the next queued run takes its slot; the others
-go on. On a GPU an asynchronous fault (an illegal memory access) ends the process's CUDA
-context, and so every run in flight — as one MPS client's fault does. An interrupt
-(``KeyboardInterrupt``) closes every run in flight (their ``finally`` blocks: run directories
-released) and is raised again; the runs' last checkpoints stay for a rerun to resume.
+Shared by the runs in flight: the process (its memory: an experiment's runs write no
+``peak_mem_mb``, since no measure tells one run's from the others'; a run's step times are
+those seen on its stream while the others run), ``torch.backends.cudnn.benchmark``. A turn
+costs ~90 µs of host time on a 2-core CPU (NumPy's legacy state get/set are 70 of them),
+against a captured step's milliseconds on a GPU.
+
+A run that raises ends with its outcome (the first line of its error, logged as it happens)
+and the next queued run takes its slot; the others go on. On a GPU an asynchronous fault
+(an illegal memory access) ends the process's CUDA context, and so every run in flight — as
+one MPS client's fault does. An interrupt (``KeyboardInterrupt``) closes every run in flight
+(their ``finally`` blocks: run directories released; a second interrupt meanwhile waits for
+the others to close) and is raised again; the runs' last checkpoints stay for a rerun to
+resume.
 """
 
 from __future__ import annotations
@@ -188,10 +191,19 @@ def run_interleaved(tasks: Sequence[tuple[str, Callable[..., Generator], tuple]]
                 gc.collect()  # its trainer, data and graphs: their memory for the next run
                 fill()
     finally:
+        interrupt = None
         for run in active:  # an interrupt: every run's finally blocks, in its own turn
-            with contextlib.suppress(Exception):
+            try:
                 run.states.run(run.steps.close)
+            except BaseException as err:  # noqa: BLE001 -- close the others first
+                if isinstance(err, Exception):
+                    logger.warning("%s: closing it failed: %s", tasks[run.index][0],
+                                   first_line(err))
+                else:  # another Ctrl-C: raised once every run is closed
+                    interrupt = interrupt or err
         active.clear()
         _set_rng_states(start_rng, device)
         bar.close()
+        if interrupt is not None:
+            raise interrupt
     return outcomes  # type: ignore[return-value]

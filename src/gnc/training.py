@@ -10,7 +10,8 @@ A run directory holds (DESIGN §3):
 - ``metrics.jsonl``: one JSON object per evaluated epoch — ``epoch``, ``step``, ``lr``,
   ``train_loss`` (mean over the epoch's steps), the time per step split into
   ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` (peak
-  memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU) and
+  memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU;
+  null for runs that share their process, ``--jobs-mode streams``) and
   every key of :func:`gnc.metrics.nc_metrics` on the train split (``cos_margins`` as 101
   quantiles of the sorted per-sample margins), then the test split's prefixed ``test_``, and
   the train split's distances to the nearest simplex ETFs (``etf_w_dist``, ``etf_h_dist``,
@@ -123,19 +124,21 @@ class Trainer:
                  overwrite: bool = False,
                  data: tuple[DatasetBundle, DatasetBundle] | None = None, *,
                  trust_checkpoint: bool = False,
-                 stream: torch.cuda.Stream | None = None) -> None:
+                 stream: torch.cuda.Stream | None = None, peak_memory: bool = True) -> None:
         """``data``: the (training, un-augmented evaluation) bundles, when not loaded from
         ``cfg`` (benchmarks on synthetic data). ``trust_checkpoint``: a resume may unpickle a
         checkpoint of an older gnc in full (see :func:`gnc.rundir.load_checkpoint`).
         ``stream``: the CUDA stream the run's work is issued on (its caller makes it current
         around every call, :mod:`gnc.interleave`); the captured step is captured on it, so
-        that graphs of runs on other streams share no cuBLAS workspace.
+        that graphs of runs on other streams share no cuBLAS workspace. ``peak_memory``
+        False: the run shares its process with others (:mod:`gnc.interleave`), whose memory
+        no measure can tell from its own: ``peak_mem_mb`` is written as null.
 
         Rank 0 holds :func:`gnc.rundir.run_lock` on ``out_dir`` from before the directory is
         prepared (or resumed) to the end of :meth:`fit` (:class:`gnc.rundir.RunLockedError`
         when another process holds it); an error here releases it."""
         self._lock = RunLock(out_dir)
-        self.stream = stream
+        self.stream, self.peak_memory = stream, peak_memory
         try:
             self._setup(cfg, out_dir, resume, overwrite, data, trust_checkpoint)
         except BaseException:
@@ -194,7 +197,7 @@ class Trainer:
         )
         self.epoch, self.step = 0, 0
         self._etf_prev: dict = {}  # nearest ETFs of W and H at the last evaluation (etf_distances)
-        self.memory = PeakMemory(self.device)  # started by fit()
+        self.memory = PeakMemory(self.device) if self.peak_memory else None  # fit() starts it
         self.writer = None
         if self.dist.is_main and (not resume or self.out.is_dir()):
             self._lock.acquire()  # makes the directory (a no-op when held since above)
@@ -470,7 +473,8 @@ class Trainer:
                             desc=f"{cfg.method} seed {cfg.seed}")
         t_start = time.perf_counter()
         row: dict = {}
-        self.memory.start()
+        if self.memory is not None:
+            self.memory.start()
         try:
             stop = cfg.epochs if cfg.until_epoch is None else cfg.until_epoch
             while self.epoch < stop:
@@ -483,7 +487,7 @@ class Trainer:
                            "lr": self.optimizer.param_groups[0].get("lr", math.nan), **stats}
                     row = self.evaluate_epoch(row)
                     row["train_top1"] = row["top1"]
-                    row["peak_mem_mb"] = self.memory.mb
+                    row["peak_mem_mb"] = None if self.memory is None else self.memory.mb
                     row["elapsed_s"] = time.perf_counter() - t_start
                     self.log(row)
                 # last.pt follows the evaluations (cheap for UFM's 2000 one-step epochs) and
@@ -491,7 +495,8 @@ class Trainer:
                 if evaluate or self._is_due(cfg.checkpoint_every) or self.epoch == stop:
                     self.save_checkpoint()
         finally:
-            self.memory.stop()
+            if self.memory is not None:
+                self.memory.stop()
             bar.close()
             if self.writer is not None:
                 self.writer.close()
