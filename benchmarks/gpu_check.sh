@@ -26,12 +26,13 @@
 # Stage 1 (benchmarks/gpu_throughput.py -> $OUT/throughput-stage1.json), in this order: per
 # method the epoch bench eager (bf16) and with the captured step (--graph-step); one
 # evaluation's seconds; 10 replayed steps per method under
-# torch.cuda.set_sync_debug_mode("error"); aggregate images/s with 1, 2, 4, 8 runs in flight
-# as processes, then the best N under CUDA MPS when its daemon starts; "best" (the settings
-# stage 2 uses); then 1, 2, 4, 8 runs in ONE process, each replaying its captured step on a
-# CUDA stream of its own ("streams", with the back-to-back replay floor "replay_floor_ms" and
-# peak memory per run; "best.streams_win" says whether they beat the processes, and then,
-# with the captured step, stage 2 runs --jobs-mode streams); last, grouped conv (groups=5) vs 5 dense convs on 5 streams / 1 stream
+# torch.cuda.set_sync_debug_mode("error"); 1, 2, 4, 8 runs in ONE process, each replaying its
+# captured step on a CUDA stream of its own as --jobs-mode streams runs them ("streams", with
+# the one-run floor "replay_floor_ms" and peak memory per run); aggregate images/s with 1, 2,
+# 4, 8 runs in flight as processes, then the best N under CUDA MPS when its daemon starts;
+# "best" (the settings stage 2 uses: streams with the captured step when they beat the
+# processes or these were not measured, "best.streams_win"); last, grouped conv (groups=5)
+# vs 5 dense convs on 5 streams / 1 stream
 # per ResNet-18 conv shape. A part that fails is recorded as its error; no part starts after
 # STAGE1_BUDGET s (recorded "skipped: budget"); STAGE1_TIMEOUT kills the rest;
 # STAGE1_PARTS=streams,grouped_conv (say) runs only those (gpu_throughput.py --parts).

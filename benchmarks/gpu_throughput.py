@@ -16,33 +16,35 @@ decides what fits in stage 1's five minutes):
   ``eval_s_precise_bn_20``: the same with the precise-BN pass bounded to 20 batches;
 - ``sync_free``: whether (up to) 10 replayed steps of each method run under
   ``torch.cuda.set_sync_debug_mode("error")`` (CUDA only);
-- ``jobs``: aggregate training images/s with N runs of the epoch bench in flight as plain
-  processes (option (b) of the issue), and ``mps``: the best N under CUDA MPS when its
-  daemon starts; then ``best`` (written here, updated below). The N timed epochs start at
-  one barrier (after each process's warm-up epoch) and ``img_per_s`` is all their images
-  over the span from the first start to the last end (:func:`aggregate`; the sum of the
-  per-process rates, ``img_per_s_sum``, counted benches that started apart as concurrent:
-  on this CPU two tiny benches came out at exactly 2.0x one, 1.4x with the barrier);
 - ``streams``: option (a), one process driving N runs of the standard method with the
   captured step as ``gnc experiment --jobs-mode streams`` drives them (each trainer's
   ``epoch_steps`` a step per turn under :class:`gnc.interleave.RunStates`: captured and
   replayed on a CUDA stream of its own, with a memory pool of its own; the loop's step
   timer, its NaN check every 25 steps and the turn's RNG swap included); R rounds
   (``--rounds``), each one step of every run in turn, one synchronize at the end: aggregate
-  images/s,
-  ms per step (with N = 1: back-to-back replays of one run, the GPU-bound floor, also
-  ``replay_floor_ms``), the seconds spent building runs, the allocator's peak while each
-  run was built (data, model, warm-up, capture) and each run's mean training loss (a check
-  that concurrent replays do not disturb each other). The runs are built once for all N (the
-  N runs are the first N of the next N's);
+  images/s, ms per step (with N = 1: one run's replays one after the other, the floor of one
+  run, also ``replay_floor_ms``), the seconds spent building runs, the allocator's peak
+  while each run was built (data, model, warm-up, capture) and each run's mean training loss
+  (a check that concurrent replays do not disturb each other). The runs are built once for
+  all N (the N runs are the first N of the next N's). Measured before the processes: it is
+  the likelier winner (GPU-THROUGHPUT.md's estimate, 1.3–2× one graphed run, against
+  0.96–1.24× for time-sliced processes) and the budget may end the part after it;
+- ``jobs``: aggregate training images/s with N runs of the epoch bench in flight as plain
+  processes (option (b) of the issue; the captured step when ``steps`` found it faster), and
+  ``mps``: the best N under CUDA MPS when its daemon starts. The N timed epochs start at
+  one barrier (after each process's warm-up epoch) and ``img_per_s`` is all their images
+  over the span from the first start to the last end (:func:`aggregate`; the sum of the
+  per-process rates, ``img_per_s_sum``, counted benches that started apart as concurrent:
+  on this CPU two tiny benches came out at exactly 2.0x one, 1.4x with the barrier);
 - ``grouped_conv``: per ResNet-18 CIFAR conv shape (C channels at S×S, 3×3, batch 250, bf16,
   channels-last), forward+backward of one grouped conv (groups=5, 5·C channels) vs five
   dense convs on five streams vs five dense convs on one stream, ms each: whether packing
   five models into one network (vmap → grouped convs) could pay;
-- ``best``: the settings stage 2 uses (the faster step variant; the best N and how the runs
-  share the card: ``streams`` — ``gnc experiment --jobs-mode streams`` — when the captured
-  step is faster and the best streams measurement beat every process measurement, else MPS or
-  plain processes), with ``streams_win``: whether streams beat the processes.
+- ``best`` (rewritten after every N): the settings stage 2 uses (:func:`choose`: the faster
+  step variant; the best N and how the runs share the card: ``streams`` — ``gnc experiment
+  --jobs-mode streams`` — with the captured step when the best streams measurement beat every
+  process measurement or none exists, else MPS or plain processes), with ``streams_win``:
+  whether streams beat the processes (None: no process measurement).
 
 Each part is recorded as an error string when it fails and the rest goes on; a part (for
 ``jobs`` and ``streams``: an N) that would start after ``--budget-s`` seconds is recorded as
@@ -518,8 +520,8 @@ def choose(result: dict) -> dict:
     every method; the N (and MPS or plain processes) with the most images/s — or
     :data:`DEFAULT_JOBS` plain processes when no process measurement exists; then, with the
     captured step, streams (``--jobs-mode streams``) at their best N when that measurement
-    (every capture made) beat the processes' best. ``streams_win``: whether it did (None
-    without a process measurement to beat: streams are then not chosen either)."""
+    (every capture made) beat the processes' best or there is none. ``streams_win``:
+    whether it beat them (None: no process measurement)."""
     steps = result.get("steps")
     steps = steps if isinstance(steps, dict) else {}
 
@@ -543,7 +545,7 @@ def choose(result: dict) -> dict:
         win = None if best["img_per_s"] is None else top["img_per_s"] > best["img_per_s"]
         best.update(streams_runs=top["runs"], streams_img_per_s=top["img_per_s"],
                     streams_win=win)
-        if win and captured:
+        if captured and win is not False:  # a measurement beats an unmeasured default
             best.update(jobs=top["runs"], jobs_mode="streams", img_per_s=top["img_per_s"])
     return best
 
@@ -602,22 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     save()
     result["sync_free"] = part("sync_free", sync_free, device, data_dir, overrides)
     save()
-    captured = choose(result)["captured_step"]
-    sets = args.set + ([f"{k}={json.dumps(v)}" for k, v in CAPTURED.items()
-                        if k != "polar_method"] if captured else [])
     ns = [int(j) for j in args.jobs.split(",")]
-    result["jobs"] = []
-    for n in ns:
-        result["jobs"].append(part("jobs", in_flight, n, args.device, data_dir, sets))
-        save()
-    result["mps"] = "unavailable"
-    measured = _records(result, "jobs")
-    if device.type == "cuda" and measured:
-        result["mps"] = part("mps", mps_in_flight,
-                             max(measured, key=lambda r: r["img_per_s"])["runs"], args.device,
-                             data_dir, sets)
-    result["best"] = choose(result)
-    save()
 
     def streams_done(record: dict | str) -> None:
         result["streams"].append(record)
@@ -635,6 +622,22 @@ def main(argv: list[str] | None = None) -> None:
                           done=streams_done, stop=over_budget)
         except Exception as err:  # noqa: BLE001 -- this N and the rest are not measured
             streams_done(_error(err))
+    save()
+    # option (b), N processes, with the step variant stage 2 would use
+    captured = choose(result)["captured_step"]
+    sets = args.set + ([f"{k}={json.dumps(v)}" for k, v in CAPTURED.items()
+                        if k != "polar_method"] if captured else [])
+    result["jobs"] = []
+    for n in ns:
+        result["jobs"].append(part("jobs", in_flight, n, args.device, data_dir, sets))
+        save()
+    result["mps"] = "unavailable"
+    measured = _records(result, "jobs")
+    if device.type == "cuda" and measured:
+        result["mps"] = part("mps", mps_in_flight,
+                             max(measured, key=lambda r: r["img_per_s"])["runs"], args.device,
+                             data_dir, sets)
+    result["best"] = choose(result)
     save()
     result["grouped_conv"] = part("grouped_conv", grouped_conv, device,
                                   parse_shapes(args.conv_shapes), batch=args.conv_batch)

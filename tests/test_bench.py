@@ -384,9 +384,13 @@ def test_best_prefers_mps_and_streams_when_they_win_with_the_captured_step(gpu_t
     steps["fixed/captured"]["epoch_s"] = 4.0  # but not without the captured step
     best = gpu_throughput.choose(result)
     assert (best["jobs_mode"], best["jobs"], best["streams_win"]) == ("mps", 4, True)
-    del result["jobs"]  # nothing to beat: not chosen
+    del result["jobs"], result["mps"]  # no process measured (the budget ended stage 1)
     best = gpu_throughput.choose(result)
-    assert best["jobs_mode"] == "processes" and best["streams_win"] is None
+    assert best["jobs_mode"] == "processes" and best["streams_win"] is None  # not captured
+    steps["fixed/captured"]["epoch_s"] = 2.0  # captured: the measured streams, not a default
+    best = gpu_throughput.choose(result)
+    assert (best["jobs_mode"], best["jobs"], best["img_per_s"], best["streams_win"]) == (
+        "streams", 2, 45.0, None)
 
 
 def test_cli_bench_epoch_case(tmp_path, capsys):
