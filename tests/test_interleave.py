@@ -398,13 +398,19 @@ FLAGS = ["ufm10", "--seeds", "2", "--methods", ",".join(METHODS), "--epochs", "1
          "--no-report", "--jobs", "2", "--jobs-mode", "streams"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_streams_experiment_resumes_every_run(tmp_path, sig):
-    """Killed (a crash) or interrupted (Ctrl-C, the GPU check's deadline) after the first
-    checkpoint: the same command again finishes every run as the sequential runs."""
-    seq = tmp_path / "seq"
+@pytest.fixture(scope="module")
+def sequential_ufm(tmp_path_factory) -> Path:
+    seq = tmp_path_factory.mktemp("seq")
     run_experiment("ufm10", seq, seeds=2, methods=METHODS, report=False,
                    overrides={**UFM, "progress": False})
+    return seq
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_streams_experiment_resumes_every_run(tmp_path, sig, sequential_ufm):
+    """Killed (a crash) or interrupted (Ctrl-C, the GPU check's deadline) after the first
+    checkpoint: the same command again finishes every run as the sequential runs."""
+    seq = sequential_ufm
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "gnc", "experiment", *FLAGS, "--out", str(out)]
     proc = stop_after_first_checkpoint(cmd, out, tmp_path / "stderr", sig)
