@@ -347,6 +347,41 @@ def test_streams_equal_the_sequential_runs_bitwise(tmp_path, monkeypatch):
                 "peak_mem_mb"] is None  # the process's memory is not the run's alone
 
 
+def test_streams_equal_the_sequential_runs_with_augmented_device_images(tmp_path,
+                                                                        monkeypatch):
+    """Device-resident images, cropped and flipped on the device by draws of each run's own
+    (seed, epoch) generator, BN, the capture-ready step: bitwise the sequential runs."""
+    from PIL import Image
+
+    monkeypatch.setenv("GNC_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 2)):
+        for c in range(3):
+            folder = tmp_path / "imgs" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    folder / f"{i}.png")
+    config = {"dataset": f"imagefolder:{tmp_path / 'imgs'}", "model": "resnet18", "width": 4,
+              "feature_dim": 6, "epochs": 3, "eval_every": 2, "batch_size": 3, "lr": 0.05,
+              "tau": 5.0, "data_on_device": "on", "device": "cpu", "progress": False,
+              "schedule": "cosine", "polar_method": "newton_schulz", "graph_step": True,
+              "augment": True}
+    seq, streams = tmp_path / "seq", tmp_path / "streams"
+    run_experiment(None, seq, seeds=2, methods=METHODS, report=False, overrides=config)
+    run_experiment(None, streams, seeds=2, methods=METHODS, report=False, jobs=4,
+                   jobs_mode="streams", overrides=config)
+    for m in METHODS:
+        for s in (1, 2):
+            a, b = run_dir(seq, m, s), run_dir(streams, m, s)
+            assert untimed(a) == untimed(b) and len(untimed(a)) == 2
+            ca, cb = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)
+                      for d in (a, b))
+            assert identical(ca["model"], cb["model"]), (m, s)
+    # the seeds differ (a check that the comparison can tell runs apart)
+    assert untimed(run_dir(seq, "standard", 1)) != untimed(run_dir(seq, "standard", 2))
+
+
 def identical(a, b) -> bool:
     """Equal to the bit: tensors by ``torch.equal`` (dtype and shape too), containers item by
     item, the rest by ``==``."""

@@ -332,6 +332,21 @@ def test_right_types_pass():
                 dataset_options={"subset": 5}).validate()
 
 
+@pytest.mark.parametrize("key", ["augment", "seed", "data_dir", "download", "imbalance",
+                                 "label_noise"])
+def test_dataset_options_that_are_settings_of_their_own_are_one_line(tmp_path, capsys, key):
+    """They reached load_dataset twice (a TypeError's traceback); now refused, naming the
+    flag, before anything is written."""
+    value = {"data_dir": '"x"', "imbalance": "0.5", "label_noise": "0.1"}.get(key, "true")
+    code, err = run_main(["train", "--dataset", "digits", "--dataset-options",
+                          f'{{"{key}": {value}, "subset": 5}}', "--epochs", "1",
+                          "--out", tmp_path / "run"], capsys)
+    flag = "--" + key.replace("_", "-")
+    assert_one_line_error(code, err, f"dataset option(s) '{key}' are settings of their own: "
+                                     f"use {flag}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_json_of_wrong_types_is_one_line(tmp_path, capsys):
     run_dir = tmp_path / "run"
     tiny_run(run_dir, capsys)

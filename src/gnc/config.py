@@ -41,6 +41,10 @@ MAX_LR = 1e6
 # `until_epoch` is how far one invocation goes: the run it continues is the same run.
 RUNTIME_KEYS = frozenset({"progress", "device", "data_dir", "num_workers", "download",
                           "tensorboard", "until_epoch"})
+# Fields that gnc.build.load_data hands to gnc.data.load_dataset itself: never in
+# dataset_options (a second value for the same keyword).
+DATASET_SETTINGS = frozenset({"data_dir", "download", "augment", "seed", "imbalance",
+                              "label_noise"})
 # Optimisers whose step gnc.step runs without host reads (graph_step).
 GRAPH_STEP_OPTIMIZERS = ("sgd", "adam", "adamw", "agd")
 # Keys that add files to a run directory without changing its metrics.
@@ -207,6 +211,12 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices is not None and value not in choices:
                 raise ValueError(f"unknown {f.name} {value!r}; choose from {', '.join(choices)}")
+        own = sorted(set(self.dataset_options or {}) & DATASET_SETTINGS)
+        if own:  # load_data passes these itself: one value each
+            raise ValueError(
+                f"dataset option(s) {', '.join(map(repr, own))} are settings of their own: "
+                f"use {', '.join('--' + k.replace('_', '-') for k in own)} (config key(s) "
+                f"{', '.join(own)}), not dataset_options")
         if self.epochs < 1:
             raise ValueError(f"Expected `epochs` >= 1, but got {self.epochs}")
         if self.batch_size < 0:
