@@ -522,8 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoints of interrupted runs it resumes)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="runs in flight at once, each in its own process with max(1, cores "
-                   "// N) threads; a failed run does not stop the others (default 1: one "
-                   "after the other in this process)")
+                   "// N) threads (--jobs-mode streams: all in this process); a failed run "
+                   "does not stop the others (default 1: one after the other in this "
+                   "process)")
     p.add_argument("--jobs-mode", default="auto", choices=JOBS_MODES,
                    help="how --jobs runs share a GPU: plain processes (time-slicing), "
                    "the CUDA MPS daemon started as the user (falls back to processes), or "
