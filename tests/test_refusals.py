@@ -222,6 +222,9 @@ def _npz_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     save("x_test-empty", "`x_test` has no rows", x=x, y=y, x_test=x[:0], y_test=y[:0])
     save("x-no-features", r"at least one feature axis \(none empty\), but got shape \(8, 0\)",
          x=x[:, :0], y=y)
+    save("x-beyond-float32", "`x` holds values beyond float32's range", x=x * 1e300, y=y)
+    save("x_test-beyond-float32", "`x_test` holds values beyond float32's range", x=x, y=y,
+         x_test=-x * 1e300, y_test=y)
     return cases
 
 
@@ -344,6 +347,36 @@ def test_dataset_options_that_are_settings_of_their_own_are_one_line(tmp_path, c
     flag = "--" + key.replace("_", "-")
     assert_one_line_error(code, err, f"dataset option(s) '{key}' are settings of their own: "
                                      f"use {flag}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--preset", "ufm10", "--dataset-options", '{"num_classes": 3, "per_class": 2.5}'],
+     "dataset 'ufm': option 'per_class' must be an integer >= 1, but got 2.5"),
+    (["--preset", "ufm10", "--dataset-options", '{"num_classes": "3"}'],
+     "option 'num_classes' must be an integer >= 2, but got '3'"),
+    (["--preset", "ufm10", "--dataset-options", '{"subset": [1]}'],
+     "option 'subset' must be an integer >= 1, but got [1]"),
+    (["--preset", "mnist1d", "--dataset-options", '{"num_samples": 50, "train_split": 1.0}'],
+     "option 'train_split' must be a number in (0, 1), but got 1.0"),
+    (["--preset", "mnist1d", "--dataset-options", '{"num_samples": 50, "train_split": 0.01}'],
+     "mnist1d: num_samples=50 with train_split=0.01 leaves 0 training and 50 test samples"),
+    (["--dataset", "digits", "--dataset-options", '{"test_fraction": 0.999}'],
+     "digits: test_fraction=0.999 puts 1796 of its 1797 images in the test split"),
+    (["--dataset", "imagefolder:x", "--dataset-options", '{"mean": [0.5, 0.5]}'],
+     "option 'mean' must be null or a list of 3 finite numbers (R, G, B), but got [0.5, 0.5]"),
+    (["--dataset", "imagefolder:x", "--dataset-options", '{"std": [1, 0, 1]}'],
+     "option 'std' must be null or a list of 3 positive finite numbers"),
+    (["--dataset", "imagefolder:x", "--dataset-options", '{"image_size": "8"}'],
+     "option 'image_size' must be null or an integer in [1, 4096], but got '8'"),
+])
+def test_dataset_option_values_are_checked_before_anything(tmp_path, capsys, flags, match):
+    """Values of the wrong type or range were tracebacks deep in a loader, some after the
+    run directory existed (a float per_class failed in the first step)."""
+    code, err = run_main(["train", *flags, "--epochs", "1", "--feature-dim", "6",
+                          "--no-progress", "--device", "cpu", "--out", tmp_path / "run"],
+                         capsys)
+    assert_one_line_error(code, err, match)
     assert not (tmp_path / "run").exists()
 
 

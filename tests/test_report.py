@@ -131,6 +131,24 @@ def test_summary_counts_seeds_per_epoch_and_nan(tmp_path):
     assert "NaN" not in (tmp_path / "summary.json").read_text()
 
 
+def test_summary_of_infinite_and_huge_metrics_is_null_not_an_error(tmp_path):
+    """An Inf metric (a diverged statistic) and two finite 1.5e308 ones whose mean overflows:
+    null in summary.json (JSON has no Infinity), the report written whole."""
+    rng = np.random.default_rng(5)
+    for seed in (1, 2):
+        path = tmp_path / "fixed" / f"seed{seed}"
+        rows = write_run(path, "fixed", seed, rng)
+        rows[0]["nc1"] = math.inf if seed == 1 else 1.5e308
+        rows[-1]["nc1"] = 1.5e308
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_report(tmp_path, machine="m")
+    assert (tmp_path / "report.md").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())["fixed"]
+    last = str(max(int(e) for e in summary))
+    assert summary[last]["nc1"]["mean"] is None and summary[last]["nc1"]["max"] == 1.5e308
+    assert summary["1"]["nc1"]["n"] == 1  # Inf is not a finite value: one seed counted
+
+
 def test_etf_distances_vci_and_numerical_rank_are_plotted(tmp_path):
     rng = np.random.default_rng(4)
     keys = ("etf_w_dist", "etf_h_dist", "etf_wh_dist", "etf_w_moved", "etf_h_moved", "vci",

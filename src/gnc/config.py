@@ -231,9 +231,11 @@ class TrainConfig:
         if self.until_epoch is not None and not 1 <= self.until_epoch <= self.epochs:
             raise ValueError(f"Expected `until_epoch` in [1, epochs={self.epochs}], but got "
                              f"{self.until_epoch}")
-        from gnc.data.perturb import check_rates  # gnc.data pulls in torchvision: not at import
+        from gnc.data.datasets import check_option_values  # gnc.data: not at import
+        from gnc.data.perturb import check_rates
 
         check_rates(self.imbalance, self.label_noise)
+        check_option_values(self.dataset.partition(":")[0], self.dataset_options or {})
         if self.graph_head and not uses_implicit_head(self.method):
             raise ValueError(f"graph_head captures the implicit head's step; method "
                              f"{self.method!r} has none")

@@ -240,11 +240,11 @@ def _values(rows: Iterable[Mapping], key: str) -> np.ndarray:
 
 def _finite(values: Iterable[float]) -> np.ndarray:
     v = np.asarray(list(values), dtype=float).ravel()
-    return v[~np.isnan(v)]
+    return v[np.isfinite(v)]  # NaN and ±Inf (a diverged statistic) are no value
 
 
 def summarise(values: Iterable[float]) -> tuple[float, float, float]:
-    """``(median, min, max)`` of ``values`` leaving NaN out; all NaN (or none) gives NaNs."""
+    """``(median, min, max)`` of ``values`` leaving NaN and ±Inf out; none left gives NaNs."""
     v = _finite(values)
     if v.size == 0:
         return math.nan, math.nan, math.nan
@@ -259,15 +259,17 @@ def format_summary(values: Iterable[float], spec: str = ".2f") -> str:
 
 def seed_statistics(values: Iterable[float]) -> dict[str, float]:
     """``n`` (finite values), ``mean``, ``std`` (ddof 1, as the released code's
-    ``seed_statistics.py``), ``median``, ``min``, ``max`` of ``values`` leaving NaN out.
+    ``seed_statistics.py``), ``median``, ``min``, ``max`` of ``values`` leaving NaN and ±Inf
+    out.
 
     NaN where undefined: every statistic without values, ``std`` with one.
     """
     v = _finite(values)
     med, lo, hi = summarise(v)
-    return {"n": int(v.size), "mean": float(v.mean()) if v.size else math.nan,
-            "std": float(v.std(ddof=1)) if v.size > 1 else math.nan,
-            "median": med, "min": lo, "max": hi}
+    with np.errstate(over="ignore", invalid="ignore"):  # values near 1e308: an inf mean
+        return {"n": int(v.size), "mean": float(v.mean()) if v.size else math.nan,
+                "std": float(v.std(ddof=1)) if v.size > 1 else math.nan,
+                "median": med, "min": lo, "max": hi}
 
 
 def format_seed_stats(values: Iterable[float], spec: str = ".2f") -> str:
@@ -407,7 +409,8 @@ def seed_summary(runs: Mapping[str, list[RunData]]) -> list[dict]:
 def write_summary(runs: Mapping[str, list[RunData]], out_dir: Path) -> tuple[Path, Path]:
     """Write :func:`seed_summary` as ``summary.csv`` (one record a line, ``nan`` where
     undefined) and ``summary.json`` (``{method: {epoch: {metric: {n, mean, std, median, min,
-    max}}}}``, ``null`` where undefined: JSON has no NaN); returns both paths."""
+    max}}}}``, ``null`` where undefined or infinite: JSON has neither); returns both
+    paths."""
     records = seed_summary(runs)
     csv_path, json_path = out_dir / "summary.csv", out_dir / "summary.json"
     table = io.StringIO(newline="")
@@ -417,7 +420,7 @@ def write_summary(runs: Mapping[str, list[RunData]], out_dir: Path) -> tuple[Pat
     atomic_write(csv_path, lambda tmp: tmp.write_text(table.getvalue(), newline=""))
     nested: dict = {}
     for r in records:
-        stats = {k: None if isinstance(r[k], float) and math.isnan(r[k]) else r[k]
+        stats = {k: None if isinstance(r[k], float) and not math.isfinite(r[k]) else r[k]
                  for k in SUMMARY_STATS}
         nested.setdefault(r["method"], {}).setdefault(str(r["epoch"]), {})[r["metric"]] = stats
     atomic_write_text(json_path, json.dumps(nested, indent=1, allow_nan=False) + "\n")

@@ -90,6 +90,11 @@ def _load_mnist1d(*, num_samples: int = 5000, train_split: float = 0.8) -> Datas
     """
     from mnist1d.data import get_dataset_args, make_dataset
 
+    n_train = int(num_samples * train_split)  # mnist1d's own split
+    if not 1 <= n_train < num_samples:
+        raise ValueError(f"mnist1d: num_samples={num_samples} with train_split={train_split} "
+                         f"leaves {n_train} training and {num_samples - n_train} test samples; "
+                         "both splits need at least one")
     args = get_dataset_args()
     args.num_samples = num_samples
     args.train_split = train_split
@@ -120,6 +125,12 @@ def _load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> DatasetBundle:
     from sklearn.model_selection import train_test_split
 
     data = load_digits()
+    n, k = len(data.target), 10
+    n_test = math.ceil(test_fraction * n)  # as train_test_split rounds it
+    if not k <= n_test <= n - k:
+        raise ValueError(f"digits: test_fraction={test_fraction} puts {n_test} of its {n} "
+                         f"images in the test split; each split needs at least {k} (one per "
+                         "class, the split is stratified)")
     x = as_float32(data.data / 16.0)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, data.target, test_size=test_fraction, stratify=data.target, random_state=seed
@@ -146,6 +157,10 @@ def _check_inputs(path: str, x: np.ndarray, key: str) -> None:
         )
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise ValueError(f"npz file {path}: Expected `{key}` to be finite, but it holds NaN or Inf")
+    big = float(np.finfo(np.float32).max)
+    if x.size and x.dtype.itemsize > 4 and float(np.abs(x).max()) > big:  # Inf as float32
+        raise ValueError(f"npz file {path}: `{key}` holds values beyond float32's range "
+                         f"(|x| <= {big:.3g}), which training's float32 would make Inf")
 
 
 def _check_labels(path: str, y: np.ndarray, key: str) -> None:
@@ -316,6 +331,50 @@ are filled in by :func:`load_dataset` for the loaders that take them."""
 _PATH_DATASETS = ("npz", "imagefolder")
 
 
+def _whole(v: object, lo: int, hi: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def _fraction(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
+
+
+def _three(v: object, positive: bool) -> bool:
+    return (isinstance(v, (list, tuple)) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        and (x > 0 or not positive) for x in v))
+
+
+# The values each dataset option takes, checked by load_dataset before any loading (a wrong
+# type otherwise fails deep inside a loader, or in training after the run directory exists).
+MAX_IMAGE_SIZE = 4096
+OPTION_VALUES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "num_classes": ("an integer >= 2", partial(_whole, lo=2)),
+    "per_class": ("an integer >= 1", partial(_whole, lo=1)),
+    "num_samples": ("an integer >= 2", partial(_whole, lo=2)),
+    "subset": ("an integer >= 1", partial(_whole, lo=1)),
+    "image_size": (f"null or an integer in [1, {MAX_IMAGE_SIZE}]",
+                   lambda v: v is None or _whole(v, 1, MAX_IMAGE_SIZE)),
+    "train_split": ("a number in (0, 1)", _fraction),
+    "test_fraction": ("a number in (0, 1)", _fraction),
+    "mean": ("null or a list of 3 finite numbers (R, G, B)",
+             lambda v: v is None or _three(v, positive=False)),
+    "std": ("null or a list of 3 positive finite numbers (R, G, B)",
+            lambda v: v is None or _three(v, positive=True)),
+    "transforms": ('"default" or "released"', lambda v: v in ("default", "released")),
+}
+
+
+def check_option_values(key: str, opts: dict) -> None:
+    """``ValueError`` naming the first option of dataset ``key`` whose value it cannot take
+    (:data:`OPTION_VALUES`)."""
+    for name, value in opts.items():
+        what, ok = OPTION_VALUES.get(name, ("", lambda v: True))
+        if not ok(value):
+            raise ValueError(f"dataset '{key}': option '{name}' must be {what}, but got "
+                             f"{value!r}")
+
+
 def load_dataset(
     name: str,
     *,
@@ -385,13 +444,14 @@ def load_dataset(
     common = {"seed": seed, "data_dir": Path(data_dir), "download": download, "augment": augment}
     own = [p for p in params if p not in common]
     opts = dict(opts)
-    subset = opts.pop("subset", None)
-    unknown = sorted(set(opts) - set(own))
+    unknown = sorted(set(opts) - {*own, "subset"})
     if unknown:
         raise ValueError(
             f"dataset '{key}' does not take option(s) {', '.join(map(repr, unknown))}; "
             f"it takes {', '.join(repr(p) for p in [*own, 'subset'])}"
         )
+    check_option_values(key, opts)
+    subset = opts.pop("subset", None)
     if key == "ufm" and subset is not None:
         opts["per_class"] = min(int(subset), int(opts.get("per_class", 100)))
         subset = None
