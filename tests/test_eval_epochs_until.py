@@ -45,10 +45,20 @@ def test_cli_eval_epochs_alone_means_only_there():
     (dict(eval_epochs=[0]), "eval_epochs"), (dict(eval_epochs=[7]), "eval_epochs"),
     (dict(until_epoch=0), "until_epoch"), (dict(until_epoch=7), "until_epoch"),
     (dict(eval_every=-1), "eval_every"),
+    (dict(until_epoch=1, eval_every=2), "until_epoch 1 stops the run before its first "
+     r"evaluation \(eval_every 2, eval_epochs none\).*--eval-epochs 1"),
+    (dict(until_epoch=2, eval_every=0, eval_epochs=[3]), "before its first evaluation"),
 ])
 def test_bad_values_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{**DIGITS, **bad}).validate()
+
+
+def test_an_until_epoch_with_an_evaluation_at_or_before_it_is_fine():
+    for ok in (dict(until_epoch=1, eval_every=0, eval_epochs=[1]),
+               dict(until_epoch=3, eval_every=2),
+               dict(until_epoch=DIGITS["epochs"], eval_every=0)):  # the last epoch evaluates
+        TrainConfig(**{**DIGITS, **ok}).validate()
 
 
 @pytest.mark.parametrize("method", ["standard", "implicit"])

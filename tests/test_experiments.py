@@ -169,8 +169,8 @@ def test_finished_runs_with_other_overrides_are_refused(tmp_path, monkeypatch):
 
 
 def test_seeds_must_be_positive_and_configs_valid_before_training(tmp_path):
-    for seeds in (0, -2):
-        with pytest.raises(ValueError, match=f"Expected `seeds` >= 1, but got {seeds}"):
+    for seeds in (0, -2, 99999999999):  # the last: a plan of 10^11 runs, built forever
+        with pytest.raises(ValueError, match=rf"Expected `seeds` in \[1, 1000\], but got {seeds}"):
             run_experiment("ufm10", tmp_path, seeds=seeds, overrides=TINY)
     with pytest.raises(ValueError, match="Expected `device` to be auto, cpu, cuda or cuda:N"):
         run_experiment("ufm10", tmp_path, seeds=1, overrides={**TINY, "device": "bogus"})

@@ -209,6 +209,8 @@ DAMAGE = {
     "epoch=-3": lambda c: c.update(epoch=-3),
     "epoch=10**6": lambda c: c.update(epoch=10**6),
     "epoch=True": lambda c: c.update(epoch=True),
+    "step=10**30": lambda c: c.update(step=10**30),
+    "rng.torch of 10 bytes": lambda c: c["rng"].update(torch=torch.zeros(10, dtype=torch.uint8)),
 }
 
 
@@ -263,6 +265,40 @@ def test_a_state_that_does_not_fit_the_optimizer_is_one_line(run, capsys):
     line = one_line_exit(capsys, ["train", "--out", str(run), "--epochs", "3", "--resume",
                                   *TRAIN_ARGS])
     assert f"the optimizer state in {path} does not fit" in line
+
+
+def _momentum_x(ckpt):
+    ckpt["optimizer"]["param_groups"][0]["momentum"] = "x"
+
+
+def _buffer_shape(ckpt):
+    state = ckpt["optimizer"]["state"]
+    state[next(iter(state))]["momentum_buffer"] = torch.zeros(2)
+
+
+def _betas(ckpt):
+    ckpt["optimizer"]["param_groups"][0]["nesterov"] = 1.0
+
+
+@pytest.mark.parametrize("damage,what", [
+    (_momentum_x, "param group 0: momentum = 'x'"),
+    (_buffer_shape, "momentum_buffer of shape (2,) for a parameter of shape"),
+    (_betas, "param group 0: nesterov = 1.0"),
+])
+def test_optimizer_values_that_would_fail_the_first_step_are_one_line(run, capsys, damage,
+                                                                      what):
+    """torch's load_state_dict takes them; the first step failed with a traceback after
+    config.json and metrics.jsonl were rewritten. Now refused before anything is written."""
+    only_last(run)
+    path = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, path)
+    before = snapshot(run)
+    line = one_line_exit(capsys, ["train", "--out", str(run), "--epochs", "3", "--resume",
+                                  *TRAIN_ARGS])
+    assert f"the optimizer state in {path} does not fit ({what}" in line
+    assert snapshot(run) == before
 
 
 def test_a_model_state_that_does_not_fit_names_the_key_and_shapes(run):

@@ -231,6 +231,13 @@ class TrainConfig:
         if self.until_epoch is not None and not 1 <= self.until_epoch <= self.epochs:
             raise ValueError(f"Expected `until_epoch` in [1, epochs={self.epochs}], but got "
                              f"{self.until_epoch}")
+        stop = self.until_epoch
+        if stop is not None and stop < self.epochs and not (
+                0 < self.eval_every <= stop or any(e <= stop for e in self.eval_epochs or ())):
+            raise ValueError(f"until_epoch {stop} stops the run before its first evaluation "
+                             f"(eval_every {self.eval_every}, eval_epochs "
+                             f"{self.eval_epochs or 'none'}): it would have no metrics; "
+                             f"evaluate there, e.g. --eval-epochs {stop}")
         from gnc.data.datasets import check_option_values  # gnc.data: not at import
         from gnc.data.perturb import check_rates
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 METHODS = PAPER_METHODS  # a preset's default methods
+MAX_SEEDS = 1000  # an experiment's seeds are 1..N, each a run directory
 
 
 @dataclass(frozen=True)
@@ -346,8 +347,8 @@ def run_experiment(
     methods = tuple(methods or preset.methods)
     for m in methods:
         normalizes_features(m)  # raises on an unknown method before any training
-    if seeds is not None and seeds < 1:
-        raise ValueError(f"Expected `seeds` >= 1, but got {seeds}")
+    if seeds is not None and not 1 <= seeds <= MAX_SEEDS:
+        raise ValueError(f"Expected `seeds` in [1, {MAX_SEEDS}], but got {seeds}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"Expected `jobs` >= 1, but got {jobs}")
     if jobs_mode not in JOBS_MODES:

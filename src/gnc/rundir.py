@@ -239,19 +239,22 @@ def _torch_load(path: Path, trust_checkpoint: bool) -> Any:
         raise CheckpointError(f"{path} is truncated or not a checkpoint ({reason})") from err
 
 
+MAX_COUNT = 2**53  # epochs and steps above it are no count (10**30 overflowed a tensor)
+
+
 def checkpoint_problem(ckpt: dict) -> str | None:
     """What is wrong inside a loaded checkpoint dict (its epoch, step, RNG states, optimiser,
     scheduler and scaler states, the types a resume relies on), or None."""
     epoch, step, config = ckpt["epoch"], ckpt["step"], ckpt["config"]
     if not isinstance(config, dict):
         return f"its config is a {type(config).__name__}, not a dict"
-    if not _is_int(epoch) or epoch < 0:
-        return f"its epoch {epoch!r} is not a non-negative integer"
+    if not _is_int(epoch) or not 0 <= epoch <= MAX_COUNT:
+        return f"its epoch {epoch!r} is not an integer in [0, 2**53]"
     epochs = config.get("epochs")
     if _is_int(epochs) and epoch > epochs:
         return f"its epoch {epoch} is past the {epochs} epochs of its config"
-    if not _is_int(step) or step < 0:
-        return f"its step {step!r} is not a non-negative integer"
+    if not _is_int(step) or not 0 <= step <= MAX_COUNT:
+        return f"its step {step!r} is not an integer in [0, 2**53]"
     model = ckpt["model"]
     if not isinstance(model, dict) or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in model.items()):
