@@ -380,6 +380,30 @@ def test_dataset_option_values_are_checked_before_anything(tmp_path, capsys, fla
     assert not (tmp_path / "run").exists()
 
 
+def test_evaluate_all_refuses_an_out_that_is_the_runs_own_file(tmp_path, capsys):
+    """`--out RUN/config.json` appended metrics lines to the run's config (the next command
+    failed on it), `--out RUN/checkpoints/last.pt` to its checkpoint; a folder or a missing
+    one were bare errno messages. A new *.jsonl in the run, or a file elsewhere, is fine."""
+    run_dir = tmp_path / "run"
+    tiny_run(run_dir, capsys)
+    before = snapshot(run_dir)
+    for out, match in ((run_dir / "config.json", "is a file of the run"),
+                       (run_dir / "metrics.jsonl", "is a file of the run"),
+                       (run_dir / "checkpoints" / "last.pt", "is a file of the run"),
+                       (run_dir / "checkpoints" / "x.jsonl", "is a file of the run"),
+                       (run_dir, "is a folder; name the metrics file"),
+                       (tmp_path / "nowhere" / "x.jsonl", "does not exist")):
+        code, err = run_main(["evaluate", run_dir, "--all", "--device", "cpu", "--out", out],
+                             capsys)
+        assert_one_line_error(code, err, match)
+    assert snapshot(run_dir) == before
+    for out in (run_dir / "evaluate_again.jsonl", tmp_path / "elsewhere.jsonl"):
+        code, err = run_main(["evaluate", run_dir, "--all", "--device", "cpu", "--out", out],
+                             capsys)
+        assert code == 0, err
+        assert out.read_text().count("\n") == 1  # the one kept checkpoint
+
+
 def test_a_config_json_of_wrong_types_is_one_line(tmp_path, capsys):
     run_dir = tmp_path / "run"
     tiny_run(run_dir, capsys)

@@ -438,10 +438,31 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str 
     """
     run_dir = Path(run_dir)
     check_split(split)
-    into_run = out is None or save_classifier
+    inside = out is not None and _check_metrics_out(run_dir, Path(out))
+    into_run = out is None or save_classifier or inside
     with run_lock(run_dir, create=False) if into_run else contextlib.nullcontext():
         return _evaluate_checkpoints(run_dir, split, device, out, save_classifier,
                                      trust_checkpoint)
+
+
+def _check_metrics_out(run_dir: Path, out: Path) -> bool:
+    """Whether ``out`` (``--all``'s metrics file) lies in the run directory; ``ValueError``
+    for a folder, a missing folder, or a file of the run's own there (its config, metrics,
+    checkpoints: lines appended to them would corrupt the run): inside the run only a
+    top-level ``*.jsonl`` other than ``metrics.jsonl``."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the metrics file (e.g. "
+                         f"{out / 'evaluate_train.jsonl'})")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    try:
+        rel = out.resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return False
+    if len(rel.parts) != 1 or out.suffix != ".jsonl" or out.name == "metrics.jsonl":
+        raise ValueError(f"--out {out} is a file of the run {run_dir} itself; in the run only "
+                         "a new *.jsonl beside metrics.jsonl (default evaluate_SPLIT.jsonl)")
+    return True
 
 
 def _evaluate_checkpoints(run_dir: Path, split: str, device: str, out: str | Path | None,
