@@ -451,6 +451,16 @@ def test_cuda_out_of_memory_is_one_line_and_interrupt_exits_130(presets_raising,
     assert code == 130 and stderr.strip() == "gnc: interrupted"
 
 
+def test_cpu_out_of_memory_is_one_line(capsys):
+    """torch's CPU allocator raises a RuntimeError (not OutOfMemoryError): a real one, from a
+    layer bench of an impossible size."""
+    code, stderr = run_main(["bench", "--sizes", "99999999x99999", "--steps", "none",
+                             "--repeats", "1"], capsys)
+    assert code == 2 and stderr.strip().startswith(
+        "gnc: error: out of CPU memory: can't allocate memory: you tried to allocate")
+    assert "\n" not in stderr.strip()
+
+
 def test_a_bug_in_a_subprocess_prints_its_traceback(tmp_path):
     code = ("import gnc.cli as cli\n"
             "def boom(args):\n    raise RuntimeError('boom')\n"

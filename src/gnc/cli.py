@@ -68,15 +68,22 @@ class _Parser(argparse.ArgumentParser):
 # Errors that ``main`` reports as one line: bad settings or inputs (ValueError, which
 # CheckpointError, WeightsError, NonFiniteError are), missing or unwritable files (OSError,
 # e.g. DatasetNotFoundError), diverged training (FloatingPointError). CUDA running out of
-# memory is one too (:func:`_is_user_error`); other RuntimeErrors are bugs: a traceback.
+# memory is one too, and so is the CPU's (:func:`_is_user_error`); other RuntimeErrors are
+# bugs: a traceback.
 USER_ERRORS = (CLIError, ValueError, OSError, FloatingPointError)
+
+
+# torch's CPU allocator failing (a RuntimeError, not OutOfMemoryError): "[enforce fail at
+# alloc_cpu.cpp:N] ... DefaultCPUAllocator: can't allocate memory: you tried to allocate B bytes"
+CPU_OOM = "can't allocate memory"
 
 
 def _is_user_error(err: BaseException) -> bool:
     if isinstance(err, USER_ERRORS):
         return True
     torch = sys.modules.get("torch")  # not imported: the error is not torch's
-    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+    return torch is not None and (isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and CPU_OOM in str(err)))
 
 
 DEFAULT_BATCH_SIZE = 100  # `gnc train` on a dataset other than ufm without preset or flag
@@ -339,6 +346,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _one_line(err: BaseException) -> str:
     """``gnc: error: <message>``: the first line of the message (the type if it is empty)."""
     text = str(err).strip() or type(err).__name__
+    if CPU_OOM in text:  # torch's allocator message without its source location
+        text = "out of CPU memory: " + text[text.index(CPU_OOM):].split(". Error code")[0]
     return f"gnc: error: {text.splitlines()[0]}"
 
 
