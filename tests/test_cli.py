@@ -124,8 +124,9 @@ def test_experiment_and_bench_check_their_flags(tmp_path, capsys):
 
     out = tmp_path / "exp"
     cases = [
-        (["experiment", "ufm10", "--seeds", "0", "--out", out], "`seeds` >= 1, but got 0"),
-        (["experiment", "ufm10", "--seeds", "-3", "--out", out], "`seeds` >= 1, but got -3"),
+        (["experiment", "ufm10", "--seeds", "0", "--out", out], "`seeds` in [1, 1000], but got 0"),
+        (["experiment", "ufm10", "--seeds", "-3", "--out", out],
+         "`seeds` in [1, 1000], but got -3"),
         (["experiment", "ufm10", "--device", "bogus", "--out", out], "'bogus'"),
         (["experiment", "ufm10", "--epochs", "0", "--out", out], "`epochs` >= 1"),
         (["bench", "--device", "bogus", "--sizes", "16x4", "--steps", "none"], "'bogus'"),

@@ -361,8 +361,7 @@ OPTION_VALUES: dict[str, tuple[str, Callable[[object], bool]]] = {
              lambda v: v is None or _three(v, positive=False)),
     "std": ("null or a list of 3 positive finite numbers (R, G, B)",
             lambda v: v is None or _three(v, positive=True)),
-    "transforms": ('"default" or "released"', lambda v: v in ("default", "released")),
-}
+}  # transforms: load_torchvision names its choices
 
 
 def check_option_values(key: str, opts: dict) -> None:
