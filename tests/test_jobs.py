@@ -254,6 +254,20 @@ def test_mps_whose_clients_fail_is_stopped(tmp_path, monkeypatch, caplog):
     assert "no CUDA device here" in warning
 
 
+def test_an_experiment_of_cpu_runs_starts_no_mps_daemon(tmp_path, monkeypatch, caplog):
+    """--jobs-mode mps for runs on the CPU: nothing to share, no daemon and no warning about
+    a GPU; plain processes."""
+    record = fake_mps(tmp_path, monkeypatch)
+    with caplog.at_level(logging.INFO):
+        run_experiment("ufm10", tmp_path / "exp", seeds=1, methods=["standard"],
+                       report=False, jobs=2, jobs_mode="mps",
+                       overrides={**SETTINGS, "epochs": 4, "device": "cpu",
+                                  "progress": False})
+    assert calls(record) == []
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "--jobs-mode mps: the runs use no GPU; plain processes" in caplog.text
+
+
 def test_auto_on_the_cpu_and_processes_start_no_daemon(tmp_path, monkeypatch):
     record = fake_mps(tmp_path, monkeypatch)
     for mode in ("auto", "processes"):

@@ -513,6 +513,9 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
              for name, (path, cfg) in zip(names, quiet, strict=True)],
             jobs=jobs, device=device, **progress)
     else:
+        if jobs_mode == "mps" and not cuda:  # MPS shares a GPU: nothing to start for CPU runs
+            logger.info("--jobs-mode mps: the runs use no GPU; plain processes")
+            jobs_mode = "processes"
         logger.info("%d runs, %d at a time, %d threads each", len(todo), jobs,
                     threads_per_job(jobs))
         outcomes = run_many([(name, _train_run, (path, cfg, trust_checkpoint))
