@@ -375,6 +375,10 @@ def timing_table(runs: Mapping[str, list[RunData]]) -> Table:
                     + [format_seed_stats(peaks, ".1f")])
     notes = ["means weight every evaluated epoch of every seed equally; the total median is the "
              "median over epochs of (forward median + backward median)"]
+    if any("peak_mem_mb" in row and row["peak_mem_mb"] is None
+           for rs in runs.values() for run in rs for row in run.metrics):
+        notes.append("peak memory n/a: runs that shared one process (gnc experiment "
+                     "--jobs-mode streams) record none, their memory is not theirs alone")
     return Table(header, rows, notes)
 
 
