@@ -62,7 +62,13 @@ from gnc.graphs import GraphedHeadStep
 from gnc.heads import ImplicitETFHead
 from gnc.losses import classification_loss
 from gnc.memory import PeakMemory
-from gnc.optim import PER_STEP_SCHEDULES, agd_init_, build_optimizer, build_scheduler
+from gnc.optim import (
+    PER_STEP_SCHEDULES,
+    agd_init_,
+    build_optimizer,
+    build_scheduler,
+    check_optimizer_state,
+)
 from gnc.rundir import (
     CheckpointError,
     RunLock,
@@ -504,33 +510,6 @@ class Trainer:
                 self.writer.close()
             self._lock.release()
         return row
-
-
-def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """``ValueError`` unless every hyperparameter of every group has the type of the
-    optimiser's default (a bool, a finite number, a tuple of them) and every state tensor
-    that is not a scalar has its parameter's shape: what ``load_state_dict`` does not check
-    and the first step would fail on."""
-    def fits(value: object, default: object) -> bool:
-        if isinstance(default, bool):
-            return isinstance(value, bool)
-        if isinstance(default, (int, float)):
-            return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and math.isfinite(value))
-        if isinstance(default, tuple):
-            return isinstance(value, (tuple, list)) and len(value) == len(default) and all(
-                fits(v, d) for v, d in zip(value, default, strict=True))
-        return True
-
-    for i, group in enumerate(optimizer.param_groups):
-        for key, default in optimizer.defaults.items():
-            if key in group and not fits(group[key], default):
-                raise ValueError(f"param group {i}: {key} = {group[key]!r}")
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
-                raise ValueError(f"{key} of shape {tuple(value.shape)} for a parameter of "
-                                 f"shape {tuple(p.shape)}")
 
 
 def drain(steps: Generator[None, None, dict]) -> dict:
