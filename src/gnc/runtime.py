@@ -279,9 +279,9 @@ def check_rng_state(state: object) -> str | None:
     if missing:
         return f"the RNG states lack {', '.join(missing)}"
     try:
-        size = _cpu_bytes(state["torch"], "torch").numel()
-        if size != torch.get_rng_state().numel():  # set_rng_state: a RuntimeError
-            return f"the torch RNG state has {size} bytes, not {torch.get_rng_state().numel()}"
+        size, want = _cpu_bytes(state["torch"], "torch").numel(), torch.get_rng_state().numel()
+        if size != want:  # set_rng_state would raise a RuntimeError
+            return f"the torch RNG state has {size} bytes, not {want}"
         _numpy_state(state["numpy"])
         _python_state(state["python"])
         cuda = state.get("cuda", [])
