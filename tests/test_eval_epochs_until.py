@@ -110,3 +110,23 @@ def test_experiment_until_epoch_is_a_prefix_of_the_full_experiment(tmp_path):
     for method in ("standard", "fixed"):
         a, b = (rows(tmp_path / p / method / "seed1") for p in ("whole", "part"))
         assert [results(r) for r in a] == [results(r) for r in b]
+
+
+def test_a_resume_that_ends_where_the_run_stopped_evaluates_that_epoch(tmp_path):
+    """Stopped at epoch 3 with no evaluation there, then resumed with ``epochs=3``: the
+    resume trains nothing and makes up epoch 3's evaluation from the checkpoint (its training
+    statistics kept there): the row a run evaluating epoch 3 logs."""
+    whole = TrainConfig(**DIGITS, method="implicit", eval_every=2, eval_epochs=[3])
+    train(whole, tmp_path / "whole")
+    part = tmp_path / "part"
+    train(TrainConfig(**DIGITS, method="implicit", eval_every=2, until_epoch=3), part)
+    assert [r["epoch"] for r in rows(part)] == [2]
+    ended = TrainConfig(**{**DIGITS, "epochs": 3}, method="implicit", eval_every=2)
+    last = train(ended, part, resume=True)
+    want = [results(r) for r in rows(tmp_path / "whole")][:2]
+    assert [results(r) for r in rows(part)] == want
+    assert results(last) == want[-1]
+    ckpt = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["evaluated"] is True
+    again = train(ended, part, resume=True)  # done: nothing trained or logged twice
+    assert [results(r) for r in rows(part)] == want and results(again) == want[-1]

@@ -211,6 +211,9 @@ DAMAGE = {
     "epoch=True": lambda c: c.update(epoch=True),
     "step=10**30": lambda c: c.update(step=10**30),
     "rng.torch of 10 bytes": lambda c: c["rng"].update(torch=torch.zeros(10, dtype=torch.uint8)),
+    "epoch_stats={'loss': 'x'}": lambda c: c.update(epoch_stats={"loss": "x"}),
+    "epoch_stats=[]": lambda c: c.update(epoch_stats=[]),
+    "evaluated=1": lambda c: c.update(evaluated=1),
 }
 
 

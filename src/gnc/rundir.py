@@ -273,6 +273,12 @@ def checkpoint_problem(ckpt: dict) -> str | None:
         return "its etf_prev is not a dict"
     if not isinstance(ckpt.get("cwd", ""), str):
         return "its cwd is not a string"
+    stats = ckpt.get("epoch_stats", {})
+    if not (isinstance(stats, dict) and all(
+            isinstance(k, str) and (_is_int(v) or isinstance(v, float)) for k, v in stats.items())):
+        return "its epoch_stats is not a dict of names to numbers"
+    if not isinstance(ckpt.get("evaluated", True), bool):
+        return "its evaluated flag is not a bool"
     return None
 
 

@@ -77,6 +77,7 @@ from gnc.rundir import (
     load_latest_checkpoint,
     load_model_state,
     prepare_run_dir,
+    read_metrics,
     remove_stale_temporaries,
     save_checkpoint,
     save_margins,
@@ -203,6 +204,10 @@ class Trainer:
         )
         self.epoch, self.step = 0, 0
         self._etf_prev: dict = {}  # nearest ETFs of W and H at the last evaluation (etf_distances)
+        # the last trained epoch's statistics, and whether its evaluation is logged: a run
+        # stopped before an evaluation that a resume's config asks for makes it up from these
+        self._epoch_stats: dict = {}
+        self._evaluated = True
         self.memory = PeakMemory(self.device) if self.peak_memory else None  # fit() starts it
         self.writer = None
         if self.dist.is_main and (not resume or self.out.is_dir()):
@@ -231,6 +236,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": rng_state(), "cwd": os.getcwd(),  # relative data paths start here
             "etf_prev": self._etf_prev,  # the last evaluation's nearest ETFs ("moved" after resume)
+            "epoch_stats": self._epoch_stats, "evaluated": self._evaluated,
         }
 
     def save_checkpoint(self) -> None:
@@ -281,6 +287,8 @@ class Trainer:
             raise CheckpointError(f"cannot resume {self.out}: {path}: {err}") from None
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self._etf_prev = ckpt.get("etf_prev") or {}  # absent in older checkpoints
+        self._epoch_stats = ckpt.get("epoch_stats", {})
+        self._evaluated = ckpt.get("evaluated", True)
         if self.dist.is_main:  # drop lines of epochs after the checkpoint (a crash between)
             remove_stale_temporaries(self.out)  # of a save that was killed
             trim_metrics(self.out / "metrics.jsonl", self.epoch)
@@ -461,6 +469,25 @@ class Trainer:
                     self.writer.add_scalar(k, v, row["epoch"])
             self.writer.flush()
 
+    def _evaluation_due(self) -> bool:
+        """Whether the epoch just trained is one that ``cfg`` evaluates: the last, one of
+        ``eval_every``, or one of ``eval_epochs``."""
+        cfg = self.cfg
+        return (self.epoch == cfg.epochs or self._is_due(cfg.eval_every)
+                or self.epoch in (cfg.eval_epochs or ()))
+
+    def _log_evaluation(self, stats: dict, t_start: float) -> dict:
+        """Evaluate the epoch just trained (its training ``stats`` beside) and log the row."""
+        row = {"epoch": self.epoch, "step": self.step,
+               "lr": self.optimizer.param_groups[0].get("lr", math.nan), **stats}
+        row = self.evaluate_epoch(row)
+        row["train_top1"] = row["top1"]
+        row["peak_mem_mb"] = None if self.memory is None else self.memory.mb
+        row["elapsed_s"] = time.perf_counter() - t_start
+        self.log(row)
+        self._evaluated = True
+        return row
+
     def fit(self, progress_bar: Callable | None = None) -> dict:
         """Train to ``cfg.epochs`` (or ``cfg.until_epoch``); returns the last metrics row.
         ``progress_bar``: a factory like :func:`tqdm.tqdm` (``total``, ``initial``,
@@ -485,23 +512,22 @@ class Trainer:
             self.memory.start()
         try:
             stop = cfg.epochs if cfg.until_epoch is None else cfg.until_epoch
+            if not self._evaluated and self._evaluation_due():  # resumed where it stopped
+                row = self._log_evaluation(self._epoch_stats, t_start)
+                self.save_checkpoint()
             while self.epoch < stop:
                 stats = yield from self.epoch_steps(bar)
-                last = self.epoch == cfg.epochs
-                evaluate = last or self._is_due(cfg.eval_every) or self.epoch in (
-                    cfg.eval_epochs or ())
+                self._epoch_stats, self._evaluated = stats, False
+                evaluate = self._evaluation_due()
                 if evaluate:
-                    row = {"epoch": self.epoch, "step": self.step,
-                           "lr": self.optimizer.param_groups[0].get("lr", math.nan), **stats}
-                    row = self.evaluate_epoch(row)
-                    row["train_top1"] = row["top1"]
-                    row["peak_mem_mb"] = None if self.memory is None else self.memory.mb
-                    row["elapsed_s"] = time.perf_counter() - t_start
-                    self.log(row)
+                    row = self._log_evaluation(stats, t_start)
                 # last.pt follows the evaluations (cheap for UFM's 2000 one-step epochs) and
                 # the stop of `until_epoch`, from which --resume continues
                 if evaluate or self._is_due(cfg.checkpoint_every) or self.epoch == stop:
                     self.save_checkpoint()
+            if not row and self.dist.is_main:  # nothing evaluated now: the run's last row
+                rows = read_metrics(self.out / "metrics.jsonl")
+                row = rows[-1] if rows else {}
         finally:
             if self.memory is not None:
                 self.memory.stop()
