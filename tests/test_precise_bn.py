@@ -124,6 +124,29 @@ def test_bounded_pass_reads_n_batches_and_is_their_cumulative_average(n):
     assert int(bn.num_batches_tracked) == n and bn.momentum == 0.1 and not bn.training
 
 
+def test_the_pass_is_torchs_momentum_none_average_without_host_reads():
+    """torch's ``momentum=None`` computes 1/float(num_batches_tracked): a device read per BN
+    layer per batch on a GPU. The pass sets momentum 1/t from a host count instead: the same
+    statistics, bit for bit, and no ``_local_scalar_dense`` at all."""
+    from tests.test_eval_host_reads import HostReads
+
+    batches = _batches(n=9)
+    ours, torchs = _bn_net(), _bn_net()
+    with HostReads() as reads:
+        recompute_bn(ours, Counted(batches), CPU)
+    assert reads.n == 0, reads.where
+    bn = torchs[1]
+    bn.reset_running_stats()
+    bn.momentum = None
+    bn.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            torchs(x)
+    bn.momentum = 0.1
+    bn.eval()
+    assert _states_equal(ours, torchs)
+
+
 @pytest.mark.parametrize("n", [6, 7, 100])
 def test_a_bound_at_or_above_the_loader_is_the_full_pass(n):
     full, bounded = _bn_net(), _bn_net()

@@ -103,11 +103,14 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None
         m.train()
     try:
         # islice stops after the last batch it yields: the loader is not read further
-        for batch in itertools.islice(loader, max_batches or None):
+        for t, batch in enumerate(itertools.islice(loader, max_batches or None), start=1):
+            # momentum None's average, 1/t from a host count (as fvcore does): torch computes
+            # 1/float(num_batches_tracked), a device read per BN layer per batch on a GPU
+            for m in bns:
+                m.momentum = 1.0 / t
             forward(batch[0].to(device, non_blocking=True))
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
