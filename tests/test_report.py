@@ -480,3 +480,98 @@ def test_jobs_must_be_positive(exp):
     for jobs in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="jobs"):
             make_report(root, machine="m", jobs=jobs)
+
+
+# ------------------------------------------------------------- run files from someone else
+
+BIG = 10**400  # JSON integers have no size limit; float() of this overflows
+
+
+def _two_seeds(tmp_path, spoil) -> None:
+    rng = np.random.default_rng(7)
+    for seed in (1, 2):
+        path = tmp_path / "fixed" / f"seed{seed}"
+        rows = write_run(path, "fixed", seed, rng)
+        spoil(path, rows, seed)
+
+
+def _rewrite(path, rows, *extra_lines) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in rows) + "".join(ln + "\n" for ln in extra_lines)
+    (path / "metrics.jsonl").write_text(text)
+
+
+def _big_metric(path, rows, seed):
+    rows[-1]["nc1"] = BIG if seed == 1 else -BIG
+    rows[0]["cos_margins"][3] = BIG
+    (path / "cos_margins.npy").unlink()  # the margins come from the row's list
+    _rewrite(path, rows)
+
+
+def _big_config_epochs(path, rows, seed):
+    (path / "config.json").write_text(json.dumps({**CONFIG, "method": "fixed", "seed": seed,
+                                                  "epochs": BIG}))
+
+
+def _long_and_out_of_range_lines(path, rows, seed):
+    _rewrite(path, rows, '{"epoch": 3, "nc1": ' + "9" * 4400 + "}",
+             json.dumps({"epoch": BIG, "nc1": 1.0}), json.dumps({"epoch": 2**60, "nc1": 1.0}))
+
+
+def _extreme_floats(path, rows, seed):
+    rows[-1].update(train_top1=1.7e308, nc1=-1.7e308, train_loss=1.7e308)
+    _rewrite(path, rows)
+
+
+def _epochs_only(path, rows, seed):
+    _rewrite(path, [{"epoch": r["epoch"]} for r in rows])
+    (path / "config.json").unlink()
+    (path / "cos_margins.npy").unlink()  # no curve at all: a legend of no entries failed
+
+
+def _forged_margins_header(path, rows, seed):
+    header = {"descr": "<f8", "fortran_order": False, "shape": (10**12,)}
+    with open(path / "cos_margins.npy", "wb") as f:  # 8 TB declared, a few bytes held
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+
+
+@pytest.mark.parametrize("spoil", [_big_metric, _big_config_epochs, _long_and_out_of_range_lines,
+                                   _extreme_floats, _epochs_only, _forged_margins_header])
+def test_damaged_or_extreme_run_files_still_give_a_report(tmp_path, spoil):
+    """Integers beyond float's range, lines over Python's 4300-digit limit, epochs beyond
+    2**53, ±1.7e308 (matplotlib's ticks overflow), rows with no metric, an .npy header that
+    declares 8 TB: each was a traceback or a failed report; now the value or line is left
+    out (a warning names the line) and the report is written whole."""
+    _two_seeds(tmp_path, spoil)
+    path = make_report(tmp_path, machine="m")
+    assert path.exists() and (tmp_path / "summary.json").exists()
+    assert (tmp_path / "curves.png").exists()
+    json.loads((tmp_path / "summary.json").read_text())  # strict JSON
+
+
+def test_lines_beyond_the_limits_are_skipped_with_their_line(tmp_path, caplog):
+    from gnc.rundir import read_metrics
+
+    rng = np.random.default_rng(8)
+    path = tmp_path / "run"
+    rows = write_run(path, "fixed", 1, rng)
+    _long_and_out_of_range_lines(path, rows, 1)
+    assert [r["epoch"] for r in read_metrics(path / "metrics.jsonl")] == list(EPOCHS)
+    n = len(EPOCHS)
+    assert f"metrics.jsonl:{n + 1}: not JSON (Exceeds the limit" in caplog.text
+    assert f"metrics.jsonl:{n + 2}: no integer `epoch` in [0, 2**53]" in caplog.text
+    assert f"metrics.jsonl:{n + 3}: no integer `epoch`" in caplog.text
+
+
+def test_runs_of_different_tasks_are_reported_with_a_warning(tmp_path, caplog):
+    rng = np.random.default_rng(9)
+    for seed in (1, 2):
+        write_run(tmp_path / "fixed" / f"seed{seed}", "fixed", seed, rng)
+    other = tmp_path / "fixed" / "seed2" / "config.json"
+    other.write_text(json.dumps({**CONFIG, "dataset": "digits", "method": "fixed", "seed": 2}))
+    text = make_report(tmp_path, machine="m").read_text()
+    assert "**Warning: these runs differ in dataset: the medians below mix" in text
+    assert "these runs differ in dataset" in caplog.text
+    rng = np.random.default_rng(9)
+    write_run(tmp_path / "same" / "standard" / "seed1", "standard", 1, rng)
+    assert "Warning" not in make_report(tmp_path / "same", machine="m").read_text()

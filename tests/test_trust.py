@@ -358,6 +358,7 @@ def test_text_writes_name_the_file_on_enospc_and_permission(tmp_path, monkeypatc
     path = tmp_path / "checkpoints" / "last.pt"
     with pytest.raises(PermissionError, match=f"permission denied writing {path}"):
         atomic_save({"epoch": 1}, path)
+    monkeypatch.setattr(rundir.os, "open", denied)  # append_line opens with os.open
     with pytest.raises(PermissionError, match=f"permission denied writing {tmp_path / 'm'}"):
         rundir.append_line(tmp_path / "m", "{}")
 
@@ -388,3 +389,39 @@ def test_experiment_passes_trust_checkpoint_on(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "run_experiment", lambda *a, **kw: seen.update(kw))
     main(["experiment", "ufm10", "--out", str(tmp_path), "--no-report", "--trust-checkpoint"])
     assert seen["trust_checkpoint"] is True
+
+
+# --------------------------------------------------------------------------- links
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(run, tmp_path, capsys):
+    """``open(".lock", "a+")`` followed a link and truncated its target to a PID: a run
+    directory from someone else could point ``.lock`` at any file of the user's."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("DATA\n")
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").symlink_to(victim)
+    for argv in (["evaluate", str(run), "--all", "--device", "cpu"],
+                 ["train", "--out", str(run), "--epochs", "3", "--resume", *TRAIN_ARGS]):
+        line = one_line_exit(capsys, argv)
+        assert ".lock is a symbolic link" in line
+    assert victim.read_text() == "DATA\n"
+
+
+def test_metrics_lines_are_not_appended_through_a_link(run, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("DATA\n")
+    (run / "evaluate_train.jsonl").symlink_to(victim)
+    line = one_line_exit(capsys, ["evaluate", str(run), "--all", "--device", "cpu"])
+    assert "evaluate_train.jsonl is a symbolic link" in line
+    assert victim.read_text() == "DATA\n"
+
+
+def test_only_gncs_own_temporaries_are_removed(run):
+    ours = [run / ".metrics.jsonl.123.0a1b2c3d.tmp", run / "checkpoints" / "last.pt.tmp",
+            run / "checkpoints" / ".last.pt.77.deadbeef.tmp", run / "config.json.tmp"]
+    theirs = [run / "notes.tmp", run / "checkpoints" / "upload.tmp", run / ".x.tmp"]
+    for p in ours + theirs:
+        p.write_text("x")
+    assert sorted(rundir.remove_stale_temporaries(run)) == sorted(ours)
+    assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)

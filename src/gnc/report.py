@@ -75,6 +75,10 @@ _EXTRA_COLOURS = ("#7f7f7f", "#e377c2", "#bcbd22", "#17becf")  # methods not nam
 DPI = 120
 PCM_POINTS = 1000  # common grid of normalised sample ranks for the sorted margins
 LOG_FLOOR = 1e-14  # log-scale curves draw smaller values (float64 rounding noise) here
+# settings that make runs different tasks: the report warns when its runs differ in them
+TASK_KEYS = ("dataset", "dataset_options", "model")
+# figures leave out values beyond it: matplotlib's tick arithmetic overflows near float's max
+PLOT_LIMIT = 1e300
 
 # (metrics key, title, y-axis label, log y-axis when every value is positive)
 CURVES = (
@@ -231,7 +235,10 @@ def _num(value: object) -> float:
     """A metric as a float: JSON null, NaN and anything that is not a number become NaN."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return math.nan
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float's range (JSON allows any size)
+        return math.inf if value > 0 else -math.inf
 
 
 def _values(rows: Iterable[Mapping], key: str) -> np.ndarray:
@@ -239,7 +246,11 @@ def _values(rows: Iterable[Mapping], key: str) -> np.ndarray:
 
 
 def _finite(values: Iterable[float]) -> np.ndarray:
-    v = np.asarray(list(values), dtype=float).ravel()
+    values = values if isinstance(values, np.ndarray) else list(values)
+    try:
+        v = np.asarray(values, dtype=float).ravel()
+    except OverflowError:  # a list holding an integer beyond float's range
+        v = np.array([_num(x) for x in values], dtype=float)
     return v[np.isfinite(v)]  # NaN and ±Inf (a diverged statistic) are no value
 
 
@@ -437,6 +448,7 @@ def write_summary(runs: Mapping[str, list[RunData]], out_dir: Path) -> tuple[Pat
 
 def _band(ax: Axes, x: np.ndarray, vals: np.ndarray, method: str, n: int) -> None:
     """Median over seeds (rows of ``vals``) as a line, min–max as a band."""
+    vals = np.where(np.abs(vals) <= PLOT_LIMIT, vals, np.nan)
     med, lo, hi = np.array([summarise(col) for col in vals.T]).T
     style = "-" if method in PAPER_METHODS else "--"
     ax.plot(x, med, style, color=colour(method), lw=1.6, marker="o" if len(x) <= 30 else None,
@@ -545,6 +557,15 @@ def _without_margins(runs: Mapping[str, list[RunData]]) -> dict[str, list[RunDat
     return {m: [replace(run, margins=None) for run in rs] for m, rs in runs.items()}
 
 
+def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for the figure, from the first axes that has curves (none: no legend)."""
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        if labels:
+            fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+            return
+
+
 def draw_figure(runs: Mapping[str, list[RunData]], title: str, kind: str,
                 spec: tuple | None = None) -> Figure:
     """One figure of :func:`figure_plan`, laid out, not saved."""
@@ -557,8 +578,7 @@ def draw_figure(runs: Mapping[str, list[RunData]], title: str, kind: str,
         _plot_margins(axes[len(specs)], runs)
         for ax in axes[len(specs) + 1:]:
             ax.set_visible(False)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        _figure_legend(fig, axes)
         fig.suptitle(title)
         fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     elif kind == "etf":
@@ -567,8 +587,7 @@ def draw_figure(runs: Mapping[str, list[RunData]], title: str, kind: str,
         axes = np.atleast_1d(fig.subplots(1, len(etf))).ravel()
         for ax, curve in zip(axes, etf, strict=True):
             _plot_curve(ax, runs, curve)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        _figure_legend(fig, axes)
         fig.suptitle(f"{title}: distance to the nearest simplex ETF (train)")
         fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     elif kind in ("margins", "curve"):
@@ -578,7 +597,8 @@ def draw_figure(runs: Mapping[str, list[RunData]], title: str, kind: str,
             _plot_margins(ax, runs)
         else:
             _plot_curve(ax, runs, spec)
-        ax.legend()
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend()
         fig.tight_layout()
     else:
         raise ValueError(f"Expected a figure kind of figure_plan, but got {kind!r}")
@@ -651,6 +671,12 @@ def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
               > 1]
     lines.append("Config keys that differ between runs (besides method and seed): "
                  + (", ".join(f"`{k}`" for k in differ) if differ else "none") + ".")
+    mixed = [k for k in TASK_KEYS if k in differ]
+    if mixed:  # e.g. a run of another experiment copied in: its numbers enter the medians
+        warning = (f"these runs differ in {', '.join(mixed)}: the medians below mix "
+                   "different tasks")
+        logger.warning("report: %s", warning)
+        lines += ["", f"**Warning: {warning}.**"]
     return lines + [""]
 
 

@@ -44,6 +44,7 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +68,10 @@ RUN_ENTRIES = ("config.json", "metrics.jsonl", "cos_margins.npy", "DONE", "check
                "classifier", "evaluate_train.jsonl", "evaluate_test.jsonl", LOCK_FILE)
 DATA_PREFIXES = ("npz:", "imagefolder:")  # dataset names that carry a path
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
+# the temporaries of temporary_path (.NAME.<pid>.<8 hex>.tmp) and of older gnc (NAME.tmp of a
+# file it writes): a user's own *.tmp files are not ours to remove
+_TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp|(?:[\w.-]+\.pt|config\.json|"
+                        r"cos_margins\.npy|DONE)\.tmp")
 # Keys in which a checkpoint's config may differ from its run's config.json: where and how
 # the run ran, what it wrote besides its results, its length (a resume may extend it).
 RUN_IDENTITY_IGNORED = RUNTIME_KEYS | OUTPUT_KEYS | {"epochs"}
@@ -125,12 +130,9 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "classifier"):
         if not folder.is_dir():
             continue
-        for entry in folder.glob("*.tmp"):
-            if entry.is_file() and not entry.is_symlink():
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-        for entry in folder.glob(".*.tmp"):
-            if entry.is_file() and not entry.is_symlink():
+        for entry in folder.iterdir():
+            if (_TEMPORARY.fullmatch(entry.name) and entry.is_file()
+                    and not entry.is_symlink()):
                 entry.unlink(missing_ok=True)
                 removed.append(entry)
     if removed:
@@ -192,10 +194,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def _open_in_run(path: Path, flags: int) -> int:
+    """``os.open`` of a file gnc writes in place (``.lock``, ``metrics.jsonl``,
+    ``evaluate_SPLIT.jsonl``): never through a symbolic link (a run directory from someone
+    else could point one at any file of yours, which the write would truncate or extend)
+    and only a regular file (a FIFO would block). The renames of :func:`atomic_write`
+    replace a link itself, not its target."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(f"{path} is a symbolic link: gnc writes no file of a run directory "
+                          "through a link (remove it)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file (remove it)")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def append_line(path: Path, line: str) -> None:
     """Append ``line`` and a newline in one ``write``, then ``fsync``: a kill tears at most it."""
     try:
-        with open(path, "a") as f:
+        with os.fdopen(_open_in_run(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+                       "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -482,14 +505,16 @@ def read_metrics(path: Path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s:%d: not JSON (a torn write?), line skipped", path, n)
+        except ValueError as err:  # JSONDecodeError, or an integer of over 4300 digits
+            why = "a torn write?" if isinstance(err, json.JSONDecodeError) else err
+            logger.warning("%s:%d: not JSON (%s), line skipped", path, n, why)
             continue
         epoch = row.get("epoch") if isinstance(row, dict) else None
-        if isinstance(epoch, int) and not isinstance(epoch, bool):
+        if _is_int(epoch) and 0 <= epoch <= MAX_COUNT:
             rows.append(row)
         else:
-            what = "no integer `epoch`" if isinstance(row, dict) else "not a JSON object"
+            what = ("not a JSON object" if not isinstance(row, dict)
+                    else "no integer `epoch` in [0, 2**53]")
             logger.warning("%s:%d: %s, line skipped", path, n, what)
     return rows
 
@@ -577,13 +602,15 @@ def read_margins(run_dir: str | Path) -> np.ndarray | None:
     path = Path(run_dir) / "cos_margins.npy"
     if not path.exists():
         return None
-    try:
-        margins = np.load(path, allow_pickle=False)
+    try:  # mapped first: a header that declares more than the file holds is a ValueError
+        margins = np.array(np.load(path, allow_pickle=False, mmap_mode="r"))
     except (OSError, ValueError, EOFError) as err:
         logger.warning("%s: unreadable (%s), using the metrics' margin quantiles", path, err)
         return None
-    if margins.ndim != 1 or not np.issubdtype(margins.dtype, np.number):
-        logger.warning("%s: not a 1-D numeric array, using the metrics' margin quantiles", path)
+    if margins.ndim != 1 or not (np.issubdtype(margins.dtype, np.floating)
+                                 or np.issubdtype(margins.dtype, np.integer)):
+        logger.warning("%s: not a 1-D array of real numbers, using the metrics' margin "
+                       "quantiles", path)
         return None
     return margins
 
@@ -636,8 +663,8 @@ class RunLock:
             self.key = key
             return self
         path = key / LOCK_FILE
-        try:
-            f = open(path, "a+")  # noqa: SIM115 (held until release: the lock lives with it)
+        try:  # held until release: the lock lives with its open file
+            f = os.fdopen(_open_in_run(path, os.O_RDWR | os.O_CREAT), "r+")
         except OSError as err:
             better = _write_error(err, path)
             if better is not None:
