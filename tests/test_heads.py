@@ -164,6 +164,29 @@ def test_bad_inputs_leave_state_unchanged(method):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("method", ["fixed", "implicit"])
+def test_features_whose_sums_overflow_leave_the_running_means(method):
+    """1e38 is finite in float32, passes the input check, and its batch sum is Inf: the
+    running means (and μ_G) stayed Inf/NaN and every later batch failed. Now the batch
+    leaves them as they were, and training goes on."""
+    head = make_head(method, 16, 4)
+    h, y = batch(dtype=torch.float32)
+    head(h, y)
+    means = ["mu_G"] + ["tracker." + k for k in ("H_bar_raw", "mu_G", "counts", "t")]
+    before = {k: v.clone() for k, v in head.state_dict().items() if k in means}
+    y8 = torch.arange(8) % 4  # two a class: per-class sums 2e38 are finite, the total is not
+    head(torch.full((8, 16), 1e38), y8)
+    after = head.state_dict()
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.isfinite(head(*batch(dtype=torch.float32))).all()
+
+
+@pytest.mark.parametrize("delta", [-1.0, math.nan, math.inf, "0.1", None, True])
+def test_a_bad_delta_is_refused_when_the_head_is_made(delta):
+    with pytest.raises(ValueError, match="Expected `delta` to be a finite number >= 0"):
+        make_head("implicit", 16, 4, delta=delta)
+
+
 def test_feature_classifier_normalises_onto_tau_sphere():
     backbone = torch.nn.Linear(8, 16)
     model = FeatureClassifier(backbone, make_head("implicit", 16, 4), tau=math.sqrt(2.0))

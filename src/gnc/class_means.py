@@ -176,8 +176,9 @@ class ClassMeanTracker(nn.Module):
         beta, gamma = self._weights(counts, dtype)  # (K,), ()
         H_raw = running_average(self.H_bar_raw.to(dtype), Hb, beta)  # old part has no grad
         # A batch with NaN/Inf features (unchecked inside the trainer's step, an fp16 overflow)
-        # leaves the running state as it was, decided on the device without a host sync.
-        ok = torch.isfinite(sums).all()
+        # or finite ones whose sums overflow (1e38 in float32) leaves the running state as it
+        # was, decided on the device without a host sync.
+        ok = torch.isfinite(sums).all() & torch.isfinite(mu_G).all() & torch.isfinite(H_raw).all()
         H_raw = torch.where(ok, H_raw, self.H_bar_raw.to(dtype))
         with torch.no_grad():
             self.mu_G.copy_(torch.where(ok, running_average(self.mu_G, mu_G, gamma), self.mu_G))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -373,6 +374,13 @@ def polar_newton_schulz(C: Tensor, ell: float, *, products_only: bool = False
     return NewtonSchulzPolar(X, P, P_inv, s.clone(), residual, alphas)
 
 
+def check_delta(delta: object) -> None:
+    """Raise ``ValueError`` unless the proximal weight ``delta`` is a finite real number >= 0."""
+    real = isinstance(delta, numbers.Real) and not isinstance(delta, bool)
+    if not (real and math.isfinite(delta) and delta >= 0):
+        raise ValueError(f"Expected `delta` to be a finite number >= 0, but got {delta!r}")
+
+
 def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float) -> None:
     """Raise ``ValueError`` naming the problem when the nearest-ETF inputs are invalid."""
     if not isinstance(H_bar, Tensor) or H_bar.ndim != 2:
@@ -389,8 +397,7 @@ def check_nearest_etf_inputs(H_bar: Tensor, U_prev: Tensor | None, delta: float)
         raise ValueError(f"Expected `H_bar` to be floating point, but got {H_bar.dtype}")
     if value_checks_enabled() and not all_finite(H_bar):
         raise NonFiniteError("`H_bar` contains NaN or Inf")
-    if not (math.isfinite(delta) and delta >= 0):
-        raise ValueError(f"Expected `delta` to be a finite number >= 0, but got {delta}")
+    check_delta(delta)
     if U_prev is not None:
         if U_prev.shape != H_bar.shape:
             raise ValueError(

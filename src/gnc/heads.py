@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from gnc.class_means import ClassMeanTracker, ema_weight, running_average
 from gnc.declarative import nearest_etf, resolve_solve
-from gnc.etf import canonical_stiefel, simplex_etf
+from gnc.etf import canonical_stiefel, check_delta, simplex_etf
 from gnc.runtime import all_reduce_sum_, differentiable_sum, is_distributed
 from gnc.validation import check_features
 
@@ -334,6 +334,7 @@ class ImplicitETFHead(_ETFHead):
         super().__init__(d, K, bias, device=device, dtype=dtype)
         # the solver options, checked together; read back through the properties below
         self.plan = resolve_solve(solver, backward, polar_method, solve_device, ns_fallback)
+        check_delta(delta)  # here, not at the first step: after the running means changed
         self.delta = delta
         # the Newton–Schulz residual, updated in place (a CUDA graph replays the update)
         self.register_buffer("polar_residual", torch.zeros((), dtype=torch.float64,
