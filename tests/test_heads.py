@@ -181,6 +181,31 @@ def test_features_whose_sums_overflow_leave_the_running_means(method):
     assert torch.isfinite(head(*batch(dtype=torch.float32))).all()
 
 
+@pytest.mark.parametrize("method", ["fixed", "implicit"])
+def test_set_global_mean_takes_only_a_finite_d_vector(method):
+    """NaN made the bias NaN; a (1,) tensor was broadcast; ints were taken."""
+    head = make_head(method, 16, 4)
+    head(*batch(dtype=torch.float32))
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    for bad, match in [(torch.full((16,), math.nan), "`mu_G` to be finite"),
+                       (torch.ones(1), r"shape \(d=16,\), but got \(1,\)"),
+                       (torch.ones(16, dtype=torch.long), "floating-point"),
+                       ([0.0] * 16, "but got list")]:
+        with pytest.raises(ValueError, match=match):
+            head.set_global_mean(bad)
+    after = head.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    head.set_global_mean(torch.ones(16))
+    assert torch.equal(head.mu_G, torch.ones(16))
+
+
+def test_an_empty_batch_is_refused_by_the_fixed_head():
+    head = make_head("fixed", 16, 4)
+    with pytest.raises(ValueError, match="at least one sample, but got B=0"):
+        head(torch.zeros(0, 16), torch.zeros(0, dtype=torch.long))
+    assert head.num_steps == 0
+
+
 @pytest.mark.parametrize("delta", [-1.0, math.nan, math.inf, "0.1", None, True])
 def test_a_bad_delta_is_refused_when_the_head_is_made(delta):
     with pytest.raises(ValueError, match="Expected `delta` to be a finite number >= 0"):

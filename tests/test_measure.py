@@ -222,6 +222,27 @@ def test_weights_of_another_model_are_one_line(tmp_path):
     assert load_weights(torchvision.models.resnet18(num_classes=4), tmp_path / "ddp.pt") == 3
 
 
+def test_weights_that_are_no_values_are_one_line_and_odd_epochs_ignored(tmp_path):
+    """Meta or sparse tensors were a traceback from load_state_dict (47 lines of "While
+    copying" for meta); integer weights loaded and measured NaN everywhere."""
+    model = torchvision.models.resnet18(num_classes=4)
+    state = model.state_dict()
+    cases = {
+        "meta": ({k: v.to("meta") for k, v in state.items()}, "is a meta tensor in the file"),
+        "sparse": (state | {"fc.weight": state["fc.weight"].to_sparse()},
+                   "'fc.weight' is a torch.sparse_coo tensor in the file"),
+        "int": (state | {"fc.weight": state["fc.weight"].long()},
+                "'fc.weight' is torch.int64 in the file but torch.float32 in the model"),
+    }
+    for name, (bad, match) in cases.items():
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(WeightsError, match=match):
+            load_weights(model, tmp_path / f"{name}.pt")
+    for epoch in (-5, 10**30, 2.0):
+        torch.save({"epoch": epoch, "model": state}, tmp_path / "odd.pt")
+        assert load_weights(model, tmp_path / "odd.pt") is None
+
+
 @pytest.fixture
 def npz_images(tmp_path):
     x, y = images(12, K=3)

@@ -40,7 +40,7 @@ from gnc.class_means import ClassMeanTracker, ema_weight, running_average
 from gnc.declarative import nearest_etf, resolve_solve
 from gnc.etf import canonical_stiefel, check_delta, simplex_etf
 from gnc.runtime import all_reduce_sum_, differentiable_sum, is_distributed
-from gnc.validation import check_features
+from gnc.validation import NonFiniteError, all_finite, check_features, value_checks_enabled
 
 __all__ = ["ABLATIONS", "HEAD_OPTIONS", "METHODS", "METHOD_NAMES", "PAPER_METHODS",
            "FixedETFHead", "Head", "ImplicitETFHead", "MethodSpec", "StandardHead",
@@ -218,6 +218,14 @@ class _ETFHead(Head):
     def set_global_mean(self, mu_G: Tensor) -> None:
         """Set the evaluation global mean ``μ_G`` (and so ``b = −W μ_G``), e.g. recomputed
         over the training split by :func:`gnc.evaluation.recompute_statistics`."""
+        if not isinstance(mu_G, Tensor) or tuple(mu_G.shape) != (self.d,) or not (
+                mu_G.is_floating_point()):
+            got = (f"{tuple(mu_G.shape)} {mu_G.dtype}" if isinstance(mu_G, Tensor)
+                   else type(mu_G).__name__)
+            raise ValueError(f"Expected `mu_G` to be a floating-point tensor of shape "
+                             f"(d={self.d},), but got {got}")
+        if value_checks_enabled() and not all_finite(mu_G):
+            raise NonFiniteError("Expected `mu_G` to be finite, but got NaN or Inf values")
         self.mu_G.copy_(mu_G)
         if self.bias is not None:
             self.bias.copy_(-self.weight @ self.mu_G)
@@ -263,6 +271,8 @@ class FixedETFHead(_ETFHead):
         check_features(features, self.d)
         if not self.training:
             return self._eval_logits(features)
+        if features.shape[0] == 0:  # its mean is NaN: a step that learns nothing
+            raise ValueError("Expected `features` to hold at least one sample, but got B=0")
         h = features.to(self.weight.dtype)
         mu_G = _batch_mean(h)
         alpha = ema_weight(self.num_steps + 1)  # this step's number

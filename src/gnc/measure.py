@@ -44,6 +44,7 @@ from gnc.heads import FixedETFHead, ImplicitETFHead, StandardHead
 from gnc.metrics import NCStatistics
 from gnc.models.classifier import FeatureClassifier
 from gnc.rundir import (
+    MAX_COUNT,
     append_metrics,
     mark_done,
     run_lock,
@@ -480,7 +481,8 @@ def load_weights(model: nn.Module, path: str | Path, *, name: str | None = None
                            f"{problem}")
     model.load_state_dict(state)
     epoch = obj.get("epoch") if isinstance(obj, dict) else None
-    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+    ok = isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch <= MAX_COUNT
+    return epoch if ok else None  # else the file name's number, or the file's place
 
 
 def epoch_from_name(path: str | Path) -> int | None:

@@ -448,9 +448,16 @@ def state_dict_mismatch(model_state: dict[str, Tensor], state: dict[str, Tensor]
     for key, value in model_state.items():
         if key not in state:
             return f"key {key!r} of the model is missing from the file"
-        if tuple(state[key].shape) != tuple(value.shape):
-            return (f"key {key!r} has shape {tuple(state[key].shape)} in the file but "
+        got = state[key]
+        if got.layout != torch.strided or got.is_meta:  # load_state_dict's traceback
+            where = "a meta tensor" if got.is_meta else f"a {got.layout} tensor"
+            return f"key {key!r} is {where} in the file, not values"
+        if tuple(got.shape) != tuple(value.shape):
+            return (f"key {key!r} has shape {tuple(got.shape)} in the file but "
                     f"{tuple(value.shape)} in the model")
+        if (got.is_floating_point(), got.is_complex()) != (value.is_floating_point(),
+                                                           value.is_complex()):
+            return f"key {key!r} is {got.dtype} in the file but {value.dtype} in the model"
     for key in state:
         if key not in model_state:
             return f"the file has key {key!r}, which the model does not"
