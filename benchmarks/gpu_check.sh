@@ -29,13 +29,20 @@
 # torch.cuda.set_sync_debug_mode("error"); 1, 2, 4, 8 runs in ONE process, each replaying its
 # captured step on a CUDA stream of its own as --jobs-mode streams runs them ("streams", with
 # the one-run floor "replay_floor_ms" and peak memory per run); aggregate images/s with 1, 2,
-# 4, 8 runs in flight as processes, then the best N under CUDA MPS when its daemon starts;
-# "best" (the settings stage 2 uses: streams with the captured step when they beat the
-# processes or these were not measured, "best.streams_win"); last, grouped conv (groups=5)
-# vs 5 dense convs on 5 streams / 1 stream
-# per ResNet-18 conv shape. A part that fails is recorded as its error; no part starts after
-# STAGE1_BUDGET s (recorded "skipped: budget"); STAGE1_TIMEOUT kills the rest;
+# 4, 8 runs in flight as processes, then the best N under CUDA MPS when its daemon starts
+# (probed for 30 s at most; only with 60 s of the budget left); "best" (the settings stage 2
+# uses: streams with the captured step when they beat the processes or these were not
+# measured, "best.streams_win"; rewritten with every save); last, grouped conv (groups=5) vs
+# 5 dense convs on 5 streams / 1 stream per ResNet-18 conv shape. A part that fails is
+# recorded as its error; no part starts after STAGE1_BUDGET s (default 240; recorded
+# "skipped: budget"); STAGE1_TIMEOUT s (default STAGE1_BUDGET + 30) ends the rest with
+# SIGTERM (SIGKILL 15 s later), which the script turns into an exit that kills its bench
+# processes, stops the MPS daemon and writes its file (whole: a temporary file renamed) with
+# "stopped"; it cuts its process parts itself 10 s before (recorded "timeout: ...").
 # STAGE1_PARTS=streams,grouped_conv (say) runs only those (gpu_throughput.py --parts).
+# With TOTAL_SECONDS=T, stage 2 gets what stage 1 really left (T less its wall time less 75 s):
+# T=560 with STAGE1_BUDGET=150 ends stage 1 within 195 s (SIGTERM at 180, SIGKILL at 195; plus
+# unpacking the data and gpu.txt), which leaves stage 2 at least ~270 s.
 #
 # Stage 2 (STAGE2_SECONDS=S, default 420, or with TOTAL_SECONDS what stage 1 left less 75 s;
 # the call takes S + ~1 min for the report):
@@ -86,11 +93,18 @@ stage1() {
 torchvision.__version__, "cuda", torch.version.cuda)'
   } > "$OUT/gpu.txt" 2>&1
   say "gpu: $(head -1 "$OUT/gpu.txt")"
-  timeout "${STAGE1_TIMEOUT:-270}" $PY benchmarks/gpu_throughput.py \
+  # the kill follows the budget (a part may start just before it ends); the script cuts
+  # its process parts 10 s before the kill, and SIGTERM lets it stop the MPS daemon and
+  # write its file; SIGKILL 15 s later if it has not ended
+  local budget limit
+  budget=$(printf '%.0f' "${STAGE1_BUDGET:-240}")  # whole seconds (150.5, 1e9 too)
+  limit=$(printf '%.0f' "${STAGE1_TIMEOUT:-$(( budget + 30 ))}")
+  timeout -s TERM -k 15 "$limit" $PY benchmarks/gpu_throughput.py \
     "$OUT/throughput-stage1.json" --device "$DEVICE" --data-dir "$DATA" --jobs "$JOBS" \
-    --budget-s "${STAGE1_BUDGET:-240}" \
+    --budget-s "$budget" --deadline-s "$(( limit - 10 ))" \
     ${STAGE1_PARTS:+--parts "$STAGE1_PARTS"} "${SET[@]}" >> "$LOG" 2>&1
-  say "throughput (stage 1): exit $?"
+  local rc=$?
+  say "throughput (stage 1): exit $rc$([ $rc = 124 ] && echo ' (stopped at its time limit)')"
   mkdir -p "$RUNS/stage1"  # for stage 2 on this machine while it is warm ($OUT is per call)
   cp "$OUT/throughput-stage1.json" "$RUNS/stage1/" 2>/dev/null
   say "stage 1 done"

@@ -2,11 +2,15 @@
 
     PYTHONPATH=src python3 benchmarks/gpu_throughput.py OUT.json [--device cuda] \
         [--data-dir data] [--jobs 1,2,4,8] [--parts steps,...] [--budget-s 240] \
-        [--rounds 80] [--conv-shapes 64x32,128x16,256x8,512x4] [--conv-batch 250] \
-        [--set KEY=VALUE ...]
+        [--deadline-s BUDGET+20] [--rounds 80] [--conv-shapes 64x32,128x16,256x8,512x4] \
+        [--conv-batch 250] [--set KEY=VALUE ...]
 
 Writes one JSON object to OUT.json, rewritten after every measurement (a call cut by its
-time limit still returns what it had). In this order (the time each takes on the card
+time limit still returns what it had): each time whole (a temporary file renamed over it,
+:func:`write_atomic`) and with ``best`` chosen from everything measured so far. SIGTERM
+(``timeout``'s end of stage 1) exits through the ``finally`` blocks (:func:`sigterm_as_exit`):
+the bench processes are killed, the MPS daemon stopped, and the file written once more, with
+``stopped`` saying why it ended early. In this order (the time each takes on the card
 decides what fits in stage 1's five minutes):
 
 - ``steps``: per method, the epoch bench (`gnc.bench.time_epoch`) eager (the preset as it is,
@@ -31,16 +35,19 @@ decides what fits in stage 1's five minutes):
   0.96–1.24× for time-sliced processes) and the budget may end the part after it;
 - ``jobs``: aggregate training images/s with N runs of the epoch bench in flight as plain
   processes (option (b) of the issue; the captured step when ``steps`` found it faster), and
-  ``mps``: the best N under CUDA MPS when its daemon starts. The N timed epochs start at
-  one barrier (after each process's warm-up epoch) and ``img_per_s`` is all their images
-  over the span from the first start to the last end (:func:`aggregate`; the sum of the
-  per-process rates, ``img_per_s_sum``, counted benches that started apart as concurrent:
-  on this CPU two tiny benches came out at exactly 2.0x one, 1.4x with the barrier);
+  ``mps``: the best N under CUDA MPS when its daemon starts (its probe within
+  :data:`MPS_PROBE_S`; skipped, and said so, with under :data:`MPS_MIN_LEFT_S` of the budget
+  left); processes still running at ``--deadline-s`` are killed and that N is recorded as
+  ``"timeout: ..."``. The N timed epochs start at one barrier (after each process's warm-up
+  epoch) and ``img_per_s`` is all their images over the span from the first start to the
+  last end (:func:`aggregate`; the sum of the per-process rates, ``img_per_s_sum``, counted
+  benches that started apart as concurrent: on this CPU two tiny benches came out at
+  exactly 2.0x one, 1.4x with the barrier);
 - ``grouped_conv``: per ResNet-18 CIFAR conv shape (C channels at S×S, 3×3, batch 250, bf16,
   channels-last), forward+backward of one grouped conv (groups=5, 5·C channels) vs five
   dense convs on five streams vs five dense convs on one stream, ms each: whether packing
   five models into one network (vmap → grouped convs) could pay;
-- ``best`` (rewritten after every N): the settings stage 2 uses (:func:`choose`: the faster
+- ``best`` (rewritten with every save): the settings stage 2 uses (:func:`choose`: the faster
   step variant; the best N and how the runs share the card: ``streams`` — ``gnc experiment
   --jobs-mode streams`` — with the captured step when the best streams measurement beat every
   process measurement or none exists, else MPS or plain processes), with ``streams_win``:
@@ -64,13 +71,15 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -83,6 +92,10 @@ DEFAULT_JOBS = 4  # stage 2's N when no process measurement exists (as gpu_check
 CONV_SHAPES = "64x32,128x16,256x8,512x4"  # ResNet-18's CIFAR stages: channels x size
 SKIPPED = "skipped: budget"
 NOT_ASKED = "skipped: --parts"
+TIMEOUT = "timeout"  # a process part cut at the deadline (its processes killed)
+DEADLINE_AFTER_BUDGET_S = 20.0  # default deadline: gpu_check.sh kills stage 1 at budget + 30
+MPS_MIN_LEFT_S = 60.0  # the mps part needs this much budget: the probe, then N processes
+MPS_PROBE_S = 30.0  # the most the MPS probe may take (a client that hangs is a failure)
 PARTS = ("steps", "eval_s", "sync_free", "jobs", "mps", "streams", "grouped_conv")
 _now = time.monotonic  # the budget's clock (tests replace it)
 
@@ -94,6 +107,74 @@ def _error(err: BaseException) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by a file holding ``text`` in one step: written to a temporary file in
+    the same folder, flushed to the disk, then renamed over ``path``. A kill mid-write leaves
+    the previous version (stage 2 reads a cut-off file as no result at all)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the half-written file only
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_terminated: list[int] = []  # the SIGTERM received under sigterm_as_exit (exit_if_terminated)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    # once: `timeout` signals its child and then the child's group, so a second SIGTERM
+    # would land in the finally blocks that the first one runs
+    first = not _terminated
+    _terminated.append(signum)
+    if first:
+        sys.exit(128 + signum)  # 143: as a kill by SIGTERM, but through the finally blocks
+
+
+def exit_if_terminated() -> None:
+    """Exit as :func:`_exit_on_sigterm` does when a SIGTERM came and its SystemExit was
+    swallowed: Python only prints an exception raised where the handler happened to run in
+    an at-fork hook, a finaliser or a callback (seen on the CPU: logging's lock release after
+    a DataLoader forked its workers). Called between measurements (:func:`wait_all`, the
+    budget's check)."""
+    if _terminated:
+        sys.exit(128 + _terminated[0])
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``timeout``'s end of stage 1) as ``sys.exit(143)`` for the block: Python's
+    default ends the process at once, skipping the ``finally`` blocks that stop the MPS
+    daemon (detached: it would outlive us), kill the bench processes and write the last
+    result."""
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        _terminated.clear()
+
+
+@contextlib.contextmanager
+def sync_errors(device: torch.device) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode("error")`` for the block on CUDA; nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def parse_set(items: list[str]) -> dict:
@@ -154,31 +235,41 @@ def eval_seconds(device: torch.device, data_dir: str, overrides: dict) -> dict:
 
 
 def sync_free(device: torch.device, data_dir: str, overrides: dict) -> dict:
-    """Per method: "ok" when 10 replays raise nothing under set_sync_debug_mode("error")."""
-    from gnc.bench import _epoch_trainer
-
+    """Per method: "ok" when 10 replays raise nothing under set_sync_debug_mode("error"),
+    "not captured: <why>" when there was no graph to replay, else the error."""
     out = {}
     for method in METHODS:
         settings = {**overrides, **CAPTURED}
         if method != "implicit":
             settings.pop("polar_method")
         try:
-            with _epoch_trainer(PRESET, method, device, 1, data_dir, settings) as (trainer, _):
-                trainer.train_epoch(None)  # first step eager, warm-up, capture
-                graph = trainer.step_graph
-                n = graph.static.begin_epoch(trainer.train_loader, trainer.step)
-                if device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("error")
-                try:
-                    for _ in range(min(10, n)):  # replays of the next epoch's steps
-                        graph.run(lambda: None)
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.set_sync_debug_mode(0)
-                out[method] = "ok" if graph.failed is None else f"not captured: {graph.failed}"
+            out[method] = replays_sync_free(method, device, data_dir, settings)
         except Exception as err:  # noqa: BLE001
-            out[method] = f"{type(err).__name__}: {err}"[:300]
+            out[method] = _error(err)
     return out
+
+
+def replays_sync_free(method: str, device: torch.device, data_dir: str, settings: dict
+                      ) -> str:
+    """:func:`sync_free` for one method. The capture is checked first: without a graph the
+    steps run eagerly, and the first sync of the eager step would be the error recorded
+    instead of why the capture failed. The replays run as the training loop runs them,
+    inside :func:`gnc.validation.trusted_inputs` (the value checks read the device)."""
+    from gnc.bench import _epoch_trainer
+    from gnc.validation import trusted_inputs
+
+    with _epoch_trainer(PRESET, method, device, 1, data_dir, settings) as (trainer, _):
+        trainer.train_epoch(None)  # first step eager, warm-up, capture
+        graph = trainer.step_graph
+        if graph.failed is not None:
+            return f"not captured: {graph.failed}"
+        if graph.capture and not graph.captures:
+            return "not captured: never captured (an epoch shorter than the warm-up)"
+        n = graph.static.begin_epoch(trainer.train_loader, trainer.step)
+        with trusted_inputs(), sync_errors(device):
+            for _ in range(min(10, n)):  # replays of the next epoch's steps
+                graph.run(lambda: None)
+        return "ok" if graph.failed is None else f"not captured: {graph.failed}"
 
 
 def barrier(folder: Path, n: int, timeout_s: float = 120.0) -> None:
@@ -204,11 +295,16 @@ def aggregate(records: list[dict]) -> dict:
             "span_s": span, "start_spread_s": max(starts) - min(starts)}
 
 
-def in_flight(n: int, device: str, data_dir: str, sets: list[str], env: dict | None = None
-              ) -> dict:
+def in_flight(n: int, device: str, data_dir: str, sets: list[str], env: dict | None = None,
+              *, timeout_s: float = math.inf) -> dict | str:
     """N epoch benches of the standard method at once, their timed epochs started together
     (:func:`barrier`; one that fails before it counts as arrived): :func:`aggregate`
-    images/s."""
+    images/s; :data:`TIMEOUT` (with the seconds) when they have not all ended within
+    ``timeout_s``: then, as when this call is interrupted, the benches still running are
+    killed (a bench stuck starting CUDA, say under MPS, would otherwise hold stage 1 until
+    its kill)."""
+    if timeout_s <= 0:  # the deadline has passed: none is started
+        return f"{TIMEOUT}: the deadline had passed"
     with tempfile.TemporaryDirectory(prefix="gnc-in-flight-") as tmp:
         folder = Path(tmp) / "barrier"
         folder.mkdir()
@@ -217,32 +313,60 @@ def in_flight(n: int, device: str, data_dir: str, sets: list[str], env: dict | N
                *[a for s in sets for a in ("--set", s)]]
         t0 = time.perf_counter()
         procs, logs = [], []
-        for k in range(n):  # files, not pipes: the parent polls instead of reading
-            out, err = open(Path(tmp) / f"{k}.out", "w+"), open(Path(tmp) / f"{k}.err", "w+")
-            logs.append((out, err))
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
-                                          env={**os.environ, **(env or {})}))
-        running = set(range(n))
-        while running:
-            for k in list(running):
-                if procs[k].poll() is not None:
-                    running.discard(k)
-                    if procs[k].returncode:  # release the others waiting for it
-                        (folder / f"failed-{procs[k].pid}").touch()
-            time.sleep(0.01)
-        wall = time.perf_counter() - t0
-        records, errors = [], []
-        for p, (out, err) in zip(procs, logs, strict=True):
-            out.seek(0)
-            err.seek(0)
-            if p.returncode:
-                errors.append((err.read().strip().splitlines() or ["?"])[-1][:200])
-            else:
-                records.append(json.loads(out.read()))
-            out.close()
-            err.close()
+        try:
+            for k in range(n):  # files, not pipes: the parent polls instead of reading
+                logs.append((open(Path(tmp) / f"{k}.out", "w+"),
+                             open(Path(tmp) / f"{k}.err", "w+")))
+                procs.append(subprocess.Popen(cmd, stdout=logs[-1][0], stderr=logs[-1][1],
+                                              text=True, env={**os.environ, **(env or {})}))
+            ended = wait_all(procs, folder, time.monotonic() + timeout_s)
+            wall = time.perf_counter() - t0
+            if not ended:
+                return f"{TIMEOUT}: {n} processes killed after {wall:.0f} s"
+            records, errors = [], []
+            for p, (out, err) in zip(procs, logs, strict=True):
+                out.seek(0)
+                err.seek(0)
+                if p.returncode:
+                    errors.append((err.read().strip().splitlines() or ["?"])[-1][:200])
+                else:
+                    records.append(json.loads(out.read()))
+        finally:
+            kill_all(procs)
+            for files in logs:
+                for f in files:
+                    f.close()
     rates = aggregate(records) if records else {"img_per_s": 0.0}
     return {"runs": n, **rates, "wall_s": wall, "errors": errors}
+
+
+def wait_all(procs: list[subprocess.Popen], folder: Path, deadline: float) -> bool:
+    """Wait until every one of ``procs`` has ended (True) or ``time.monotonic()`` passes
+    ``deadline`` (False); one that fails arrives at the barrier in ``folder`` (the others
+    must not wait for it)."""
+    running = set(range(len(procs)))
+    while running:
+        exit_if_terminated()
+        if time.monotonic() > deadline:
+            return False
+        for k in list(running):
+            if procs[k].poll() is not None:
+                running.discard(k)
+                if procs[k].returncode:  # release the others waiting for it
+                    (folder / f"failed-{procs[k].pid}").touch()
+        time.sleep(0.01)
+    return True
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL to those of ``procs`` still running, then reap them. (They stay in stage 1's
+    process group: ``timeout``'s signals reach them even when this process cannot act.)"""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=10)
 
 
 def _child(argv: list[str]) -> None:
@@ -265,17 +389,36 @@ def _child(argv: list[str]) -> None:
                       "started_at": record.started_at}))
 
 
-def mps_in_flight(n: int, device: str, data_dir: str, sets: list[str]) -> dict | str:
-    """:func:`in_flight` under CUDA MPS, or "unavailable" when its daemon does not start."""
+def mps_in_flight(n: int, device: str, data_dir: str, sets: list[str], *,
+                  timeout_s: float = math.inf, probe_s: float = MPS_PROBE_S) -> dict | str:
+    """:func:`in_flight` under CUDA MPS, or "unavailable" when its daemon does not start (or
+    its probe, a CUDA process served through it, takes over ``probe_s``); the daemon's start
+    and the processes end within ``timeout_s`` (:data:`TIMEOUT`). The daemon is stopped
+    however this ends (with :func:`sigterm_as_exit`, also at stage 1's kill)."""
     from gnc.jobs import start_mps
 
-    daemon = start_mps(probe=True)
+    deadline = time.monotonic() + timeout_s
+    daemon = start_mps(probe=True, timeout_s=min(probe_s, timeout_s))
     if daemon is None:
         return "unavailable"
     try:
-        return in_flight(n, device, data_dir, sets, daemon.env)
+        return in_flight(n, device, data_dir, sets, daemon.env,
+                         timeout_s=deadline - time.monotonic())
     finally:
         daemon.stop()
+
+
+def mps_part(result: dict, device: torch.device, left_s: float,
+             run: Callable[[int], dict | str]) -> dict | str:
+    """The ``mps`` record: ``run(n)`` with the best N of the ``jobs`` part, on CUDA only and
+    only with at least :data:`MPS_MIN_LEFT_S` of the budget left (``left_s``): the probe and
+    N processes' two epochs started later would run into stage 1's kill; else why not."""
+    measured = _records(result, "jobs")
+    if device.type != "cuda" or not measured:
+        return "unavailable"
+    if left_s < MPS_MIN_LEFT_S:
+        return f"{SKIPPED} ({max(left_s, 0):.0f} s left, the part needs {MPS_MIN_LEFT_S:.0f} s)"
+    return run(max(measured, key=lambda r: r["img_per_s"])["runs"])
 
 
 def _stand_in_graph(fn):
@@ -550,11 +693,7 @@ def choose(result: dict) -> dict:
     return best
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["child"]:  # one process of in_flight
-        _child(argv[1:])
-        return
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--device", default="cuda")
@@ -564,14 +703,36 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"the parts to run (default all: {','.join(PARTS)})")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="start no part after this many seconds (it is recorded as skipped)")
+    ap.add_argument("--deadline-s", type=float,
+                    help="cut the process parts (jobs, mps) still running this many seconds "
+                         "after the start: their processes killed, recorded as timeout "
+                         f"(default: the budget + {DEADLINE_AFTER_BUDGET_S:.0f}; before "
+                         "stage 1's kill)")
     ap.add_argument("--rounds", type=int, default=80, help="timed rounds of the streams part")
     ap.add_argument("--conv-shapes", default=CONV_SHAPES, help="CxS,...: the grouped-conv part")
     ap.add_argument("--conv-batch", type=int, default=250)
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args(argv)
-    asked = set(args.parts.split(","))
-    if asked - set(PARTS):
-        ap.error(f"unknown part(s) {sorted(asked - set(PARTS))}; choose from {', '.join(PARTS)}")
+    args.asked = set(args.parts.split(","))
+    if args.asked - set(PARTS):
+        ap.error(f"unknown part(s) {sorted(args.asked - set(PARTS))}; "
+                 f"choose from {', '.join(PARTS)}")
+    if args.deadline_s is None:
+        args.deadline_s = args.budget_s + DEADLINE_AFTER_BUDGET_S
+    return args
+
+
+def _stopped(err: BaseException) -> str:
+    """How a stage 1 that did not end by itself ended, for its file."""
+    if isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM:
+        return "SIGTERM (stage 1's time limit)"
+    return _error(err) if str(err) else type(err).__name__
+
+
+def stage1(args: argparse.Namespace) -> None:
+    """The parts in order (module docstring), the file rewritten after each; whatever ends
+    this (SIGTERM under :func:`sigterm_as_exit`, Ctrl-C, a bug) writes it once more."""
+    asked = args.asked
     device, overrides = torch.device(args.device), parse_set(args.set)
     data_dir = args.data_dir
     result: dict = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
@@ -579,10 +740,16 @@ def main(argv: list[str] | None = None) -> None:
     start = _now()
 
     def save() -> None:
-        path.write_text(json.dumps(result, indent=1))
+        # a kill at any point leaves a "best" chosen from everything measured so far
+        result["best"] = choose(result)
+        write_atomic(path, json.dumps(result, indent=1))
 
-    def over_budget() -> bool:
+    def over_budget() -> bool:  # checked before each part and each N
+        exit_if_terminated()
         return _now() - start > args.budget_s
+
+    def until_deadline() -> float:
+        return args.deadline_s - (_now() - start)
 
     def part(name: str, fn, *a, **kw):
         """fn(*a, **kw), its error as a string, or why it did not run."""
@@ -595,54 +762,67 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as err:  # noqa: BLE001 -- a part that fails is a result
             return _error(err)
 
-    result["steps"] = part("steps", step_variants, device, data_dir, overrides)
-    save()
-    evals = part("eval_s", eval_seconds, device, data_dir, overrides)
-    for key in ("full", f"precise_bn_{PRECISE_BN_BATCHES}"):  # an error: in both
-        name = "eval_s" if key == "full" else f"eval_s_{key}"
-        result[name] = evals[key] if isinstance(evals, dict) else evals
-    save()
-    result["sync_free"] = part("sync_free", sync_free, device, data_dir, overrides)
-    save()
-    ns = [int(j) for j in args.jobs.split(",")]
+    try:
+        result["steps"] = part("steps", step_variants, device, data_dir, overrides)
+        save()
+        evals = part("eval_s", eval_seconds, device, data_dir, overrides)
+        for key in ("full", f"precise_bn_{PRECISE_BN_BATCHES}"):  # an error: in both
+            name = "eval_s" if key == "full" else f"eval_s_{key}"
+            result[name] = evals[key] if isinstance(evals, dict) else evals
+        save()
+        result["sync_free"] = part("sync_free", sync_free, device, data_dir, overrides)
+        save()
+        ns = [int(j) for j in args.jobs.split(",")]
 
-    def streams_done(record: dict | str) -> None:
-        result["streams"].append(record)
-        if isinstance(record, dict) and record["runs"] == 1:
-            result["replay_floor_ms"] = record["ms_per_step"]
-        result["best"] = choose(result)
+        def streams_done(record: dict | str) -> None:
+            result["streams"].append(record)
+            if isinstance(record, dict) and record["runs"] == 1:
+                result["replay_floor_ms"] = record["ms_per_step"]
+            save()
+
+        result["streams"] = []
+        if "streams" not in asked:
+            result["streams"] = [NOT_ASKED] * len(ns)
+        else:  # the budget is checked before each N
+            try:
+                streams_sweep(ns, device, data_dir, overrides, rounds=args.rounds,
+                              done=streams_done, stop=over_budget)
+            except Exception as err:  # noqa: BLE001 -- this N and the rest are not measured
+                streams_done(_error(err))
+        save()
+        # option (b), N processes, with the step variant stage 2 would use
+        captured = choose(result)["captured_step"]
+        sets = args.set + ([f"{k}={json.dumps(v)}" for k, v in CAPTURED.items()
+                            if k != "polar_method"] if captured else [])
+        result["jobs"] = []
+        for n in ns:
+            result["jobs"].append(part("jobs", in_flight, n, args.device, data_dir, sets,
+                                       timeout_s=until_deadline()))
+            save()
+        result["mps"] = NOT_ASKED if "mps" not in asked else mps_part(
+            result, device, args.budget_s - (_now() - start),
+            lambda n: part("mps", mps_in_flight, n, args.device, data_dir, sets,
+                           timeout_s=until_deadline()))
+        save()
+        result["grouped_conv"] = part("grouped_conv", grouped_conv, device,
+                                      parse_shapes(args.conv_shapes), batch=args.conv_batch)
+    except BaseException as err:  # SIGTERM (the time limit), Ctrl-C: said in the file
+        result["stopped"] = _stopped(err)
+        raise
+    finally:
+        result["elapsed_s"] = _now() - start
         save()
 
-    result["streams"] = []
-    if "streams" not in asked:
-        result["streams"] = [NOT_ASKED] * len(ns)
-    else:  # the budget is checked before each N
-        try:
-            streams_sweep(ns, device, data_dir, overrides, rounds=args.rounds,
-                          done=streams_done, stop=over_budget)
-        except Exception as err:  # noqa: BLE001 -- this N and the rest are not measured
-            streams_done(_error(err))
-    save()
-    # option (b), N processes, with the step variant stage 2 would use
-    captured = choose(result)["captured_step"]
-    sets = args.set + ([f"{k}={json.dumps(v)}" for k, v in CAPTURED.items()
-                        if k != "polar_method"] if captured else [])
-    result["jobs"] = []
-    for n in ns:
-        result["jobs"].append(part("jobs", in_flight, n, args.device, data_dir, sets))
-        save()
-    result["mps"] = "unavailable"
-    measured = _records(result, "jobs")
-    if device.type == "cuda" and measured:
-        result["mps"] = part("mps", mps_in_flight,
-                             max(measured, key=lambda r: r["img_per_s"])["runs"], args.device,
-                             data_dir, sets)
-    result["best"] = choose(result)
-    save()
-    result["grouped_conv"] = part("grouped_conv", grouped_conv, device,
-                                  parse_shapes(args.conv_shapes), batch=args.conv_batch)
-    result["elapsed_s"] = _now() - start
-    save()
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["child"]:  # one process of in_flight
+        _child(argv[1:])
+        return
+    args = parse_args(argv)
+    with sigterm_as_exit():
+        stage1(args)
+
 
 if __name__ == "__main__":
     main()

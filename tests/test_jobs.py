@@ -402,3 +402,36 @@ def test_killing_the_parent_alone_ends_its_workers(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_mps_probe_that_hangs_is_cut_at_its_timeout_and_the_daemon_stopped(
+        tmp_path, monkeypatch, caplog):
+    """A CUDA client that hangs under MPS (a sandbox without its ioctls): the probe gives up
+    after ``timeout_s``, not the default 300 s, and the daemon it started is stopped."""
+    record = fake_mps(tmp_path, monkeypatch)
+    monkeypatch.setattr(jobs, "MPS_PROBE", ("-c", "import time; time.sleep(60)"))
+    t0 = time.monotonic()
+    assert jobs.start_mps(probe=True, timeout_s=0.5) is None
+    assert time.monotonic() - t0 < 20
+    assert [c["args"] for c in calls(record)] == ["-d", ""]  # started, then stopped
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "timed out after 0.5 seconds" in warning
+
+
+def test_mps_start_interrupted_during_the_probe_stops_the_daemon(tmp_path, monkeypatch):
+    """Ctrl-C, or SIGTERM turned into SystemExit, during the probe: ``-d`` detached the
+    daemon, so start_mps stops it before the interrupt goes on."""
+    record = fake_mps(tmp_path, monkeypatch)
+    real_run = subprocess.run
+
+    def run(cmd, **kw):
+        if cmd[0] == sys.executable:  # the probe
+            raise SystemExit(143)
+        return real_run(cmd, **kw)
+
+    monkeypatch.setattr(jobs.subprocess, "run", run)
+    with pytest.raises(SystemExit):
+        jobs.start_mps(probe=True)
+    start, stop = calls(record)
+    assert start["args"] == "-d" and stop["stdin"] == "quit"
+    assert not Path(start["pipe"]).parent.exists()  # its folder removed

@@ -366,3 +366,27 @@ def test_no_capture_whose_warm_up_would_run_past_the_epoch(tmp_path, images):
     assert graph.failed is None and graph.captures == 1
     assert graph.replays == b.step - 3  # epoch 1 ran eagerly; later epochs: capture + replays
     _assert_same_run(a, b, sa, sb)
+
+
+def test_a_stream_of_its_own_must_be_current_when_it_runs(tmp_path, monkeypatch):
+    """The epoch's work besides the replays (``begin_epoch``'s copies and resets, the loop's
+    reads of the accumulators) is issued on the current stream, so a run's own stream must be
+    the current one at every step: another current stream is refused before anything runs
+    (on a GPU it would race with the replays). Streams faked on the CPU: the device check of
+    ``GraphedStep(stream=...)`` passed, as on a GPU."""
+    trainer = Trainer(_digits(method="standard", graph_step=True), tmp_path / "run")
+    try:
+        static = StaticStep(trainer.model, trainer.optimizer, "ce", trainer.device)
+        graph = GraphedStep(static)
+        own, other = object(), object()
+        graph.stream = own
+        static.begin_epoch(trainer.train_loader, trainer.step)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: other)
+        with pytest.raises(ValueError, match="must run with its stream current"):
+            graph.run(lambda: None)
+        assert static.position == 0 and not static.ready()  # nothing ran
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: own)
+        graph.run(lambda: None)  # its stream current: the first (eager) step
+        assert static.position == 1 and static.ready()
+    finally:
+        trainer.release_lock()

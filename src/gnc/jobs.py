@@ -249,12 +249,14 @@ class _MPS:
     exe: str
     folder: Path
     env: dict
+    timeout_s: float = 60.0  # for the quit command: a daemon that hangs must not hang us
 
     def stop(self) -> None:
         """``echo quit | nvidia-cuda-mps-control``, then remove the folder."""
         try:
             subprocess.run([self.exe], input="quit\n", env={**os.environ, **self.env},
-                           capture_output=True, text=True, timeout=60, check=False)
+                           capture_output=True, text=True, timeout=self.timeout_s,
+                           check=False)
         except (OSError, subprocess.TimeoutExpired) as err:
             logger.warning("could not stop the CUDA MPS daemon (%s): %s", self.folder, err)
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -265,10 +267,15 @@ def _output_line(result: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else f"exit status {result.returncode}"
 
 
-def start_mps(*, probe: bool) -> _MPS | None:
+def start_mps(*, probe: bool, timeout_s: float = 300.0) -> _MPS | None:
     """Start the CUDA MPS control daemon as the user, in a fresh temporary folder; None (and
     one warning) when it is missing or does not start. ``probe``: also check that a CUDA
-    process of this Python is served through it (needs a GPU)."""
+    process of this Python is served through it (needs a GPU). ``timeout_s``: the most the
+    probe may take (a client that hangs under MPS counts as a failure); starting the daemon
+    and stopping it get ``min(60, timeout_s)`` each.
+
+    Whatever ends this call early (KeyboardInterrupt, a SIGTERM turned into SystemExit) stops
+    a daemon it started: ``-d`` detaches it, so nothing else would."""
     exe = shutil.which(MPS_CONTROL)
     if exe is None:
         logger.warning("CUDA MPS: %s not found; the runs share the GPU as plain "
@@ -279,22 +286,28 @@ def start_mps(*, probe: bool) -> _MPS | None:
            "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
     for d in env.values():
         Path(d).mkdir()
+    control_s = min(60.0, timeout_s)
     mps, why = None, None
     try:
         started = subprocess.run([exe, "-d"], env={**os.environ, **env}, capture_output=True,
-                                 text=True, timeout=60, check=False)
+                                 text=True, timeout=control_s, check=False)
         if started.returncode:
             why = f"{MPS_CONTROL} -d: {_output_line(started)}"
         else:
-            mps = _MPS(exe, folder, env)
+            mps = _MPS(exe, folder, env, timeout_s=control_s)
             if probe:
                 served = subprocess.run([sys.executable, *MPS_PROBE], env={**os.environ, **env},
-                                        capture_output=True, text=True, timeout=300,
+                                        capture_output=True, text=True, timeout=timeout_s,
                                         check=False)
                 if served.returncode:
                     why = f"a CUDA process fails under it: {_output_line(served)}"
     except (OSError, subprocess.TimeoutExpired) as err:
         why = str(err)
+    except BaseException:  # interrupted: leave no daemon behind
+        if mps is not None:
+            mps.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     if why is None:
         logger.info("CUDA MPS daemon started (%s)", folder)
         return mps

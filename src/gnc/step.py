@@ -489,12 +489,12 @@ class GraphedStep:
         warmup_iters: warm-up steps before the capture (their effects are undone).
         stream: a CUDA stream of this run's own for the warm-up, the capture and the
             replays (default: warm-up on a fresh side stream, capture on torch's capture
-            stream, replays on the current stream). A replay on ``stream`` first waits for
-            the current stream (what the host queued there, e.g. :meth:`StaticStep.begin_epoch`'s
-            copies) and nothing waits for it: read the step's tensors on the current stream
-            after ``torch.cuda.current_stream().wait_stream(stream)`` (or a synchronize).
-            When ``stream`` is the current stream (a trainer run by :mod:`gnc.interleave`,
-            everything of the run on its stream), a replay is simply issued there.
+            stream, replays on the current stream). It must be the current stream whenever
+            :meth:`run` is called (a trainer run by :mod:`gnc.interleave`: everything of the
+            run is issued on its stream), else :meth:`run` raises ValueError: the epoch's
+            other work (:meth:`StaticStep.begin_epoch`'s copies and resets, the loop's reads
+            of the accumulators, its step timer) is issued on the current stream, and on
+            another stream it would race with the replays.
     """
 
     def __init__(self, static: StaticStep, *, capture: bool | None = None,
@@ -515,6 +515,7 @@ class GraphedStep:
         """One step at ``static.index``; ``mark`` is called once (after the loss when the
         step runs eagerly, after the replay otherwise)."""
         s = self.static
+        self._check_stream()
         position, s.position = s.position, s.position + 1
         if not s.ready():
             s.eager_step(s.index, mark)
@@ -530,18 +531,24 @@ class GraphedStep:
         if not self.capture or self.failed or self._replay is None or s.plan_changed:
             s.step(s.index, mark)  # no (current) graph: the capture-ready step, eagerly
             return
-        if self.stream is None or self.stream == torch.cuda.current_stream(s.device):
-            self._replay()
-        else:  # after what the host queued on the current stream (the epoch's plan)
-            self.stream.wait_stream(torch.cuda.current_stream(s.device))
-            with torch.cuda.stream(self.stream):
-                self._replay()
+        self._replay()  # on the current stream: ``stream`` when there is one
         mark()
         self.replays += 1
         # what the captured Python did on the host, a replay does not: the heads' host-side
         # step count (and with it, that the implicit head has a residual to report)
         if isinstance(s.head, (FixedETFHead, ImplicitETFHead)):
             s.head.advance_host_steps(1)
+
+    def _check_stream(self) -> None:
+        """Refuse to run with a ``stream`` that is not the current one: nothing would order
+        the replays on it against the epoch's work on the current stream (class docstring)."""
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream(self.static.device)
+        if self.stream != current:
+            raise ValueError(f"GraphedStep(stream={self.stream}) must run with its stream "
+                             f"current, not {current} (torch.cuda.stream(stream) around "
+                             "the epoch, as gnc.interleave does)")
 
     def _snapshot(self) -> dict:
         s = self.static
