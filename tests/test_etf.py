@@ -157,3 +157,24 @@ def test_nearest_etf_moved_to_declarative():
     assert not hasattr(gnc.etf, "nearest_etf")  # etf.py is the maths only
     with pytest.raises(AttributeError, match="no attribute 'check_solver_options'"):
         gnc.etf.check_solver_options  # noqa: B018 -- folded into gnc.declarative.resolve_solve
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.randn(3, 5), r"d×K matrix with d >= K >= 1, but got \(3, 5\)"),
+    (torch.randn(5), r"but got \(5,\)"),
+    (torch.randn(5, 0), r"but got \(5, 0\)"),
+    (torch.ones(5, 3, dtype=torch.long), "floating point, but got torch.int64"),
+    (torch.full((5, 3), math.nan), "`C` to be finite"),
+    ([[1.0]], "but got list"),
+])
+def test_polar_names_what_is_wrong_with_its_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        polar(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_polar_of_half_precision_is_solved_in_float32(dtype):
+    C = torch.randn(6, 3, dtype=torch.float64)
+    U = polar(C.to(dtype))
+    assert U.dtype == dtype
+    torch.testing.assert_close(U.double(), polar(C.to(dtype).double()), atol=1e-2, rtol=0)

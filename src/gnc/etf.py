@@ -251,7 +251,21 @@ def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False) ->
 
 
 def polar(C: Tensor) -> Tensor:
-    """The polar factor ``U = A Bᵀ`` of ``C = A Σ Bᵀ``: the nearest point of St(d,K) to C."""
+    """The polar factor ``U = A Bᵀ`` of ``C = A Σ Bᵀ``: the nearest point of St(d,K) to C.
+
+    ``C`` is a finite floating-point d×K matrix with d >= K >= 1 (float16/bfloat16 are solved
+    in float32, which the linear algebra needs, and returned in their dtype); anything else
+    is a ``ValueError`` naming what is wrong.
+    """
+    if not isinstance(C, Tensor) or C.ndim != 2 or not 1 <= C.shape[1] <= C.shape[0]:
+        got = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
+        raise ValueError(f"Expected `C` to be a d×K matrix with d >= K >= 1, but got {got}")
+    if not C.is_floating_point():
+        raise ValueError(f"Expected `C` to be floating point, but got {C.dtype}")
+    if value_checks_enabled() and not all_finite(C):
+        raise NonFiniteError("Expected `C` to be finite, but got NaN or Inf values")
+    if C.dtype in (torch.float16, torch.bfloat16):
+        return polar_factor(C.float()).U.to(C.dtype)
     return polar_factor(C).U
 
 
