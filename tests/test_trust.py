@@ -6,8 +6,10 @@ import errno
 import itertools
 import json
 import logging
+import pickle
 import random
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -108,6 +110,20 @@ def test_a_planted_pickle_is_never_run(run, tmp_path, capsys, command):
     if command != "measure --weights":
         assert "--trust-checkpoint" in line
     assert snapshot(run) == before
+
+
+def test_a_plain_pickle_as_weights_is_one_line_and_never_run(run, tmp_path, capsys):
+    """A pickle written by ``pickle.dump`` (protocol 4): torch warned in four lines before
+    gnc's one-line refusal."""
+    marker, target = tmp_path / "marker", tmp_path / "plain.pkl"
+    target.write_bytes(pickle.dumps({"model": Payload(marker)}, protocol=4))
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main(commands(run, target)["measure --weights"])
+    assert not [str(w.message) for w in shown]
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "cannot read" in err[0] and "not unpickled" in err[0], err
+    assert not marker.exists()
 
 
 def test_checkpoints_are_read_as_weights_only(run):

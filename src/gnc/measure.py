@@ -21,6 +21,7 @@ import json
 import logging
 import pickle
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,7 +440,9 @@ def _read(path: Path) -> Any:
     """``torch.load(weights_only=True)``, whoever wrote the file: a weights file is never
     unpickled in full (gnc's own checkpoints are plain data)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": a plain pickle, whose
+            warnings.simplefilter("ignore", UserWarning)  # refusal below says it in one line
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         what = f"it refers to {found.group(1)}" if found else "it holds other Python objects"
