@@ -113,15 +113,17 @@ def test_experiment_until_epoch_is_a_prefix_of_the_full_experiment(tmp_path):
 
 
 def test_a_resume_that_ends_where_the_run_stopped_evaluates_that_epoch(tmp_path):
-    """Stopped at epoch 3 with no evaluation there, then resumed with ``epochs=3``: the
+    """Stopped at epoch 3 with no evaluation there, then resumed with ``epochs=3`` (a
+    schedule that does not take its shape from the length: decays at fixed epochs): the
     resume trains nothing and makes up epoch 3's evaluation from the checkpoint (its training
     statistics kept there): the row a run evaluating epoch 3 logs."""
-    whole = TrainConfig(**DIGITS, method="implicit", eval_every=2, eval_epochs=[3])
+    fixed = {**DIGITS, "schedule": "multistep", "milestones": [2, 4]}
+    whole = TrainConfig(**fixed, method="implicit", eval_every=2, eval_epochs=[3])
     train(whole, tmp_path / "whole")
     part = tmp_path / "part"
-    train(TrainConfig(**DIGITS, method="implicit", eval_every=2, until_epoch=3), part)
+    train(TrainConfig(**fixed, method="implicit", eval_every=2, until_epoch=3), part)
     assert [r["epoch"] for r in rows(part)] == [2]
-    ended = TrainConfig(**{**DIGITS, "epochs": 3}, method="implicit", eval_every=2)
+    ended = TrainConfig(**{**fixed, "epochs": 3}, method="implicit", eval_every=2)
     last = train(ended, part, resume=True)
     want = [results(r) for r in rows(tmp_path / "whole")][:2]
     assert [results(r) for r in rows(part)] == want
@@ -130,3 +132,25 @@ def test_a_resume_that_ends_where_the_run_stopped_evaluates_that_epoch(tmp_path)
     assert ckpt["epoch"] == 3 and ckpt["evaluated"] is True
     again = train(ended, part, resume=True)  # done: nothing trained or logged twice
     assert [results(r) for r in rows(part)] == want and results(again) == want[-1]
+
+
+@pytest.mark.parametrize("schedule, extra", [
+    ("cosine", {}), ("onecycle", {}), ("step", {}), ("multistep", {}),
+])
+def test_a_schedule_that_spans_the_run_cannot_be_resumed_with_other_epochs(
+        tmp_path, schedule, extra):
+    """Its checkpointed schedule keeps the length it started with: a cosine resumed with
+    more epochs reached lr 0 at the old end and rose again. Refused before anything is
+    written; a schedule of fixed epochs (or none) may be extended."""
+    run = tmp_path / "run"
+    cfg = dict(DIGITS, schedule=schedule, **extra, method="standard", eval_every=2)
+    train(TrainConfig(**{**cfg, "until_epoch": 3}), run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=f"its {schedule} schedule spans the 6 epochs it "
+                                         "was started with"):
+        train(TrainConfig(**{**cfg, "epochs": 8}), run, resume=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    fixed = dict(cfg, schedule="multistep", milestones=[2])
+    train(TrainConfig(**{**fixed, "until_epoch": 3}), tmp_path / "fixed")
+    assert train(TrainConfig(**{**fixed, "epochs": 8}), tmp_path / "fixed",
+                 resume=True)["epoch"] == 8

@@ -168,6 +168,23 @@ def test_finished_runs_with_other_overrides_are_refused(tmp_path, monkeypatch):
                        overrides={**TINY, "bias": False})
 
 
+def test_an_interrupted_cosine_run_is_not_resumed_with_other_epochs(tmp_path, monkeypatch):
+    """Resumed, its checkpointed cosine kept the old length (lr 0 at the old end, then rising
+    again) while config.json said the new one, and the report mixed it with fresh runs.
+    Refused before any run of the experiment trains."""
+    out = tmp_path / "exp"
+    cosine = {**TINY, "schedule": "cosine", "epochs": 4}
+    run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False,
+                   overrides={**cosine, "until_epoch": 2, "eval_every": 1})
+    import gnc.experiments as experiments
+
+    monkeypatch.setattr(experiments, "Trainer", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"cannot resume .*fixed/seed1 with epochs=6: its "
+                                         "cosine schedule spans the 4 epochs"):
+        run_experiment("ufm10", out, seeds=2, methods=["fixed"], report=False,
+                       overrides={**cosine, "epochs": 6})
+
+
 def test_seeds_must_be_positive_and_configs_valid_before_training(tmp_path):
     for seeds in (0, -2, 99999999999):  # the last: a plan of 10^11 runs, built forever
         with pytest.raises(ValueError, match=rf"Expected `seeds` in \[1, 1000\], but got {seeds}"):

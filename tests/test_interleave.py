@@ -465,6 +465,11 @@ def test_killed_streams_experiment_resumes_every_run(tmp_path, sig, sequential_u
     for m in METHODS:
         for s in (1, 2):
             assert untimed(run_dir(out, m, s)) == untimed(run_dir(seq, m, s)), (m, s)
+    if sig == signal.SIGKILL:  # and once more, all done: nothing to train (it failed on
+        before = {p: p.read_bytes() for p in out.glob("*/seed*/metrics.jsonl")}  # no device)
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr
+        assert {p: p.read_bytes() for p in out.glob("*/seed*/metrics.jsonl")} == before
 
 
 def test_the_cli_offers_streams_and_starts_no_fork_server_without_a_report(monkeypatch):

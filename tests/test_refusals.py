@@ -458,6 +458,43 @@ def _ctrl_c_as_at_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _fork_server_of(pid: int) -> int | None:
+    """The pid of a child of ``pid`` running multiprocessing's fork server, or None."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"forkserver" in cmdline:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_ctrl_c_while_the_fork_server_imports_is_one_line(tmp_path):
+    """``gnc experiment --jobs 2``: the workers' fork server starts while the command line is
+    parsed and imports torch for a few seconds. A Ctrl-C to the process group then (the
+    terminal signals every process in it) printed the server's KeyboardInterrupt traceback
+    beside "gnc: interrupted"; it now starts with SIGINT ignored."""
+    argv = [sys.executable, "-m", "gnc", "experiment", "ufm10", "--seeds", "2", "--jobs", "2",
+            "--epochs", "100000", *TINY_UFM, "--device", "cpu", "--out", str(tmp_path / "x")]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=_ctrl_c_as_at_a_terminal,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    server = None
+    while server is None and time.monotonic() < deadline and proc.poll() is None:
+        server = _fork_server_of(proc.pid)
+        time.sleep(0.01)
+    assert server is not None, "no fork server started"
+    time.sleep(0.3)  # inside its imports (torch takes seconds here)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "gnc: interrupted", err
+
+
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     """SIGINT while ``python -m gnc train`` imports torch: "gnc: interrupted", exit 130, no
     traceback. Before gnc's code runs (the interpreter starting, runpy importing the package:

@@ -27,7 +27,7 @@ from gnc.jobs import (
     threads_per_job,
 )
 from gnc.rundir import has_checkpoint, is_done, mark_done, read_config, stopped_after
-from gnc.training import RESUMABLE_KEYS, Trainer, drain
+from gnc.training import RESUMABLE_KEYS, Trainer, check_run_length, drain
 
 if TYPE_CHECKING:
     import torch
@@ -250,6 +250,9 @@ def _check_existing_run(path: Path, cfg: TrainConfig) -> None:
     elif has_checkpoint(path):
         why = _config_mismatch(path, cfg, RESUMABLE_KEYS)
         state = "interrupted"
+        started = read_config(path, "reuse").get("epochs") if why is None else None
+        if isinstance(started, int) and started != cfg.epochs:
+            check_run_length(path, cfg, started)  # before any run of the experiment starts
     else:
         return
     if why is not None:
@@ -485,6 +488,8 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
     for path, cfg in plan:
         if _done(path, cfg):
             logger.info("%s: finished, skipped", path)
+    if not todo:  # a rerun after the end (killed in its report, say): the report alone
+        return
     names = [path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
              for path, _ in todo]
     show = any(cfg.progress for _, cfg in plan)

@@ -110,7 +110,20 @@ def prestart(preload: Sequence[str] = PRELOAD) -> None:
     from multiprocessing import forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
-    forkserver.ensure_running()
+    # started with SIGINT ignored (kept across its exec): a Ctrl-C to the process group
+    # while it imports torch printed its KeyboardInterrupt traceback beside our one line
+    # (multiprocessing ignores SIGINT there only after the imports); the workers it forks
+    # restore the default handler (_worker). Where SIGINT cannot be set (not the main
+    # thread), as before.
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        forkserver.ensure_running()
+        return
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def threads_per_job(jobs: int) -> int:
@@ -200,6 +213,8 @@ def _worker(tasks, results, parent: int, threads: int, env: dict, cwd: str,
     """A worker: runs the tasks read from ``tasks`` until None; sends "ready", then per task
     its progress and log records and "done"/"failed" through ``results``."""
     global _to_parent
+    # the fork server ignores SIGINT (prestart): Ctrl-C raises KeyboardInterrupt here again
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _to_parent = channel = _Channel(results)
         channel.send(("ready",))

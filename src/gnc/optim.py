@@ -25,6 +25,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_optimizer_state",
+    "schedule_spans_the_run",
 ]
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -287,6 +288,17 @@ def build_scheduler(
             final_div_factor=ONECYCLE_FINAL_DIV_FACTOR, three_phase=True,
         )
     return sched.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+
+def schedule_spans_the_run(name: str | None, *, milestones: Sequence[int] | None = None,
+                           step_size: int | None = None) -> bool:
+    """Whether the schedule ``name`` (:func:`build_scheduler`) takes its shape from the run's
+    length: cosine and onecycle always, step and multistep when their decays are left to
+    their defaults. A run with such a schedule cannot be resumed with other ``epochs``: its
+    checkpointed schedule keeps the length it started with."""
+    if name in ("cosine", "onecycle"):
+        return True
+    return (name == "step" and step_size is None) or (name == "multistep" and milestones is None)
 
 
 def check_optimizer_state(optimizer: Optimizer) -> None:

@@ -68,6 +68,7 @@ from gnc.optim import (
     build_optimizer,
     build_scheduler,
     check_optimizer_state,
+    schedule_spans_the_run,
 )
 from gnc.rundir import (
     CheckpointError,
@@ -263,10 +264,8 @@ class Trainer:
             raise ValueError(f"cannot resume {self.out}: the configuration differs in "
                              f"{', '.join(changed)}")
         started = ckpt["config"].get("epochs", self.cfg.epochs)
-        if self.cfg.schedule in PER_STEP_SCHEDULES and started != self.cfg.epochs:
-            raise ValueError(  # its length is fixed when the run starts: it cannot be extended
-                f"cannot resume {self.out} with epochs={self.cfg.epochs}: its {self.cfg.schedule} "
-                f"schedule spans the {started} epochs it was started with")
+        if started != self.cfg.epochs:
+            check_run_length(self.out, self.cfg, started)
         if ckpt["epoch"] > self.cfg.epochs:  # before anything is written (config.json too)
             raise ValueError(f"{self.out} has trained {ckpt['epoch']} epochs; --epochs "
                              f"{self.cfg.epochs} is fewer")
@@ -536,6 +535,20 @@ class Trainer:
                 self.writer.close()
             self._lock.release()
         return row
+
+
+def check_run_length(run_dir: Path, cfg: TrainConfig, started: int) -> None:
+    """Refuse to resume the run at ``run_dir``, started with ``started`` epochs, with
+    ``cfg.epochs`` when its schedule takes its shape from the length
+    (:func:`gnc.optim.schedule_spans_the_run`): the checkpointed schedule would keep the old
+    length (a cosine at 0 at epoch ``started``, then rising again), so the run would be
+    neither the one it started as nor one of ``cfg.epochs`` epochs."""
+    if schedule_spans_the_run(cfg.schedule, milestones=cfg.milestones,
+                              step_size=cfg.step_every):
+        raise ValueError(
+            f"cannot resume {run_dir} with epochs={cfg.epochs}: its {cfg.schedule} schedule "
+            f"spans the {started} epochs it was started with (--until-epoch stops a run "
+            "early; delete the run to redo it)")
 
 
 def drain(steps: Generator[None, None, dict]) -> dict:
