@@ -575,3 +575,30 @@ def test_runs_of_different_tasks_are_reported_with_a_warning(tmp_path, caplog):
     rng = np.random.default_rng(9)
     write_run(tmp_path / "same" / "standard" / "seed1", "standard", 1, rng)
     assert "Warning" not in make_report(tmp_path / "same", machine="m").read_text()
+
+
+def test_a_report_waits_for_another_writer_of_its_folder(exp, tmp_path, caplog):
+    """`gnc report` beside an experiment writing its own report into the same folder: the
+    last writer won, whatever it had read (a partial report left after the experiment's
+    final one). One writer at a time now: the later waits, then reads the runs."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    root, _ = exp
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from gnc.rundir import run_lock
+        with run_lock({str(root)!r}):
+            print("held", flush=True)
+            time.sleep(2.0)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    make_report(root, machine="m")
+    assert time.monotonic() - t0 > 1.0  # it waited for the holder
+    assert proc.wait(timeout=30) == 0
+    assert "in use by another gnc process" in caplog.text and "waiting for it" in caplog.text
+    assert (root / "report.md").exists()

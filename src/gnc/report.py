@@ -58,6 +58,7 @@ from gnc.rundir import (
     read_config,
     read_margins,
     read_metrics,
+    run_lock,
 )
 
 logger = logging.getLogger(__name__)
@@ -735,8 +736,22 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
     out = Path(out_dir) if out_dir is not None else root
     if out.exists() and not out.is_dir():
         raise ValueError(f"Expected the report's output {out} to be a directory, but it is a file")
-    runs, skipped = scan_runs(root, unfinished=unfinished)
+    scan_runs(root, unfinished=unfinished)  # its errors before the folder is made
     out.mkdir(parents=True, exist_ok=True)
+    # one report of an experiment at a time (its own, a `gnc report` run beside it): the
+    # later waits, then reads the runs as the earlier left them. The lock is the experiment
+    # folder's: an --out such as docs/results/<preset> gets no .lock file
+    with run_lock(root, create=False, wait=True):
+        return _write_report(root, out, *scan_runs(root, unfinished=unfinished), title=title,
+                             table_epochs=table_epochs, command=command, machine=machine,
+                             notes=notes, preset_config=preset_config, jobs=jobs)
+
+
+def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped: list[str],
+                  *, title: str | None, table_epochs: tuple[int, int] | None,
+                  command: str | None, machine: str | None, notes: str | None,
+                  preset_config: Mapping | None, jobs: int) -> Path:
+    """:func:`make_report`'s writing, with the folder locked and the runs scanned."""
     title = title or f"Experiment report: {root.resolve().name}"
     changed = overrides(runs, preset_config) if preset_config is not None else []
     if changed:

@@ -654,10 +654,11 @@ class RunLock:
     def held(self) -> bool:
         return self.key is not None
 
-    def acquire(self, *, create: bool = True) -> RunLock:
+    def acquire(self, *, create: bool = True, wait: bool = False) -> RunLock:
         """Take the lock (``create``: make the directory first; without it a missing
         directory is not locked: there is nothing to protect); :class:`RunLockedError`
-        naming the holder's PID when another process holds it."""
+        naming the holder's PID when another process holds it, or with ``wait``, wait
+        for it (a report into the same folder: the later one reads what the earlier wrote)."""
         if self.key is not None or (not create and not self.run_dir.is_dir()):
             return self
         import fcntl  # POSIX only, like the rest of the run-directory handling
@@ -682,9 +683,17 @@ class RunLock:
         except BlockingIOError:
             f.seek(0)
             pid = f.read(32).strip() or "unknown"
-            f.close()
-            raise RunLockedError(f"{self.run_dir} is in use by another gnc process (PID {pid}); "
-                                 "wait for it or use another --out") from None
+            if not wait:
+                f.close()
+                raise RunLockedError(f"{self.run_dir} is in use by another gnc process "
+                                     f"(PID {pid}); wait for it or use another --out") from None
+            logger.warning("%s is in use by another gnc process (PID %s): waiting for it",
+                           self.run_dir, pid)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            except BaseException:
+                f.close()
+                raise
         except BaseException:
             f.close()
             raise
@@ -708,13 +717,14 @@ class RunLock:
 
 
 @contextmanager
-def run_lock(run_dir: str | Path, *, create: bool = True) -> Iterator[RunLock]:
+def run_lock(run_dir: str | Path, *, create: bool = True, wait: bool = False
+             ) -> Iterator[RunLock]:
     """Hold an exclusive lock on ``run_dir`` (``fcntl.flock(LOCK_EX | LOCK_NB)`` on
     ``RUN/.lock``, which records the holder's PID) for the block: one writer per run
     directory. A second process gets :class:`RunLockedError` ("RUN is in use by another gnc
     process (PID N); wait for it or use another --out"). The OS releases the lock when its
     process dies, however it dies; ``.lock`` itself stays (it is never a result)."""
-    lock = RunLock(run_dir).acquire(create=create)
+    lock = RunLock(run_dir).acquire(create=create, wait=wait)
     try:
         yield lock
     finally:
