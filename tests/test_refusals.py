@@ -4,6 +4,7 @@ typed config values, Ctrl-C during start-up. Each is one line (exit 2) and chang
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -258,7 +259,12 @@ def _image_tree(root: Path, bad: str | None = None) -> Path | None:
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
                     root / split / cls / f"{i}.png")
     target = root / "train" / "b" / "z.jpg"
-    if bad == "text":
+    if bad == "fifo":  # opening it waited for a writer forever (Ctrl-C could not end it)
+        os.mkfifo(target)
+    elif bad == "loop":  # ImageFolder follows it: b's images again as a's, silently
+        target = root / "train" / "a" / "up"
+        target.symlink_to("..")
+    elif bad == "text":
         target.write_text("not an image")
     elif bad == "empty":
         target.write_bytes(b"")
@@ -271,6 +277,8 @@ def _image_tree(root: Path, bad: str | None = None) -> Path | None:
 
 @pytest.mark.parametrize("bad,match", [("text", "is not a readable image"),
                                        ("empty", "is not a readable image"),
+                                       ("fifo", "is not a regular file"),
+                                       ("loop", "is a symbolic link to .*, a folder above it"),
                                        ("size", "is 8x9 pixels, but the dataset's images are "
                                         "8x8")])
 def test_bad_images_fail_before_the_run_directory(tmp_path, bad, match):
@@ -278,10 +286,14 @@ def test_bad_images_fail_before_the_run_directory(tmp_path, bad, match):
     cfg = TrainConfig(dataset=f"imagefolder:{tmp_path / 'imgs'}", model="mlp", width=8,
                       epochs=1, batch_size=4, progress=False, device="cpu",
                       data_on_device="off")
-    with pytest.raises(ImageDecodeError, match=match) as err:
+    with pytest.raises(ValueError, match=match) as err:
         Trainer(cfg, tmp_path / "run")
     assert str(target) in str(err.value)
     assert not (tmp_path / "run").exists()
+    if bad == "fifo":  # the device path reads every file too
+        with pytest.raises(ImageDecodeError, match=match):
+            Trainer(dataclasses.replace(cfg, data_on_device="on"), tmp_path / "run")
+        assert not (tmp_path / "run").exists()
     # CIFAR-10's JPEG folders are read by the same code
     data_dir = tmp_path / "data"
     for split in ("train", "test"):
@@ -292,6 +304,33 @@ def test_bad_images_fail_before_the_run_directory(tmp_path, bad, match):
     (data_dir / "cifar10-jpg" / "test" / "c3" / "1.jpg").write_bytes(b"")
     with pytest.raises(ImageDecodeError, match="c3/1.jpg is not a readable image"):
         load_dataset("cifar10", data_dir=data_dir)
+
+
+def test_a_one_class_image_folder_fails_before_the_run_directory(tmp_path):
+    """--method standard took it and failed at the first evaluation (the NC metrics need two
+    classes), after the run directory was made."""
+    _image_tree(tmp_path / "imgs")
+    for split in ("train", "test"):
+        for f in (tmp_path / "imgs" / split / "b").iterdir():
+            f.unlink()
+        (tmp_path / "imgs" / split / "b").rmdir()
+    cfg = TrainConfig(dataset=f"imagefolder:{tmp_path / 'imgs'}", model="mlp", width=8,
+                      epochs=1, batch_size=2, progress=False, device="cpu", method="standard")
+    with pytest.raises(ValueError, match="has 1 class: a classifier needs 2 or more"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_image_tree_without_a_test_split_says_so(tmp_path, caplog):
+    _image_tree(tmp_path / "imgs")
+    for f in (tmp_path / "imgs" / "test").rglob("*.png"):
+        f.unlink()
+    for d in (tmp_path / "imgs" / "test").iterdir():
+        d.rmdir()
+    (tmp_path / "imgs" / "test").rmdir()
+    bundle = load_dataset(f"imagefolder:{tmp_path / 'imgs'}")
+    assert bundle.test is None
+    assert "no test split" in caplog.text and "no test metrics" in caplog.text
 
 
 @pytest.mark.parametrize("field,value,match", [

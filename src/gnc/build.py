@@ -27,11 +27,15 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_data(cfg: TrainConfig, *, augment: bool | None = None) -> DatasetBundle:
     """The dataset of ``cfg`` (training augmentation as ``cfg.augment`` unless given)."""
-    return load_dataset(
+    bundle = load_dataset(
         cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed,
         augment=cfg.augment if augment is None else augment, imbalance=cfg.imbalance,
         label_noise=cfg.label_noise, **cfg.dataset_options,
     )
+    if bundle.num_classes < 2:  # every head and the NC metrics need two (else: at the first
+        raise ValueError(  # evaluation, after the run directory was made)
+            f"dataset {cfg.dataset} has {bundle.num_classes} class: a classifier needs 2 or more")
+    return bundle
 
 
 def build_model(cfg: TrainConfig, bundle: DatasetBundle,

@@ -29,6 +29,7 @@ import hashlib
 import io
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,9 +181,21 @@ def _decode(path: str, data: bytes, prefix: Sequence) -> np.ndarray:
     return np.asarray(img)
 
 
+def check_regular_file(path: str) -> None:
+    """:class:`ImageDecodeError` unless ``path`` is a regular file (after links): opening a
+    FIFO named ``*.jpg`` waited forever for a writer, and Ctrl-C could not end it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise ImageDecodeError(f"{path} cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ImageDecodeError(f"{path} is not a regular file (a pipe, device or socket)")
+
+
 def header_size(path: str) -> tuple[int, int]:
     """(height, width) of the image file ``path`` from its header alone (``Image.open`` reads
     no pixels); :class:`ImageDecodeError` naming it when it is not an image."""
+    check_regular_file(path)
     try:
         with Image.open(path) as im:
             return im.height, im.width
@@ -216,6 +229,7 @@ def check_image_headers(paths: Sequence[str], size: tuple[int, int] | None = Non
 
 
 def _read(path: str) -> bytes:
+    check_regular_file(path)
     with open(path, "rb") as f:
         return f.read()
 

@@ -45,6 +45,8 @@ among the transforms :mod:`gnc.data.device` performs: these sets take the PIL pa
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +56,8 @@ from torch.utils.data import Dataset
 
 from .base import DatasetBundle, DatasetNotFoundError, as_long
 from .device import check_image_headers, header_size
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from torchvision import transforms as T
@@ -314,6 +318,23 @@ def load_imagefolder(
     )
 
 
+def check_no_link_loops(samples: Sequence[tuple[str, int]], root: Path) -> None:
+    """``ValueError`` naming a symbolic link, inside ``root``, to a folder at or above
+    itself: ``ImageFolder`` follows links, so ``cat/up -> ..`` counted every other class's
+    images again as cats, silently."""
+    seen: set[str] = set()
+    for folder in sorted({os.path.dirname(p) for p, _ in samples}):
+        part = Path(folder)
+        while part != root and str(part) not in seen and root in part.parents:
+            seen.add(str(part))
+            if part.is_symlink():
+                target = part.resolve()
+                if target == part.parent.resolve() or target in part.parent.resolve().parents:
+                    raise ValueError(f"{part} is a symbolic link to {target}, a folder above "
+                                     "it: its images would be read again under its class")
+            part = part.parent
+
+
 def _folder_bundle(
     name: str,
     train_dir: Path,
@@ -333,6 +354,12 @@ def _folder_bundle(
     tvd = _datasets()
     train = tvd.ImageFolder(str(train_dir), transform=train_tf)
     test = tvd.ImageFolder(str(test_dir), transform=test_tf) if test_dir.is_dir() else None
+    if test is None:
+        logger.warning("%s: no test split (%s is not a folder): no test metrics", name,
+                       test_dir)
+    check_no_link_loops(train.samples, train_dir)
+    if test is not None:
+        check_no_link_loops(test.samples, test_dir)
     if check_files:
         paths = [p for p, _ in train.samples] + ([p for p, _ in test.samples] if test else [])
         check_image_headers(paths, tuple(in_shape[1:]) if same_size else None)
