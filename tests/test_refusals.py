@@ -306,6 +306,45 @@ def test_bad_images_fail_before_the_run_directory(tmp_path, bad, match):
         load_dataset("cifar10", data_dir=data_dir)
 
 
+def _mnist_files(root: Path, damage: str) -> None:
+    """MNIST's four idx files of 20 images each under ``root/mnist/MNIST/raw``, damaged."""
+    import struct
+
+    def idx(dims, payload=b"", kind=8):
+        return struct.pack(">BBBB", 0, 0, kind, len(dims)) + b"".join(
+            struct.pack(">I", d) for d in dims) + payload
+
+    rng = np.random.default_rng(0)
+    n, raw = 20, root / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    files = {}
+    for prefix in ("train", "t10k"):
+        files[f"{prefix}-images-idx3-ubyte"] = idx(
+            [n, 28, 28], rng.integers(0, 255, n * 784, dtype=np.uint8).tobytes())
+        files[f"{prefix}-labels-idx1-ubyte"] = idx([n], labels.tobytes())
+    if damage == "junk":
+        files = dict.fromkeys(files, b"hello world junk")
+    elif damage == "labels":
+        files["train-labels-idx1-ubyte"] = idx([n], np.full(n, 200, np.uint8).tobytes())
+    elif damage == "fewer labels":
+        files["train-labels-idx1-ubyte"] = idx([12], labels[:12].tobytes())
+    for name, data in files.items():
+        (raw / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("junk", "missing or corrupted"), ("labels", r"labels in \[200, 200\], not in \[0, 10\)"),
+    ("fewer labels", "20 images but 12 labels")])
+def test_damaged_mnist_files_are_one_line_before_the_run_directory(tmp_path, damage, match):
+    """torchvision checks only that MNIST's files exist: junk was an AssertionError traceback,
+    a label of 200 an index error in the first step (after the run directory was made),
+    fewer labels than images an IndexError or, on the device path, fewer samples silently."""
+    _mnist_files(tmp_path / "data", damage)
+    with pytest.raises(OSError, match=match):  # DatasetNotFoundError: one line in the CLI
+        load_dataset("mnist", data_dir=tmp_path / "data")
+
+
 def test_a_one_class_image_folder_fails_before_the_run_directory(tmp_path):
     """--method standard took it and failed at the first evaluation (the NC metrics need two
     classes), after the run directory was made."""

@@ -152,6 +152,22 @@ def _targets(ds: Dataset) -> torch.Tensor:
     return as_long(labels)
 
 
+def _check_labels(name: str, root: Path, ds: Dataset, num_classes: int) -> None:
+    """A split whose files torchvision read but whose labels are not one per image in
+    [0, num_classes) (a damaged MNIST label file: an index error in the first step, after
+    the run directory was made, or silently fewer samples on the device path)."""
+    labels = _targets(ds)
+    problem = None
+    if len(labels) != len(ds):
+        problem = f"{len(ds)} images but {len(labels)} labels"
+    elif labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+        problem = (f"labels in [{int(labels.min())}, {int(labels.max())}], not in "
+                   f"[0, {num_classes})")
+    if problem:
+        raise DatasetNotFoundError(f"{name} files under {root} are corrupted ({problem}); "
+                                   "replace them or pass --download (download=True)")
+
+
 def load_torchvision(
     name: str, *, data_dir: Path, download: bool = False, augment: bool = True,
     transforms: str = "default",
@@ -218,12 +234,17 @@ def load_torchvision(
         if name == "emnist":
             split["split"] = "balanced"
         try:
-            return cls(str(root), transform=tf, download=download, **split)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            ds = cls(str(root), transform=tf, download=download, **split)
+        # torchvision: "Dataset not found or corrupted" (RuntimeError); MNIST's parser on a
+        # damaged file (it checks only that the files exist): AssertionError, TypeError, ...
+        except (RuntimeError, AssertionError, TypeError, ValueError, IndexError) as err:
+            why = (str(err).strip() or type(err).__name__).splitlines()[0]
             raise DatasetNotFoundError(
-                f"{name} files under {root} are missing or corrupted ({err}); replace them or "
+                f"{name} files under {root} are missing or corrupted ({why}); replace them or "
                 "pass --download (download=True)"
             ) from err
+        _check_labels(name, root, ds, num_classes)
+        return ds
 
     train, test = make(True, train_tf), make(False, test_tf)
     classes = getattr(train, "classes", None)
