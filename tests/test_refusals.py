@@ -345,6 +345,21 @@ def test_damaged_mnist_files_are_one_line_before_the_run_directory(tmp_path, dam
         load_dataset("mnist", data_dir=tmp_path / "data")
 
 
+def test_a_truncated_jpeg_names_itself_when_read(tmp_path):
+    """Cut short after an intact header, it passes the header check (no pixels read) and
+    failed at its first read on the PIL path as "image file is truncated", naming nothing.
+    (Finding it before the run directory would mean decoding every image up front, which
+    the device path does.)"""
+    _image_tree(tmp_path / "imgs")
+    jpg = tmp_path / "imgs" / "train" / "a" / "t.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (8, 8, 3), np.uint8)).save(jpg)
+    jpg.write_bytes(jpg.read_bytes()[:-40])
+    bundle = load_dataset(f"imagefolder:{tmp_path / 'imgs'}")
+    index = [p for p, _ in bundle.train.samples].index(str(jpg))
+    with pytest.raises(ImageDecodeError, match=f"{jpg} is not a readable image .*truncated"):
+        bundle.train[index]
+
+
 def test_a_one_class_image_folder_fails_before_the_run_directory(tmp_path):
     """--method standard took it and failed at the first evaluation (the NC metrics need two
     classes), after the run directory was made."""

@@ -192,6 +192,18 @@ def check_regular_file(path: str) -> None:
         raise ImageDecodeError(f"{path} is not a regular file (a pipe, device or socket)")
 
 
+def load_rgb(path: str) -> Image.Image:
+    """``ImageFolder``'s loader (PIL, converted to RGB), whose failure names the file: a
+    JPEG cut short after an intact header passes :func:`check_image_headers` and failed
+    at its first read as "image file is truncated", naming nothing."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageDecodeError(f"{path} is not a readable image ({text})") from None
+
+
 def header_size(path: str) -> tuple[int, int]:
     """(height, width) of the image file ``path`` from its header alone (``Image.open`` reads
     no pixels); :class:`ImageDecodeError` naming it when it is not an image."""

@@ -55,7 +55,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import DatasetBundle, DatasetNotFoundError, as_long
-from .device import check_image_headers, header_size
+from .device import check_image_headers, header_size, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -373,8 +373,9 @@ def _folder_bundle(
     check_image_headers`): a file that is not an image, or (``same_size``) of a size other
     than ``in_shape``'s, is one error naming it, before any run directory exists."""
     tvd = _datasets()
-    train = tvd.ImageFolder(str(train_dir), transform=train_tf)
-    test = tvd.ImageFolder(str(test_dir), transform=test_tf) if test_dir.is_dir() else None
+    train = tvd.ImageFolder(str(train_dir), transform=train_tf, loader=load_rgb)
+    test = (tvd.ImageFolder(str(test_dir), transform=test_tf, loader=load_rgb)
+            if test_dir.is_dir() else None)
     if test is None:
         logger.warning("%s: no test split (%s is not a folder): no test metrics", name,
                        test_dir)
