@@ -478,3 +478,15 @@ def test_step_kernels_counts_two_kernels_a_newton_schulz_step_in_a_capture(monke
     assert 2 * steps <= implicit[forward] <= 2 * steps + 20
     assert 2 * steps <= implicit[backward] <= 2 * steps + 10
     assert sum(implicit.values()) > sum(standard.values()) > 100 and standard[forward] == 0
+
+
+def test_cli_bench_epoch_of_a_named_file_that_is_missing_is_one_line(tmp_path, capsys):
+    """The random stand-in is for the preset's CIFAR-10 without its files, not for a file
+    the user named: that timed random images and exited 0."""
+    from gnc.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--sizes", "none", "--steps", "none", "--epoch", "digits",
+              "--methods", "standard", "--set", f"dataset=npz:{tmp_path / 'missing.npz'}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("gnc:")]
+    assert exit_.value.code == 2 and len(err) == 1 and "missing.npz" in err[0], err

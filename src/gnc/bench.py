@@ -460,6 +460,8 @@ def _epoch_trainer(preset: str, method: str, device: torch.device, epochs: int,
     try:
         data, note = (load_data(cfg), load_data(cfg, augment=False)), "real data"
     except DatasetNotFoundError:
+        if cfg.dataset != "cifar10":  # a file the user named (npz:, imagefolder:, ...): theirs
+            raise
         per_class = cfg.dataset_options.get("subset")  # a small stand-in when asked for
         sizes = (10 * per_class, 10 * per_class) if per_class else ()
         data, note = synthetic_cifar10(*sizes), "random images of CIFAR's shape"
