@@ -232,3 +232,14 @@ def test_torchrun_entry_point(tmp_path):
     a, b = rows(tmp_path / "ddp")[-1], rows(tmp_path / "single")[-1]
     for key in ("train_loss", "nc1", "top1", "avg_cos_margin"):
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    # again into the finished run, without --resume: rank 0 refuses; rank 1 went on into
+    # DDP's set-up and died there ("Connection closed by peer", a traceback): now one line
+    # each (torchrun then adds its own ChildFailedError report)
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node=2", "-m", "gnc", "train", *args, "--out",
+                            str(tmp_path / "ddp")], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert again.returncode != 0
+    out = again.stdout + again.stderr
+    assert "already holds a run" in out and "refused by rank 0" in out, out
+    assert "Connection closed" not in out and "training.py" not in out, out

@@ -163,10 +163,7 @@ class Trainer:
         self.trust_checkpoint = trust_checkpoint
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
-        if self.dist.is_main and self.out.is_dir():  # another writer: refuse before any work
-            self._lock.acquire(create=False)
-        if not resume and self.dist.is_main:  # refuse before any work, change nothing yet
-            check_fresh_run_dir(self.out, overwrite=overwrite)
+        self._refuse_on_every_rank(resume, overwrite)
         seed_everything(cfg.seed)
         if data is None:
             data = load_data(cfg), load_data(cfg, augment=False)
@@ -223,6 +220,28 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.out / "tb"))
+
+    def _refuse_on_every_rank(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0's checks of the run directory (another writer; a run already there without
+        ``resume``/``overwrite``), before any work and changing nothing; under DDP every
+        rank learns their outcome, so that the others end with one line too (they went on
+        into DDP's set-up and died there with a gloo/NCCL traceback)."""
+        refusal = None
+        if self.dist.is_main:
+            try:
+                if self.out.is_dir():
+                    self._lock.acquire(create=False)
+                if not resume:
+                    check_fresh_run_dir(self.out, overwrite=overwrite)
+            except ValueError as err:
+                refusal = err
+        if self.dist.world_size > 1 and sum_over_ranks([float(refusal is not None)],
+                                                       self.device)[0]:
+            if refusal is None:
+                raise ValueError(f"{self.out}: refused by rank 0 (its error says why)")
+        if refusal is not None:
+            self._lock.release()
+            raise refusal
 
     def release_lock(self) -> None:
         """Give back the run directory's lock (:meth:`fit` does at its end): for a trainer
