@@ -26,8 +26,9 @@ from gnc.jobs import (
     run_many,
     threads_per_job,
 )
+from gnc.optim import check_resume_length
 from gnc.rundir import has_checkpoint, is_done, mark_done, read_config, stopped_after
-from gnc.training import RESUMABLE_KEYS, Trainer, check_run_length, drain
+from gnc.training import RESUMABLE_KEYS, Trainer, drain
 
 if TYPE_CHECKING:
     import torch
@@ -252,7 +253,7 @@ def _check_existing_run(path: Path, cfg: TrainConfig) -> None:
         state = "interrupted"
         started = read_config(path, "reuse").get("epochs") if why is None else None
         if isinstance(started, int) and started != cfg.epochs:
-            check_run_length(path, cfg, started)  # before any run of the experiment starts
+            check_resume_length(path, cfg, started)  # before any run of the experiment starts
     else:
         return
     if why is not None:

@@ -25,6 +25,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_optimizer_state",
+    "check_resume_length",
     "schedule_spans_the_run",
 ]
 
@@ -299,6 +300,20 @@ def schedule_spans_the_run(name: str | None, *, milestones: Sequence[int] | None
     if name in ("cosine", "onecycle"):
         return True
     return (name == "step" and step_size is None) or (name == "multistep" and milestones is None)
+
+
+def check_resume_length(run_dir: object, cfg: Any, started: int) -> None:
+    """Refuse to resume the run at ``run_dir``, started with ``started`` epochs, with
+    ``cfg.epochs`` (a :class:`gnc.config.TrainConfig`) when its schedule takes its shape from
+    the length (:func:`schedule_spans_the_run`): the checkpointed schedule would keep the old
+    length (a cosine at 0 at epoch ``started``, then rising again), so the run would be
+    neither the one it started as nor one of ``cfg.epochs`` epochs."""
+    if schedule_spans_the_run(cfg.schedule, milestones=cfg.milestones,
+                              step_size=cfg.step_every):
+        raise ValueError(
+            f"cannot resume {run_dir} with epochs={cfg.epochs}: its {cfg.schedule} schedule "
+            f"spans the {started} epochs it was started with (--until-epoch stops a run "
+            "early; delete the run to redo it)")
 
 
 def check_optimizer_state(optimizer: Optimizer) -> None:

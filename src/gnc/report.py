@@ -736,15 +736,15 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
     out = Path(out_dir) if out_dir is not None else root
     if out.exists() and not out.is_dir():
         raise ValueError(f"Expected the report's output {out} to be a directory, but it is a file")
-    scan_runs(root, unfinished=unfinished)  # its errors before the folder is made
-    out.mkdir(parents=True, exist_ok=True)
     # one report of an experiment at a time (its own, a `gnc report` run beside it): the
     # later waits, then reads the runs as the earlier left them. The lock is the experiment
     # folder's: an --out such as docs/results/<preset> gets no .lock file
     with run_lock(root, create=False, wait=True):
-        return _write_report(root, out, *scan_runs(root, unfinished=unfinished), title=title,
-                             table_epochs=table_epochs, command=command, machine=machine,
-                             notes=notes, preset_config=preset_config, jobs=jobs)
+        runs, skipped = scan_runs(root, unfinished=unfinished)  # errors: before out is made
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_report(root, out, runs, skipped, title=title, table_epochs=table_epochs,
+                             command=command, machine=machine, notes=notes,
+                             preset_config=preset_config, jobs=jobs)
 
 
 def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped: list[str],

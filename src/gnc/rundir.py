@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from gnc.config import OUTPUT_KEYS, RUNTIME_KEYS, TrainConfig, config_differences
-from gnc.runtime import check_rng_state
+from gnc.runtime import check_rng_state, sum_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -774,6 +774,30 @@ def check_fresh_run_dir(run_dir: Path, *, overwrite: bool) -> None:
     if not overwrite and holds_results(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or "
                          "--overwrite to replace it")
+
+
+def claim_run_dir(run_dir: Path, lock: RunLock, *, resume: bool, overwrite: bool, dist: Any,
+                  device: torch.device) -> None:
+    """Rank 0's checks of ``run_dir`` before any work, changing nothing: another writer
+    (``lock``, taken here when the directory exists), a run already there without ``resume``
+    or ``overwrite`` (:func:`check_fresh_run_dir`). Under DDP (``dist``: the process group's
+    ``is_main`` and ``world_size``) every rank learns the outcome, so the others end with one
+    line too (they went on into DDP's set-up and died there with a gloo/NCCL traceback)."""
+    refusal = None
+    if dist.is_main:
+        try:
+            if run_dir.is_dir():
+                lock.acquire(create=False)
+            if not resume:
+                check_fresh_run_dir(run_dir, overwrite=overwrite)
+        except ValueError as err:
+            refusal = err
+    if dist.world_size > 1 and sum_over_ranks([float(refusal is not None)], device)[0]:
+        if refusal is None:
+            raise ValueError(f"{run_dir}: refused by rank 0 (its error says why)")
+    if refusal is not None:
+        lock.release()
+        raise refusal
 
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:

@@ -68,13 +68,13 @@ from gnc.optim import (
     build_optimizer,
     build_scheduler,
     check_optimizer_state,
-    schedule_spans_the_run,
+    check_resume_length,
 )
 from gnc.rundir import (
     CheckpointError,
     RunLock,
     append_metrics,
-    check_fresh_run_dir,
+    claim_run_dir,
     load_latest_checkpoint,
     load_model_state,
     prepare_run_dir,
@@ -163,7 +163,8 @@ class Trainer:
         self.trust_checkpoint = trust_checkpoint
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
-        self._refuse_on_every_rank(resume, overwrite)
+        claim_run_dir(self.out, self._lock, resume=resume, overwrite=overwrite,
+                      dist=self.dist, device=self.device)
         seed_everything(cfg.seed)
         if data is None:
             data = load_data(cfg), load_data(cfg, augment=False)
@@ -221,28 +222,6 @@ class Trainer:
 
                 self.writer = SummaryWriter(str(self.out / "tb"))
 
-    def _refuse_on_every_rank(self, resume: bool, overwrite: bool) -> None:
-        """Rank 0's checks of the run directory (another writer; a run already there without
-        ``resume``/``overwrite``), before any work and changing nothing; under DDP every
-        rank learns their outcome, so that the others end with one line too (they went on
-        into DDP's set-up and died there with a gloo/NCCL traceback)."""
-        refusal = None
-        if self.dist.is_main:
-            try:
-                if self.out.is_dir():
-                    self._lock.acquire(create=False)
-                if not resume:
-                    check_fresh_run_dir(self.out, overwrite=overwrite)
-            except ValueError as err:
-                refusal = err
-        if self.dist.world_size > 1 and sum_over_ranks([float(refusal is not None)],
-                                                       self.device)[0]:
-            if refusal is None:
-                raise ValueError(f"{self.out}: refused by rank 0 (its error says why)")
-        if refusal is not None:
-            self._lock.release()
-            raise refusal
-
     def release_lock(self) -> None:
         """Give back the run directory's lock (:meth:`fit` does at its end): for a trainer
         that is used without :meth:`fit`."""
@@ -284,7 +263,7 @@ class Trainer:
                              f"{', '.join(changed)}")
         started = ckpt["config"].get("epochs", self.cfg.epochs)
         if started != self.cfg.epochs:
-            check_run_length(self.out, self.cfg, started)
+            check_resume_length(self.out, self.cfg, started)
         if ckpt["epoch"] > self.cfg.epochs:  # before anything is written (config.json too)
             raise ValueError(f"{self.out} has trained {ckpt['epoch']} epochs; --epochs "
                              f"{self.cfg.epochs} is fewer")
@@ -554,20 +533,6 @@ class Trainer:
                 self.writer.close()
             self._lock.release()
         return row
-
-
-def check_run_length(run_dir: Path, cfg: TrainConfig, started: int) -> None:
-    """Refuse to resume the run at ``run_dir``, started with ``started`` epochs, with
-    ``cfg.epochs`` when its schedule takes its shape from the length
-    (:func:`gnc.optim.schedule_spans_the_run`): the checkpointed schedule would keep the old
-    length (a cosine at 0 at epoch ``started``, then rising again), so the run would be
-    neither the one it started as nor one of ``cfg.epochs`` epochs."""
-    if schedule_spans_the_run(cfg.schedule, milestones=cfg.milestones,
-                              step_size=cfg.step_every):
-        raise ValueError(
-            f"cannot resume {run_dir} with epochs={cfg.epochs}: its {cfg.schedule} schedule "
-            f"spans the {started} epochs it was started with (--until-epoch stops a run "
-            "early; delete the run to redo it)")
 
 
 def drain(steps: Generator[None, None, dict]) -> dict:

@@ -65,6 +65,15 @@ class ImageDecodeError(ValueError):
     """An image file that cannot be decoded, or whose size differs from the others."""
 
 
+# what PIL raises for a file that is not a (readable) image
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _not_an_image(path: str, err: BaseException) -> ImageDecodeError:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ImageDecodeError(f"{path} is not a readable image ({text})")
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """The parts of a torchvision transform that the device path performs.
@@ -174,8 +183,8 @@ def _decode(path: str, data: bytes, prefix: Sequence) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             img = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageDecodeError(f"{path} is not a readable image ({err})") from None
+    except UNREADABLE as err:
+        raise _not_an_image(path, err) from None
     for t in prefix:
         img = t(img)
     return np.asarray(img)
@@ -199,9 +208,8 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageDecodeError(f"{path} is not a readable image ({text})") from None
+    except UNREADABLE as err:
+        raise _not_an_image(path, err) from None
 
 
 def header_size(path: str) -> tuple[int, int]:
@@ -211,9 +219,8 @@ def header_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.height, im.width
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageDecodeError(f"{path} is not a readable image ({text})") from None
+    except UNREADABLE as err:
+        raise _not_an_image(path, err) from None
 
 
 _CHECKED: set[int] = set()  # hashes of file lists (with their size) checked in this process
