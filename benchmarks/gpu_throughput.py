@@ -444,6 +444,7 @@ class StreamRun:
                 StaticStep(trainer.model, trainer.optimizer, trainer.cfg.loss, trainer.device),
                 capture=True, graph_factory=_stand_in_graph)
         self.epoch = None  # the running epoch's steps (a generator)
+        self.epoch_ends = 0  # epochs ended (each one's end is host work: loss read, next plan)
         self.peak_mem_mb: float | None = None
 
     @property
@@ -459,11 +460,29 @@ class StreamRun:
                 return
             except StopIteration:
                 self.epoch = None
+                self.epoch_ends += 1
 
     def step(self) -> None:
         """The next step, in the run's turn: the first trains eagerly, the second warms up,
         captures and replays, every later one replays."""
         self.states.run(self._advance)
+
+    def steps_left(self) -> int:
+        """Steps before this run's epoch ends: the step after them ends it and begins the
+        next epoch (0 before the first epoch: its first step begins one)."""
+        static = self.graph.static if self.graph is not None else None
+        if self.epoch is None or static is None or static.plan is None:
+            return 0
+        return static.plan.shape[1] - static.position
+
+    def clear_of_epoch_end(self, steps: int) -> None:
+        """Untimed: if this run's epoch would end within its next ``steps`` steps, run it to
+        the first step of its next epoch, so that those steps hold no end of an epoch. Left
+        as it is when an epoch is too short to hold ``steps`` steps."""
+        left = self.steps_left()
+        if left < steps < self.graph.static.plan.shape[1]:
+            for _ in range(left + 1):
+                self.step()
 
     def epoch_loss(self) -> float:
         """The mean training loss of this epoch's steps so far (reads the device)."""
@@ -534,7 +553,11 @@ def streams_sweep(ns: list[int], device: torch.device, data_dir: str, overrides:
                   stop: Callable[[], bool] | None = None) -> list[dict | str]:
     """Option (a) for each N of ``ns``: N runs in one process (:class:`StreamRuns`, built
     once: the N runs are the first N of a larger N's), each replaying its captured step on
-    its own stream, ``warmup`` then ``rounds`` timed rounds (:func:`round_robin`). Per N:
+    its own stream, ``warmup`` then ``rounds`` timed rounds (:func:`round_robin`); a run
+    whose epoch would end inside them is first run, untimed, into its next epoch
+    (:meth:`StreamRun.clear_of_epoch_end`), so the rate is of training steps, not of N runs'
+    epoch ends at once (``epoch_ends``: those timed all the same, 0 unless an epoch is
+    shorter than ``warmup + rounds``). Per N:
     training images/s in all, ms per step (N = 1: one run's replays one after the other
     through the training loop, the floor of one run), the seconds spent building the runs
     added, each run's allocator peak while it
@@ -551,7 +574,10 @@ def streams_sweep(ns: list[int], device: torch.device, data_dir: str, overrides:
                 t0 = time.perf_counter()
                 runs = pool.grow(n)
                 build_s = time.perf_counter() - t0
+                for run in runs:  # the timed steps: steps, not some runs' epoch ends
+                    run.clear_of_epoch_end(warmup + rounds)
                 round_robin(runs, warmup, device)
+                ends = sum(r.epoch_ends for r in runs)
                 seconds = round_robin(runs, rounds, device)
                 batch = runs[0].graph.static.batch_size
                 records.append({
@@ -559,6 +585,7 @@ def streams_sweep(ns: list[int], device: torch.device, data_dir: str, overrides:
                     "ms_per_step": 1e3 * seconds / (n * rounds), "rounds": rounds,
                     "build_s": build_s, "peak_mem_mb": [r.peak_mem_mb for r in runs],
                     "replays": sum(r.graph.replays for r in runs),
+                    "epoch_ends": sum(r.epoch_ends for r in runs) - ends,
                     "not_captured": [r.graph.failed or "never captured (an epoch shorter "
                                      "than the warm-up)" for r in runs
                                      if r.graph.failed or not r.graph.captures],

@@ -288,7 +288,23 @@ def test_streams_two_runs_in_one_process_on_the_cpu(gpu_throughput, tmp_path, mo
         a, b = (list(r.trainer.model.parameters()) for r in runs)
         assert not any(torch.equal(p, q) for p, q in zip(a, b, strict=True))
         assert not torch.equal(runs[0].states.rng[0], runs[1].states.rng[0])
+        # 4 steps an epoch: the steps to time are cleared of the epoch's end, untimed
+        assert [r.epoch_ends for r in runs] == [1, 1] and runs[0].steps_left() == 3
+        runs[0].clear_of_epoch_end(3)
+        assert runs[0].trainer.step == 5 and runs[0].epoch_ends == 1  # room enough: left
+        runs[1].clear_of_epoch_end(4)
+        assert runs[1].trainer.step == 5  # an epoch cannot hold 4 more steps and a start
+        runs[0].clear_of_epoch_end(2)  # nothing to do
+        gpu_throughput.round_robin(runs[:1], 3, cpu)
+        assert runs[0].epoch_ends == 1 and runs[0].steps_left() == 0
+        runs[0].clear_of_epoch_end(3)
+        assert runs[0].epoch_ends == 2 and runs[0].steps_left() == 3
+        assert runs[0].trainer.step == 9 and runs[0].trainer.epoch == 2
+    record = gpu_throughput.streams(2, cpu, data, TINY, rounds=3, warmup=0)
+    assert record["epoch_ends"] == 0  # each run was moved past its epoch's end first
+    assert record["replays"] == 2 * (1 + 3 + 3)  # the capture's replay, clearing, rounds
     record = gpu_throughput.streams(2, cpu, data, TINY, rounds=1, warmup=0)
+    assert record["epoch_ends"] == 0
     assert record["runs"] == 2 and record["rounds"] == 1 and record["img_per_s"] > 0
     assert record["ms_per_step"] > 0 and record["replays"] == 4 and record["build_s"] > 0
     assert len(record["peak_mem_mb"]) == 2 and record["not_captured"] == []
@@ -296,6 +312,7 @@ def test_streams_two_runs_in_one_process_on_the_cpu(gpu_throughput, tmp_path, mo
     # an epoch of one step leaves no room for the warm-up: never captured, and said so
     short = gpu_throughput.streams(1, cpu, data, {**TINY, "batch_size": 40}, rounds=1,
                                    warmup=0)
+    assert short["epoch_ends"] == 1  # an epoch of one step: its end is in every round
     assert short["not_captured"] == ["never captured (an epoch shorter than the warm-up)"]
 
 
