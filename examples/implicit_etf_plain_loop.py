@@ -47,6 +47,7 @@ def main() -> None:
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            head.after_optimizer_step()  # "standard": unit-norm rows again; ETF heads: nothing
         if epoch % 10 == 0 or epoch == args.epochs:
             # the head is found by itself: the last classifier the forward pass calls
             m = gnc.measure(model, DataLoader(data, batch_size=100))

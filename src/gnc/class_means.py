@@ -167,6 +167,14 @@ class ClassMeanTracker(nn.Module):
 
     def forward(self, features: Tensor, labels: Tensor) -> ClassMeans:
         """Update the running means with a batch and return ``(H̄, μ_G of the batch)``."""
+        if torch.compiler.is_compiling():
+            # Eager inside a compiled model: AOTAutograd recomputes β in the backward from
+            # the counts this update has changed in place (torch 2.11 to 2.14): a wrong
+            # gradient, 2/(t+3) for 2/(t+2).
+            return torch.compiler.disable(type(self)._update)(self, features, labels)
+        return self._update(features, labels)
+
+    def _update(self, features: Tensor, labels: Tensor) -> ClassMeans:
         _check_inputs(features, labels, self.d, self.K)
         dtype = torch.promote_types(features.dtype, self.H_bar_raw.dtype)
         sums, counts = self._batch_sums(features.to(dtype), labels.to(torch.long))
@@ -196,12 +204,16 @@ class ClassMeanTracker(nn.Module):
         return differentiable_sum(sums), all_reduce_sum_(counts)
 
     def _weights(self, counts: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Weights of the batch: per class ``β`` (0 if absent) and for the global mean."""
+        """Weights of the batch: per class ``β`` (0 if absent) and for the global mean.
+
+        Formed in float32 at least, then cast: counts above 65504 are Inf in float16."""
         present, new = counts > 0, self.counts == 0
+        wide = torch.promote_types(dtype, torch.float32)
         if self.update == "ema":
-            alpha = ema_weight(self.t + 1, dtype=dtype)  # t+1: this update's number
+            alpha = ema_weight(self.t + 1, dtype=wide)  # t+1: this update's number
             beta = torch.where(new, torch.ones_like(alpha), alpha).expand(self.K)
-            return torch.where(present, beta, torch.zeros_like(beta)), alpha
-        total = (self.counts + counts).to(dtype)
-        beta = counts.to(dtype) / total.clamp_min(1)
-        return beta, counts.sum().to(dtype) / total.sum()
+            beta = torch.where(present, beta, torch.zeros_like(beta))
+            return beta.to(dtype), alpha.to(dtype)
+        total = (self.counts + counts).to(wide)
+        beta = counts.to(wide) / total.clamp_min(1)
+        return beta.to(dtype), (counts.sum().to(wide) / total.sum()).to(dtype)

@@ -38,11 +38,13 @@ in one place, :func:`resolve_solve`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from gnc.etf import (
     BACKWARDS,
@@ -61,7 +63,7 @@ from gnc.etf import (
 )
 
 __all__ = ["BACKWARDS", "ETF_POLAR_METHODS", "SOLVERS", "SOLVE_DEVICES", "NearestETF",
-           "SolvePlan", "nearest_etf", "resolve_solve"]
+           "SolvePlan", "check_ddn_first_step", "nearest_etf", "resolve_solve"]
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,17 @@ def newton_schulz_backward(
 DDN_KKT_MAX = 8000
 
 
+def check_ddn_first_step(d: int, K: int) -> None:
+    """Refuse a δ = 0 (first-step) ddn backward whose dense KKT system exceeds
+    :data:`DDN_KKT_MAX` unknowns: called before the step changes any state."""
+    n = d * K + K * (K + 1) // 2
+    if n > DDN_KKT_MAX:
+        raise ValueError(
+            f"the ddn backward without `U_prev` (δ = 0, the first step) solves a dense KKT "
+            f"system of {n} unknowns (d·K + K(K+1)/2 for d={d}, K={K}), above the limit "
+            f"{DDN_KKT_MAX}; use backward='closed_form' (the same gradient)")
+
+
 def ddn_backward(
     U: Tensor, H_bar: Tensor, U_prev: Tensor | None, delta: float, G: Tensor
 ) -> Tensor:
@@ -259,11 +272,7 @@ def ddn_backward(
     A[rows, :, b_idx] += U[:, a_idx].T
     if delta == 0.0:
         n = d * K
-        if n + p > DDN_KKT_MAX:
-            raise ValueError(
-                f"the ddn backward without `U_prev` (δ = 0) solves a dense KKT system of "
-                f"{n + p} unknowns, above the limit {DDN_KKT_MAX}; use backward='closed_form'"
-            )
+        check_ddn_first_step(d, K)
         A = A.reshape(p, n)
         KKT = torch.zeros(n + p, n + p, dtype=U.dtype, device=U.device)
         KKT[:n, :n] = torch.kron(torch.eye(d, dtype=U.dtype, device=U.device), H_k)
@@ -305,6 +314,14 @@ def _newton_schulz_solve(C: Tensor, K: int, delta: float, info: dict | None, *,
     return ns
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The solve and its backward in the dtype they chose (float64 for small K, float32
+    above): inside a model's autocast region their products would run in bf16/fp16."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class NearestETF(torch.autograd.Function):
     """``U* = nearest_etf(H_bar, U_prev)`` with a choice of solver and backward.
 
@@ -320,6 +337,14 @@ class NearestETF(torch.autograd.Function):
                 polar_method="auto", ns_fallback=True):
         plan = resolve_solve(solver, backward, polar_method, solve_device, ns_fallback)
         check_nearest_etf_inputs(H_bar, U_prev, delta)
+        if plan.backward == "ddn" and U_prev is None and H_bar.requires_grad:
+            check_ddn_first_step(*H_bar.shape)
+        with _no_autocast(H_bar.device):
+            return NearestETF._solve(ctx, plan, H_bar, U_prev, delta, info)
+
+    @staticmethod
+    def _solve(ctx, plan: SolvePlan, H_bar: Tensor, U_prev: Tensor | None, delta: float,
+               info: dict | None) -> Tensor:
         dtype = compute_dtype(H_bar)
         # Copies, never views: the ddn backward saves them, and the caller may overwrite its
         # U_prev in place after the step (ImplicitETFHead copies U* into its `U` buffer).
@@ -372,9 +397,15 @@ class NearestETF(torch.autograd.Function):
         return U.to(H_bar.dtype)
 
     @staticmethod
+    @once_differentiable  # a second derivative is refused, not silently wrong
     def backward(ctx, G):  # noqa: D102
         if ctx.backward_mode == "none" or not ctx.needs_input_grad[0]:
             return (None,) * 9
+        with _no_autocast(G.device):
+            return (NearestETF._gradient(ctx, G),) + (None,) * 8
+
+    @staticmethod
+    def _gradient(ctx, G: Tensor) -> Tensor:
         if ctx.backward_mode == "closed_form" and ctx.alphas is not None:
             U, P, P_inv, scale = ctx.saved_tensors
             K = U.shape[1]
@@ -386,7 +417,7 @@ class NearestETF(torch.autograd.Function):
         else:
             U, H, Up = ctx.saved_tensors
             grad = ddn_backward(U, H, Up if ctx.has_prev else None, ctx.delta, G.to(U.dtype))
-        return (grad.to(ctx.in_dtype),) + (None,) * 8
+        return grad.to(ctx.in_dtype)
 
 
 def nearest_etf(

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gnc.class_means import ClassMeanTracker, ema_weight, running_average
-from gnc.declarative import nearest_etf, resolve_solve
+from gnc.declarative import check_ddn_first_step, nearest_etf, resolve_solve
 from gnc.etf import canonical_stiefel, check_delta, simplex_etf
 from gnc.runtime import all_reduce_sum_, differentiable_sum, is_distributed
 from gnc.validation import NonFiniteError, all_finite, check_features, value_checks_enabled
@@ -204,8 +204,11 @@ class _ETFHead(Head):
         return F.linear(h - mu_G if self.bias is not None else h, W)
 
     @torch.no_grad()
-    def _store(self, W: Tensor, mu_G_running: Tensor) -> None:
-        self.weight.copy_(W)
+    def _store(self, W: Tensor | None, mu_G_running: Tensor) -> None:
+        """The step's ``W`` (None: unchanged), running ``μ_G``, ``b`` and step count."""
+        if W is not None:  # not W onto itself: that would invalidate an earlier forward's graph
+            self.weight.copy_(W)
+        W = self.weight
         # a non-finite batch (see ClassMeanTracker.forward) keeps the previous μ_G
         self.mu_G.copy_(torch.where(torch.isfinite(mu_G_running).all(), mu_G_running,
                                     self.mu_G))
@@ -276,7 +279,7 @@ class FixedETFHead(_ETFHead):
         h = features.to(self.weight.dtype)
         mu_G = _batch_mean(h)
         alpha = ema_weight(self.num_steps + 1)  # this step's number
-        self._store(self.weight, running_average(self.mu_G, mu_G.detach(), alpha))
+        self._store(None, running_average(self.mu_G, mu_G.detach(), alpha))
         return self._train_logits(h, self.weight, mu_G)
 
     def extra_repr(self) -> str:
@@ -361,6 +364,17 @@ class ImplicitETFHead(_ETFHead):
             return self._eval_logits(features)
         if targets is None:
             raise ValueError("ImplicitETFHead needs `targets` in training mode")
+        if torch.compiler.is_compiling():
+            # Eager inside a compiled model: AOTAutograd recomputes the running-mean weight
+            # β in the backward from the count it has just incremented in place (torch 2.11
+            # to 2.14), which scales the features' gradient by 2/(t+3) instead of 2/(t+2).
+            return torch.compiler.disable(type(self)._train_forward)(self, features, targets)
+        return self._train_forward(features, targets)
+
+    def _train_forward(self, features: Tensor, targets: Tensor) -> Tensor:
+        """A training step of the head: the running means, ``U*``, ``W`` (and the buffers)."""
+        if self.backward == "ddn" and self.num_steps == 0 and torch.is_grad_enabled():
+            check_ddn_first_step(self.d, self.K)  # before the running means change
         h = features.to(self.weight.dtype)
         # The tracker validates labels before it changes any state.
         H_bar, mu_G = self.tracker(h, targets)

@@ -110,15 +110,20 @@ def _check_logits(logits: Tensor, n: int, K: int, values: bool = True) -> None:
         raise NonFiniteError(_NONFINITE["logits"])
 
 
-def _check_classifier(W: Tensor, b: Tensor, K: int, d: int, values: bool = True) -> None:
+def _check_classifier(W: Tensor, b: Tensor | None, K: int, d: int,
+                      values: bool = True) -> Tensor:
+    """Check ``(W, b)``; return ``b``, zeros for ``None`` (a head made with ``bias=False``)."""
     if not isinstance(W, Tensor) or _shape(W) != (K, d):
         got = _shape(W) if isinstance(W, Tensor) else type(W).__name__
         raise ValueError(f"Expected `W` to have shape (K={K}, d={d}), but got {got}")
+    if b is None:
+        b = W.new_zeros(K)
     if not isinstance(b, Tensor) or _shape(b) != (K,):
         got = _shape(b) if isinstance(b, Tensor) else type(b).__name__
         raise ValueError(f"Expected `b` to have shape (K={K},), but got {got}")
     if values and not (all_finite(W) and all_finite(b)):
         raise NonFiniteError(_NONFINITE["classifier"])
+    return b
 
 
 # --------------------------------------------------------------------------- formulas
@@ -610,13 +615,13 @@ class NCStatistics:
         features: Tensor,
         labels: Tensor,
         W: Tensor,
-        b: Tensor,
+        b: Tensor | None,
         logits: Tensor | None = None,
     ) -> None:
         """Pass 2: per-sample cosine margins, NCC mismatches and top-k hits of a batch.
 
         Uses the global μ_c, μ_G of pass 1 (the first call runs :meth:`sync`). ``logits``
-        default to ``features @ W.T + b``.
+        default to ``features @ W.T + b`` (``b=None``: no bias).
 
         Raises:
             ValueError: on invalid inputs (the state is then unchanged) or if pass 1 saw no
@@ -626,7 +631,7 @@ class NCStatistics:
         check_features(features, self.d, rows="N", values=checks)
         n = features.shape[0]
         _check_labels(labels, n, self.K, values=checks)
-        _check_classifier(W, b, self.K, self.d, values=checks)
+        b = _check_classifier(W, b, self.K, self.d, values=checks)
         if logits is not None:
             _check_logits(logits, n, self.K, values=checks)
         self.sync()
@@ -648,14 +653,15 @@ class NCStatistics:
     # ----------------------------------------------------------------------- compute
 
     @torch.no_grad()
-    def compute(self, W: Tensor, b: Tensor) -> dict[str, float | Tensor]:
-        """All NC metrics of the data seen (over all ranks), for the classifier ``(W, b)``.
+    def compute(self, W: Tensor, b: Tensor | None) -> dict[str, float | Tensor]:
+        """All NC metrics of the data seen (over all ranks), for the classifier ``(W, b)``
+        (``b=None``: no bias).
 
         Raises:
             ValueError: on an invalid ``(W, b)``; if pass 2 (:meth:`update_margins`) did not
                 see exactly the samples of pass 1.
         """
-        _check_classifier(W, b, self.K, self.d)
+        b = _check_classifier(W, b, self.K, self.d)
         self.sync()
         pass2 = all_reduce_sum(self._pass2)
         invalid = all_reduce_sum(self._invalid)
@@ -741,10 +747,11 @@ def nc_metrics(
     features: Tensor,
     labels: Tensor,
     W: Tensor,
-    b: Tensor,
+    b: Tensor | None,
     logits: Tensor | None = None,
 ) -> dict[str, float | Tensor]:
-    """NC metrics of ``features`` (N, d) with ``labels`` (N,) for the classifier ``(W, b)``.
+    """NC metrics of ``features`` (N, d) with ``labels`` (N,) for the classifier ``(W, b)``
+    (``b=None``, as ``head.bias`` of a head made with ``bias=False``: no bias).
 
     Runs both passes of :class:`NCStatistics` over the given tensors (``logits`` default to
     ``features @ W.T + b``) and returns its ``compute(W, b)``. Under ``torch.distributed``

@@ -134,7 +134,7 @@ def _fixed_head_train(head: FixedETFHead) -> Callable:
         h = features.to(head.weight.dtype)
         mu_G = h.mean(dim=0)  # one process: the batch's global mean
         alpha = ema_weight(head.steps + 1, dtype=torch.float64)  # this step's number
-        head._store(head.weight, running_average(head.mu_G, mu_G.detach(), alpha))
+        head._store(None, running_average(head.mu_G, mu_G.detach(), alpha))
         return head._train_logits(h, head.weight, mu_G)
 
     return forward

@@ -39,8 +39,11 @@ def all_finite(t: Tensor) -> bool:
 
 
 def value_checks_enabled() -> bool:
-    """False inside :func:`trusted_inputs`."""
-    return _VALUE_CHECKS.get()
+    """False inside :func:`trusted_inputs`, and while ``torch.compile`` or ``torch.export``
+    traces the code: a host read there breaks the graph (``torch.export`` refuses it), and
+    the state the checks protect is kept by on-device checks as well (the running means of
+    :class:`~gnc.class_means.ClassMeanTracker` and the heads' ``μ_G``)."""
+    return _VALUE_CHECKS.get() and not torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager
