@@ -112,6 +112,32 @@ def test_experiment_until_epoch_is_a_prefix_of_the_full_experiment(tmp_path):
         assert [results(r) for r in a] == [results(r) for r in b]
 
 
+def test_a_stopped_run_that_trains_on_is_not_done_until_it_stops_again(tmp_path):
+    """The DONE of `--until-epoch 2` ("stopped after epoch 2") stayed while the run was
+    continued: interrupted at epoch 4, `gnc report` took it as finished there."""
+    from gnc.experiments import _run_steps
+    from gnc.report import scan_runs
+    from gnc.rundir import is_done, stopped_after
+
+    settings = {k: v for k, v in DIGITS.items() if k != "seed"} | {"eval_every": 1}
+    run = tmp_path / "exp" / "fixed" / "seed1"
+    cfg = TrainConfig(**settings, method="fixed", seed=1, until_epoch=2)
+    for _ in _run_steps(run, cfg, False):
+        pass
+    assert stopped_after(run) == 2
+    steps = _run_steps(run, TrainConfig(**settings, method="fixed", seed=1), False)
+    next(steps)  # training on: epoch 3's first step
+    assert not is_done(run)
+    steps.close()  # Ctrl-C
+    assert not is_done(run) and [r["epoch"] for r in rows(run)] == [1, 2]
+    with pytest.raises(ValueError, match="no finished runs"):  # not reported as finished
+        scan_runs(tmp_path / "exp")
+    for _ in _run_steps(run, TrainConfig(**settings, method="fixed", seed=1, until_epoch=4),
+                        False):
+        pass
+    assert stopped_after(run) == 4 and [r["epoch"] for r in rows(run)] == [1, 2, 3, 4]
+
+
 def test_a_resume_that_ends_where_the_run_stopped_evaluates_that_epoch(tmp_path):
     """Stopped at epoch 3 with no evaluation there, then resumed with ``epochs=3`` (a
     schedule that does not take its shape from the length: decays at fixed epochs): the

@@ -165,7 +165,7 @@ def test_a_run_whose_directory_another_process_holds_fails_alone(tmp_path):
          str(locked / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         holder.stdout.readline()  # it holds the lock
-        with pytest.raises(ValueError, match=r"1 of 2 runs failed \(standard/seed1") as err:
+        with pytest.raises(ValueError, match=r"1 of 2 runs failed: standard/seed1 ") as err:
             run_experiment("ufm10", tmp_path, seeds=1, methods=["standard", "implicit"],
                            report=False, jobs=2, jobs_mode="streams",
                            overrides={**UFM, "epochs": 4, "progress": False})
@@ -414,7 +414,7 @@ def test_identical_tells_one_bit():
 
 def test_a_failed_run_does_not_stop_the_others_in_streams(tmp_path):
     out = tmp_path / "exp"
-    with pytest.raises(ValueError, match=r"^1 of 2 runs failed \(standard-unnormalized/seed1"):
+    with pytest.raises(ValueError, match=r"^1 of 2 runs failed: standard-unnormalized/seed1 "):
         run_experiment("ufm10", out, seeds=1, methods=["standard-unnormalized", "standard"],
                        jobs=2, jobs_mode="streams",
                        overrides={"epochs": 4, "eval_every": 2, "lr": 1e6, "progress": False,

@@ -127,7 +127,7 @@ def test_killed_experiment_resumes_every_run(tmp_path, sequential):
 def test_a_failed_run_does_not_stop_the_others(tmp_path, caplog):
     # lr 1e6: the unnormalised features blow up, the normalised ones do not
     out = tmp_path / "exp"
-    with pytest.raises(ValueError, match=r"^1 of 2 runs failed \(standard-unnormalized/seed1"
+    with pytest.raises(ValueError, match=r"^1 of 2 runs failed: standard-unnormalized/seed1 "
                        ) as err:
         run_experiment("ufm10", out, seeds=1, methods=["standard-unnormalized", "standard"],
                        jobs=2, overrides={"epochs": 4, "eval_every": 2, "lr": 1e6,
@@ -137,6 +137,8 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, caplog):
     lines = str(err.value).splitlines()
     assert len(lines) == 2 and lines[1].startswith(
         "  standard-unnormalized/seed1: FloatingPointError: training diverged")
+    # the CLI shows the first line alone: whole, and true
+    assert lines[0].endswith("the others finished); the same command again retries them")
     assert (run_dir(out, "standard", 1) / "DONE").exists()
     assert not (run_dir(out, "standard-unnormalized", 1) / "DONE").exists()
     assert not (out / "report.md").exists()
@@ -176,9 +178,10 @@ def test_run_many_a_dead_worker_fails_its_task_only_and_logs_reach_the_parent(ca
     assert bad.error.startswith("ValueError: invalid literal")
     assert log.ok and warn.ok and threads.result == threads_per_job(1)
     messages = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
-    assert ("gnc.test_jobs", "WARNING", "careful: x") in messages
-    assert any(name == "py.warnings" and "a warning of a worker" in text
-               for name, _, text in messages)
+    # each names the run it came from
+    assert ("gnc.test_jobs", "WARNING", "log: careful: x") in messages
+    assert any(name == "py.warnings" and text.startswith("warn: ")
+               and "a warning of a worker" in text for name, _, text in messages)
     assert ("gnc.jobs", "ERROR", "dies failed: its worker process died (exit status 3)"
             ) in messages
 
@@ -435,3 +438,69 @@ def test_mps_start_interrupted_during_the_probe_stops_the_daemon(tmp_path, monke
     start, stop = calls(record)
     assert start["args"] == "-d" and stop["stdin"] == "quit"
     assert not Path(start["pipe"]).parent.exists()  # its folder removed
+
+
+def test_workers_keep_sigint_as_the_parent_has_it():
+    """Started with SIGINT ignored (a script's background job), the workers ignored it no
+    more: a Ctrl-C to the group ended their runs while the experiment went on."""
+    import signal
+
+    ask = [("handler", signal.getsignal, (signal.SIGINT,))]
+    (default,) = run_many(ask, jobs=1, mode="processes")
+    assert default.result is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        (ignored,) = run_many(ask, jobs=1, mode="processes")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ignored.result is signal.SIG_IGN
+
+
+def test_the_fork_server_can_be_stopped_and_comes_back():
+    """After a Ctrl-C gnc ends the fork server (it went on importing torch, orphaned); a
+    later run_many in the same process starts another."""
+    import time
+    from multiprocessing import forkserver
+
+    from gnc.jobs import start_method, stop_fork_server
+
+    if start_method() != "forkserver":
+        pytest.skip("no fork server on this platform")
+    run_many([("pid", os.getpid, ())], jobs=1, mode="processes")
+    pid = forkserver._forkserver._forkserver_pid
+    stop_fork_server()
+
+    def running() -> bool:  # not ended (a zombie has ended: multiprocessing reaps it)
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and running():
+        time.sleep(0.05)
+    assert not running()
+    (again,) = run_many([("pid", os.getpid, ())], jobs=1, mode="processes")
+    assert again.ok and forkserver._forkserver._forkserver_pid != pid
+
+
+
+def test_a_method_named_twice_is_one_run_and_the_bar_ends_at_until_epoch(tmp_path,
+                                                                         monkeypatch):
+    """`--methods fixed,fixed --jobs 2` gave the one run directory to two workers (one failed
+    on the other's lock); the one bar counted to --epochs under --until-epoch."""
+    bars = []
+    real_bar = jobs.epoch_bar
+
+    def record_bar(total, initial, desc):
+        bars.append((total, initial))
+        return real_bar(0, 0, desc)
+
+    monkeypatch.setattr(jobs, "epoch_bar", record_bar)
+    out = tmp_path / "exp"
+    run_experiment("ufm10", out, seeds=1, methods=["fixed", "fixed", "standard"], jobs=2,
+                   report=False, overrides={"epochs": 6, "until_epoch": 2, "eval_every": 2,
+                                            "feature_dim": 8, "dataset_options": {
+                                                "num_classes": 3, "per_class": 4}})
+    assert sorted(p.parent.name for p in out.glob("*/seed1")) == ["fixed", "standard"]
+    assert bars == [(2 * 2, 0)]  # two runs to epoch 2

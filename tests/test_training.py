@@ -161,6 +161,11 @@ def test_divergence_of_the_loss_is_reported_and_checkpoint_kept(tmp_path, monkey
                        match="training diverged: the loss is .* at epoch 2, step 3 ") as err:
         train(cfg, tmp_path / "bad")
     assert "weights" not in str(err.value) and "last checkpoint is kept" in str(err.value)
+    # before any checkpoint, the message does not promise one
+    calls[:] = [1, 1]
+    with pytest.raises(FloatingPointError, match="at epoch 1, step 1 .*; no checkpoint was "
+                       "written yet$"):
+        train(cfg, tmp_path / "first")
     monkeypatch.undo()
     assert_epoch1_checkpoint_kept(tmp_path / "bad", tmp_path / "ref")
 

@@ -639,8 +639,16 @@ def _command_modules(args: argparse.Namespace) -> tuple[str, ...]:
     return modules + TRAINING_IMPORTS if trains else modules
 
 
+def _stop_fork_server() -> None:
+    """The workers' fork server, if this process started one (:func:`gnc.jobs.prestart`)."""
+    jobs = sys.modules.get("gnc.jobs")
+    if jobs is not None:
+        jobs.stop_fork_server()
+
+
 def _interrupted_at_start_up(signum, frame) -> None:
     os.write(2, b"gnc: interrupted\n")
+    _stop_fork_server()
     os._exit(130)  # nothing is written yet: no clean-up to run
 
 
@@ -697,6 +705,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.func(args)
     except KeyboardInterrupt:
         print("gnc: interrupted", file=sys.stderr)
+        _stop_fork_server()
         sys.exit(130)
     except Exception as err:
         if not _is_user_error(err):

@@ -348,7 +348,7 @@ def run_experiment(
     if preset is None:
         preset, overrides = custom_preset(overrides), None
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    methods = tuple(methods or preset.methods)
+    methods = tuple(dict.fromkeys(methods or preset.methods))  # a method named twice: once
     for m in methods:
         normalizes_features(m)  # raises on an unknown method before any training
     if seeds is not None and not 1 <= seeds <= MAX_SEEDS:
@@ -420,6 +420,11 @@ def _run_steps(path: Path, cfg: TrainConfig, trust_checkpoint: bool,
         mark_done(path)
     else:  # reported at the epochs it reached; a later --until-epoch (or none) continues it
         mark_done(path, f"stopped after epoch {cfg.until_epoch}")
+
+
+def _last_epoch(cfg: TrainConfig) -> int:
+    """The epoch a run of ``cfg`` trains to: ``until_epoch``, else ``epochs``."""
+    return cfg.epochs if cfg.until_epoch is None else min(cfg.until_epoch, cfg.epochs)
 
 
 def _done(path: Path, cfg: TrainConfig) -> bool:
@@ -497,8 +502,9 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
     cuda = any(cfg.device.startswith("cuda") or (cfg.device == "auto" and
                                                  torch.cuda.is_available())
                for _, cfg in todo)
-    progress = {"progress_total": sum(cfg.epochs for _, cfg in plan) if show else 0,
-                "progress_initial": sum(cfg.epochs for path, cfg in plan if _done(path, cfg)),
+    progress = {"progress_total": sum(_last_epoch(cfg) for _, cfg in plan) if show else 0,
+                "progress_initial": sum(_last_epoch(cfg) for path, cfg in plan
+                                        if _done(path, cfg)),
                 "desc": f"{len(plan)} runs, {jobs} at a time"}
     quiet = [(path, dataclasses.replace(cfg, progress=False)) for path, cfg in todo]
     if jobs_mode == "streams":
@@ -529,7 +535,8 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
                             jobs=jobs, mode=jobs_mode, cuda=cuda, **progress)
     failed = [o for o in outcomes if not o.ok]
     if failed:
+        others = "" if len(failed) == len(todo) else "; the others finished"
         raise ValueError(
-            f"{len(failed)} of {len(todo)} runs failed ({', '.join(o.name for o in failed)}; "
-            "the others finished: the same command again retries the failed ones):\n"
+            f"{len(failed)} of {len(todo)} runs failed: {', '.join(o.name for o in failed)} "
+            f"(each one's error is above{others}); the same command again retries them\n"
             + "\n".join(f"  {o.name}: {o.error}" for o in failed))

@@ -203,18 +203,30 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def stop_fork_server() -> None:
+    """End the fork server :func:`prestart` started, if any: after an early Ctrl-C it would
+    go on importing torch (seconds of a core) before it noticed that gnc is gone."""
+    server = sys.modules.get("multiprocessing.forkserver")
+    pid = getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None)
+    if pid:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _worker(tasks, results, parent: int, threads: int, env: dict, cwd: str,
-            level: int) -> None:
+            level: int, sigint_ignored: bool = False) -> None:
     """A worker: runs the tasks read from ``tasks`` until None; sends "ready", then per task
-    its progress and log records and "done"/"failed" through ``results``."""
+    its progress and log records and "done"/"failed" through ``results``. SIGINT as in the
+    parent: ignored if it was started so (a background job of a script), else Ctrl-C."""
     global _to_parent
     # the fork server ignores SIGINT (prestart): Ctrl-C raises KeyboardInterrupt here again
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored
+                  else signal.default_int_handler)
     try:
         _to_parent = channel = _Channel(results)
         channel.send(("ready",))
@@ -377,7 +389,10 @@ def writing_around(bar):
     return write_mode() if write_mode else contextlib.nullcontext()
 
 
-def _handle_log(record: logging.LogRecord, bar) -> None:
+def _handle_log(record: logging.LogRecord, bar, task: str | None = None) -> None:
+    """A worker's log record, as this process's, naming the ``task`` it came from."""
+    if task is not None:
+        record.msg, record.args = f"{task}: {record.getMessage()}", None
     with writing_around(bar):
         logging.getLogger(record.name).handle(record)
 
@@ -441,7 +456,8 @@ def run_many(tasks: Sequence[tuple[str, Callable, tuple]], *, jobs: int, mode: s
         # the parent (_die_with_parent), not by the daemon flag
         proc = ctx.Process(target=_worker, name=f"gnc-job-{slot}", daemon=False,
                            args=(task_out, result_in, os.getpid(), threads,
-                                 {**os.environ, **env}, os.getcwd(), level))
+                                 {**os.environ, **env}, os.getcwd(), level,
+                                 signal.getsignal(signal.SIGINT) is signal.SIG_IGN))
         proc.start()
         task_out.close()  # the worker's ends
         result_in.close()
@@ -471,7 +487,7 @@ def run_many(tasks: Sequence[tuple[str, Callable, tuple]], *, jobs: int, mode: s
         if msg[0] == "progress":
             bar.update(msg[1])
         elif msg[0] == "log":
-            _handle_log(msg[1], bar)
+            _handle_log(msg[1], bar, None if worker.index is None else tasks[worker.index][0])
         elif msg[0] == "ready":
             worker.ready = True
         else:  # "done" / "failed": its next task

@@ -574,6 +574,16 @@ def mark_done(run_dir: str | Path, how: str = "finished") -> None:
     atomic_write_text(Path(run_dir) / "DONE", how + "\n")
 
 
+def clear_done(run_dir: str | Path) -> None:
+    """Remove ``DONE`` (a run that trains on is not complete), durably; nothing if absent."""
+    path = Path(run_dir) / "DONE"
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    _fsync_dir(path.parent)
+
+
 def is_done(run_dir: str | Path) -> bool:
     """Whether ``DONE`` exists: the run finished, or stopped where it was asked to
     (:func:`stopped_after`)."""

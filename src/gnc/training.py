@@ -75,6 +75,8 @@ from gnc.rundir import (
     RunLock,
     append_metrics,
     claim_run_dir,
+    clear_done,
+    has_checkpoint,
     load_latest_checkpoint,
     load_model_state,
     prepare_run_dir,
@@ -411,9 +413,11 @@ class Trainer:
             raise self._diverged(what, step=step if step > 0 else None)
 
     def _diverged(self, what: str, step: int | None = None) -> FloatingPointError:
+        kept = ("the last checkpoint is kept" if has_checkpoint(self.out)
+                else "no checkpoint was written yet")
         return FloatingPointError(
             f"training diverged: {what} at epoch {self.epoch + 1}, step "
-            f"{step or self.step + 1} (try a smaller --lr); the last checkpoint is kept"
+            f"{step or self.step + 1} (try a smaller --lr); {kept}"
         )
 
     def evaluate_epoch(self, row: dict) -> dict:
@@ -500,7 +504,12 @@ class Trainer:
         if steps == 0:
             self._lock.release()
             raise ValueError("the training loader has no batches (batch size above the data?)")
-        bar = (progress_bar or _progress_bar)(total=cfg.epochs * steps, initial=self.epoch * steps,
+        stop = cfg.epochs if cfg.until_epoch is None else cfg.until_epoch
+        if self.epoch < stop and self.dist.is_main:
+            # the run goes on: a DONE of an earlier stop ("stopped after epoch E") no longer
+            # says where it is, and a report must not take it as finished meanwhile
+            clear_done(self.out)
+        bar = (progress_bar or _progress_bar)(total=stop * steps, initial=self.epoch * steps,
                             disable=not (cfg.progress and self.dist.is_main),
                             desc=f"{cfg.method} seed {cfg.seed}")
         t_start = time.perf_counter()
@@ -508,7 +517,6 @@ class Trainer:
         if self.memory is not None:
             self.memory.start()
         try:
-            stop = cfg.epochs if cfg.until_epoch is None else cfg.until_epoch
             if not self._evaluated and self._evaluation_due():  # resumed where it stopped
                 row = self._log_evaluation(self._epoch_stats, t_start)
                 self.save_checkpoint()
