@@ -45,6 +45,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -650,6 +651,18 @@ def save_classifier_record(run_dir: str | Path, record: dict) -> Path:
 # --------------------------------------------------------------------------- run directories
 
 
+def _holder_pid(f) -> str:
+    """The PID in a held lock file; its holder writes it just after taking the lock, so an
+    empty file is read again for up to 0.2 s before the PID is "unknown"."""
+    for _ in range(10):
+        f.seek(0)
+        pid = f.read(32).strip()
+        if pid:
+            return pid
+        time.sleep(0.02)
+    return "unknown"
+
+
 class RunLock:
     """An exclusive ``flock`` on ``RUN/.lock`` (see :func:`run_lock`): :meth:`acquire`,
     :meth:`release`. Within one process the lock is re-entrant (counted per directory)."""
@@ -691,8 +704,7 @@ class RunLock:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            pid = f.read(32).strip() or "unknown"
+            pid = _holder_pid(f)
             if not wait:
                 f.close()
                 raise RunLockedError(f"{self.run_dir} is in use by another gnc process "
