@@ -210,10 +210,13 @@ class ClassMeanTracker(nn.Module):
         present, new = counts > 0, self.counts == 0
         wide = torch.promote_types(dtype, torch.float32)
         if self.update == "ema":
-            alpha = ema_weight(self.t + 1, dtype=wide)  # t+1: this update's number
-            beta = torch.where(new, torch.ones_like(alpha), alpha).expand(self.K)
+            gamma = ema_weight(self.t + 1, dtype=wide)  # t+1: this update's number
+            beta = torch.where(new, torch.ones_like(gamma), gamma).expand(self.K)
             beta = torch.where(present, beta, torch.zeros_like(beta))
-            return beta.to(dtype), alpha.to(dtype)
-        total = (self.counts + counts).to(wide)
-        beta = counts.to(wide) / total.clamp_min(1)
-        return beta.to(dtype), (counts.sum().to(wide) / total.sum()).to(dtype)
+        else:
+            total = (self.counts + counts).to(wide)
+            beta = counts.to(wide) / total.clamp_min(1)
+            gamma = counts.sum().to(wide) / total.sum()
+        if wide != dtype:
+            beta, gamma = beta.to(dtype), gamma.to(dtype)
+        return beta, gamma
