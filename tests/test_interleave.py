@@ -142,6 +142,24 @@ def test_a_failed_run_ends_alone_and_the_next_takes_its_slot(caplog):
     assert logged[1].startswith("d failed: KeyError: 'x'\nTraceback")  # a bug: traceback
 
 
+def warns_in_its_turn(what: str, *, stream=None, progress=None):
+    logging.getLogger("gnc.metrics").warning("NC1 undefined: %s", what)
+    yield
+    logging.getLogger("gnc.metrics").warning("again")
+    return what
+
+
+def test_a_warning_made_in_a_runs_turn_names_the_run(caplog):
+    """As a --jobs worker's forwarded records do: which of the runs in flight warned."""
+    with caplog.at_level(logging.WARNING, logger="gnc.metrics"):
+        run_interleaved([("fixed/seed1", warns_in_its_turn, ("x",)),
+                         ("implicit/seed2", warns_in_its_turn, ("y",))], jobs=2)
+        logging.getLogger("gnc.metrics").warning("outside")
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "fixed/seed1: NC1 undefined: x", "fixed/seed1: again", "implicit/seed2: NC1 undefined: y",
+        "implicit/seed2: again", "outside"]
+
+
 def not_a_generator(*, stream=None, progress=None):
     raise OSError("no such file")
 

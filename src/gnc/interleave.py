@@ -61,6 +61,32 @@ __all__ = ["RunStates", "run_interleaved"]
 
 logger = logging.getLogger(__name__)
 
+_RUN_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("gnc_run_name",
+                                                                       default=None)
+
+
+class _NameTheRun(logging.Filter):
+    """A log record made in a run's turn begins with the run's name (as the records a
+    ``--jobs`` worker forwards do): "fixed/seed2: NC1 undefined: ..."."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = _RUN_NAME.get()
+        if name is not None and getattr(record, "gnc_run", None) is None:
+            record.msg, record.args, record.gnc_run = f"{name}: {record.getMessage()}", None, name
+        return True
+
+
+@contextlib.contextmanager
+def _records_name_their_run() -> Iterator[None]:
+    handlers, name_filter = list(logging.getLogger().handlers), _NameTheRun()
+    for handler in handlers:
+        handler.addFilter(name_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(name_filter)
+
 
 def _rng_states(device: torch.device) -> tuple:
     """The process's RNG states that a run may draw from: torch's CPU and ``device``'s
@@ -145,6 +171,7 @@ def run_interleaved(tasks: Sequence[tuple[str, Callable[..., Generator], tuple]]
     streams: dict[int, torch.cuda.Stream | None] = {}  # slot -> its stream
     active: list[_Run] = []
     bar = epoch_bar(progress_total, progress_initial, desc)
+    stack = contextlib.ExitStack()
 
     def fill() -> None:
         """Start queued tasks in the free slots."""
@@ -154,7 +181,8 @@ def run_interleaved(tasks: Sequence[tuple[str, Callable[..., Generator], tuple]]
             if slot not in streams:
                 streams[slot] = torch.cuda.Stream(device) if device.type == "cuda" else None
             states = RunStates(device, start_rng, streams[slot])
-            _, func, args = tasks[index]
+            name, func, args = tasks[index]
+            states.context.run(_RUN_NAME.set, name)
             try:
                 steps = states.run(functools.partial(func, *args, stream=streams[slot],
                                                      progress=bar.update))
@@ -176,6 +204,7 @@ def run_interleaved(tasks: Sequence[tuple[str, Callable[..., Generator], tuple]]
                          f"\n{tb.rstrip()}" if tb else "")
 
     try:
+        stack.enter_context(_records_name_their_run())
         fill()
         while active:
             for run in list(active):
@@ -204,6 +233,7 @@ def run_interleaved(tasks: Sequence[tuple[str, Callable[..., Generator], tuple]]
         active.clear()
         _set_rng_states(start_rng, device)
         bar.close()
+        stack.close()
         if interrupt is not None:
             raise interrupt
     return outcomes  # type: ignore[return-value]
