@@ -612,3 +612,17 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
         if len(interrupted) >= 4:
             break
     assert len(interrupted) >= 2, interrupted
+
+
+def test_ctrl_c_after_the_command_has_finished_is_no_error(tmp_path):
+    """A Ctrl-C in the seconds of the interpreter's teardown after a finished `gnc train`
+    gave a KeyboardInterrupt traceback from torch's finalizers (exit 0) or a death by SIGINT:
+    once the command has finished, SIGINT is ignored. Here the SIGINT comes right after
+    main() returns, as the program's own `gnc` would."""
+    code = ("import os, signal, sys, time; from gnc.cli import main; "
+            "sys.argv = ['gnc', 'presets']; main(); "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.5); print('after')")
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
+                          text=True, preexec_fn=_ctrl_c_as_at_a_terminal, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "after"

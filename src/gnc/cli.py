@@ -693,6 +693,15 @@ def _prestart_workers(argv: Sequence[str]) -> None:
                  else experiment_preload(report=not args.no_report))
 
 
+def _done_with_sigint() -> None:
+    """The command has finished and written everything: a Ctrl-C in the seconds of the
+    interpreter's teardown (torch's finalizers) would end a successful command with a
+    traceback or a death by SIGINT; from here on it is ignored, and the exit status is 0."""
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to do
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``gnc``: errors are one line on stderr and a non-zero exit; Ctrl-C
     anywhere, the parse and its lazy imports (torch) included, is "gnc: interrupted", 130."""
@@ -703,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for module in _command_modules(args):  # ImportError)
                 importlib.import_module(module)
         args.func(args)
+        if argv is None:  # the program itself, not a caller's main([...])
+            _done_with_sigint()
     except KeyboardInterrupt:
         print("gnc: interrupted", file=sys.stderr)
         _stop_fork_server()
