@@ -1,8 +1,10 @@
+import importlib.util
 import math
 import os
 import signal
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,14 @@ def stop_after_first_checkpoint(cmd: list[str], out: Path, stderr: Path,
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def load_benchmark(script: str, name: str | None = None) -> types.ModuleType:
+    """``benchmarks/SCRIPT.py`` as a module named ``name`` (default ``script``): the
+    benchmarks are scripts, not part of gnc."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(name or script, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from gnc.bench import bench_layer, format_table, parse_sizes, speedups
+from tests.conftest import load_benchmark
 
 
 def test_bench_layer_small_sizes_table_and_speedups():
@@ -167,15 +168,7 @@ TINY = {"width": 4, "batch_size": 10, "dataset_options": {"subset": 4}}
 
 @pytest.fixture(scope="module")
 def gpu_throughput():
-    """benchmarks/gpu_throughput.py as a module (it is a script, not part of gnc)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_throughput.py"
-    spec = importlib.util.spec_from_file_location("gpu_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_throughput")
 
 
 @pytest.fixture
@@ -473,17 +466,11 @@ def test_step_kernels_counts_two_kernels_a_newton_schulz_step_in_a_capture(monke
     """benchmarks/step_kernels.py on a tiny ResNet-18: the implicit head's polar factor and
     its backward's sign iteration run two kernels a step of their schedule when captured (a
     launch-bound graph pays per kernel, not per flop)."""
-    import importlib.util
-    from pathlib import Path
-
     from gnc.etf import newton_schulz_schedule, proximal_lower_bound
     from gnc.experiments import get_preset
 
     monkeypatch.setenv("GNC_CACHE_DIR", str(tmp_path / "cache"))
-    path = Path(__file__).parents[1] / "benchmarks" / "step_kernels.py"
-    spec = importlib.util.spec_from_file_location("step_kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("step_kernels")
     overrides = {"width": 4, "batch_size": 10, "graph_step": True, "data_on_device": "on",
                  "amp": "none", "channels_last": False, "dataset_options": {"subset": 3}}
     standard = module.count("cifar10-resnet18", "standard", overrides)

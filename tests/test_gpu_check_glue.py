@@ -2,7 +2,6 @@
 short budget leaves behind, on the CPU with stand-ins for the parts."""
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -15,17 +14,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.conftest import load_benchmark
+
 BENCH = Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def g():
-    """benchmarks/gpu_throughput.py as a module (it is a script, not part of gnc)."""
-    spec = importlib.util.spec_from_file_location("gpu_throughput_glue",
-                                                  BENCH / "gpu_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/gpu_throughput.py as a module of its own (not test_bench's)."""
+    return load_benchmark("gpu_throughput", "gpu_throughput_glue")
 
 
 CAPTURED_FASTER = {f"{m}/{v}": {"epoch_s": t} for m in ("standard", "fixed", "implicit")

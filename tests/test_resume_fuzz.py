@@ -1,19 +1,14 @@
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def resume_fuzz():
-    """benchmarks/resume_fuzz.py as a module (it is a script, not part of gnc)."""
-    path = Path(__file__).parents[1] / "benchmarks" / "resume_fuzz.py"
-    spec = importlib.util.spec_from_file_location("resume_fuzz", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("resume_fuzz")
 
 
 def test_a_tiny_digits_config_passes_every_check(resume_fuzz, tmp_path):

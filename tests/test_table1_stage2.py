@@ -1,7 +1,6 @@
 """Stage 2 of the GPU check: the plan that fits Table 1's column into a loan
 (benchmarks/table1_stage2.py) and the script's stage 2 on the CPU with tiny sizes."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import load_benchmark
+
 ROOT = Path(__file__).parents[1]
-SCRIPT = ROOT / "benchmarks" / "table1_stage2.py"
 
 
 @pytest.fixture(scope="module")
 def stage2():
-    spec = importlib.util.spec_from_file_location("table1_stage2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("table1_stage2")
 
 
 def stage1(jobs: int = 4, captured: bool = True, mode: str = "processes") -> dict:
