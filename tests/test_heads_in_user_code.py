@@ -163,3 +163,20 @@ def test_a_float16_cma_tracker_keeps_learning_past_65504_samples_a_class():
     tracker(x, y)
     assert not torch.equal(tracker.H_bar_raw, before)
     assert torch.isfinite(tracker.H_bar_raw).all()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("method", ["fixed", "implicit"])
+def test_activation_checkpointing_around_a_head_is_refused(method, reentrant):
+    """torch.utils.checkpoint reran the head's training forward in the backward: its running
+    state moved twice and the gradients were wrong (13–32 %), silently."""
+    from torch.utils.checkpoint import checkpoint
+
+    d, K = 16, 5
+    head = make_head(method, d, K)
+    x, y, _ = next(_batches(1, 20, d, K))
+    x.requires_grad_()
+    out = checkpoint(head, x, y, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="outside torch.utils.checkpoint"):
+        out.sum().backward()
+    head(x, y).sum().backward()  # outside it, as before

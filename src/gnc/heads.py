@@ -198,6 +198,16 @@ class _ETFHead(Head):
     def _eval_logits(self, features: Tensor) -> Tensor:
         return F.linear(features.to(self.weight.dtype), self.weight, self.bias)
 
+    def _check_not_recomputed(self) -> None:
+        """Refuse a training forward run by the autograd engine: activation checkpointing
+        (``torch.utils.checkpoint``) recomputes it in the backward, which would update the
+        running state a second time and give wrong gradients."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                f"{type(self).__name__}'s training forward ran inside a backward pass "
+                "(activation checkpointing recomputes it): it updates running state, like "
+                "BatchNorm; keep the head outside torch.utils.checkpoint")
+
     def _train_logits(self, h: Tensor, W: Tensor, mu_G: Tensor) -> Tensor:
         """``W h + b`` with ``b = −W μ_G`` (μ_G the batch mean, differentiable), or ``W h``
         without bias."""
@@ -276,6 +286,7 @@ class FixedETFHead(_ETFHead):
             return self._eval_logits(features)
         if features.shape[0] == 0:  # its mean is NaN: a step that learns nothing
             raise ValueError("Expected `features` to hold at least one sample, but got B=0")
+        self._check_not_recomputed()
         h = features.to(self.weight.dtype)
         mu_G = _batch_mean(h)
         alpha = ema_weight(self.num_steps + 1)  # this step's number
@@ -373,6 +384,7 @@ class ImplicitETFHead(_ETFHead):
 
     def _train_forward(self, features: Tensor, targets: Tensor) -> Tensor:
         """A training step of the head: the running means, ``U*``, ``W`` (and the buffers)."""
+        self._check_not_recomputed()
         if self.backward == "ddn" and self.num_steps == 0 and torch.is_grad_enabled():
             check_ddn_first_step(self.d, self.K)  # before the running means change
         h = features.to(self.weight.dtype)
