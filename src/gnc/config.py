@@ -190,6 +190,11 @@ class TrainConfig:
     save_classifier: bool = _field(False, "write OUT/classifier/epoch_XXXX.pt (W, b, class "
                                    "means, U) at every evaluation")
 
+    @property
+    def last_epoch(self) -> int:
+        """The epoch this invocation trains to: ``until_epoch``, else ``epochs``."""
+        return self.epochs if self.until_epoch is None else self.until_epoch
+
     def check_types(self) -> None:
         """Raise ``ValueError`` for a field whose value is not of its annotation (one line:
         "Expected `FIELD` to be TYPE, but got VALUE"); see :func:`is_type`."""

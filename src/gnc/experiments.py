@@ -416,15 +416,10 @@ def _run_steps(path: Path, cfg: TrainConfig, trust_checkpoint: bool,
         yield from trainer.fit_steps(None if progress is None else _epoch_feed(cfg, progress))
     finally:  # closed before its first step, fit_steps has nothing to release
         trainer.release_lock()
-    if cfg.until_epoch is None or cfg.until_epoch >= cfg.epochs:
+    if cfg.last_epoch == cfg.epochs:
         mark_done(path)
     else:  # reported at the epochs it reached; a later --until-epoch (or none) continues it
         mark_done(path, f"stopped after epoch {cfg.until_epoch}")
-
-
-def _last_epoch(cfg: TrainConfig) -> int:
-    """The epoch a run of ``cfg`` trains to: ``until_epoch``, else ``epochs``."""
-    return cfg.epochs if cfg.until_epoch is None else min(cfg.until_epoch, cfg.epochs)
 
 
 def _done(path: Path, cfg: TrainConfig) -> bool:
@@ -502,8 +497,8 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
     cuda = any(cfg.device.startswith("cuda") or (cfg.device == "auto" and
                                                  torch.cuda.is_available())
                for _, cfg in todo)
-    progress = {"progress_total": sum(_last_epoch(cfg) for _, cfg in plan) if show else 0,
-                "progress_initial": sum(_last_epoch(cfg) for path, cfg in plan
+    progress = {"progress_total": sum(cfg.last_epoch for _, cfg in plan) if show else 0,
+                "progress_initial": sum(cfg.last_epoch for path, cfg in plan
                                         if _done(path, cfg)),
                 "desc": f"{len(plan)} runs, {jobs} at a time"}
     quiet = [(path, dataclasses.replace(cfg, progress=False)) for path, cfg in todo]

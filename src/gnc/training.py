@@ -504,7 +504,7 @@ class Trainer:
         if steps == 0:
             self._lock.release()
             raise ValueError("the training loader has no batches (batch size above the data?)")
-        stop = cfg.epochs if cfg.until_epoch is None else cfg.until_epoch
+        stop = cfg.last_epoch
         if self.epoch < stop and self.dist.is_main:
             # the run goes on: a DONE of an earlier stop ("stopped after epoch E") no longer
             # says where it is, and a report must not take it as finished meanwhile
