@@ -27,8 +27,9 @@ import torch
 
 from gnc.build import load_data, make_train_loaders
 from gnc.data import set_loader_epoch
-from gnc.evaluation import evaluate, load_run, recompute_statistics
+from gnc.evaluation import evaluate, recompute_statistics
 from gnc.runtime import DistInfo
+from gnc.saved_runs import load_run
 
 KEYS = ("top1", "test_top1", "nc1", "test_nc1")
 

@@ -11,11 +11,11 @@ import torch.distributed as dist
 
 import gnc.runtime as runtime
 import gnc.training as training
-from gnc import rundir
+from gnc.checkpoints import CHECKPOINT_KEYS, CheckpointError, load_checkpoint
 from gnc.cli import build_parser, main
 from gnc.config import TrainConfig
-from gnc.evaluation import evaluate_run
-from gnc.rundir import CheckpointError, atomic_save, load_checkpoint, resolve_data_paths
+from gnc.rundir import atomic_save, resolve_data_paths
+from gnc.saved_runs import evaluate_run
 from gnc.training import Trainer, train
 
 TINY = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 8}, model="ufm",
@@ -63,7 +63,7 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(run, monkeypatch
 
 
 def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
-    ckpt = {k: {} for k in rundir.CHECKPOINT_KEYS} | {"epoch": 1, "step": 1}
+    ckpt = {k: {} for k in CHECKPOINT_KEYS} | {"epoch": 1, "step": 1}
     ckpt["model"] = {"w": torch.ones(3)}
     ckpt["optimizer"] = {"state": {}, "param_groups": []}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [

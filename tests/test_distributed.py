@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gnc.config import TrainConfig
-from gnc.evaluation import evaluate_run
+from gnc.saved_runs import evaluate_run
 from gnc.training import Trainer, train
 
 CFG = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 8}, model="ufm",

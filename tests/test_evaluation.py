@@ -14,9 +14,10 @@ from torch.utils.data import TensorDataset
 
 from gnc.config import TrainConfig
 from gnc.data import make_loader
-from gnc.evaluation import evaluate, evaluate_run, recompute_statistics
+from gnc.evaluation import evaluate, recompute_statistics
 from gnc.heads import ImplicitETFHead, make_head
 from gnc.models import FeatureClassifier, build_backbone
+from gnc.saved_runs import evaluate_run
 from gnc.training import NONFINITE_CHECK_EVERY, Trainer, train
 from gnc.validation import trusted_inputs
 

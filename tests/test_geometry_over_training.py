@@ -9,8 +9,8 @@ import torch
 
 from gnc.config import TrainConfig
 from gnc.etf import simplex_etf
-from gnc.evaluation import evaluate_checkpoints, evaluate_run
 from gnc.rundir import holds_results, prepare_run_dir
+from gnc.saved_runs import evaluate_checkpoints, evaluate_run
 from gnc.training import Trainer, train
 
 ETF_KEYS = ("etf_w_dist", "etf_h_dist", "etf_wh_dist", "etf_w_moved", "etf_h_moved")

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gnc.config import TrainConfig
 from gnc.data import make_loader
-from gnc.evaluation import load_run
 from gnc.measure import WeightsError, find_layers, load_weights, measure
 from gnc.metrics import nc_metrics
+from gnc.saved_runs import load_run
 from gnc.training import train
 from tests.test_cli import assert_one_line_error, run_main
 

@@ -303,7 +303,7 @@ def _separate_mu_G(monkeypatch) -> None:
         return evaluate(*args, **kw)
 
     monkeypatch.setattr(Trainer, "_precise_statistics", precise)
-    monkeypatch.setattr(training, "evaluate", plain_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", plain_evaluate)  # evaluate_splits calls it
 
 
 @pytest.mark.parametrize("method", ["implicit", "fixed"])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gnc.config import TrainConfig
-from gnc.evaluation import evaluate_run
 from gnc.metrics import nc_metrics
 from gnc.rundir import atomic_save
+from gnc.saved_runs import evaluate_run
 from gnc.training import Trainer, train
 
 NC_KEYS = {"nc1", "nc2", "nc2_h", "nc3", "nc4_bias", "ncc_mismatch", "w_equinorm",

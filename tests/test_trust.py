@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from gnc import rundir
+from gnc.checkpoints import CHECKPOINT_KEYS, CheckpointError, load_checkpoint
 from gnc.cli import main
 from gnc.config import TrainConfig
-from gnc.evaluation import evaluate_run
 from gnc.optim import OPTIMIZERS, SCHEDULERS
-from gnc.rundir import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from gnc.rundir import atomic_save, atomic_write_text
 from gnc.runtime import check_rng_state, rng_state, set_rng_state
+from gnc.saved_runs import evaluate_run
 from gnc.training import Trainer, train
 
 TINY = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 8}, model="ufm",
@@ -129,7 +130,7 @@ def test_a_plain_pickle_as_weights_is_one_line_and_never_run(run, tmp_path, caps
 def test_checkpoints_are_read_as_weights_only(run):
     for path in (run / "checkpoints").glob("*.pt"):
         ckpt = torch.load(path, weights_only=True)
-        assert set(ckpt) >= rundir.CHECKPOINT_KEYS
+        assert set(ckpt) >= CHECKPOINT_KEYS
 
 
 def test_an_old_checkpoint_loads_only_when_trusted(run, capsys, caplog):

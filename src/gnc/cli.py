@@ -269,7 +269,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from gnc.evaluation import evaluate_checkpoints, evaluate_run
+    from gnc.saved_runs import evaluate_checkpoints, evaluate_run
 
     if args.all and args.checkpoint is not None:
         raise CLIError("choose one of --checkpoint N (one epoch) and --all (every kept one)")

@@ -13,14 +13,13 @@ batches (BN; bounded to N batches by ``precise_bn_batches``) and one over each s
 comes from the train split's own evaluation (:func:`evaluate` with ``set_global_mean``),
 whose features are computed before any logit needs ``μ_G``.
 
-:func:`nc_two_pass` is the one evaluation loop: the trainer's :func:`evaluate`, ``gnc
-evaluate`` (:func:`evaluate_run`, :func:`evaluate_checkpoints`) and ``gnc.measure`` all
-feed it, so they compute the same numbers the same way.
+:func:`nc_two_pass` is the one evaluation loop: the trainer's :func:`evaluate_splits`, ``gnc
+evaluate`` (:mod:`gnc.saved_runs`) and ``gnc.measure`` all feed it, so they compute the same
+numbers the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -31,28 +30,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gnc.build import build_model, load_data
-from gnc.config import EVAL_STATS, TrainConfig
-from gnc.data import DatasetBundle, check_split, make_loader
+from gnc.config import EVAL_STATS
 from gnc.metrics import NCStatistics, etf_distances
 from gnc.models.classifier import FeatureClassifier
-from gnc.rundir import (
-    append_metrics,
-    checkpoint_of_epoch,
-    kept_checkpoints,
-    load_latest_checkpoint,
-    load_model_state,
-    read_config,
-    resolve_data_paths,
-    run_lock,
-    save_classifier_record,
-)
-from gnc.runtime import all_reduce_mean_, all_reduce_sum_, resolve_device
-from gnc.validation import trusted_inputs
+from gnc.rundir import save_classifier_record
+from gnc.runtime import all_reduce_mean_, all_reduce_sum_
+from gnc.validation import NonFiniteError, trusted_inputs
 
-__all__ = ["EVAL_STATS", "etf_distances_of", "evaluate",
-           "evaluate_checkpoints", "evaluate_run", "load_run", "nc_two_pass", "quantiles",
-           "recompute_statistics", "save_classifier"]
+__all__ = ["EVAL_STATS", "etf_distances_of", "evaluate", "evaluate_splits", "nc_two_pass",
+           "quantiles", "recompute_statistics", "save_classifier"]
 
 MARGIN_QUANTILES = 101  # points of the sorted cosine margins kept per metrics line
 # Pass 2 reads pass 1's features, labels and logits from memory up to this many bytes; above
@@ -317,6 +303,37 @@ def etf_distances_of(geometry: dict, previous: dict | None) -> tuple[dict, dict]
     return etf_distances(geometry["W"].double(), H, previous)
 
 
+def evaluate_splits(model: FeatureClassifier, loaders: dict, K: int, device: torch.device, *,
+                    set_global_mean: bool = False, etf_prev: dict | None = None
+                    ) -> tuple[dict, dict, Tensor, dict]:
+    """The trainer's evaluation: :func:`evaluate` of every split of ``loaders`` ("train"
+    first: with ``set_global_mean`` its features set ``μ_G``), the test split's keys prefixed
+    ``test_``, each split's ``cos_margins`` as :func:`quantiles`, and the train split's ETF
+    distances from ``etf_prev`` (:func:`etf_distances_of`).
+
+    Returns ``(row, the ETF state for the next call, the train split's sorted margins, its
+    geometry)``. NaN/Inf features are a :class:`~gnc.validation.NonFiniteError` naming the
+    split.
+    """
+    row: dict = {}
+    margins, geometry = None, {}
+    for split, loader in loaders.items():
+        geo: dict = {}
+        try:
+            metrics, split_margins = evaluate(model, loader, K, device, geometry=geo,
+                                              set_global_mean=set_global_mean and split == "train")
+        except NonFiniteError as err:
+            raise NonFiniteError(f"the {split} features are NaN/Inf at evaluation") from err
+        prefix = "" if split == "train" else "test_"
+        row.update({prefix + k: v for k, v in metrics.items()})
+        row[prefix + "cos_margins"] = quantiles(split_margins)
+        if split == "train":
+            distances, etf_prev = etf_distances_of(geo, etf_prev)
+            row.update(distances)
+            margins, geometry = split_margins, geo
+    return row, etf_prev or {}, margins, geometry
+
+
 def save_classifier(run_dir: str | Path, head: nn.Module, geometry: dict, epoch: int,
                     split: str = "train") -> Path:
     """Write the classifier and the class means of one evaluation, atomically.
@@ -338,157 +355,3 @@ def save_classifier(run_dir: str | Path, head: nn.Module, geometry: dict, epoch:
 def bn_layers(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers whose running statistics :func:`recompute_statistics` sets."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
-# --------------------------------------------------------------------------- saved runs
-
-
-def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load",
-             checkpoint: int | None = None, trust_checkpoint: bool = False,
-             kept: dict[int, Path] | None = None
-             ) -> tuple[TrainConfig, FeatureClassifier, dict]:
-    """The config, the model and facts of a run's newest readable checkpoint.
-
-    The checkpoint is ``checkpoints/last.pt``, or when that is unreadable the newest readable
-    ``epoch_XXXX.pt`` (with a warning); with ``checkpoint=N`` the one of epoch N (see
-    :func:`gnc.rundir.kept_checkpoints`). Errors are one line starting ``cannot {action}
-    RUN:``. Returns ``(config, model on the device, {"bundle", "epoch", "device"})``.
-    Checkpoints are read as plain data; ``trust_checkpoint`` lets one of an older gnc be
-    unpickled in full (see :func:`gnc.rundir.load_checkpoint`); ``kept``: the
-    :func:`gnc.rundir.kept_checkpoints` of the run, when known.
-
-    Relative data paths (``data_dir`` and the path of ``npz:PATH`` / ``imagefolder:PATH``)
-    are read as the run was: kept when they exist from the current directory, else taken
-    relative to the directory the run was trained from (recorded in its checkpoints), else
-    relative to ``run_dir`` (see :func:`gnc.rundir.resolve_data_paths`). The returned
-    config holds the paths used.
-    """
-    run_dir = Path(run_dir)
-    config = read_config(run_dir, action)
-    if checkpoint is None:
-        ckpt, path = load_latest_checkpoint(run_dir, action, trust_checkpoint=trust_checkpoint)
-    else:
-        if kept is None:
-            kept = kept_checkpoints(run_dir, trust_checkpoint=trust_checkpoint)
-        ckpt = checkpoint_of_epoch(run_dir, checkpoint, action, kept,
-                                   trust_checkpoint=trust_checkpoint)
-        path = kept[checkpoint]
-    cfg = TrainConfig.from_dict(resolve_data_paths(config, run_dir, ckpt.get("cwd")))
-    dev = resolve_device(device)
-    bundle = load_data(cfg, augment=False)
-    model = build_model(cfg, bundle).to(dev)
-    try:  # copies the CPU tensors onto the model's device
-        load_model_state(model, ckpt["model"], path)
-    except ValueError as err:
-        raise type(err)(f"cannot {action} {run_dir}: {err}") from None
-    return cfg, model, {"bundle": bundle, "epoch": ckpt["epoch"], "device": dev}
-
-
-def _evaluate_loaded(run_dir: Path, cfg: TrainConfig, model: FeatureClassifier, info: dict,
-                     split: str, save: bool, previous: dict | None) -> tuple[dict, dict]:
-    """One checkpoint's row (metrics, ETF distances against ``previous``, ``epoch``,
-    ``split``, margin quantiles) and the ETF state for the next one."""
-    bundle = info["bundle"]
-    loader = make_loader(bundle, cfg.eval_batch_size, split=split)
-    geometry: dict = {}
-    metrics, margins = evaluate(model, loader, bundle.num_classes, info["device"],
-                                geometry=geometry)
-    distances, state = etf_distances_of(geometry, previous)
-    if save:
-        save_classifier(run_dir, model.head, geometry, info["epoch"], split)
-    row = {"epoch": info["epoch"], "split": split, **metrics, **distances,
-           "cos_margins": quantiles(margins)}
-    return row, state
-
-
-def _check_has_split(split: str, cfg: TrainConfig, bundle: DatasetBundle) -> None:
-    if split == "test" and bundle.test is None:
-        raise ValueError(f"dataset '{cfg.dataset}' has no test split")
-
-
-def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto", *,
-                 checkpoint: int | None = None, save_classifier: bool = False,
-                 trust_checkpoint: bool = False) -> dict:
-    """NC metrics of a run's newest readable checkpoint on ``split`` (``gnc evaluate``).
-
-    ``checkpoint=N``: the checkpoint of epoch N instead (``--checkpoint N``). Besides the
-    metrics of :func:`evaluate` the result has ``epoch``, ``split``, the ETF distances of
-    :func:`gnc.metrics.etf_distances` (``etf_*_moved`` NaN: one checkpoint has no previous
-    evaluation) and ``cos_margins`` (101 quantiles). ``save_classifier`` also writes
-    :func:`save_classifier`'s file. The model is evaluated with the statistics its
-    checkpoint stores (precise ones when the epoch was evaluated in training with
-    ``eval_stats="precise"``). Checkpoint fallback, data paths and ``trust_checkpoint`` as
-    in :func:`load_run`.
-    """
-    check_split(split)  # before any loading
-    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint,
-                                trust_checkpoint=trust_checkpoint)
-    _check_has_split(split, cfg, info["bundle"])
-    return _evaluate_loaded(Path(run_dir), cfg, model, info, split, save_classifier, None)[0]
-
-
-def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str = "auto", *,
-                         out: str | Path | None = None, save_classifier: bool = False,
-                         trust_checkpoint: bool = False) -> list[dict]:
-    """:func:`evaluate_run` of every kept checkpoint, by epoch (``gnc evaluate --all``).
-
-    Appends one JSON line per checkpoint to ``out`` (default ``RUN/evaluate_{split}.jsonl``;
-    never the training's ``metrics.jsonl``) as it goes, and returns the rows. ``etf_*_moved``
-    is measured from the previous checkpoint of the sequence. Data are loaded and the model
-    built once. ``trust_checkpoint`` as in :func:`load_run`. When it writes into the run
-    (``out`` not given, or ``save_classifier``) it holds :func:`gnc.rundir.run_lock` on it for
-    the whole pass; metrics appended elsewhere (one ``write`` per line) need no lock.
-    """
-    run_dir = Path(run_dir)
-    check_split(split)
-    inside = out is not None and _check_metrics_out(run_dir, Path(out))
-    into_run = out is None or save_classifier or inside
-    with run_lock(run_dir, create=False) if into_run else contextlib.nullcontext():
-        return _evaluate_checkpoints(run_dir, split, device, out, save_classifier,
-                                     trust_checkpoint)
-
-
-def _check_metrics_out(run_dir: Path, out: Path) -> bool:
-    """Whether ``out`` (``--all``'s metrics file) lies in the run directory; ``ValueError``
-    for a folder, a missing folder, or a file of the run's own there (its config, metrics,
-    checkpoints: lines appended to them would corrupt the run): inside the run only a
-    top-level ``*.jsonl`` other than ``metrics.jsonl``."""
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; name the metrics file (e.g. "
-                         f"{out / 'evaluate_train.jsonl'})")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
-    try:
-        rel = out.resolve().relative_to(run_dir.resolve())
-    except ValueError:
-        return False
-    if len(rel.parts) != 1 or out.suffix != ".jsonl" or out.name == "metrics.jsonl":
-        raise ValueError(f"--out {out} is a file of the run {run_dir} itself; in the run only "
-                         "a new *.jsonl beside metrics.jsonl (default evaluate_SPLIT.jsonl)")
-    return True
-
-
-def _evaluate_checkpoints(run_dir: Path, split: str, device: str, out: str | Path | None,
-                          save_classifier: bool, trust_checkpoint: bool) -> list[dict]:
-    kept = kept_checkpoints(run_dir, trust_checkpoint=trust_checkpoint)
-    if not kept:
-        raise FileNotFoundError(f"cannot evaluate {run_dir}: no checkpoint in "
-                                f"{run_dir / 'checkpoints'}")
-    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=next(iter(kept)),
-                                trust_checkpoint=trust_checkpoint, kept=kept)
-    _check_has_split(split, cfg, info["bundle"])
-    path = Path(out) if out is not None else run_dir / f"evaluate_{split}.jsonl"
-    rows, state = [], None
-    for epoch in kept:
-        if epoch != info["epoch"]:
-            ckpt = checkpoint_of_epoch(run_dir, epoch, "evaluate", kept,
-                                       trust_checkpoint=trust_checkpoint)
-            try:
-                load_model_state(model, ckpt["model"], kept[epoch])
-            except ValueError as err:
-                raise type(err)(f"cannot evaluate {run_dir}: {err}") from None
-            info["epoch"] = epoch
-        row, state = _evaluate_loaded(run_dir, cfg, model, info, split, save_classifier, state)
-        append_metrics(path.parent, row, path.name)
-        rows.append(row)
-    return rows

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gnc.checkpoints import RESUMABLE_KEYS, has_checkpoint
 from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_implicit_head
 from gnc.heads import PAPER_METHODS, normalizes_features
 from gnc.jobs import (
@@ -27,8 +28,8 @@ from gnc.jobs import (
     threads_per_job,
 )
 from gnc.optim import check_resume_length
-from gnc.rundir import has_checkpoint, is_done, mark_done, read_config, stopped_after
-from gnc.training import RESUMABLE_KEYS, Trainer, drain
+from gnc.rundir import is_done, mark_done, read_config, stopped_after
+from gnc.training import Trainer, drain
 
 if TYPE_CHECKING:
     import torch
@@ -325,7 +326,7 @@ def run_experiment(
     made with the same settings (its ``config.json``; see :data:`RUNTIME_KEYS` for those that
     may differ), so the report never describes runs that were not made.
     Returns the run directories. ``trust_checkpoint``: an interrupted run's checkpoint of an
-    older gnc may be unpickled in full (see :func:`gnc.rundir.load_checkpoint`).
+    older gnc may be unpickled in full (see :func:`gnc.checkpoints.load_checkpoint`).
 
     ``jobs`` > 1: that many runs in flight at once, each in its own worker process with
     ``max(1, cores // jobs)`` torch threads (:mod:`gnc.jobs`; ``jobs_mode``: ``auto |

@@ -30,12 +30,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from gnc.checkpoints import state_dict_mismatch
 from gnc.config import EVAL_STATS
 from gnc.data import check_split, load_dataset, make_loader
 from gnc.evaluation import (
     DEFAULT_CACHE_BYTES,
     etf_distances_of,
-    load_run,
     nc_two_pass,
     quantiles,
     recompute_bn,
@@ -50,10 +50,10 @@ from gnc.rundir import (
     mark_done,
     run_lock,
     save_margins,
-    state_dict_mismatch,
     write_config,
 )
 from gnc.runtime import resolve_device
+from gnc.saved_runs import load_run
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
@@ -544,7 +544,7 @@ def torchvision_model(name: str, num_classes: int) -> nn.Module:
 def model_from_spec(spec: str, *, num_classes: int | None, device: str = "auto",
                     trust_checkpoint: bool = False) -> MeasuredModel:
     """``torchvision:NAME`` (needs ``num_classes``) or ``run:RUN_DIR`` (a gnc run, built from
-    its ``config.json`` and newest checkpoint by :func:`gnc.evaluation.load_run`;
+    its ``config.json`` and newest checkpoint by :func:`gnc.saved_runs.load_run`;
     ``trust_checkpoint`` lets a checkpoint of an older gnc be unpickled in full)."""
     kind, _, rest = spec.partition(":")
     if kind == "torchvision" and rest:

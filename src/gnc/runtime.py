@@ -231,7 +231,7 @@ def _cpu_bytes(t: object, name: str) -> Tensor:
     return t.cpu()
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -242,7 +242,7 @@ def _numpy_state(s: object) -> tuple:
         keys = s.get("keys")
         if not (isinstance(s.get("name"), str) and isinstance(keys, Tensor)
                 and keys.dtype in (torch.int64, torch.uint32) and tuple(keys.shape) == (624,)
-                and _is_int(s.get("pos")) and _is_int(s.get("has_gauss"))
+                and is_int(s.get("pos")) and is_int(s.get("has_gauss"))
                 and isinstance(s.get("cached_gaussian"), float)):
             raise ValueError("the numpy RNG state is not {name, keys[624], pos, has_gauss, "
                              "cached_gaussian}")
@@ -261,8 +261,8 @@ def _python_state(s: object) -> tuple:
     checkpoints) Python's own tuple; ``ValueError`` for anything else."""
     if isinstance(s, dict):
         words, gauss = s.get("state"), s.get("gauss_next")
-        if not (_is_int(s.get("version")) and isinstance(words, (list, tuple))
-                and len(words) == 625 and all(_is_int(w) for w in words)
+        if not (is_int(s.get("version")) and isinstance(words, (list, tuple))
+                and len(words) == 625 and all(is_int(w) for w in words)
                 and (gauss is None or isinstance(gauss, float))):
             raise ValueError("the python RNG state is not {version, state[625], gauss_next}")
         return (s["version"], tuple(words), gauss)

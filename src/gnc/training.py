@@ -1,8 +1,8 @@
 """The training loop for the three methods: runs you can resume, under DDP too.
 
 The loop alone: the config is :mod:`gnc.config`, what it builds :mod:`gnc.build`, the
-device and the process group :mod:`gnc.runtime`, the files :mod:`gnc.rundir`, the
-evaluation :mod:`gnc.evaluation`.
+device and the process group :mod:`gnc.runtime`, the files :mod:`gnc.rundir`, the checkpoint
+and the resume :mod:`gnc.checkpoints`, the evaluation :mod:`gnc.evaluation`.
 
 A run directory holds (DESIGN §3):
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Generator
@@ -48,16 +47,16 @@ import torch
 from torch import nn
 
 from gnc.build import build_model, load_data, make_train_loaders
-from gnc.config import OUTPUT_KEYS, RUNTIME_KEYS, TrainConfig, config_differences
+from gnc.checkpoints import (
+    has_checkpoint,
+    resume_training,
+    save_checkpoint,
+    training_checkpoint,
+)
+from gnc.config import TrainConfig
 from gnc.data import DatasetBundle, set_loader_epoch
 from gnc.etf import NS_RESIDUAL_TOL
-from gnc.evaluation import (
-    etf_distances_of,
-    evaluate,
-    quantiles,
-    recompute_statistics,
-    save_classifier,
-)
+from gnc.evaluation import evaluate_splits, recompute_statistics, save_classifier
 from gnc.graphs import GraphedHeadStep
 from gnc.heads import ImplicitETFHead
 from gnc.losses import classification_loss
@@ -67,33 +66,22 @@ from gnc.optim import (
     agd_init_,
     build_optimizer,
     build_scheduler,
-    check_optimizer_state,
-    check_resume_length,
 )
 from gnc.rundir import (
-    CheckpointError,
     RunLock,
     append_metrics,
     claim_run_dir,
     clear_done,
-    has_checkpoint,
-    load_latest_checkpoint,
-    load_model_state,
     prepare_run_dir,
     read_metrics,
-    remove_stale_temporaries,
-    save_checkpoint,
     save_margins,
-    trim_metrics,
     write_config,
 )
 from gnc.runtime import (
     StepTimer,
     init_distributed,
     resolve_device,
-    rng_state,
     seed_everything,
-    set_rng_state,
     sum_over_ranks,
 )
 from gnc.step import GraphedStep, StaticStep
@@ -103,9 +91,6 @@ logger = logging.getLogger(__name__)
 
 # The step loop reads the loss on the host only every this many steps (and at the epoch end).
 NONFINITE_CHECK_EVERY = 25
-# Keys a resumed run may change: where and how it runs, what it writes besides its results,
-# and its length (a longer schedule continues the same run).
-RESUMABLE_KEYS = RUNTIME_KEYS | OUTPUT_KEYS | {"epochs"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -137,7 +122,7 @@ class Trainer:
                  stream: torch.cuda.Stream | None = None, peak_memory: bool = True) -> None:
         """``data``: the (training, un-augmented evaluation) bundles, when not loaded from
         ``cfg`` (benchmarks on synthetic data). ``trust_checkpoint``: a resume may unpickle a
-        checkpoint of an older gnc in full (see :func:`gnc.rundir.load_checkpoint`).
+        checkpoint of an older gnc in full (see :func:`gnc.checkpoints.load_checkpoint`).
         ``stream``: the CUDA stream the run's work is issued on (its caller makes it current
         around every call, :mod:`gnc.interleave`); the captured step is captured on it, so
         that graphs of runs on other streams share no cuBLAS workspace. ``peak_memory``
@@ -230,67 +215,30 @@ class Trainer:
         self._lock.release()
 
     # ----------------------------------------------------------------- checkpointing
-    def _checkpoint(self) -> dict:
-        return {
-            "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": rng_state(), "cwd": os.getcwd(),  # relative data paths start here
-            "etf_prev": self._etf_prev,  # the last evaluation's nearest ETFs ("moved" after resume)
-            "epoch_stats": self._epoch_stats, "evaluated": self._evaluated,
-        }
+    def _parts(self) -> dict:
+        return {"model": self.model, "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "scaler": self.scaler}
 
     def save_checkpoint(self) -> None:
         """Write ``last.pt`` (and ``epoch_XXXX.pt`` when due) atomically, on rank 0 only."""
         if not self.dist.is_main:
             return
-        save_checkpoint(self.out, self._checkpoint(),
+        progress = {"epoch": self.epoch, "step": self.step, "etf_prev": self._etf_prev,
+                    "epoch_stats": self._epoch_stats, "evaluated": self._evaluated}
+        save_checkpoint(self.out, training_checkpoint(self.cfg, self._parts(), progress),
                         keep=self._is_due(self.cfg.checkpoint_every))
 
     def _is_due(self, every: int) -> bool:
         return bool(every) and self.epoch % every == 0
 
     def _resume(self) -> None:
-        """Continue from the newest readable checkpoint (``last.pt``, else ``epoch_XXXX.pt``).
-
-        The checkpoint is read onto the CPU: ``load_state_dict`` moves the model and optimiser
-        state to their device and the RNG states stay CPU ``ByteTensor`` objects. Rows of
-        ``metrics.jsonl`` after its epoch, and torn or foreign lines, are dropped.
-        """
-        ckpt, path = load_latest_checkpoint(self.out, "resume",
-                                            trust_checkpoint=self.trust_checkpoint)
-        changed = config_differences(ckpt["config"], self.cfg, ignore=RESUMABLE_KEYS)
-        if changed:
-            raise ValueError(f"cannot resume {self.out}: the configuration differs in "
-                             f"{', '.join(changed)}")
-        started = ckpt["config"].get("epochs", self.cfg.epochs)
-        if started != self.cfg.epochs:
-            check_resume_length(self.out, self.cfg, started)
-        if ckpt["epoch"] > self.cfg.epochs:  # before anything is written (config.json too)
-            raise ValueError(f"{self.out} has trained {ckpt['epoch']} epochs; --epochs "
-                             f"{self.cfg.epochs} is fewer")
-        load_model_state(self.model, ckpt["model"], path)
-        for name, part in (("optimizer", self.optimizer), ("scheduler", self.scheduler),
-                           ("scaler", self.scaler)):
-            try:
-                part.load_state_dict(ckpt[name])
-                if part is self.optimizer:  # torch takes any values: the first step fails
-                    check_optimizer_state(self.optimizer)
-            except Exception as err:  # a state of another shape: the file's fault, one line
-                reason = (str(err).strip() or type(err).__name__).splitlines()[0]
-                raise CheckpointError(f"cannot resume {self.out}: the {name} state in {path} "
-                                      f"does not fit ({reason})") from None
-        try:
-            set_rng_state(ckpt["rng"])
-        except ValueError as err:
-            raise CheckpointError(f"cannot resume {self.out}: {path}: {err}") from None
-        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
-        self._etf_prev = ckpt.get("etf_prev") or {}  # absent in older checkpoints
-        self._epoch_stats = ckpt.get("epoch_stats", {})
-        self._evaluated = ckpt.get("evaluated", True)
-        if self.dist.is_main:  # drop lines of epochs after the checkpoint (a crash between)
-            remove_stale_temporaries(self.out)  # of a save that was killed
-            trim_metrics(self.out / "metrics.jsonl", self.epoch)
+        """Continue from the newest usable checkpoint (:func:`gnc.checkpoints.resume_training`)."""
+        progress = resume_training(self.out, self.cfg, self._parts(),
+                                   trust_checkpoint=self.trust_checkpoint,
+                                   is_main=self.dist.is_main)
+        self.epoch, self.step = progress["epoch"], progress["step"]
+        self._etf_prev = progress["etf_prev"]  # the last evaluation's ETFs ("moved" after it)
+        self._epoch_stats, self._evaluated = progress["epoch_stats"], progress["evaluated"]
 
     # ----------------------------------------------------------------- one epoch
     def train_epoch(self, bar) -> dict:
@@ -421,33 +369,25 @@ class Trainer:
         )
 
     def evaluate_epoch(self, row: dict) -> dict:
-        """NC metrics of both splits; first, with ``eval_stats="precise"``, the BN statistics
-        recomputed over training batches and μ_G over the (un-augmented) training split, by
-        the train split's evaluation before its logits (:mod:`gnc.evaluation`)."""
+        """NC metrics of both splits (:func:`gnc.evaluation.evaluate_splits`); first, with
+        ``eval_stats="precise"``, the BN statistics recomputed over training batches, and μ_G
+        set by the train split's evaluation before its logits."""
         if not all_finite_params(self.model):
             raise self._diverged("the weights are NaN/Inf")
         precise = self.cfg.eval_stats == "precise"
         if precise:
             self._precise_statistics()
-        row["eval_stats"] = self.cfg.eval_stats
-        for split, loader in self.eval_loaders.items():  # "train" first: it sets μ_G
-            geometry: dict = {}
-            try:
-                metrics, margins = evaluate(self.model, loader, self.K, self.device,
-                                            geometry=geometry,
-                                            set_global_mean=precise and split == "train")
-            except NonFiniteError as err:
-                raise self._diverged(f"the {split} features are NaN/Inf at evaluation") from err
-            prefix = "" if split == "train" else "test_"
-            row.update({prefix + k: v for k, v in metrics.items()})
-            row[prefix + "cos_margins"] = quantiles(margins)
-            if split == "train":  # the ETF-distance study and the saved geometry: train split
-                distances, self._etf_prev = etf_distances_of(geometry, self._etf_prev)
-                row.update(distances)
-            if split == "train" and self.dist.is_main:
-                save_margins(self.out, margins.numpy())
-                if self.cfg.save_classifier:
-                    save_classifier(self.out, self.model.head, geometry, self.epoch, split)
+        try:
+            metrics, self._etf_prev, margins, geometry = evaluate_splits(
+                self.model, self.eval_loaders, self.K, self.device, set_global_mean=precise,
+                etf_prev=self._etf_prev)
+        except NonFiniteError as err:
+            raise self._diverged(str(err)) from err
+        row.update(eval_stats=self.cfg.eval_stats, **metrics)
+        if self.dist.is_main:
+            save_margins(self.out, margins.numpy())
+            if self.cfg.save_classifier:
+                save_classifier(self.out, self.model.head, geometry, self.epoch, "train")
         return row
 
     def _precise_statistics(self) -> None:
