@@ -271,3 +271,43 @@ def test_ema_weight_on_the_host_and_on_the_device():
     old, new = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
     torch.testing.assert_close(running_average(old, new, 0.25), torch.full((3,), 0.25,
                                                                            dtype=F64))
+
+
+@pytest.mark.parametrize("cast", ["to", "constructor"])
+def test_half_precision_heads_keep_their_running_means_in_float32(cast):
+    """A bfloat16 model (``model.to(torch.bfloat16)``) kept its running means in bfloat16:
+    once α_t < ~2⁻⁸ the updates rounded away (μ_G 1.79 from the data's mean after 2000
+    steps, H̄ 0.88 from the class means; float32: 0.25 and 0.11). They stay float32 and
+    follow the data as a float32 head's do; W, b and the logits stay bfloat16."""
+    from gnc import FixedETFHead, ImplicitETFHead
+
+    torch.manual_seed(0)
+    d, K, B = 8, 4, 16
+    y = torch.arange(B) % K
+    A, Bm = torch.randn(K, d), torch.randn(K, d)
+
+    def make(cls, dtype, **kw):
+        if cast == "to":
+            return cls(d, K, **kw).to(dtype)
+        return cls(d, K, dtype=dtype, **kw)
+
+    heads = {dt: [make(ImplicitETFHead, dt, backward="none"), make(FixedETFHead, dt)]
+             for dt in (torch.float32, torch.bfloat16)}
+    with torch.no_grad():
+        for t in range(1500):
+            x = (A if t < 500 else Bm)[y]
+            for dt, pair in heads.items():
+                for head in pair:
+                    head(x.to(dt), y)
+    (implicit32, fixed32), (implicit16, fixed16) = heads.values()
+    assert implicit16.tracker.H_bar_raw.dtype == implicit16.mu_G.dtype == torch.float32
+    assert fixed16.mu_G.dtype == torch.float32
+    assert implicit16.weight.dtype == implicit16.bias.dtype == torch.bfloat16
+    torch.testing.assert_close(implicit16.tracker.H_bar, implicit32.tracker.H_bar,
+                               atol=2e-2, rtol=0)
+    for a, b in ((implicit16, implicit32), (fixed16, fixed32)):
+        torch.testing.assert_close(a.mu_G, b.mu_G, atol=2e-2, rtol=0)
+    assert implicit16.eval()(torch.randn(3, d, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    # a later cast of the module keeps them wide too, and .double() widens them
+    assert implicit16.half().tracker.mu_G.dtype == torch.float32
+    assert implicit16.double().tracker.mu_G.dtype == torch.float64

@@ -236,6 +236,47 @@ def test_vci_fast_path_equals_the_pseudo_inverse_route():
         assert fast == pytest.approx(exact, rel=1e-9, abs=1e-12), (d, k, n)
 
 
+@pytest.mark.parametrize("offset,noise", [(1e4, 1e-6), (1e5, 1e-4), (1e5, 1e-2)])
+def test_within_class_covariance_survives_a_large_common_offset(offset, noise):
+    """Σ_W from the centred features of pass 2: NC1 and VCI of features that share an offset
+    large against their spread equal the two-pass definition (the one-pass Σ hhᵀ − Σ n_c μμᵀ
+    gave NC1 = −1.4e-7 for 1.3e-12 at (1e4, 1e-6), 5 % off at (1e5, 1e-2))."""
+    g = torch.Generator().manual_seed(11)
+    n, k, d = 400, 4, 8
+    y = torch.arange(n) % k
+    h = torch.randn(k, d, generator=g, dtype=torch.float64)[y] + offset
+    h = h + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
+    W, b = torch.randn(k, d, generator=g, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    got = nc_metrics(h, y, W, b)
+    nc1, vci = reference_nc1_vci(h, y, list(range(k)))
+    assert got["nc1"] == pytest.approx(nc1, rel=1e-6)
+    assert 0 <= got["vci"] <= 1  # the one-pass Σ_W gave −6.4e-7 at (1e4, 1e-6)
+    if noise >= 1e-2:  # else VCI ~ noise² and pinv's own rounding (eps·cond(Σ_T)) is larger
+        assert got["vci"] == pytest.approx(vci, rel=1e-6)
+
+
+def test_vci_of_nearly_dead_features_is_the_pseudo_inverse_value():
+    """Features with directions of variance ~1e-18 (below the pinv cut d·eps·λ_max): the
+    Cholesky fast path factorises such a Σ_T, but H's real component along those directions
+    made its trace differ from the pinv definition by 3 %; it now falls back."""
+    from gnc.metrics import _vci
+
+    g = torch.Generator().manual_seed(0)
+    n, k, d = 400, 4, 20
+    y = torch.arange(n) % k
+    h = torch.randn(k, d, generator=g, dtype=torch.float64)[y]
+    h = h + torch.randn(n, d, generator=g, dtype=torch.float64)
+    h[:, 10:] = 1e-9 * torch.randn(n, 10, generator=g, dtype=torch.float64)
+    means = torch.stack([h[y == c].mean(0) for c in range(k)])
+    H = (means - h.mean(0)).T
+    centred = h - means[y]
+    sigma_W = centred.T @ centred / n
+    exact = _vci(sigma_W, H, exact_pinv=True)
+    assert _vci(sigma_W, H) == pytest.approx(exact, rel=1e-9)
+    assert nc_metrics(h, y, torch.randn(k, d, dtype=torch.float64), None)["vci"] == \
+        pytest.approx(exact, rel=1e-9)
+
+
 def test_vci_limits():
     # VCI = 1 − tr(Σ_T†Σ_B)/min(d, K−1): 0 at exact variability collapse (Σ_W = 0, asserted in
     # test_perfect_collapse) and → 1 when the class means carry none of the variance

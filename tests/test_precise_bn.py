@@ -362,3 +362,22 @@ def test_under_ddp_each_rank_averages_its_first_n_batches(tmp_path):
                                    (by_rank[0][0] + by_rank[1][0]) / 2, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(r["state"]["1.running_var"],
                                    (by_rank[0][1] + by_rank[1][1]) / 2, rtol=1e-12, atol=1e-12)
+
+
+def test_a_last_batch_of_one_sample_is_left_out_of_precise_bn():
+    """``gnc.measure``'s loaders keep a short last batch: one of a single sample failed in
+    BatchNorm1d's training mode ("Expected more than 1 value per channel"); it is left out,
+    and the statistics are the average of the other batches'."""
+    from gnc.measure import measure
+
+    torch.manual_seed(0)
+    x, y = torch.randn(41, 5), torch.arange(41) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)
+    assert math.isfinite(measure(model, loader, eval_stats="precise")["nc1"])
+    bn = model[1]
+    recompute_bn(model, loader, torch.device("cpu"))
+    z = model[0](x[:40]).detach()
+    want = (z[:20].mean(0) + z[20:40].mean(0)) / 2
+    torch.testing.assert_close(bn.running_mean, want)

@@ -76,7 +76,9 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
     ``r ← r + (x − r)/t`` at batch t. fvcore asserts that the loader has ``num_iters``
     batches; here a shorter loader is simply used whole.
 
-    Only the BN layers are put in training mode (the caller puts the rest in eval mode);
+    A batch of one sample after the first (the short last batch of a loader that keeps it) is
+    left out: it has no batch variance. Only the BN layers are put in training mode (the
+    caller puts the rest in eval mode);
     ``forward`` (default ``module``) maps a batch of inputs through them. Under DDP every rank
     averages its own first ``max_batches`` batches, then the ranks' results are averaged.
     Momenta and eval mode come back even when a batch fails.
@@ -90,9 +92,13 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
     for m in bns:
         m.reset_running_stats()
         m.train()
+    t = 0
     try:
         # islice stops after the last batch it yields: the loader is not read further
-        for t, batch in enumerate(itertools.islice(loader, max_batches or None), start=1):
+        for batch in itertools.islice(loader, max_batches or None):
+            if t and len(batch[0]) < 2:  # a last batch of one sample: no variance to average
+                continue  # (BatchNorm1d in training mode refuses it)
+            t += 1
             # momentum None's average, 1/t from a host count (as fvcore does): torch computes
             # 1/float(num_batches_tracked), a device read per BN layer per batch on a GPU
             for m in bns:

@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gnc.class_means import ClassMeanTracker, ema_weight, running_average
+from gnc.class_means import (
+    ClassMeanTracker,
+    ema_weight,
+    keep_running_wide,
+    running_average,
+    running_dtype,
+)
 from gnc.declarative import check_ddn_first_step, nearest_etf, resolve_solve
 from gnc.etf import canonical_stiefel, check_delta, simplex_etf
 from gnc.runtime import all_reduce_sum_, differentiable_sum, is_distributed
@@ -163,11 +169,17 @@ class _ETFHead(Head):
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.zeros(K, d, **factory))
         self.register_buffer("bias", torch.zeros(K, **factory) if bias else None)
-        self.register_buffer("mu_G", torch.zeros(d, **factory))
+        self.register_buffer("mu_G", torch.zeros(d, device=device, dtype=running_dtype(dtype)))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
         # the step count on the host: reading the buffer each step would wait for the GPU
         self._host_steps: int | None = None
         self.register_load_state_dict_post_hook(_forget_host_steps)
+
+    def _apply(self, fn, recurse: bool = True):
+        before = {"mu_G": self.mu_G}
+        super()._apply(fn, recurse)
+        keep_running_wide(self, before)  # a half-precision head keeps μ_G in float32
+        return self
 
     @property
     def num_steps(self) -> int:
@@ -223,7 +235,7 @@ class _ETFHead(Head):
         self.mu_G.copy_(torch.where(torch.isfinite(mu_G_running).all(), mu_G_running,
                                     self.mu_G))
         if self.bias is not None:
-            self.bias.copy_(-W @ self.mu_G)
+            self.bias.copy_(-W.to(self.mu_G.dtype) @ self.mu_G)
         self._host_steps = self.num_steps + 1
         self.steps += 1
 
@@ -241,7 +253,7 @@ class _ETFHead(Head):
             raise NonFiniteError("Expected `mu_G` to be finite, but got NaN or Inf values")
         self.mu_G.copy_(mu_G)
         if self.bias is not None:
-            self.bias.copy_(-self.weight @ self.mu_G)
+            self.bias.copy_(-self.weight.to(self.mu_G.dtype) @ self.mu_G)
 
     def extra_repr(self) -> str:
         return f"d={self.d}, K={self.K}" + ("" if self.bias is not None else ", bias=False")
@@ -403,8 +415,8 @@ class ImplicitETFHead(_ETFHead):
         W = simplex_etf(self.K, U).to(h.dtype)  # K×d
         with torch.no_grad():
             self.U.copy_(U)
-        self._store(W.detach(), self.tracker.mu_G.to(W.dtype))
-        return self._train_logits(h, W, mu_G)
+        self._store(W.detach(), self.tracker.mu_G)
+        return self._train_logits(h, W, mu_G.to(h.dtype))
 
     @property
     def solver(self) -> str:  # noqa: D102

@@ -16,13 +16,21 @@ adds sufficient statistics, ``compute`` derives the numbers), in float64, with m
 O(d² + dK) independent of N (O(K·d²) with the per-class second moments), apart from the
 per-sample cosine margins of pass 2:
 
-1. :meth:`NCStatistics.update` — per-class sums Σ_{y_i=c} h_i, counts n_c, the total second
-   moment S = Σ_i h_i h_iᵀ (so that ``N Σ_W = S - Σ_c n_c μ_c μ_cᵀ``), the per-class raw
+1. :meth:`NCStatistics.update` — per-class sums Σ_{y_i=c} h_i, counts n_c, the per-class raw
    second moments S_c = Σ_{y_i=c} h_i h_iᵀ for the numerical rank (K·d² floats: kept only
    under a memory budget, see :class:`NCStatistics`) and, when logits are given, top-1/top-5
    hits.
 2. :meth:`NCStatistics.update_margins` — needs μ_G and μ_c of the *whole* split (all ranks):
+   the within-class scatter ``N Σ_W = Σ_i (h_i - μ_{y_i})(h_i - μ_{y_i})ᵀ`` of the centred
+   features (not ``Σ_i h_i h_iᵀ - Σ_c n_c μ_c μ_cᵀ``, which loses every digit of Σ_W to
+   cancellation when the features share an offset large against their spread),
    per-sample cosine margins, the NCC mismatch count, and top-1/top-5 hits.
+
+``μ_G`` is the mean over the samples, as in the released code of Markou et al.
+(``compute_info``), not the mean of the class means of Papyan et al.'s code: the two agree on
+a balanced split; on an imbalanced one (``imbalance`` < 1) ``H`` is then not centred, and
+``nc2_h``, ``nc3``, ``h_equinorm`` and the cosine margins stay away from their collapsed
+values even when every feature sits on its class's ETF vertex.
 
 Under ``torch.distributed`` (initialised) the same code gives the global result: the pass-1
 statistics are all-reduced (SUM) once, when pass 2 starts (:meth:`NCStatistics.sync`), the
@@ -170,6 +178,17 @@ def _nc1(sigma_W: Tensor, H: Tensor) -> float:
     return float(((U * (sigma_W @ U)).sum(dim=0) / S**2).sum())
 
 
+def _smallest_eigenvalue_bound(L: Tensor, steps: int = 6) -> Tensor:
+    """An upper bound on λ_min of ``A = LLᵀ``: the Rayleigh quotient ``1/(vᵀA⁻¹v)`` after
+    ``steps`` of inverse iteration from a fixed start (a 0-d tensor, nothing read back)."""
+    g = torch.Generator(device=L.device).manual_seed(0)
+    v = torch.randn(L.shape[0], 1, generator=g, dtype=L.dtype, device=L.device)
+    for _ in range(steps):
+        v = torch.cholesky_solve(v / torch.linalg.vector_norm(v), L)
+    v = v / torch.linalg.vector_norm(v)
+    return 1.0 / (v * torch.cholesky_solve(v, L)).sum()
+
+
 def _vci(sigma_W: Tensor, H: Tensor, exact_pinv: bool = False) -> float:
     """Variability collapse index ``1 − tr(Σ_T† Σ_B)/min(d, K−1)``, ``Σ_T = Σ_W + Σ_B``.
 
@@ -181,12 +200,14 @@ def _vci(sigma_W: Tensor, H: Tensor, exact_pinv: bool = False) -> float:
 
     Fast path: when the Cholesky factor ``Σ_T = LLᵀ`` exists, ``tr(Σ_T⁻¹Σ_B) = ‖L⁻¹H‖²_F/K``
     (O(d³/3); 0.41 s against 3.5 s for the eigendecomposition at d = 2048 on one CPU core,
-    float64). It equals the pinv value whenever no eigenvalue of Σ_T falls below the cut;
-    when one does but the factorisation still succeeds, H's rounding-level component along
-    it adds only ~eps·K to the trace. A failed factorisation (a singular Σ_T: dead features,
-    N < d) or a trace outside [0, min(d, K−1)] falls back to the pinv route (``exact_pinv``
-    forces it): ``tr(Σ_T† Σ_B) = Σ_i (v_iᵀ H)²/(λ_i K)`` over the kept eigenpairs of one
-    d×d ``eigh``.
+    float64). It equals the pinv value when no eigenvalue of Σ_T falls below the cut, which
+    a few steps of inverse iteration with L check (their Rayleigh quotient bounds λ_min from
+    above, and reaches it fast exactly when λ_min is far below the rest; O(d²) each). Nearly
+    dead features (variance ~1e-18 of the largest, which H also reaches) passed the
+    factorisation and gave a trace 3 % off the pinv one. A failed factorisation (a singular
+    Σ_T: dead features, N < d), a λ_min near the cut or a trace outside [0, min(d, K−1)]
+    falls back to the pinv route (``exact_pinv`` forces it):
+    ``tr(Σ_T† Σ_B) = Σ_i (v_iᵀ H)²/(λ_i K)`` over the kept eigenpairs of one d×d ``eigh``.
 
     In [0, 1] (``Σ_T ⪰ Σ_B``): 0 at exact variability collapse (Σ_W = 0, then the trace is
     rank(Σ_B) = min(d, K−1)), 1 when the class means carry none of the variance. NaN when
@@ -196,17 +217,22 @@ def _vci(sigma_W: Tensor, H: Tensor, exact_pinv: bool = False) -> float:
     rank = min(d, K - 1)
     sigma_T = sigma_W + H @ H.T / K
     sigma_T = 0.5 * (sigma_T + sigma_T.T)  # symmetrised: rounding only
+    eps = torch.finfo(sigma_T.dtype).eps
     if not exact_pinv:
         L, info = torch.linalg.cholesky_ex(sigma_T)
         if int(info) == 0:
-            trace = float(torch.linalg.solve_triangular(L, H, upper=False).square().sum()) / K
-            if 0.0 <= trace <= rank * (1 + 1e-9):
+            whitened = torch.linalg.solve_triangular(L, H, upper=False)
+            read = torch.stack([whitened.square().sum() / K, _smallest_eigenvalue_bound(L),
+                                torch.linalg.matrix_norm(sigma_T)]).tolist()  # one host read
+            trace, lam_min, top = read
+            # the cut uses ‖Σ_T‖_F ≥ λ_max: a little stricter than pinv's, never looser
+            if lam_min > 100 * d * eps * top and 0.0 <= trace <= rank * (1 + 1e-9):
                 return 1.0 - trace / rank
     lam, V = torch.linalg.eigh(sigma_T)
     top = float(lam.abs().max())
     if top == 0.0:
         return math.nan
-    keep = lam.abs() > d * torch.finfo(lam.dtype).eps * top
+    keep = lam.abs() > d * eps * top
     proj = V[:, keep].T @ H  # (r, K)
     trace = float((proj.square().sum(dim=1) / lam[keep]).sum()) / K
     return 1.0 - trace / rank
@@ -365,12 +391,11 @@ class _Pass1:
 
     sums: Tensor  # (K, d) float64: Σ_{i: y_i = c} h_i
     counts: Tensor  # (K,) int64: n_c
-    second_moment: Tensor  # (d, d) float64: Σ_i h_i h_iᵀ
     hits: Tensor  # (3,) int64: top-1 hits, top-5 hits, samples that came with logits
     class_moments: Tensor | None  # (K, d, d) float64: Σ_{y_i = c} h_i h_iᵀ, None over budget
 
     def reduced(self) -> _Pass1:
-        tensors = (self.sums, self.counts, self.second_moment, self.hits)
+        tensors = (self.sums, self.counts, self.hits)
         moments = None if self.class_moments is None else all_reduce_sum(self.class_moments)
         return _Pass1(*(all_reduce_sum(t) for t in tensors), moments)
 
@@ -483,7 +508,6 @@ class NCStatistics:
         self._pass1 = _Pass1(
             sums=torch.zeros(K, d, dtype=_F64, device=dev),
             counts=torch.zeros(K, dtype=torch.long, device=dev),
-            second_moment=torch.zeros(d, d, dtype=_F64, device=dev),
             hits=torch.zeros(3, dtype=torch.long, device=dev),
             class_moments=torch.zeros(K, d, d, dtype=_F64, device=dev)
             if self.keeps_class_moments else None,
@@ -493,6 +517,7 @@ class NCStatistics:
         self._margins: list[Tensor] = []  # per-sample cosine margins, one tensor per batch
         # NCC mismatches, top-1 hits, top-5 hits, samples seen in pass 2
         self._pass2 = torch.zeros(4, dtype=torch.long, device=dev)
+        self._within = torch.zeros(d, d, dtype=_F64, device=dev)  # Σ_i (h_i - μ_y)(h_i - μ_y)ᵀ
         # batches (features, labels) not yet in the per-class second moments (see _flush)
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._pending_bytes = 0
@@ -504,7 +529,8 @@ class NCStatistics:
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor, logits: Tensor | None = None) -> None:
-        """Pass 1: add a batch's per-class sums, counts, second moments (and top-k hits).
+        """Pass 1: add a batch's per-class sums, counts, per-class second moments (and top-k
+        hits).
 
         Raises:
             ValueError: on invalid inputs (the state is then unchanged).
@@ -527,7 +553,6 @@ class NCStatistics:
         p = self._pass1
         p.sums.index_add_(0, y, h)
         p.counts.index_add_(0, y, torch.ones_like(y))  # not bincount: it reads max(y) back
-        p.second_moment.addmm_(h.T, h)
         if p.class_moments is not None:
             # kept back, in their own dtype, and added class by class in _flush
             own = features.detach().to(self.device, copy=True)  # the caller may reuse it
@@ -618,7 +643,8 @@ class NCStatistics:
         b: Tensor | None,
         logits: Tensor | None = None,
     ) -> None:
-        """Pass 2: per-sample cosine margins, NCC mismatches and top-k hits of a batch.
+        """Pass 2: within-class scatter, per-sample cosine margins, NCC mismatches and top-k
+        hits of a batch.
 
         Uses the global μ_c, μ_G of pass 1 (the first call runs :meth:`sync`). ``logits``
         default to ``features @ W.T + b`` (``b=None``: no bias).
@@ -644,6 +670,8 @@ class NCStatistics:
         if not checks:
             y = self._defer_checks(h, y, logits, W, b)
         logits = h @ W.T + b if logits is None else logits
+        centred = h - means.index_select(0, y)
+        self._within.addmm_(centred.T, centred)
         ncc = _ncc_predictions(h, means, self._global.counts > 0)
         mismatch = (logits.argmax(dim=1) != ncc).sum()
         self._margins.append(_cos_margins(h, y, W, mu_G))
@@ -664,6 +692,7 @@ class NCStatistics:
         b = _check_classifier(W, b, self.K, self.d)
         self.sync()
         pass2 = all_reduce_sum(self._pass2)
+        within = all_reduce_sum(self._within)
         invalid = all_reduce_sum(self._invalid)
         local = torch.cat(self._margins) if self._margins else torch.zeros(0, dtype=_F64)
         margins = all_gather_cat(local.to(self.device))
@@ -673,7 +702,7 @@ class NCStatistics:
         # the linear algebra on linalg_device: one copy of each statistic there (none when it
         # is the statistics' device)
         g, dev = self._global, self.linalg_device
-        means, mu_G, sums, second = (t.to(dev) for t in (means, mu_G, g.sums, g.second_moment))
+        means, mu_G, within = (t.to(dev) for t in (means, mu_G, within))
         moments = None if g.class_moments is None else g.class_moments.to(dev)
         W, b = W.to(dev, _F64), b.to(dev, _F64)
         counts = g.counts.tolist()
@@ -682,7 +711,7 @@ class NCStatistics:
         missing = [c for c, count in enumerate(counts) if not count]
         present = torch.tensor(classes, device=dev)
         H = (means.index_select(0, present) - mu_G).T  # (d, K')
-        sigma_W = (second - sums.T @ means) / n
+        sigma_W = within / n
         hits = g.hits if int(g.hits[2]) == n else pass2[1:]
         spread = H.shape[1] >= 2  # between-class statistics need two classes with samples
         w_equinorm = _coefficient_of_variation(W.norm(dim=1))
