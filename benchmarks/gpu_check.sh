@@ -85,6 +85,12 @@ T_START=$(date +%s)
 if [ ! -d "$DATA/cifar10-jpg" ] && [ -f "$DATA/cifar10-jpg.tar.gz" ]; then
   tar xzf "$DATA/cifar10-jpg.tar.gz" -C "$DATA"
 fi
+# without the images stage 1 would time random ones and stage 2 fail after the plan: stop
+# now, before the loan is spent (carry data/cifar10-jpg.tar.gz)
+if [ "$DEVICE" = cuda ] && [ ! -d "$DATA/cifar10-jpg/train" ]; then
+  echo "gpu_check: no CIFAR-10 under $DATA/cifar10-jpg (carry $DATA/cifar10-jpg.tar.gz)" >&2
+  exit 2
+fi
 
 stage1() {
   LOG="$OUT/log-stage1.txt"

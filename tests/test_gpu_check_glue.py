@@ -321,11 +321,27 @@ def _stage1_sh(tmp_path: Path, **env: str) -> tuple[list[str], str]:
     py.write_text(FAKE_PY)
     py.chmod(0o755)
     rec, out = tmp_path / "rec", tmp_path / "out"
+    (tmp_path / "data" / "cifar10-jpg" / "train").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PY": str(py), "REC": str(rec), "OUT": str(out),
            "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"), **env}
     subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "1"], cwd=BENCH.parent, env=env,
                    check=True, capture_output=True, timeout=60)
     return rec.read_text().splitlines(), (out / "log-stage1.txt").read_text()
+
+
+def test_gpu_check_stops_at_once_without_the_images(tmp_path):
+    """On a GPU without CIFAR-10 under DATA stage 1 would time random images and stage 2
+    fail after its plan, the loan spent: the script stops before either, naming the file to
+    carry."""
+    py = tmp_path / "py"
+    py.write_text(FAKE_PY)
+    py.chmod(0o755)
+    env = {**os.environ, "PY": str(py), "REC": str(tmp_path / "rec"), "OUT": str(tmp_path),
+           "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data")}
+    done = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "all"], cwd=BENCH.parent,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and not (tmp_path / "rec").exists()
+    assert "no CIFAR-10 under" in done.stderr and "cifar10-jpg.tar.gz" in done.stderr
 
 
 def test_gpu_check_ties_stage1s_kill_to_its_budget(tmp_path):

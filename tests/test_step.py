@@ -233,7 +233,12 @@ def test_a_failed_capture_warns_once_restores_and_trains_on_eagerly(tmp_path, im
 
         def factory(fn):
             fn()  # a step ran before the capture failed: the state must be restored
-            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            try:  # as torch.cuda.graph does: its exit fails too and hides the cause
+                raise RuntimeError("CUDA error: operation not permitted when stream is "
+                                   "capturing")
+            except RuntimeError:
+                raise RuntimeError("CUDA error: operation failed due to a previous error "
+                                   "during capture") from None
 
         return GraphedStep(static, capture=True, graph_factory=factory)
 
@@ -241,7 +246,8 @@ def test_a_failed_capture_warns_once_restores_and_trains_on_eagerly(tmp_path, im
     with caplog.at_level(logging.WARNING, logger="gnc.step"):
         b, sb = _train(_images(images, method="implicit", graph_step=True),
                        tmp_path / "broken", graph=broken)
-    assert b.step_graph.failed.startswith("RuntimeError: CUDA error")
+    assert b.step_graph.failed.startswith("RuntimeError: CUDA error: operation not permitted")
+    assert "; then RuntimeError: CUDA error: operation failed" in b.step_graph.failed
     assert caplog.text.count("could not be captured") == 1 and b.step_graph.replays == 0
     _assert_same_run(a, b, sa, sb)
 
@@ -390,3 +396,37 @@ def test_a_stream_of_its_own_must_be_current_when_it_runs(tmp_path, monkeypatch)
         assert static.position == 1 and static.ready()
     finally:
         trainer.release_lock()
+
+
+def test_a_failed_capture_gives_back_the_callers_stream(monkeypatch):
+    """torch.cuda.graph's exit, failing after an error inside the capture, does not switch
+    back from its capture stream (torch/cuda/graphs.py: capture_end before the stream
+    context's exit): :func:`gnc.step.cuda_graph` does. Stand-ins for the CUDA calls."""
+    from gnc import step as step_module
+
+    current = ["caller"]
+
+    class Graph:
+        def __init__(self, graph, stream=None):
+            pass
+
+        def __enter__(self):
+            current[0] = "capture"
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during "
+                               "capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", Graph)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.__setitem__(0, s))
+
+    def fn():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="previous error") as err:
+        step_module.cuda_graph(fn)
+    assert current[0] == "caller"
+    assert step_module.capture_failure(err.value).startswith(
+        "RuntimeError: operation not permitted")

@@ -38,6 +38,17 @@ logger = logging.getLogger(__name__)
 WARMUP_ITERS = 3
 
 
+def capture_failure(err: BaseException) -> str:
+    """A failed capture in one line, its cause first: an error inside
+    ``torch.cuda.graph`` makes the graph's exit raise a second one ("operation failed due
+    to a previous error during capture"), which hides the first in ``__context__``."""
+    def line(e: BaseException) -> str:
+        return (f"{type(e).__name__}: {e}".splitlines() or [type(e).__name__])[0]
+
+    cause = err.__context__
+    return line(err) if cause is None else f"{line(cause)}; then {line(err)}"
+
+
 class GraphedHeadStep:
     """``step(features, targets) -> logits``: ``head``'s training forward from a CUDA graph,
     its backward from another; eager where a graph cannot serve (see the module docstring).

@@ -353,7 +353,9 @@ def launch(mode: str, *, cuda: bool) -> Iterator[dict]:
     if mode not in JOBS_MODES or mode == "streams":
         raise ValueError(f"Expected `jobs_mode` in auto, processes, mps, but got {mode!r} "
                          "(streams: one process, gnc.interleave.run_interleaved)")
-    mps = start_mps(probe=cuda) if mode == "mps" or (mode == "auto" and cuda) else None
+    # a probe that hangs must not eat a short device loan: a working daemon answers in seconds
+    mps = (start_mps(probe=cuda, timeout_s=60.0) if mode == "mps" or (mode == "auto" and cuda)
+           else None)
     try:
         yield dict(mps.env) if mps else {}
     finally:

@@ -69,6 +69,7 @@ from gnc.class_means import ema_weight, running_average
 from gnc.data.device import DeviceImageLoader
 from gnc.data.sampler import TensorBatchLoader
 from gnc.etf import products_only
+from gnc.graphs import capture_failure
 from gnc.heads import FixedETFHead, ImplicitETFHead, StandardHead
 from gnc.losses import classification_loss
 from gnc.optim import AGD, _position_norms, _scale, position_factor
@@ -122,6 +123,7 @@ class NoHostReads(TorchDispatchMode):
 
 def _one_line(err: BaseException) -> str:
     return (f"{type(err).__name__}: {err}".splitlines() or [type(err).__name__])[0]
+
 
 
 def _fixed_head_train(head: FixedETFHead) -> Callable:
@@ -472,8 +474,15 @@ def cuda_graph(fn: Callable[[], None], stream: torch.cuda.Stream | None = None
     ``stream`` (default: torch's capture stream); returns its ``replay``, which runs on the
     stream current at the call."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):  # pool=None: a private pool
-        fn()
+    current = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, stream=stream):  # pool=None: a private pool
+            fn()
+    except BaseException:
+        # a failure inside the capture makes the graph's exit fail too, before it switches
+        # back from its capture stream: the caller's work would stay on that stream
+        torch.cuda.set_stream(current)
+        raise
     return graph.replay
 
 
@@ -597,10 +606,10 @@ class GraphedStep:
                 self._replay = self.graph_factory(lambda: s.step(s.index))
             self.captures += 1
         except Exception as err:  # noqa: BLE001 -- any capture failure: train on, eagerly
-            self.failed = _one_line(err)
+            self.failed = capture_failure(err)
             self._replay = None
             self._restore(snap, rng=True)
             logger.warning("the training step could not be captured in a CUDA graph (%s); "
-                           "it runs eagerly", self.failed)
+                           "it runs eagerly", self.failed, exc_info=True)
         finally:  # the warm-up (and a stand-in's capture) ran steps: undo them
             self._restore(snap)
