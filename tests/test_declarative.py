@@ -206,9 +206,9 @@ def _spy_exact_solve(monkeypatch) -> list[bool]:
     calls = []
     real = declarative._exact_solve
 
-    def spy(C, method, *, full_rank, on_host):
+    def spy(C, method, *, full_rank, **kw):
         calls.append(full_rank)
-        return real(C, method, full_rank=full_rank, on_host=on_host)
+        return real(C, method, full_rank=full_rank, **kw)
 
     monkeypatch.setattr(declarative, "_exact_solve", spy)
     return calls

@@ -291,13 +291,14 @@ def ddn_backward(
     return -(2.0 / s) * _centre_rows(u - v)  # Bᵀ(u − v), B = −(2/√(K−1)) I ⊗ M
 
 
-def _exact_solve(C: Tensor, method: str, *, full_rank: bool,
-                 on_host: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _exact_solve(C: Tensor, method: str, *, full_rank: bool, on_host: bool,
+                 input_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """The polar factor's ``U, B, σ``, computed on the host when ``on_host`` (then moved back)."""
     if not on_host or C.device.type == "cpu":
-        pf = polar_factor(C, method, full_rank=full_rank)
+        pf = polar_factor(C, method, full_rank=full_rank, input_dtype=input_dtype)
         return pf.U, pf.B, pf.sigma
-    pf = polar_factor(C.cpu(), method)  # the copy waits for C anyway: the rank test is free
+    # the copy waits for C anyway: the rank test is free
+    pf = polar_factor(C.cpu(), method, input_dtype=input_dtype)
     return tuple(t.to(C.device, non_blocking=True) for t in (pf.U, pf.B, pf.sigma))
 
 
@@ -364,7 +365,8 @@ class NearestETF(torch.autograd.Function):
             # deficiency: δ > 0 well above the rank tolerance (gnc.etf.proximal_full_rank).
             full_rank = proximal_full_rank(*H.shape, delta, method, dtype)
             U, B, sigma = _exact_solve(C, method, full_rank=full_rank,
-                                       on_host=plan.solve_device == "cpu")
+                                       on_host=plan.solve_device == "cpu",
+                                       input_dtype=H_bar.dtype)
         else:
             from gnc.riemannian import solve_riemannian
 

@@ -192,7 +192,8 @@ def proximal_full_rank(d: int, K: int, delta: float, method: str = "auto",
     return NS_SAFETY * delta > rank_tolerance(s_max, d, K, method, dtype)
 
 
-def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False) -> PolarFactor:
+def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False,
+                 input_dtype: torch.dtype | None = None) -> PolarFactor:
     """Polar decomposition ``C = U P`` of a d×K matrix (d >= K), with the factors of ``P``.
 
     ``U = A Bᵀ`` where ``C = A Σ Bᵀ`` is the thin SVD; it is the unique maximiser of
@@ -212,7 +213,12 @@ def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False) ->
 
     ``full_rank=True`` skips the rank test (which reads ``σ_max`` on the host, a device sync
     on a GPU): for a C known to have ``σ_min`` above the rank tolerance, such as the proximal
-    target with δ > 0 (see :func:`proximal_full_rank`).
+    target with δ > 0 (see :func:`proximal_full_rank`). ``input_dtype``: the precision C's
+    data came in, when coarser than C's (float32 class means solved in float64): their
+    rounding, ``10·eps·‖C‖_F``, is no rank either. Without it a class absent from the first
+    batch left a singular value of ~2e-8·σ_max, rounding of the float32 means, which the
+    float64 test kept as rank: the tie-break then followed noise, and W differed by 0.5
+    between float32 and float64 heads and with the batch's order.
 
     Returns the factors in C's dtype.
     """
@@ -235,6 +241,8 @@ def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False) ->
         B, sigma = B.to(C.dtype), sigma.to(C.dtype)
         return PolarFactor(C @ ((B / sigma) @ B.T), B, sigma, K)
     tol = rank_tolerance(float(sigma[0]), d, K, method, C.dtype)
+    if input_dtype is not None and torch.finfo(input_dtype).eps > torch.finfo(C.dtype).eps:
+        tol = max(tol, 10 * torch.finfo(input_dtype).eps * float(torch.linalg.matrix_norm(C)))
     rank = int((sigma > tol).sum())
     if rank == K:
         if A is not None:
