@@ -102,3 +102,40 @@ def test_riemannian_head_trains_like_the_exact_one(tmp_path):
     W_r, W_e = heads["riemannian"].weight, heads["exact"].weight
     assert (W_r - W_e).norm() <= 1e-5 * W_e.norm()
     assert out["exact"]["train_loss"] < 1.4  # it trained (log 4 ≈ 1.39 at chance)
+
+
+def _critical_starts():
+    """(H_bar, U_prev) whose warm start is a critical point that is no minimum: class means
+    flipped against U_prev (a maximum of tr(UᵀC) over the span), the first step's I_{d×K}
+    against −I M, and d = K with U_prev in the other component of O(K)."""
+    torch.manual_seed(4)
+    d, K = 20, 5
+    M = centering(K, dtype=torch.float64)
+    Up = random_stiefel(d, K)
+    flipped = -Up @ M
+    first = -torch.eye(d, K, dtype=torch.float64) @ M
+    H = random_means(5, 5)
+    U_star = nearest_etf(H, random_stiefel(5, 5))
+    other = random_stiefel(5, 5)
+    if torch.linalg.det(other) * torch.linalg.det(U_star) > 0:
+        other = other * torch.tensor([-1.0, 1, 1, 1, 1], dtype=torch.float64)
+    return [(flipped / flipped.norm(), Up), (first / first.norm(), None), (H, other)]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["flipped", "first_step", "d_eq_K_component"])
+def test_a_critical_warm_start_that_is_no_minimum_is_left(case):
+    """Trust regions stopped at once at a critical warm start, a maximum or a saddle
+    (f 4.0 for the minimum's 0.008), or in O(K)'s other component for d = K: the solver
+    reflects the directions of sym(UᵀC)'s negative eigenvalues and runs again."""
+    from gnc.etf import etf_objective
+
+    H, Up = _critical_starts()[case]
+    info: dict = {}
+    U_riem = nearest_etf(H, Up, solver="riemannian", info=info)
+    U_exact = nearest_etf(H, Up)
+    delta = 1e-3 if Up is not None else 0.0
+    assert info["restarts"] >= 1
+    assert float(etf_objective(U_riem, H, Up, delta)) == pytest.approx(
+        float(etf_objective(U_exact, H, Up, delta)), abs=1e-9)
+    M = centering(H.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(U_riem @ M, U_exact @ M, atol=1e-6, rtol=0)

@@ -29,7 +29,11 @@ vectorisation: ``vec(U)[i·K + a] = U[i, a]``). Dense in the K(K+1)/2 constraint
 
 At δ = 0 (no ``U_prev``) ``P`` is singular along ``1/√K``; both backwards use the
 pseudo-inverse there, which is exact for ``U* M`` (hence for ``W(U*)``): the singular
-direction is the tie-break that ``M`` removes.
+direction is the tie-break that ``M`` removes. That holds while ``H_bar M`` has rank K − 1.
+A class absent from the first batch (a batch smaller than K, ``sampler="shuffle"``) leaves a
+second null direction, which ``M`` does not remove: ``W`` then depends on the tie-break, and
+both backwards hold it fixed, so that first step's gradient differs from the finite
+difference (0.18 against 0.25 in a probe). Later steps (δ > 0) are unique and exact.
 
 Layering: :func:`nearest_etf` (the function) → :class:`NearestETF` (the autograd node) →
 :class:`~gnc.heads.ImplicitETFHead` (the module). Which forward and backward run is decided
@@ -377,6 +381,7 @@ class NearestETF(torch.autograd.Function):
                     iterations=res.iterations,
                     gradient_norm=res.gradient_norm,
                     stopping_reason=res.stopping_reason,
+                    restarts=res.restarts,
                 )
             B = sigma = None
             if plan.backward == "closed_form":

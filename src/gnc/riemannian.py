@@ -12,6 +12,15 @@ warm-started at ``U_prev``. We give pymanopt the analytic Euclidean derivatives
 
 and it projects them onto the manifold. The closed form of :mod:`gnc.etf` gives the same
 minimiser (tests check it); this solver is kept as the paper's reference.
+
+Trust regions stop at a small gradient: at a critical point, which need not be the minimum.
+A warm start that is itself critical (class means flipped against ``U_prev``, or against
+``I_{d×K}`` on the first step) was returned as it was, a maximum or a saddle (f = 4.0 for the
+minimum's 0.008), and with d = K a start in the other component of O(K) ended at a local
+minimum there. The minimum is where ``sym(UᵀC)`` is positive semi-definite (``C = (2/√(K−1))
+H_bar M + δ U_prev``: f = const − tr(UᵀC)); at a critical point that is not, reflecting the
+eigendirections of its negative eigenvalues, ``U ← U (I − 2 V Vᵀ)``, raises tr(UᵀC) by
+``2 Σ|λ|`` and stays on St(d,K), and the trust regions run again from there.
 """
 
 from __future__ import annotations
@@ -40,6 +49,24 @@ class RiemannianResult:
     gradient_norm: float  # Riemannian gradient norm at U
     stopping_reason: str
     time_s: float
+    restarts: int = 0  # runs again from a reflected critical point that was no minimum
+
+
+MAX_RESTARTS = 3
+
+
+def _reflect_to_descent(U: np.ndarray, C: np.ndarray) -> np.ndarray | None:
+    """``U (I − 2 V Vᵀ)`` with V the eigenvectors of the negative eigenvalues of ``sym(UᵀC)``
+    (below −1e-8 of its largest magnitude), or None when there are none (U is the minimum
+    if it is critical)."""
+    P = U.T @ C
+    lam, V = np.linalg.eigh(0.5 * (P + P.T))
+    scale = float(np.abs(lam).max())
+    negative = lam < -1e-8 * scale
+    if scale == 0.0 or not negative.any():
+        return None
+    Vn = V[:, negative]
+    return U - 2.0 * (U @ Vn) @ Vn.T
 
 
 def _centre_rows(X: np.ndarray) -> np.ndarray:
@@ -101,7 +128,15 @@ def solve_riemannian(
         x0 = Up
     else:
         x0 = np.eye(d, K)
-    result = optimizer.run(problem, initial_point=x0)
+    C = (2.0 / s) * HM + delta * Up
+    restarts = 0
+    while True:
+        with np.errstate(divide="ignore", invalid="ignore"):  # a critical start: 0/0 inside
+            result = optimizer.run(problem, initial_point=x0)
+        x0 = _reflect_to_descent(result.point, C)
+        if x0 is None or restarts == MAX_RESTARTS:
+            break
+        restarts += 1
     out = RiemannianResult(
         U=torch.from_numpy(np.ascontiguousarray(result.point)),
         cost=float(result.cost),
@@ -109,6 +144,7 @@ def solve_riemannian(
         gradient_norm=float(result.gradient_norm),
         stopping_reason=str(result.stopping_criterion),
         time_s=float(result.time),
+        restarts=restarts,
     )
     logger.debug(
         "trust regions: %d iterations, |grad| %.2e, %s",
