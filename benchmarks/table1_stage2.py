@@ -22,6 +22,10 @@ epochs for some runs and none for others. The estimate, from stage 1's numbers:
   process, imports, data to the device, model; :func:`start_seconds`), at least 5 s;
 - the runs start in ``gnc experiment``'s queue order (seed-major, the implicit head first in
   each seed), each on the first free slot of N: the last to end is the experiment's time;
+- with ``--jobs-mode streams`` the runs share one host thread: a run's start and every
+  evaluation stall all the others, so their seconds add up (an evaluation at its one-run
+  ``eval_s``, a start at the ``streams`` part's ``build_s`` of one run) on top of the slots'
+  training time;
 - evaluations every 5 epochs as well (the figures' curves) when E with them is at least 90%
   of E without them.
 
@@ -120,7 +124,12 @@ def run_seconds(stage1: dict) -> dict[str, tuple[float, float]] | None:
 def start_seconds(stage1: dict) -> float:
     """Seconds a run takes to start: the one-run bench process's wall time less its two
     epochs (warm-up and timed; the standard head, the variant stage 2 uses), at least
-    :data:`MIN_START_S`; :data:`START_S` when stage 1 did not measure it."""
+    :data:`MIN_START_S`; with ``--jobs-mode streams`` (no process of its own) the
+    ``streams`` part's ``build_s`` of one run, at least 1 s; :data:`START_S` when stage 1
+    did not measure it."""
+    if settings(stage1)[1] == "streams":
+        build = _number(_one_run(stage1, "streams").get("build_s"))
+        return START_S if build is None else max(1.0, build)
     wall = _number(_one_run(stage1).get("wall_s"))
     epoch = _epoch_seconds(stage1, "standard")
     if wall is None or epoch is None:
@@ -129,16 +138,23 @@ def start_seconds(stage1: dict) -> float:
 
 
 def makespan(costs: dict[str, tuple[float, float]], until: int, jobs: int, seeds: int,
-             start_s: float = START_S, every: int = 0) -> float:
+             start_s: float = START_S, every: int = 0, serial_eval_s: float | None = None
+             ) -> float:
     """Seconds until the last of ``seeds`` × methods runs reaches ``until`` (evaluating at
     :func:`eval_epochs`): the queue (seed-major, :data:`QUEUE` order) on ``jobs`` slots, each
-    run to the first free one."""
+    run to the first free one. ``serial_eval_s`` (``--jobs-mode streams``): starts and
+    evaluations stall every run, so they add up, each evaluation taking this long, after the
+    slots' training time."""
     n_evals = len(eval_epochs(until, every))
     queue = [m for _ in range(seeds) for m in QUEUE if m in costs]
     free = [0.0] * min(jobs, len(queue))
+    serial = serial_eval_s is not None
     for m in queue:
         epoch_s, eval_s = costs[m]
-        heapq.heappush(free, heapq.heappop(free) + start_s + until * epoch_s + n_evals * eval_s)
+        own = until * epoch_s + (0.0 if serial else start_s + n_evals * eval_s)
+        heapq.heappush(free, heapq.heappop(free) + own)
+    if serial:
+        return max(free) + len(queue) * (start_s + n_evals * serial_eval_s)
     return max(free)
 
 
@@ -152,6 +168,7 @@ def plan(stage1: dict, seconds: float, *, seeds: int = 5, until: int = 50,
     jobs, mode, captured = settings(stage1)
     costs = run_seconds(stage1)
     start_s = start_seconds(stage1) if start_s is None else start_s
+    serial = _number(stage1.get("eval_s")) if mode == "streams" else None
     out = {"jobs": jobs, "jobs_mode": mode, "captured_step": captured, "seconds": seconds,
            "asked_until": until, "until": until, "eval_every": 0,
            "eval_epochs": eval_epochs(until), "estimate_s": None, "start_s": round(start_s, 1)}
@@ -159,7 +176,7 @@ def plan(stage1: dict, seconds: float, *, seeds: int = 5, until: int = 50,
         return out
     def last_fit(every: int) -> int:
         fits = [e for e in range(1, until + 1)
-                if makespan(costs, e, jobs, seeds, start_s, every) <= seconds]
+                if makespan(costs, e, jobs, seeds, start_s, every, serial) <= seconds]
         return fits[-1] if fits else 0
 
     end, every = last_fit(0), 0
@@ -167,7 +184,7 @@ def plan(stage1: dict, seconds: float, *, seeds: int = 5, until: int = 50,
         end, every = last_fit(DENSE_EVERY), DENSE_EVERY
     end = max(end, 1)
     out.update(until=end, eval_every=every, eval_epochs=eval_epochs(end, every),
-               estimate_s=round(makespan(costs, end, jobs, seeds, start_s, every), 1))
+               estimate_s=round(makespan(costs, end, jobs, seeds, start_s, every, serial), 1))
     return out
 
 

@@ -66,6 +66,28 @@ def test_n_in_flight_slows_each_run_by_the_measured_ratio(stage2):
     assert eager["standard"] == pytest.approx((1.6 * slowdown, 0.5 * slowdown))
 
 
+def test_streams_add_up_starts_and_evaluations_on_the_one_host_thread(stage2):
+    """--jobs-mode streams runs every run on one host thread: a start or an evaluation stalls
+    them all. The plan adds those up (each evaluation at one run's eval_s, each start at the
+    streams part's build_s) after the slots' training; the slot model alone, which spreads
+    them over the slots, promised epoch 10 where the runs would end ~30 s past the deadline."""
+    s1 = stage1(jobs=8, mode="streams")
+    s1["eval_s"] = 5.0
+    s1["streams"] = [{"runs": 1, "img_per_s": 50_000.0, "build_s": 3.0},
+                     {"runs": 8, "img_per_s": 90_000.0, "build_s": 20.0}]
+    s1["best"]["img_per_s"] = 90_000.0
+    assert stage2.start_seconds(s1) == 3.0
+    costs = stage2.run_seconds(s1)
+    got = stage2.plan(s1, 285.0, seeds=5, until=50)
+    until, n_evals = got["until"], len(got["eval_epochs"])
+    training = stage2.makespan({m: (e, 0.0) for m, (e, _) in costs.items()}, until, 8, 5, 0.0)
+    assert got["estimate_s"] == pytest.approx(training + 15 * (3.0 + n_evals * 5.0), abs=0.1)
+    assert got["estimate_s"] <= 285.0
+    slots = stage2.plan({**s1, "best": {**s1["best"], "jobs_mode": "processes"},
+                         "jobs": s1["streams"]}, 285.0, seeds=5, until=50, start_s=3.0)
+    assert slots["until"] > until  # what the slot model would have promised
+
+
 def test_streams_slow_each_run_by_the_streams_ratio(stage2):
     """With --jobs-mode streams the slowdown of N in flight is the streams part's (N runs
     against one, both replaying in one process), not the processes'."""
