@@ -322,6 +322,8 @@ def save_checkpoint(run_dir: str | Path, ckpt: dict, *, keep: bool = False) -> N
 
 
 class Stateful(Protocol):
+    """A part of a run that a checkpoint holds: model, optimiser, scheduler, scaler."""
+
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> Any: ...
 
