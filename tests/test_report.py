@@ -236,6 +236,17 @@ def test_report_files_and_sections(exp):
                  "differ between runs (besides method and seed): none"]:
         assert part in text, part
     assert "Fixed ETF" not in text
+    assert "imbalanced" not in text
+
+
+def test_a_report_of_imbalanced_runs_says_what_the_metrics_measure(exp):
+    """μ_G is the sample mean: on an imbalanced split some metrics cannot reach their
+    collapsed values, and the report says so."""
+    root, _ = exp
+    for config in root.glob("*/seed*/config.json"):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "imbalance": 0.1}))
+    text = make_report(root, machine="test machine").read_text()
+    assert "the training split is imbalanced (`imbalance` < 1)" in text
 
 
 def test_table_values(exp):

@@ -658,6 +658,13 @@ def describe_machine() -> str:
     return ", ".join(parts)
 
 
+IMBALANCE_NOTE = (
+    "Note: the training split is imbalanced (`imbalance` < 1). The metrics centre the class "
+    "means by μ_G, the mean over the samples (the released code's): on an imbalanced split "
+    "`nc2_h`, `nc3`, `h_equinorm` and the cosine margins stay away from their collapsed "
+    "values even at perfect collapse (see gnc/metrics.py).")
+
+
 def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
     config = _all_runs(runs)[0].config
     rows = [[key, f"`{json.dumps(config[key])}`"] for key in CONFIG_KEYS if key in config]
@@ -672,6 +679,8 @@ def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
               > 1]
     lines.append("Config keys that differ between runs (besides method and seed): "
                  + (", ".join(f"`{k}`" for k in differ) if differ else "none") + ".")
+    if any(_num(run.config.get("imbalance", 1.0)) < 1.0 for run in _all_runs(runs)):
+        lines += ["", IMBALANCE_NOTE]
     mixed = [k for k in TASK_KEYS if k in differ]
     if mixed:  # e.g. a run of another experiment copied in: its numbers enter the medians
         warning = (f"these runs differ in {', '.join(mixed)}: the medians below mix "
