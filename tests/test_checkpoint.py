@@ -288,3 +288,20 @@ def test_metrics_lines_are_fsynced(run, monkeypatch):
         synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
     train(tiny(epochs=3, checkpoint_every=1), run, resume=True)
     assert str(run / "metrics.jsonl") in synced
+
+
+def test_resuming_a_run_of_the_older_data_order_says_so(tmp_path, caplog):
+    """Data orders were seeded by seed + epoch before gnc.data.sampler.epoch_seed: a run
+    checkpointed then goes on in the new orders, and its resume says so (once, rank 0)."""
+    run = tmp_path / "run"
+    train(tiny(epochs=4, until_epoch=2), run)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt.pop("data_order") == 2
+    atomic_save(ckpt, run / "checkpoints" / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="gnc.checkpoints"):
+        train(tiny(epochs=4), run, resume=True)
+    assert "started by an older gnc" in caplog.text and "from 3 on" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gnc.checkpoints"):
+        train(tiny(epochs=5), run, resume=True)  # its own checkpoints carry the key now
+    assert "older gnc" not in caplog.text

@@ -1,5 +1,6 @@
 """Datasets registry and the stratified (distributed) batch sampler."""
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -348,10 +349,15 @@ def test_sampler_full_batch_holds_every_sample_of_imbalanced_data() -> None:
         assert len(s) == 1
         e0, e1 = _epoch(s, 0), _epoch(s, 1)
         assert sorted(e0[0]) == sorted(e1[0]) == list(range(21)) and e0 != e1
-    ranks = [StratifiedBatchSampler(labels, 21, seed=0, num_replicas=2, rank=r)
-             for r in range(2)]
+    ranks = [StratifiedBatchSampler(labels, 21, seed=0, num_replicas=3, rank=r)
+             for r in range(3)]
     parts = [_epoch(r, 0)[0] for r in ranks]
-    assert sorted(parts[0] + parts[1]) == list(range(21))
+    assert sorted(sum(parts, [])) == list(range(21)) and {len(p) for p in parts} == {7}
+    # 21 on 2 ranks: shards of 11 and 10, which DDP's equal average of the ranks' means
+    # weighs 1/22 and 1/20 (a single process: 1/21 each): refused
+    with pytest.raises(ValueError, match="full batch of 21 samples does not split evenly "
+                                         "over 2 ranks"):
+        StratifiedBatchSampler(labels, 21, seed=0, num_replicas=2, rank=0)
 
 
 def test_sampler_no_batch_is_an_error_at_construction() -> None:
@@ -379,3 +385,53 @@ def test_loader_full_batch_on_digits_default() -> None:
     loader = make_loader(b, len(b.train), stratified=True, drop_last=True)
     (x, y), = list(loader)
     assert len(y) == len(b.train)
+
+
+def test_seeds_do_not_share_their_data_orders():
+    """The order of epoch e was seeded by seed + e: seed s at epoch e replayed seed s+1's
+    epoch e − 1, so an experiment's seeds trained on one sequence of batches, shifted."""
+    from gnc.data import batch_sampler_for
+
+    labels = torch.arange(1000) % 10
+    a = StratifiedBatchSampler(labels, 100, seed=1)
+    b = StratifiedBatchSampler(labels, 100, seed=2)
+    orders = {(seed, e): _epoch(s, e) for seed, s in ((1, a), (2, b)) for e in range(3)}
+    assert len({json.dumps(o) for o in orders.values()}) == 6
+    shuffled = {}
+    for seed in (1, 2, 4):
+        s = batch_sampler_for(1000, 100, shuffle=True, seed=seed, drop_last=True)
+        for e in range(4):
+            s.sampler.set_epoch(e)
+            shuffled[seed, e] = json.dumps(list(s))
+    assert len(set(shuffled.values())) == 12
+
+
+@pytest.mark.parametrize(("n", "batch", "ranks"), [(10, 6, 3), (1000, 6, 3), (1001, 8, 4)])
+def test_shuffled_training_batches_give_every_rank_as_many_steps(n, batch, ranks):
+    """--sampler shuffle under DDP: shards of ceil((N − r)/R) gave rank 0 one step more than
+    the others when N mod B > B − R, and the other ranks then waited in DDP's all-reduce
+    forever. Training shards are cut to a multiple of R."""
+    from gnc.data import batch_sampler_for
+
+    samplers = [batch_sampler_for(n, batch, shuffle=True, drop_last=True, num_replicas=ranks,
+                                  rank=r) for r in range(ranks)]
+    assert len({len(s) for s in samplers}) == 1
+    epochs = [list(s) for s in samplers]
+    assert {len(e) for e in epochs} == {len(samplers[0])}
+    seen = [i for e in epochs for b in e for i in b]
+    assert len(seen) == len(set(seen))  # no sample twice
+
+
+def test_evaluation_batches_need_no_even_split_over_the_ranks():
+    """The default eval_batch_size 1024 on 3 ranks was refused at the trainer's set-up:
+    evaluation takes ceil(B/R) a rank, every sample once."""
+    from gnc.data import load_dataset, make_loader
+
+    bundle = load_dataset("digits")
+    loaders = [make_loader(bundle, 1024, split="test", num_replicas=3, rank=r)
+               for r in range(3)]
+    seen = sorted(int(i) for loader in loaders for _, y in loader for i in range(len(y)))
+    assert len(seen) == len(bundle.test)
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        from gnc.data import batch_sampler_for
+        batch_sampler_for(100, 1024, shuffle=True, drop_last=True, num_replicas=3)

@@ -270,3 +270,25 @@ def test_precise_statistics_leave_training_unchanged(tmp_path, mode):
                        (tmp_path / f"{mode}-{stats}" / "metrics.jsonl").read_text().split("\n")
                        if ln]
     assert rows["precise"] == rows["running"]
+
+
+def test_the_ranks_of_a_ddp_run_draw_different_crops_and_flips():
+    """Every rank reseeded its device loader alike: position i of every rank's batch got the
+    same crop and flip (a global batch of B held B/R different draws). The rank is part of
+    the augmentation seed; one process (rank 0) draws as before."""
+    from gnc.data import StratifiedBatchSampler, set_loader_epoch
+    from gnc.data.device import DeviceImageLoader, DeviceImages, ImageSpec
+
+    n = 40
+    labels = torch.arange(n) % 2
+    pixels = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8).expand(n, -1, -1, -1)
+    spec = ImageSpec((0.5,) * 3, (0.5,) * 3, crop=(8, 8), padding=2, flip=True)
+    out = []
+    for rank in range(2):
+        loader = DeviceImageLoader(
+            DeviceImages(pixels, labels, spec),
+            StratifiedBatchSampler(labels, 8, seed=1, num_replicas=2, rank=rank),
+            augment=True, seed=1)
+        set_loader_epoch(loader, 0)
+        out.append(torch.cat([x for x, _ in loader]))
+    assert not torch.equal(out[0], out[1])

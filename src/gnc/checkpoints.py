@@ -58,6 +58,9 @@ CHECKPOINT_KEYS = frozenset(
 # longer schedule continues the same run).
 RESUMABLE_KEYS = RUNTIME_KEYS | OUTPUT_KEYS | {"epochs"}
 TRUST_HINT = "pass --trust-checkpoint if you trust this run directory"
+# How data orders are seeded (gnc.data.sampler.epoch_seed); checkpoints before it (no key) were
+# seeded by seed + epoch, and a resume of one goes on in the new order
+DATA_ORDER = 2
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 
 
@@ -335,7 +338,7 @@ def training_checkpoint(cfg: TrainConfig, parts: dict[str, Stateful], progress: 
     own: ``etf_prev``, ``epoch_stats``, ``evaluated``)."""
     return {"config": cfg.to_dict(), **progress,
             **{name: part.state_dict() for name, part in parts.items()},
-            "rng": rng_state(), "cwd": os.getcwd()}
+            "rng": rng_state(), "cwd": os.getcwd(), "data_order": DATA_ORDER}
 
 
 def resume_training(run_dir: Path, cfg: TrainConfig, parts: dict[str, Stateful], *,
@@ -380,6 +383,10 @@ def resume_training(run_dir: Path, cfg: TrainConfig, parts: dict[str, Stateful],
     if is_main:
         remove_stale_temporaries(run_dir)
         trim_metrics(run_dir / "metrics.jsonl", ckpt["epoch"])
+        if ckpt.get("data_order") != DATA_ORDER and ckpt["epoch"] < cfg.epochs:
+            logger.warning("%s was started by an older gnc, whose data orders were seeded by "
+                           "seed + epoch (seeds shared them, shifted by an epoch): its epochs "
+                           "from %d on use the new orders", run_dir, ckpt["epoch"] + 1)
     return {"epoch": ckpt["epoch"], "step": ckpt["step"],
             "etf_prev": ckpt.get("etf_prev") or {}, "epoch_stats": ckpt.get("epoch_stats", {}),
             "evaluated": ckpt.get("evaluated", True)}

@@ -26,11 +26,25 @@ from .base import DatasetBundle, as_long, check_split
 
 logger = logging.getLogger(__name__)
 
+# The streams of an epoch's randomness (epoch_seed's last word): a data order, augmentation
+ORDER, AUGMENTATION = 0, 1
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = ORDER, rank: int = 0) -> int:
+    """The seed of one epoch's ``stream`` of randomness (on ``rank``): a hash of all four
+    (NumPy's ``SeedSequence``). ``seed + epoch`` made seed s at epoch e replay seed s+1's
+    order of epoch e − 1: the seeds of an experiment shared one sequence of batches."""
+    words = [seed, epoch, stream] + ([rank] if rank else [])
+    state = np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1  # 63 bits: torch takes a non-negative int64
+
+
 __all__ = [
     "ShardSampler",
     "StratifiedBatchSampler",
     "TensorBatchLoader",
     "batch_sampler_for",
+    "epoch_seed",
     "make_loader",
     "set_loader_epoch",
 ]
@@ -42,7 +56,8 @@ class StratifiedBatchSampler(Sampler[list[int]]):
     With K classes, a (global) batch holds ``p = batch_size // K`` samples of every class, so
     its size is ``K·p`` (= ``batch_size`` when K divides it; otherwise the remainder
     ``batch_size mod K`` is left out). In epoch e (see :meth:`set_epoch`) each class's indices
-    are permuted with a generator seeded by ``seed + e`` and cut into consecutive chunks of p;
+    are permuted with a generator seeded by :func:`epoch_seed` ``(seed, e)`` and cut into
+    consecutive chunks of p;
     batch b takes chunk b of every class, in a shuffled order. Hence every sample appears at
     most once per epoch, and the order is a pure function of ``(labels, batch_size, seed,
     epoch)``.
@@ -77,7 +92,7 @@ class StratifiedBatchSampler(Sampler[list[int]]):
     Example:
         >>> s = StratifiedBatchSampler(torch.tensor([0, 0, 1, 1, 2, 2]), 3)
         >>> [sorted(b) for b in s]  # one sample of each class per batch
-        [[0, 3, 5], [1, 2, 4]]
+        [[0, 2, 4], [1, 3, 5]]
     """
 
     def __init__(
@@ -108,6 +123,11 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.full_batch = batch_size >= len(labels)
         if self.full_batch:  # one batch of every sample, whatever the class sizes
+            if len(labels) % num_replicas:  # DDP averages ranks alike: shards must be equal
+                raise ValueError(
+                    f"a full batch of {len(labels)} samples does not split evenly over "
+                    f"{num_replicas} ranks (each rank's mean would weigh its samples "
+                    f"differently); use a number of ranks that divides {len(labels)}")
             self.per_class = 0
             self._counts = [len(labels)]
             return
@@ -145,14 +165,14 @@ class StratifiedBatchSampler(Sampler[list[int]]):
             self._counts.append(rest)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`__iter__` yields (seeded by ``seed + epoch``)."""
+        """Select the epoch whose order :meth:`__iter__` yields (:func:`epoch_seed`)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self._counts)
 
     def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         if self.full_batch:
             batch = torch.randperm(self._counts[0], generator=gen)
             yield batch[self.rank :: self.num_replicas].tolist()
@@ -170,9 +190,11 @@ class StratifiedBatchSampler(Sampler[list[int]]):
 class ShardSampler(Sampler[int]):
     """Every index once per epoch, optionally shuffled, split over ranks without padding.
 
-    Rank r takes positions ``r, r+R, …`` of the (shuffled with seed ``seed + epoch``, or
+    Rank r takes positions ``r, r+R, …`` of the (shuffled by :func:`epoch_seed`, or
     sequential) order, so ranks differ by at most one sample and no sample is duplicated
-    (unlike ``DistributedSampler``, which pads) — what evaluation needs.
+    (unlike ``DistributedSampler``, which pads) — what evaluation needs. ``even``: the order
+    is first cut to a multiple of R, so every rank has as many samples (training: ranks with
+    different numbers of steps wait for each other forever in DDP's collectives).
 
     Args:
         num_samples: dataset length N.
@@ -180,6 +202,8 @@ class ShardSampler(Sampler[int]):
         seed: base seed.
         num_replicas: number of ranks R.
         rank: this rank.
+        even: every rank gets ``N // R`` samples (the last ``N mod R`` of the order are left
+            out this epoch).
     """
 
     def __init__(
@@ -190,6 +214,7 @@ class ShardSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        even: bool = False,
     ) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(
@@ -200,22 +225,27 @@ class ShardSampler(Sampler[int]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.even = even
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (the shuffle is seeded by ``seed + epoch``)."""
+        """Select the epoch (the shuffle is seeded by :func:`epoch_seed`)."""
         self.epoch = epoch
 
+    def _used(self) -> int:
+        n, r = self.num_samples, self.num_replicas
+        return n - n % r if self.even else n
+
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.num_replicas))
+        return len(range(self.rank, self._used(), self.num_replicas))
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self.num_samples, generator=gen)
         else:
             order = torch.arange(self.num_samples)
-        return iter(order[self.rank :: self.num_replicas].tolist())
+        return iter(order[: self._used()][self.rank :: self.num_replicas].tolist())
 
 
 def _tensors_of(dataset: Dataset) -> tuple[Tensor, ...] | None:
@@ -326,19 +356,25 @@ def batch_sampler_for(
             labels, batch_size, seed=seed, num_replicas=num_replicas, rank=rank,
             drop_last=drop_last,
         )
-    if batch_size % num_replicas:
+    if batch_size % num_replicas and drop_last:  # training: every rank's batch alike
         raise ValueError(f"batch size {batch_size} does not split evenly over {num_replicas} ranks")
+    # evaluation (not drop_last) needs no even split: ceil(B/R) a rank, the ranks' last
+    # batches shorter (ShardSampler's shards differ by at most one sample)
     shard = ShardSampler(
-        num_samples, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank
+        num_samples, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank,
+        even=drop_last,
     )
-    return BatchSampler(shard, batch_size // num_replicas, drop_last)
+    return BatchSampler(shard, -(-batch_size // num_replicas), drop_last)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Set the epoch of a :func:`make_loader` loader: its sampler's order and worker seeds.
 
-    Worker RNGs (``num_workers > 0``) are then seeded from ``(seed, epoch)``, so a resumed run
-    draws the same augmentations; with ``num_workers=0`` augmentations use torch's global RNG.
+    Worker RNGs (``num_workers > 0``) and a device loader's crops and flips are then seeded
+    from ``(seed, epoch, rank)`` (:func:`epoch_seed`), so a resumed run draws the same
+    augmentations and the ranks of a DDP run draw different ones (the same seed on every rank
+    gave position i of every rank's batch the same crop and flip); with ``num_workers=0`` the
+    PIL path draws from torch's global RNG, seeded alike on every rank.
     """
     candidates = (loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None),
                   loader.sampler)
@@ -347,4 +383,5 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
         raise ValueError("the loader's sampler has no `set_epoch`; build it with make_loader")
     sampler.set_epoch(epoch)
     if loader.generator is not None:
-        loader.generator.manual_seed((sampler.seed + 1) * 1_000_003 + epoch)
+        loader.generator.manual_seed(epoch_seed(sampler.seed, epoch, AUGMENTATION,
+                                                getattr(sampler, "rank", 0)))
