@@ -213,6 +213,14 @@ def test_released_and_long_tailed_presets():
         "tau": 5.0, "batch_size": 256, "epochs": 200, "schedule": "none",
         "sampler": "stratified"}
     assert mnist["dataset_options"] == {"transforms": "released"}
+    # the released resnet.py's ImageNet stem on 32 px: 7x7 stride 2 and a max-pool
+    from gnc.models import build_backbone
+
+    net, _ = build_backbone("resnet18", in_shape=(3, 32, 32), small_input=mnist["small_input"])
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].kernel_size == (7, 7) and convs[0].stride == (2, 2)
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
     for name, data in (("cifar10-lt-resnet18", "cifar10"), ("cifar100-lt-resnet18", "cifar100")):
         preset = get_preset(name)
         assert preset.gpu and preset.config["dataset"] == data

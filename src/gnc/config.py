@@ -182,7 +182,8 @@ class TrainConfig:
                               "the capture-ready step runs eagerly); implicit methods need "
                               "polar_method newton_schulz")
     eval_stats: str = _field("precise", "BN statistics and mu_G at evaluation: precise "
-                             "(recomputed over the training split) | running (the paper's)",
+                             "(recomputed over the training split) | running (BN's and the "
+                             "heads' running averages as they are)",
                              choices=EVAL_STATS)
     precise_bn_batches: int = _field(0, "eval_stats precise: BatchNorm statistics from the "
                                      "first N augmented training batches only (each rank N, "

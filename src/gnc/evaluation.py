@@ -6,7 +6,9 @@ in training an average over ~10⁴ steps). Early in training both lag far enough
 sample lands in one class. :func:`recompute_statistics` replaces them by their values over
 the training split — "precise BN" as in pycls and detectron2, and the exact ``μ_G`` — and
 stores them in the model, so a saved checkpoint's ``eval()`` logits equal the logged ones.
-``eval_stats="running"`` (the paper's protocol) evaluates the running averages as they are.
+``eval_stats="running"`` evaluates the running averages as they are (the BN statistics as the
+released code evaluates them; its ETF heads' bias comes from the last training batch, the
+fixed head's from each evaluation batch, not from a running μ_G).
 
 The trainer's evaluation costs, with precise statistics, one forward pass over the training
 batches (BN; bounded to N batches by ``precise_bn_batches``) and one over each split: ``μ_G``
