@@ -100,7 +100,8 @@ EXTRA_CURVES = (
 # The ETF-distance study (gnc.metrics.etf_distances): its own grid, etf_distances.png.
 ETF_CURVES = (
     ("etf_w_dist", "W to its nearest ETF", "‖W/‖W‖ − ETF_W‖_F", True),
-    ("etf_h_dist", "H̄ to its nearest ETF", "‖H̄/‖H̄‖ − ETF_H‖_F", True),
+    ("etf_h_dist", "H (the split's centred class means) to its nearest ETF",
+     "‖H/‖H‖ − ETF_H‖_F", True),
     ("etf_wh_dist", "Between the two ETFs", "‖ETF_W − ETF_H‖_F", True),
     ("etf_w_moved", "ETF_W moved since the previous evaluation", "‖ETF_W − ETF_W(prev)‖_F",
      True),
