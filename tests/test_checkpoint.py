@@ -305,3 +305,13 @@ def test_resuming_a_run_of_the_older_data_order_says_so(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gnc.checkpoints"):
         train(tiny(epochs=5), run, resume=True)  # its own checkpoints carry the key now
     assert "older gnc" not in caplog.text
+
+
+def test_a_data_order_that_is_no_integer_is_a_damaged_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run)
+    path = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    atomic_save({**ckpt, "data_order": torch.ones(3)}, path)
+    with pytest.raises(CheckpointError, match="its data_order is not an integer"):
+        load_checkpoint(path)

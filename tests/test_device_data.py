@@ -275,7 +275,7 @@ def test_precise_statistics_leave_training_unchanged(tmp_path, mode):
 def test_the_ranks_of_a_ddp_run_draw_different_crops_and_flips():
     """Every rank reseeded its device loader alike: position i of every rank's batch got the
     same crop and flip (a global batch of B held B/R different draws). The rank is part of
-    the augmentation seed; one process (rank 0) draws as before."""
+    the augmentation seed."""
     from gnc.data import StratifiedBatchSampler, set_loader_epoch
     from gnc.data.device import DeviceImageLoader, DeviceImages, ImageSpec
 

@@ -147,3 +147,23 @@ def test_graphed_step_needs_the_sync_free_polar_factor(tmp_path):
     # for the implicit methods only)
     with pytest.raises(ValueError, match="method 'standard' has none"):
         TrainConfig(**{**cfg.__dict__, "method": "standard"}).validate()
+
+
+def test_capture_failure_names_the_cause_and_not_a_suppressed_context():
+    from gnc.graphs import capture_failure
+
+    try:
+        try:
+            raise ValueError("inside the capture")
+        except ValueError:
+            raise RuntimeError("previous error during capture")  # noqa: B904
+    except RuntimeError as err:
+        assert capture_failure(err) == ("ValueError: inside the capture; then RuntimeError: "
+                                        "previous error during capture")
+    try:
+        try:
+            raise ValueError("handled")
+        except ValueError:
+            raise RuntimeError("the step's own error") from None
+    except RuntimeError as err:
+        assert capture_failure(err) == "RuntimeError: the step's own error"

@@ -407,3 +407,20 @@ def test_first_step_with_an_absent_class_is_the_same_in_float32_and_float64(pola
         weights.append(head.weight.double())
     for W in weights[1:]:
         torch.testing.assert_close(W, weights[0], atol=1e-6, rtol=0)
+
+
+
+def test_the_input_rounding_floor_is_for_float32_means_only():
+    """``polar_factor(input_dtype=...)`` counts float32 rounding as no rank; at bfloat16 the
+    same floor (10·eps·‖C‖_F, 8 % of it) cut a real direction of σ = 0.07."""
+    from gnc.etf import centering, polar_factor
+
+    g = torch.Generator().manual_seed(0)
+    d, K = 16, 5
+    A = torch.linalg.qr(torch.randn(d, K - 1, generator=g, dtype=torch.float64))[0]
+    B = torch.linalg.qr(centering(K) @ torch.randn(K, K - 1, generator=g,
+                                                   dtype=torch.float64))[0]
+    C = A @ torch.diag(torch.tensor([1.0, 0.8, 0.6, 0.1], dtype=torch.float64)) @ B.T
+    C = C / C.norm()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, None):
+        assert polar_factor(C, "svd", input_dtype=dtype).rank == K - 1, dtype

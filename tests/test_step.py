@@ -236,9 +236,9 @@ def test_a_failed_capture_warns_once_restores_and_trains_on_eagerly(tmp_path, im
             try:  # as torch.cuda.graph does: its exit fails too and hides the cause
                 raise RuntimeError("CUDA error: operation not permitted when stream is "
                                    "capturing")
-            except RuntimeError:
-                raise RuntimeError("CUDA error: operation failed due to a previous error "
-                                   "during capture") from None
+            except RuntimeError:  # torch's exit raises with the implicit context
+                raise RuntimeError("CUDA error: operation failed due to a previous error "  # noqa: B904
+                                   "during capture")
 
         return GraphedStep(static, capture=True, graph_factory=factory)
 

@@ -131,6 +131,8 @@ def checkpoint_problem(ckpt: dict) -> str | None:
         return "its epoch_stats is not a dict of names to numbers"
     if not isinstance(ckpt.get("evaluated", True), bool):
         return "its evaluated flag is not a bool"
+    if not is_int(ckpt.get("data_order", DATA_ORDER)):
+        return "its data_order is not an integer"
     return None
 
 
@@ -386,7 +388,8 @@ def resume_training(run_dir: Path, cfg: TrainConfig, parts: dict[str, Stateful],
         if ckpt.get("data_order") != DATA_ORDER and ckpt["epoch"] < cfg.epochs:
             logger.warning("%s was started by an older gnc, whose data orders were seeded by "
                            "seed + epoch (seeds shared them, shifted by an epoch): its epochs "
-                           "from %d on use the new orders", run_dir, ckpt["epoch"] + 1)
+                           "from %d on use the new data orders and augmentation draws",
+                           run_dir, ckpt["epoch"] + 1)
     return {"epoch": ckpt["epoch"], "step": ckpt["step"],
             "etf_prev": ckpt.get("etf_prev") or {}, "epoch_stats": ckpt.get("epoch_stats", {}),
             "evaluated": ckpt.get("evaluated", True)}

@@ -214,8 +214,8 @@ def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False,
     ``full_rank=True`` skips the rank test (which reads ``σ_max`` on the host, a device sync
     on a GPU): for a C known to have ``σ_min`` above the rank tolerance, such as the proximal
     target with δ > 0 (see :func:`proximal_full_rank`). ``input_dtype``: the precision C's
-    data came in, when coarser than C's (float32 class means solved in float64): their
-    rounding, ``10·eps·‖C‖_F``, is no rank either. Without it a class absent from the first
+    data came in; float32 class means solved in float64 have their rounding,
+    ``10·eps(float32)·‖C‖_F``, counted as no rank either. Without it a class absent from the first
     batch left a singular value of ~2e-8·σ_max, rounding of the float32 means, which the
     float64 test kept as rank: the tie-break then followed noise, and W differed by 0.5
     between float32 and float64 heads and with the batch's order.
@@ -240,9 +240,11 @@ def polar_factor(C: Tensor, method: str = "auto", *, full_rank: bool = False,
             return PolarFactor(A @ B.T, B, sigma, K)
         B, sigma = B.to(C.dtype), sigma.to(C.dtype)
         return PolarFactor(C @ ((B / sigma) @ B.T), B, sigma, K)
-    tol = rank_tolerance(float(sigma[0]), d, K, method, C.dtype)
-    if input_dtype is not None and torch.finfo(input_dtype).eps > torch.finfo(C.dtype).eps:
-        tol = max(tol, 10 * torch.finfo(input_dtype).eps * float(torch.linalg.matrix_norm(C)))
+    top, norm = torch.stack([sigma[0], torch.linalg.vector_norm(sigma)]).tolist()  # one read
+    tol = rank_tolerance(top, d, K, method, C.dtype)
+    if input_dtype == torch.float32 and C.dtype == torch.float64:
+        # (half-precision means would cut real directions: 10·eps(bf16) is 8 % of ‖C‖)
+        tol = max(tol, 10 * torch.finfo(torch.float32).eps * norm)
     rank = int((sigma > tol).sum())
     if rank == K:
         if A is not None:

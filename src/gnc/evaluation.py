@@ -78,11 +78,12 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
     ``r ← r + (x − r)/t`` at batch t. fvcore asserts that the loader has ``num_iters``
     batches; here a shorter loader is simply used whole.
 
-    A batch of one sample after the first (the short last batch of a loader that keeps it) is
-    left out: it has no batch variance. Only the BN layers are put in training mode (the
-    caller puts the rest in eval mode);
-    ``forward`` (default ``module``) maps a batch of inputs through them. Under DDP every rank
-    averages its own first ``max_batches`` batches, then the ranks' results are averaged.
+    A batch of one sample after the first (the short last batch of a loader that keeps it)
+    with one value per channel (vectors) is left out: it has no batch variance, and
+    BatchNorm1d refuses it in training mode; an image of one sample still counts. Only the
+    BN layers are put in training mode (the caller puts the rest in eval mode); ``forward``
+    (default ``module``) maps a batch of inputs through them. Under DDP every rank averages
+    its own first ``max_batches`` batches, then the ranks' results are averaged.
     Momenta and eval mode come back even when a batch fails.
     """
     check_bn_batches(max_batches)
@@ -98,14 +99,15 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
     try:
         # islice stops after the last batch it yields: the loader is not read further
         for batch in itertools.islice(loader, max_batches or None):
-            if t and len(batch[0]) < 2:  # a last batch of one sample: no variance to average
-                continue  # (BatchNorm1d in training mode refuses it)
+            x = batch[0]
+            if t and x.shape[0] == 1 and x[0].numel() == x.shape[1]:
+                continue  # one value per channel: BatchNorm1d in training mode refuses it
             t += 1
             # momentum None's average, 1/t from a host count (as fvcore does): torch computes
             # 1/float(num_batches_tracked), a device read per BN layer per batch on a GPU
             for m in bns:
                 m.momentum = 1.0 / t
-            forward(batch[0].to(device, non_blocking=True))
+            forward(x.to(device, non_blocking=True))
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum

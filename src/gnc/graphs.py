@@ -45,7 +45,7 @@ def capture_failure(err: BaseException) -> str:
     def line(e: BaseException) -> str:
         return (f"{type(e).__name__}: {e}".splitlines() or [type(e).__name__])[0]
 
-    cause = err.__context__
+    cause = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return line(err) if cause is None else f"{line(cause)}; then {line(err)}"
 
 
@@ -105,13 +105,16 @@ class GraphedHeadStep:
         def step(h: Tensor, y: Tensor) -> Tensor:
             return head(h, y)
 
+        current = torch.cuda.current_stream() if torch.cuda.is_available() else None
         try:  # warm-up steps and capture run the same (products-only) kernels
             with products_only():
                 self._graphed = self.make_graphed(step, sample,
                                                   num_warmup_iters=WARMUP_ITERS)
         except Exception as err:  # noqa: BLE001 -- any capture failure: train on, eagerly
-            self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
+            if current is not None:  # torch.cuda.graph's failed exit keeps its capture stream
+                torch.cuda.set_stream(current)
+            self.failed = capture_failure(err)
             logger.warning("the implicit head's step could not be captured in a CUDA graph "
-                           "(%s); it runs eagerly", self.failed)
+                           "(%s); it runs eagerly", self.failed, exc_info=True)
         finally:  # the warm-up steps changed the running means, U, W, μ_G and the counts
             head.restore(saved)

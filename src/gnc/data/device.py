@@ -12,7 +12,7 @@ datasets whose uint8 pixels fit on the device this module instead
 2. keeps them on the device as one ``(N, C, H, W)`` uint8 tensor (CIFAR-10: 150 MiB);
 3. per batch, gathers the sampler's indices, draws the transform's ``RandomCrop`` (zero
    padding p, offsets uniform in ``{0..2p}²``) and ``RandomHorizontalFlip`` (p = ½) from a
-   CPU generator seeded by (seed, epoch) — one draw per position of the epoch, made when the
+   CPU generator seeded by (seed, epoch, rank) — one draw per position of the epoch, made when the
    epoch starts, so a resumed run sees the same batches — and normalises as
    ``ToTensor`` + ``Normalize`` do (``x/255``, minus mean, over std): an un-augmented batch
    equals the PIL path's pixels.

@@ -305,7 +305,8 @@ def make_loader(
         labels: labels for ``stratified`` (default: the bundle's ``train_targets``).
         stratified: use :class:`StratifiedBatchSampler` (class-balanced batches).
         shuffle: otherwise, shuffle every epoch (:class:`ShardSampler`); per-rank batches are
-            ``batch_size // num_replicas``.
+            ``batch_size // num_replicas`` with ``drop_last`` (training, which needs R to
+            divide it), else ``ceil(batch_size / num_replicas)``.
         drop_last: drop the last incomplete batch.
         seed: base seed of the order and of the worker RNGs.
         num_replicas, rank: distributed split.
