@@ -459,7 +459,8 @@ def nearest_etf(
         backward: ``"closed_form"`` (polar derivative), ``"ddn"`` (the paper's implicit
             differentiation, small K) or ``"none"`` (no gradient through U*).
         info: optional dict that receives the solver's diagnostics (Riemannian: iterations,
-            gradient_norm, stopping_reason; Newton–Schulz: residual, a device scalar).
+            gradient_norm, stopping_reason, restarts; Newton–Schulz: residual, a device
+            scalar).
         solve_device: ``"same"`` (the tensors' device) or ``"cpu"``: the exact solve on the
             host, for small K on a GPU, where a d×K SVD is a few launch-bound kernels (the
             factors return to the device for the backward; ``docs/bench.md`` compares both).
