@@ -175,6 +175,28 @@ def test_fp16_overflow_skips_the_step_and_keeps_the_running_state(tmp_path):
     assert int(head.tracker.t) == len(trainer.train_loader) - 1  # the bad batch left no trace
 
 
+def test_fp16_steps_skipped_for_overflowing_gradients_are_counted(tmp_path):
+    """A finite loss whose fp16 gradients overflow: the GradScaler skips the step. Such skips
+    were not counted: a run that never took a step logged skipped_steps 0 and trained on. They
+    count, and an epoch in which every step was skipped is divergence."""
+    cfg = TrainConfig(dataset="digits", model="mlp", width=16, epochs=1, batch_size=100,
+                      method="standard", amp="fp16", device="cpu", progress=False)
+    trainer = Trainer(cfg, tmp_path / "some")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)  # 6 of 13 steps skip
+    taken = []
+    trainer.optimizer.register_step_post_hook(lambda *a: taken.append(1))
+    stats = trainer.train_epoch(None)
+    trainer.release_lock()
+    assert 0 < stats["skipped_steps"] == len(trainer.train_loader) - len(taken)
+    assert np.isfinite(stats["train_loss"])
+    trainer = Trainer(cfg, tmp_path / "all")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # every step skips
+    with pytest.raises(FloatingPointError, match="training diverged: every step overflowed "
+                                                 "in fp16"):
+        trainer.train_epoch(None)
+    trainer.release_lock()
+
+
 def test_non_finite_features_without_a_scaler_are_divergence(tmp_path):
     trainer = Trainer(_ufm_cfg(method="implicit", epochs=1), tmp_path / "r")
     calls = {"n": 0}

@@ -200,3 +200,16 @@ def test_onecycle_schedule_has_the_released_settings() -> None:
     lrs, moms, opt = _onecycle("agd")
     assert isinstance(opt, AGD) and set(moms) == {None}
     assert max(lrs) == pytest.approx(2.0) and lrs[0] == pytest.approx(2.0 / 25)
+
+
+def test_default_multistep_milestones_of_a_short_run_decay_once_each():
+    """Two epochs gave the default milestones [1, 1]: γ² at epoch 2."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    s = build_scheduler("multistep", opt, total_steps=2, gamma=0.1)
+    lrs = []
+    for _ in range(2):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert lrs == pytest.approx([0.1, 0.01])

@@ -126,12 +126,13 @@ def test_lr_is_agds_gain(tmp_path):
 
 def test_step_schedule_gamma_and_step_every(tmp_path):
     base = {**UFM, "epochs": 4, "schedule": "step", "lr": 1.0}
+    # each row's lr: the rate its epoch trained with
     train(TrainConfig(**base, gamma=0.5, step_every=1), tmp_path / "a")
-    assert [r["lr"] for r in rows(tmp_path / "a")] == pytest.approx([0.5, 0.25, 0.125, 0.0625])
+    assert [r["lr"] for r in rows(tmp_path / "a")] == pytest.approx([1, 0.5, 0.25, 0.125])
     train(TrainConfig(**base), tmp_path / "b")  # default: × 0.1 every epochs // 3 = 1 epoch
-    assert [r["lr"] for r in rows(tmp_path / "b")] == pytest.approx([0.1, 0.01, 1e-3, 1e-4])
+    assert [r["lr"] for r in rows(tmp_path / "b")] == pytest.approx([1, 0.1, 0.01, 1e-3])
     train(TrainConfig(**base, step_every=3), tmp_path / "c")
-    assert [r["lr"] for r in rows(tmp_path / "c")] == pytest.approx([1, 1, 0.1, 0.1])
+    assert [r["lr"] for r in rows(tmp_path / "c")] == pytest.approx([1, 1, 1, 0.1])
 
 
 ONECYCLE = {**UFM, "epochs": 4, "batch_size": 8, "schedule": "onecycle", "lr": 1.0,
@@ -150,7 +151,8 @@ def test_onecycle_steps_per_batch_over_the_whole_run(tmp_path):
         ref.step()
         expected.append(ref_opt.param_groups[0]["lr"])
     trainer.fit()
-    assert [r["lr"] for r in rows(tmp_path / "run")] == pytest.approx(expected[4::5])
+    # each row: the rate of its epoch's last step (step 5e ran after 5e − 1 scheduler steps)
+    assert [r["lr"] for r in rows(tmp_path / "run")] == pytest.approx(expected[3::5])
 
 
 class _Killed(Exception):

@@ -278,3 +278,23 @@ def test_agd_run_uses_agd_initialisation(tmp_path):
     row = trainer.fit()
     rows = read_rows(tmp_path / "run")
     assert math.isfinite(row["train_loss"]) and rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle"])
+def test_the_logged_lr_is_the_rate_the_epoch_trained_with(tmp_path, schedule):
+    """metrics.jsonl's lr was read after the epoch's scheduler step: the next epoch's rate
+    (cosine logged 0.0 at the end, a rate never used)."""
+    cfg = TrainConfig(dataset="ufm", model="ufm", method="standard",
+                      dataset_options={"num_classes": 4}, epochs=4, batch_size=40,
+                      schedule=schedule, step_every=1 if schedule == "step" else None,
+                      eval_every=1, lr=0.1, device="cpu", progress=False)
+    trainer = Trainer(cfg, tmp_path / "run")
+    used = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, *a: used.append(opt.param_groups[0]["lr"]))
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    per_epoch = len(used) // 4
+    want = [used[(e + 1) * per_epoch - 1] for e in range(4)]  # each epoch's last step
+    assert [r["lr"] for r in rows] == pytest.approx(want)
+    assert rows[0]["lr"] == pytest.approx(0.1 if schedule != "onecycle" else want[0])

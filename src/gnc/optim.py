@@ -277,7 +277,8 @@ def build_scheduler(
         return sched.StepLR(optimizer, step_size=size, gamma=gamma)
     if name == "multistep":
         if milestones is None:
-            milestones = [max(1, total_steps // 3), max(1, 2 * total_steps // 3)]
+            # distinct: a milestone twice is two decays at once (epochs 2: [1, 1] gave γ²)
+            milestones = sorted({max(1, total_steps // 3), max(1, 2 * total_steps // 3)})
         return sched.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
     if name == "onecycle":
         # cycling a momentum of 0 would switch momentum on: only cycle one that is in use

@@ -7,7 +7,9 @@ and the resume :mod:`gnc.checkpoints`, the evaluation :mod:`gnc.evaluation`.
 A run directory holds (DESIGN §3):
 
 - ``config.json``: the full resolved :class:`TrainConfig` (with ``method`` and ``seed``);
-- ``metrics.jsonl``: one JSON object per evaluated epoch — ``epoch``, ``step``, ``lr``,
+- ``metrics.jsonl``: one JSON object per evaluated epoch — ``epoch``, ``step``, ``lr`` (the
+  rate the epoch trained with; per-step schedules: its last step's), ``skipped_steps`` (NaN/Inf
+  losses, and under fp16 the steps the GradScaler skipped),
   ``train_loss`` (mean over the epoch's steps), the time per step split into
   ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` (peak
   memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU;
@@ -258,6 +260,7 @@ class Trainer:
         loss_sum, correct, bad = zero.clone(), zero.clone(), zero.clone()
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         seen = steps = 0
+        lr_used = self.optimizer.param_groups[0].get("lr", math.nan)
         show = bar is not None and not bar.disable
         graph, batches = None, self.train_loader
         if self.cfg.graph_step:  # the capture-ready step (gnc.step): a CUDA graph on a GPU
@@ -287,13 +290,17 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(loss).backward()
                     self.scaler.step(self.optimizer)  # fp16: skipped when gradients overflow
+                    # a step skipped for overflowing gradients counts as a bad step (its loss
+                    # may be finite); read before update() resets it, on the device
+                    overflow = self._overflowed()
                     self.scaler.update()
                     model.head.after_optimizer_step()
                     if self.step_schedule_per_step:
+                        lr_used = self.optimizer.param_groups[0].get("lr", math.nan)
                         self.scheduler.step()
                     timer.mark()
                     loss = loss.detach()
-                    finite = torch.isfinite(loss)
+                    finite = torch.isfinite(loss) & ~overflow
                     first_bad = torch.where(finite | (first_bad >= 0), first_bad,
                                             torch.full_like(first_bad, self.step + 1))
                     loss_sum += torch.where(finite, loss, 0.0)
@@ -314,12 +321,14 @@ class Trainer:
             graph.static.end_epoch()
         self._check_finite(bad, first_bad, steps, end=True)
         if not self.step_schedule_per_step:
+            lr_used = self.optimizer.param_groups[0].get("lr", math.nan)  # this epoch's
             self.scheduler.step()
         self.epoch += 1
         t_fwd, t_bwd = timer.times_ms()
         loss_sum, bad, correct, seen_all, n_steps = sum_over_ranks(
             [float(loss_sum), float(bad), float(correct), seen, steps], device)
         return self._polar_residual() | {
+            "lr": float(lr_used),  # the rate the epoch trained with (onecycle: its last step's)
             "train_loss": loss_sum / max(n_steps - bad, 1),
             "train_batch_top1": 100.0 * correct / seen_all,
             "skipped_steps": int(bad),
@@ -328,6 +337,14 @@ class Trainer:
             "time_forward_ms_median": statistics.median(t_fwd),
             "time_backward_ms_median": statistics.median(t_bwd),
         }
+
+    def _overflowed(self) -> torch.Tensor:
+        """Whether the scaler skipped this step for Inf/NaN gradients (a device bool; False
+        without fp16)."""
+        if not self.scaler.is_enabled():
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        found = self.scaler._found_inf_per_device(self.optimizer)  # torch keeps no public read
+        return sum(found.values()).to(self.device) > 0
 
     def _polar_residual(self) -> dict:
         """``{"polar_residual": r}``, the epoch's largest Newton–Schulz residual max|UᵀU − I|
@@ -355,7 +372,8 @@ class Trainer:
             raise self._diverged("the weights are NaN/Inf")
         if diverged:
             step = int(first_bad)
-            what = "the loss is NaN/Inf"
+            what = ("every step overflowed in fp16 (the GradScaler skipped them all)"
+                    if self.scaler.is_enabled() else "the loss is NaN/Inf")
             if not all_finite_params(self.model):
                 what += " and the weights are NaN/Inf"
             raise self._diverged(what, step=step if step > 0 else None)
@@ -419,6 +437,7 @@ class Trainer:
 
     def _log_evaluation(self, stats: dict, t_start: float) -> dict:
         """Evaluate the epoch just trained (its training ``stats`` beside) and log the row."""
+        # `lr` is the epoch's own (in stats); older checkpoints' stats lack it: the rate now
         row = {"epoch": self.epoch, "step": self.step,
                "lr": self.optimizer.param_groups[0].get("lr", math.nan), **stats}
         row = self.evaluate_epoch(row)
