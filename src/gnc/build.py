@@ -18,6 +18,7 @@ from gnc.data.sampler import TensorBatchLoader
 from gnc.heads import make_head, normalizes_features
 from gnc.models import build_backbone, without_bn_affine
 from gnc.models.classifier import FeatureClassifier
+from gnc.optim import PER_STEP_SCHEDULES, agd_init_, build_optimizer, build_scheduler
 from gnc.runtime import DistInfo
 
 logger = logging.getLogger(__name__)
@@ -136,3 +137,24 @@ def _device_images(cfg: TrainConfig, bundle: DatasetBundle, device: torch.device
         if images["test"] is None:
             del images["test"]
     return images
+
+
+def build_training_optimizer(cfg: TrainConfig, model: FeatureClassifier) -> torch.optim.Optimizer:
+    """The optimiser of ``cfg`` over ``model``'s trainable parameters; for AGD first its own
+    initialisation, which its step sizes assume (``lr`` is AGD's gain)."""
+    if cfg.optimizer == "agd":
+        agd_init_(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return build_optimizer(cfg.optimizer, params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, gain=cfg.lr)
+
+
+def build_training_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                             steps_per_epoch: int):
+    """The schedule of ``cfg``: over ``epochs × steps_per_epoch`` optimiser steps for the
+    per-step schedules (onecycle), over ``epochs`` epochs for the others."""
+    per_step = cfg.schedule in PER_STEP_SCHEDULES
+    return build_scheduler(
+        cfg.schedule, optimizer, milestones=cfg.milestones, gamma=cfg.gamma,
+        step_size=cfg.step_every,
+        total_steps=cfg.epochs * (max(steps_per_epoch, 1) if per_step else 1))

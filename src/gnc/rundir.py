@@ -7,6 +7,27 @@ and ``checkpoints/epoch_XXXX.pt`` (their insides and reading: :mod:`gnc.checkpoi
 ``classifier/epoch_XXXX.pt`` (:func:`save_classifier_record`), ``evaluate_SPLIT.jsonl`` and,
 once ``gnc experiment`` has finished the run, ``DONE`` (:func:`mark_done` / :func:`is_done`).
 
+What the files hold (DESIGN §3), as :class:`gnc.training.Trainer` writes them:
+
+- ``config.json``: the full resolved :class:`TrainConfig` (with ``method`` and ``seed``);
+- ``metrics.jsonl``: one JSON object per evaluated epoch — ``epoch``, ``step``, ``lr`` (the
+  rate the epoch trained with; per-step schedules: its last step's), ``skipped_steps`` (NaN/Inf
+  losses, and under fp16 the steps the GradScaler skipped),
+  ``train_loss`` (mean over the epoch's steps), the time per step split into
+  ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` (peak
+  memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU;
+  null for runs that share their process, ``--jobs-mode streams``) and
+  every key of :func:`gnc.metrics.nc_metrics` on the train split (``cos_margins`` as 101
+  quantiles of the sorted per-sample margins), then the test split's prefixed ``test_``, and
+  the train split's distances to the nearest simplex ETFs (``etf_w_dist``, ``etf_h_dist``,
+  ``etf_wh_dist``, ``etf_w_moved``, ``etf_h_moved``: :func:`gnc.metrics.etf_distances`);
+- ``classifier/epoch_XXXX.pt`` with ``save_classifier``: W, b, the train class means and U
+  at every evaluation (:func:`gnc.evaluation.save_classifier`);
+- ``cos_margins.npy``: every sorted per-sample train cosine margin at the last evaluation;
+- ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` every ``checkpoint_every`` epochs), written
+  to a temporary file and renamed, so a crash never leaves a corrupt checkpoint;
+- ``tb/``: TensorBoard events when enabled.
+
 The promises:
 
 - a write never leaves a half-written file under the final name: :func:`atomic_save`,

@@ -311,3 +311,14 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(_cpu_bytes(s, "CUDA"), i)
+
+
+def wrap_distributed(model: torch.nn.Module, info: DistInfo, device: torch.device
+                     ) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel`` under ``torchrun`` (buffers not broadcast: the
+    heads all-reduce their own statistics), else ``model`` itself."""
+    if info.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False)

@@ -4,26 +4,7 @@ The loop alone: the config is :mod:`gnc.config`, what it builds :mod:`gnc.build`
 device and the process group :mod:`gnc.runtime`, the files :mod:`gnc.rundir`, the checkpoint
 and the resume :mod:`gnc.checkpoints`, the evaluation :mod:`gnc.evaluation`.
 
-A run directory holds (DESIGN §3):
-
-- ``config.json``: the full resolved :class:`TrainConfig` (with ``method`` and ``seed``);
-- ``metrics.jsonl``: one JSON object per evaluated epoch — ``epoch``, ``step``, ``lr`` (the
-  rate the epoch trained with; per-step schedules: its last step's), ``skipped_steps`` (NaN/Inf
-  losses, and under fp16 the steps the GradScaler skipped),
-  ``train_loss`` (mean over the epoch's steps), the time per step split into
-  ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` (peak
-  memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU;
-  null for runs that share their process, ``--jobs-mode streams``) and
-  every key of :func:`gnc.metrics.nc_metrics` on the train split (``cos_margins`` as 101
-  quantiles of the sorted per-sample margins), then the test split's prefixed ``test_``, and
-  the train split's distances to the nearest simplex ETFs (``etf_w_dist``, ``etf_h_dist``,
-  ``etf_wh_dist``, ``etf_w_moved``, ``etf_h_moved``: :func:`gnc.metrics.etf_distances`);
-- ``classifier/epoch_XXXX.pt`` with ``save_classifier``: W, b, the train class means and U
-  at every evaluation (:func:`gnc.evaluation.save_classifier`);
-- ``cos_margins.npy``: every sorted per-sample train cosine margin at the last evaluation;
-- ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` every ``checkpoint_every`` epochs), written
-  to a temporary file and renamed, so a crash never leaves a corrupt checkpoint;
-- ``tb/``: TensorBoard events when enabled.
+What a run directory holds is :mod:`gnc.rundir`'s docstring.
 
 ``resume=True`` continues from ``checkpoints/last.pt`` to the same result as an uninterrupted
 run: the data order is a function of (seed, epoch) and the RNG states are checkpointed. An
@@ -46,9 +27,14 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from gnc.build import build_model, load_data, make_train_loaders
+from gnc.build import (
+    build_model,
+    build_training_optimizer,
+    build_training_scheduler,
+    load_data,
+    make_train_loaders,
+)
 from gnc.checkpoints import (
     has_checkpoint,
     resume_training,
@@ -63,12 +49,7 @@ from gnc.graphs import GraphedHeadStep
 from gnc.heads import ImplicitETFHead
 from gnc.losses import classification_loss
 from gnc.memory import PeakMemory
-from gnc.optim import (
-    PER_STEP_SCHEDULES,
-    agd_init_,
-    build_optimizer,
-    build_scheduler,
-)
+from gnc.optim import PER_STEP_SCHEDULES
 from gnc.rundir import (
     RunLock,
     append_metrics,
@@ -85,6 +66,7 @@ from gnc.runtime import (
     resolve_device,
     seed_everything,
     sum_over_ranks,
+    wrap_distributed,
 )
 from gnc.step import GraphedStep, StaticStep
 from gnc.validation import NonFiniteError, all_finite_params, trusted_inputs
@@ -167,29 +149,14 @@ class Trainer:
                 raise ValueError("graph_head captures CUDA graphs: it needs one process on a "
                                  f"CUDA device, not {self.dist.world_size} on {self.device}")
             self.model.head_step = GraphedHeadStep(self.model.head)
-        if cfg.optimizer == "agd":  # AGD's step sizes assume its own initialisation
-            agd_init_(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(  # AGD has no learning rate: `lr` is its gain
-            cfg.optimizer, params, lr=cfg.lr, momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay, gain=cfg.lr,
-        )
+        self.optimizer = build_training_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        self.ddp = self.model
-        if self.dist.world_size > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                else None, broadcast_buffers=False,
-            )
+        self.ddp = wrap_distributed(self.model, self.dist, self.device)
         self.train_loader, self.eval_loaders = make_train_loaders(
             cfg, self.bundle, self.eval_bundle, self.device, self.dist)
         # one-cycle steps after every optimiser step, the others once per epoch
         self.step_schedule_per_step = cfg.schedule in PER_STEP_SCHEDULES
-        self.scheduler = build_scheduler(
-            cfg.schedule, self.optimizer, milestones=cfg.milestones, gamma=cfg.gamma,
-            step_size=cfg.step_every, total_steps=cfg.epochs * (
-                max(len(self.train_loader), 1) if self.step_schedule_per_step else 1),
-        )
+        self.scheduler = build_training_scheduler(cfg, self.optimizer, len(self.train_loader))
         self.epoch, self.step = 0, 0
         self._etf_prev: dict = {}  # nearest ETFs of W and H at the last evaluation (etf_distances)
         # the last trained epoch's statistics, and whether its evaluation is logged: a run
