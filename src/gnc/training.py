@@ -267,7 +267,9 @@ class Trainer:
                         self.scheduler.step()
                     timer.mark()
                     loss = loss.detach()
-                    finite = torch.isfinite(loss) & ~overflow
+                    finite = torch.isfinite(loss)
+                    if overflow is not None:
+                        finite &= ~overflow
                     first_bad = torch.where(finite | (first_bad >= 0), first_bad,
                                             torch.full_like(first_bad, self.step + 1))
                     loss_sum += torch.where(finite, loss, 0.0)
@@ -305,11 +307,11 @@ class Trainer:
             "time_backward_ms_median": statistics.median(t_bwd),
         }
 
-    def _overflowed(self) -> torch.Tensor:
-        """Whether the scaler skipped this step for Inf/NaN gradients (a device bool; False
+    def _overflowed(self) -> torch.Tensor | None:
+        """Whether the scaler skipped this step for Inf/NaN gradients (a device bool; None
         without fp16)."""
         if not self.scaler.is_enabled():
-            return torch.zeros((), dtype=torch.bool, device=self.device)
+            return None
         found = self.scaler._found_inf_per_device(self.optimizer)  # torch keeps no public read
         return sum(found.values()).to(self.device) > 0
 
