@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 from gnc.data import (
     DatasetNotFoundError,
@@ -317,6 +318,39 @@ def test_make_loader_shard_and_epochs() -> None:
     assert sorted(seen[0] + seen[1]) == list(range(12))
     with pytest.raises(ValueError, match="no test split"):
         make_loader(b, 4, split="test")
+
+
+class _GlobalRngDraws(torch.utils.data.Dataset):
+    """A dataset whose items come from torch's global RNG, as torchvision's random transforms do."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return torch.rand(()), i % 2
+
+
+def test_ranks_of_an_in_process_loader_draw_their_own_augmentations() -> None:
+    """With ``num_workers=0`` the transforms draw from torch's global RNG, which every rank of
+    a DDP run seeds alike: position i of every rank's batch had the same crop and flip. Each
+    rank's epoch now has its own draws, the same again when the epoch is replayed (resume), and
+    one process's global RNG is left as it is."""
+    labels = torch.arange(16) % 2
+
+    def epoch_draws(rank: int, replicas: int, epoch: int) -> Tensor:
+        loader = make_loader(_GlobalRngDraws(), 8, labels=labels, stratified=True, seed=4,
+                             num_replicas=replicas, rank=rank)
+        torch.manual_seed(0)  # every rank seeds alike (model initialisation)
+        set_loader_epoch(loader, epoch)
+        return torch.cat([x for x, _ in loader])
+
+    r0, r1 = epoch_draws(0, 2, 0), epoch_draws(1, 2, 0)
+    assert not torch.equal(r0, r1)
+    assert torch.equal(r0, epoch_draws(0, 2, 0))
+    assert not torch.equal(r0, epoch_draws(0, 2, 1))
+    torch.manual_seed(0)
+    want = torch.rand(16)
+    assert torch.equal(epoch_draws(0, 1, 3), want)  # one process: the RNG as seeded
 
 
 def test_tensor_batch_loader_yields_the_dataloader_batches():

@@ -374,8 +374,10 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     Worker RNGs (``num_workers > 0``) and a device loader's crops and flips are then seeded
     from ``(seed, epoch, rank)`` (:func:`epoch_seed`), so a resumed run draws the same
     augmentations and the ranks of a DDP run draw different ones (the same seed on every rank
-    gave position i of every rank's batch the same crop and flip); with ``num_workers=0`` the
-    PIL path draws from torch's global RNG, seeded alike on every rank.
+    gave position i of every rank's batch the same crop and flip). A ``DataLoader`` with
+    ``num_workers=0`` runs its transforms in this process, on torch's global CPU RNG, which
+    every rank seeded alike: on more than one rank that RNG is reseeded from
+    ``(seed, epoch, rank)`` too (one process keeps its RNG as it is, so its runs are unchanged).
     """
     candidates = (loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None),
                   loader.sampler)
@@ -383,6 +385,9 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     if sampler is None:
         raise ValueError("the loader's sampler has no `set_epoch`; build it with make_loader")
     sampler.set_epoch(epoch)
+    rank = getattr(sampler, "rank", 0)
     if loader.generator is not None:
-        loader.generator.manual_seed(epoch_seed(sampler.seed, epoch, AUGMENTATION,
-                                                getattr(sampler, "rank", 0)))
+        loader.generator.manual_seed(epoch_seed(sampler.seed, epoch, AUGMENTATION, rank))
+    if (isinstance(loader, DataLoader) and loader.num_workers == 0
+            and getattr(sampler, "num_replicas", 1) > 1):
+        torch.default_generator.manual_seed(epoch_seed(sampler.seed, epoch, AUGMENTATION, rank))
