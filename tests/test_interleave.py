@@ -525,3 +525,14 @@ def test_streams_refuse_the_head_graph_before_any_training(tmp_path):
                        overrides={"graph_head": True, "polar_method": "newton_schulz",
                                   "device": "cpu", "progress": False})
     assert not any((tmp_path / "x").rglob("metrics.jsonl"))
+
+
+def test_runs_that_fail_alike_are_one_error(tmp_path):
+    """Every run failing with one error (a data setting) said "each one's error is above"
+    after N identical lines; the final line now names the error once."""
+    with pytest.raises(ValueError, match=r"^2 of 2 runs failed: .* \(all with ValueError: "
+                                         r"imbalance 0.1 leaves class\(es\)"):
+        run_experiment("ufm10", tmp_path / "exp", seeds=1, methods=["standard", "fixed"],
+                       jobs=2, jobs_mode="streams",
+                       overrides={"epochs": 1, "imbalance": 0.1, "progress": False,
+                                  "dataset_options": {"num_classes": 3, "per_class": 4}})

@@ -89,6 +89,36 @@ def test_bad_rates_are_errors(kw: dict, match: str) -> None:
         load_dataset("ufm", num_classes=10, per_class=100, **kw)
 
 
+def test_rates_are_any_real_number() -> None:
+    """NumPy scalars in range were refused as out of range; a non-number says so."""
+    b = load_dataset("ufm", num_classes=4, per_class=20, imbalance=np.float32(0.5),
+                     label_noise=np.float64(0.1))
+    assert torch.bincount(b.train_targets).tolist()[0] == 20
+    assert len(b.noisy_indices) == math.floor(0.1 * len(b.train_targets))
+    assert len(load_dataset("ufm", num_classes=4, per_class=20, imbalance=np.int64(1)).train) == 80
+    with pytest.raises(ValueError, match=r"`imbalance` to be a number in 0 < R <= 1, but got "
+                                         r"tensor\(0.5000\)"):
+        load_dataset("ufm", num_classes=4, per_class=20, imbalance=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="`label_noise` to be a number"):
+        load_dataset("ufm", num_classes=4, per_class=20, label_noise=True)
+
+
+def test_label_noise_that_empties_a_class_is_refused() -> None:
+    """As a long tail that leaves a class no sample: re-drawn labels could leave a class
+    without any (its class mean undefined, its metrics NaN)."""
+    hits = 0
+    for seed in range(20):
+        try:
+            b = load_dataset("ufm", num_classes=10, per_class=2, label_noise=1.0, seed=seed)
+        except ValueError as err:
+            assert "label noise 1.0 leaves class(es)" in str(err)
+            assert "no training label" in str(err)
+            hits += 1
+        else:
+            assert len(torch.unique(b.train_targets)) == 10
+    assert 0 < hits < 20  # 20 labels over 10 classes: most draws miss a class, some do not
+
+
 def test_train_config_checks_the_rates() -> None:
     with pytest.raises(ValueError, match="`imbalance` in 0 < R <= 1"):
         TrainConfig(imbalance=0).validate()

@@ -249,6 +249,35 @@ def test_a_report_of_imbalanced_runs_says_what_the_metrics_measure(exp):
     assert "the training split is imbalanced (`imbalance` < 1)" in text
 
 
+def test_a_report_without_a_preset_names_what_the_runs_trained(exp):
+    """`gnc report` of a preset-less experiment had the title "Experiment report: NAME" and a
+    setup table without the perturbations: nothing said the labels were noisy."""
+    root, _ = exp
+    for config in root.glob("*/seed*/config.json"):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "imbalance": 0.5,
+                                      "label_noise": 0.3}))
+    text = make_report(root, machine="test machine").read_text()
+    title = text.splitlines()[0]
+    assert title.startswith(f"# Experiment report: {root.name}: mnist1d")
+    assert "long tail R=0.5" in title and "label noise 0.3" in title
+    assert "| label_noise | `0.3` |" in text and "| imbalance | `0.5` |" in text
+    assert "labels the runs trained on, noisy ones included" in text
+    for config in root.glob("*/seed*/config.json"):  # not a `gnc train` config: the name only
+        config.write_text(json.dumps({**json.loads(config.read_text()), "measure": {}}))
+    assert make_report(root, machine="m").read_text().splitlines()[0] == (
+        f"# Experiment report: {root.name}")
+
+
+def test_runs_that_differ_in_their_perturbation_are_different_tasks(exp):
+    """A clean run pooled with long-tailed ones entered the medians without the warning that
+    a different dataset gets."""
+    root, _ = exp
+    config = next(root.glob("standard/seed1/config.json"))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "label_noise": 0.2}))
+    text = make_report(root, machine="m").read_text()
+    assert "**Warning: these runs differ in label_noise: the medians below mix" in text
+
+
 def test_table_values(exp):
     root, rows = exp
     text = make_report(root, machine="m").read_text()

@@ -345,3 +345,23 @@ def config_differences(saved: dict, cfg: TrainConfig, *, ignore: frozenset | set
     now = cfg.to_dict()
     return [f"{k}={json.dumps(old[k])} (now {json.dumps(now[k])})"
             for k in sorted(now) if k not in ignore and old[k] != now[k]]
+
+
+def describe_config(config: dict) -> str:
+    """One line naming what a config trains: data, model, length, batch, optimiser, and the
+    data perturbations and sampler when not the defaults (the title of a preset-less
+    experiment)."""
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in ("method", "seed")})
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(cfg.dataset_options.items()))
+    parts = [cfg.dataset + (f" ({opts})" if opts else ""),
+             f"{cfg.model}" + (f" width {cfg.width}" if cfg.width != 64 else ""),
+             f"{cfg.epochs} epochs",
+             f"batch {cfg.batch_size}" if cfg.batch_size else "full batch",
+             f"{cfg.optimizer} lr {cfg.lr:g}", f"tau {cfg.tau:g}"]
+    if cfg.imbalance != 1:
+        parts.append(f"long tail R={cfg.imbalance:g}")
+    if cfg.label_noise:
+        parts.append(f"label noise {cfg.label_noise:g}")
+    if cfg.batch_size and cfg.sampler != "stratified":
+        parts.append(f"{cfg.sampler} batches")
+    return ", ".join(parts)

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gnc.checkpoints import RESUMABLE_KEYS, has_checkpoint
-from gnc.config import RUNTIME_KEYS, TrainConfig, config_differences, uses_implicit_head
+from gnc.config import (
+    RUNTIME_KEYS,
+    TrainConfig,
+    config_differences,
+    describe_config,
+    uses_implicit_head,
+)
 from gnc.heads import PAPER_METHODS, normalizes_features
 from gnc.jobs import (
     JOBS_MODES,
@@ -272,26 +278,6 @@ def _check_existing_run(path: Path, cfg: TrainConfig) -> None:
         )
 
 
-def describe_config(config: dict) -> str:
-    """One line naming what a config trains: data, model, length, batch, optimiser, and the
-    data perturbations and sampler when not the defaults (the title of a preset-less
-    experiment)."""
-    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in ("method", "seed")})
-    opts = ", ".join(f"{k}={v}" for k, v in sorted(cfg.dataset_options.items()))
-    parts = [cfg.dataset + (f" ({opts})" if opts else ""),
-             f"{cfg.model}" + (f" width {cfg.width}" if cfg.width != 64 else ""),
-             f"{cfg.epochs} epochs",
-             f"batch {cfg.batch_size}" if cfg.batch_size else "full batch",
-             f"{cfg.optimizer} lr {cfg.lr:g}", f"tau {cfg.tau:g}"]
-    if cfg.imbalance != 1:
-        parts.append(f"long tail R={cfg.imbalance:g}")
-    if cfg.label_noise:
-        parts.append(f"label noise {cfg.label_noise:g}")
-    if cfg.batch_size and cfg.sampler != "stratified":
-        parts.append(f"{cfg.sampler} batches")
-    return ", ".join(parts)
-
-
 def custom_preset(config: dict | None = None, *, name: str = "custom") -> Preset:
     """A preset for your own settings (``gnc experiment`` without a preset name).
 
@@ -540,7 +526,10 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
     failed = [o for o in outcomes if not o.ok]
     if failed:
         others = "" if len(failed) == len(todo) else "; the others finished"
+        errors = {o.error for o in failed}  # first lines
+        why = (f"all with {errors.pop()}" if len(errors) == 1 and len(failed) > 1
+               else f"each one's error is above{others}")
         raise ValueError(
             f"{len(failed)} of {len(todo)} runs failed: {', '.join(o.name for o in failed)} "
-            f"(each one's error is above{others}); the same command again retries them\n"
+            f"({why}); the same command again retries them\n"
             + "\n".join(f"  {o.name}: {o.error}" for o in failed))

@@ -49,7 +49,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves the backend alone
 
-from gnc.config import OUTPUT_KEYS, RUNTIME_KEYS
+from gnc.config import OUTPUT_KEYS, RUNTIME_KEYS, describe_config
 from gnc.heads import METHOD_NAMES, METHODS, PAPER_METHODS
 from gnc.rundir import (
     atomic_write,
@@ -77,7 +77,7 @@ DPI = 120
 PCM_POINTS = 1000  # common grid of normalised sample ranks for the sorted margins
 LOG_FLOOR = 1e-14  # log-scale curves draw smaller values (float64 rounding noise) here
 # settings that make runs different tasks: the report warns when its runs differ in them
-TASK_KEYS = ("dataset", "dataset_options", "model")
+TASK_KEYS = ("dataset", "dataset_options", "model", "imbalance", "label_noise")
 # figures leave out values beyond it: matplotlib's tick arithmetic overflows near float's max
 PLOT_LIMIT = 1e300
 
@@ -122,8 +122,9 @@ FINAL_METRICS = (
 )
 SUMMARY_STATS = ("n", "mean", "std", "median", "min", "max")  # summary.csv / .json columns
 SUMMARY_SKIP = ("epoch", "step", "seed")  # row keys that are not metrics
-CONFIG_KEYS = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "momentum",
-               "weight_decay", "schedule", "tau", "eval_every")
+CONFIG_KEYS = ("dataset", "dataset_options", "imbalance", "label_noise", "model", "epochs",
+               "batch_size", "sampler", "optimizer", "lr", "momentum", "weight_decay",
+               "schedule", "tau", "eval_every")
 
 
 @dataclass
@@ -664,6 +665,20 @@ IMBALANCE_NOTE = (
     "means by μ_G, the mean over the samples (the released code's): on an imbalanced split "
     "`nc2_h`, `nc3`, `h_equinorm` and the cosine margins stay away from their collapsed "
     "values even at perfect collapse (see gnc/metrics.py).")
+LABEL_NOISE_NOTE = (
+    "Note: some training labels were re-drawn at random (`label_noise` > 0). The train "
+    "split's top-1, loss and NC metrics use the labels the runs trained on, noisy ones "
+    "included; the test split's labels are clean.")
+
+
+def _default_title(root: Path, runs: Mapping[str, list[RunData]]) -> str:
+    """The directory's name and what its first run trained (:func:`describe_config`), so a
+    report written without a preset still names its data, perturbations and settings."""
+    name = f"Experiment report: {root.resolve().name}"
+    try:
+        return f"{name}: {describe_config(_all_runs(runs)[0].config)}"
+    except (TypeError, ValueError):  # not a gnc train config: e.g. `gnc measure`'s
+        return name
 
 
 def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
@@ -682,6 +697,8 @@ def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
                  + (", ".join(f"`{k}`" for k in differ) if differ else "none") + ".")
     if any(_num(run.config.get("imbalance", 1.0)) < 1.0 for run in _all_runs(runs)):
         lines += ["", IMBALANCE_NOTE]
+    if any(_num(run.config.get("label_noise", 0.0)) > 0.0 for run in _all_runs(runs)):
+        lines += ["", LABEL_NOISE_NOTE]
     mixed = [k for k in TASK_KEYS if k in differ]
     if mixed:  # e.g. a run of another experiment copied in: its numbers enter the medians
         warning = (f"these runs differ in {', '.join(mixed)}: the medians below mix "
@@ -762,7 +779,7 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
                   command: str | None, machine: str | None, notes: str | None,
                   preset_config: Mapping | None, jobs: int) -> Path:
     """:func:`make_report`'s writing, with the folder locked and the runs scanned."""
-    title = title or f"Experiment report: {root.resolve().name}"
+    title = title or _default_title(root, runs)
     changed = overrides(runs, preset_config) if preset_config is not None else []
     if changed:
         title += f" (overridden: {', '.join(changed)})"

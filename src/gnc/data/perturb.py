@@ -24,6 +24,7 @@ re-drawn positions and :attr:`DatasetBundle.clean_targets` the labels before.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,10 +90,10 @@ def check_rates(imbalance: float, label_noise: float) -> None:
 
 
 def _check_rate(name: str, value: float, *, low_open: bool) -> None:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and (0 < value <= 1 if low_open else 0 <= value <= 1))
-    if not ok:
-        bounds = "0 < R <= 1" if low_open else "0 <= p <= 1"
+    bounds = "0 < R <= 1" if low_open else "0 <= p <= 1"
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Expected `{name}` to be a number in {bounds}, but got {value!r}")
+    if not (math.isfinite(value) and (0 < value <= 1 if low_open else 0 <= value <= 1)):
         raise ValueError(f"Expected `{name}` in {bounds}, but got {value}")
 
 
@@ -170,6 +171,12 @@ def apply_label_noise(bundle: DatasetBundle, rate: float, *, seed: int = 0) -> D
     noisy = clean.clone()
     noisy[idx] = torch.as_tensor(rng.integers(0, bundle.num_classes, size=len(idx)),
                                  dtype=torch.long)
+    emptied = sorted(set(clean.unique().tolist()) - set(noisy.unique().tolist()))
+    if emptied:  # as apply_imbalance: every class the split had keeps a training sample
+        raise ValueError(
+            f"label noise {rate} leaves class(es) {emptied[:10]} of dataset '{bundle.name}' "
+            f"with no training label (seed {seed}, {n} samples); lower the noise rate or use "
+            "more samples")
     ds = bundle.train
     tensors = _tensors(ds)
     if tensors is not None:  # stay on the fast in-memory batch path
