@@ -32,9 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     sigma_min, residual = [], []
 
-    def recording(C, ell):
+    def recording(C, ell, **kw):
         sigma_min.append(float(torch.linalg.svdvals(C.double())[-1]))
-        ns = polar_newton_schulz(C, ell)
+        ns = polar_newton_schulz(C, ell, **kw)
         residual.append(float(ns.residual))
         return ns
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gnc.bench import bench_layer, format_table, parse_sizes, speedups
 from tests.conftest import load_benchmark
@@ -78,6 +79,87 @@ def test_unknown_step_case():
         step_cases_by_name("resnet9", "cpu")
     assert [c.name for c in step_cases_by_name("ufm100,resnet18", "cpu")] == ["ufm100",
                                                                               "resnet18"]
+
+
+def test_the_paper_layer_row_says_it_is_one_timed_run():
+    """The riemannian/ddn row is timed once: "7x faster" compared a median of 7 with it."""
+    records = bench_layer([(16, 3)], repeats=3, polar_methods=("auto",))
+    paper = next(r for r in records if r.method == "riemannian/ddn")
+    assert paper.note == "1 timed run"
+    ours = next(r for r in records if r.method == "exact/closed_form")
+    assert ours.note == ""
+    again = bench_layer([(16, 3)], repeats=2, paper_repeats=2, polar_methods=("auto",))
+    assert next(r for r in again if r.method == "riemannian/ddn").note == ""
+
+
+def test_a_step_of_standard_renormalises_its_rows(monkeypatch):
+    """The step rows are the methods' training steps: `standard` renormalises its rows
+    after the optimiser (DESIGN §1), which the bench left out."""
+    from gnc import heads
+    from gnc.bench import StepCase, time_step
+
+    calls = []
+    monkeypatch.setattr(heads.StandardHead, "after_optimizer_step",
+                        lambda self: calls.append(type(self).__name__))
+    time_step(StepCase("tiny-ufm", "ufm", 4, 16, (), 8, 16), "standard", torch.device("cpu"), 2)
+    assert len(calls) == 3  # the warm-up and the two timed steps
+
+
+def test_the_cpu_resnet50_case_has_the_gpu_case_stem():
+    """At 64 px the stem defaulted to the CIFAR one: not the network of the 224 px GPU row."""
+    from gnc.bench import CPU_STEPS, GPU_STEPS
+    from gnc.models import build_backbone
+
+    stems = []
+    for table in (CPU_STEPS, GPU_STEPS):
+        case = next(c for c in table if c.name == "resnet50-k1000")
+        backbone, _ = build_backbone(case.model, in_shape=case.in_shape,
+                                     small_input=case.small_input)
+        stems.append(tuple(backbone.conv1.kernel_size))
+    assert stems == [(7, 7), (7, 7)]
+
+
+@pytest.mark.parametrize("flags", [["--sizes", ""], ["--sizes", "none", "--steps", ""],
+                                   ["--steps", "none", "--polar", ""],
+                                   ["--sizes", "none", "--steps", "none", "--epoch", ""],
+                                   ["--sizes", "none", "--steps", "none", "--epoch", "digits",
+                                    "--methods", ""]])
+def test_an_empty_bench_flag_is_an_error_not_the_defaults(flags, capsys):
+    """`--sizes ''` ran every default size up to 2048x1000 (minutes on a CPU)."""
+    from gnc.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *flags])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("gnc:")]
+    assert exit_.value.code == 2 and len(err) == 1, err
+
+
+def test_polar_conditioning_script_runs():
+    """benchmarks/polar_conditioning.py (the evidence for the Newton–Schulz schedule in
+    docs/bench.md) failed once `polar_newton_schulz` took a keyword it did not pass on."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "polar_conditioning.py"), "ufm10",
+         "--epochs", "3", "--set", "dataset_options={\"num_classes\": 3, \"per_class\": 4}",
+         "--set", "feature_dim=8"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sigma_min(C)/delta min" in done.stdout and "largest residual" in done.stdout
+
+
+def test_compile_head_check_compiles_the_update_and_the_guarded_module(monkeypatch, capsys):
+    """The script compiled the module, whose forward now runs the update eagerly when
+    compiled: it compared eager with eager and printed 0 ("could be offered"). It now also
+    compiles the update itself; the guarded module must equal the eager tracker exactly."""
+    module = load_benchmark("compile_head_check")
+    monkeypatch.setattr(sys, "argv", ["compile_head_check.py", "--steps", "2"])
+    module.main()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2
+    for line in lines:
+        assert "update compiled " in line and "module compiled 0.000e+00" in line, line
 
 
 def test_peak_memory_sees_a_transient_allocation_on_cpu():

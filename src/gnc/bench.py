@@ -12,7 +12,9 @@ after one warm-up. Cases:
 - ``step``: a whole training step (forward = model + loss; backward = backward + optimiser
   step) per method for the UFM and ResNet cases, with peak memory:
   ``torch.cuda.max_memory_allocated`` above the pre-step level on GPU, the peak resident-set
-  size above the starting level (sampled every ms) on CPU.
+  size above the starting level (sampled every 2 ms) on CPU.
+- ``epoch``: whole training epochs of a preset; its forward and backward columns are the
+  epoch's *mean* step times (the share of the epoch spent outside the steps needs their sum).
 """
 
 from __future__ import annotations
@@ -197,7 +199,9 @@ def bench_layer(
             ))
         else:
             fwd, bwd = time_layer(d, K, "riemannian", "ddn", device, paper_repeats)
-            records.append(BenchRecord(case, "riemannian/ddn", str(device), fwd, bwd))
+            runs = f"{paper_repeats} timed run{'s' if paper_repeats > 1 else ''}"
+            records.append(BenchRecord(case, "riemannian/ddn", str(device), fwd, bwd,
+                                       note="" if paper_repeats == repeats else runs))
     d, K = max(sizes, key=lambda s: s[0] * s[1])
     if d * K * K > BIG_LAYER_FLOPS:
         return records
@@ -290,6 +294,7 @@ class StepCase:
     feature_dim: int | None = None
     num_samples: int | None = None  # ufm: number of free feature vectors
     note: str = ""
+    small_input: bool | None = None  # the backbone's stem (None: by image size)
 
 
 GPU_STEPS = (
@@ -301,14 +306,15 @@ GPU_STEPS = (
 # On a 2-core CPU the image steps would take minutes: smaller batches, said in the table.
 CPU_STEPS = GPU_STEPS[:2] + (
     StepCase("resnet18", "resnet18", 10, 64, (3, 32, 32), note="CPU: batch 64, not 256"),
-    StepCase("resnet50-k1000", "resnet50", 1000, 16, (3, 64, 64),
-             note="CPU: batch 16 at 64x64, not 256 at 224x224"),
+    StepCase("resnet50-k1000", "resnet50", 1000, 16, (3, 64, 64), small_input=False,
+             note="CPU: batch 16 at 64x64, not 256 at 224x224"),  # the GPU case's stem
 )
 STEP_METHODS = ("standard", "fixed", "implicit")
 
 
 def time_step(case: StepCase, method: str, device: torch.device, repeats: int) -> BenchRecord:
-    """Median forward (model + loss) and backward (+ optimiser step) of one training step."""
+    """Median forward (model + loss) and backward (+ SGD step, and the head's
+    ``after_optimizer_step``: ``standard`` renormalises its rows) of one training step."""
     import torch.nn.functional as F
 
     from gnc.heads import make_head
@@ -316,7 +322,8 @@ def time_step(case: StepCase, method: str, device: torch.device, repeats: int) -
 
     g = torch.Generator().manual_seed(0)
     backbone, d = build_backbone(case.model, in_shape=case.in_shape,
-                                 num_samples=case.num_samples, feature_dim=case.feature_dim)
+                                 num_samples=case.num_samples, feature_dim=case.feature_dim,
+                                 small_input=case.small_input)
     model = FeatureClassifier(backbone, make_head(method, d, case.K), tau=5.0).to(device)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
                           momentum=0.9)
@@ -337,6 +344,7 @@ def time_step(case: StepCase, method: str, device: torch.device, repeats: int) -
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        model.head.after_optimizer_step()
         _sync(device)
         fwd.append((t1 - t0) * 1e3)
         bwd.append((time.perf_counter() - t1) * 1e3)

@@ -404,8 +404,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     overrides = _overrides(args.set or [])  # bad --set values: one line before any timing
     if args.repeats < 1:
         raise CLIError(f"Expected --repeats >= 1, but got {args.repeats}")
-    epoch = args.epoch or ("cifar10-resnet18" if args.device.startswith("cuda") else "none")
-    methods = args.methods.split(",") if args.methods else bench.STEP_METHODS
+    epoch = (args.epoch if args.epoch is not None
+             else "cifar10-resnet18" if args.device.startswith("cuda") else "none")
+    methods = args.methods.split(",") if args.methods is not None else bench.STEP_METHODS
     if args.profile:
         if epoch == "none":
             raise CLIError("--profile profiles the epoch case: give --epoch PRESET")
@@ -415,12 +416,13 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         return
     records = []
     if args.sizes != "none":
-        kw = {"sizes": bench.parse_sizes(args.sizes)} if args.sizes else {}
-        if args.polar:
+        kw = {"sizes": bench.parse_sizes(args.sizes)} if args.sizes is not None else {}
+        if args.polar is not None:
             kw["polar_methods"] = args.polar.split(",")
         records += bench.bench_layer(device=args.device, repeats=args.repeats, **kw)
     if args.steps != "none":
-        cases = bench.step_cases_by_name(args.steps, args.device) if args.steps else None
+        cases = (bench.step_cases_by_name(args.steps, args.device) if args.steps is not None
+                 else None)
         records += bench.bench_steps(cases, device=args.device, repeats=min(args.repeats, 3))
     if epoch != "none":
         records += bench.bench_epochs(epoch, device=args.device, methods=methods,
@@ -600,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polar", help="polar factors of the layer and head cases: auto (the "
                    "eigensolvers), newton_schulz (default both)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median; at "
+                   "most 3 for the training steps, 1 for the paper's riemannian/ddn layer "
+                   "and the largest layers: their notes say so)")
     p.add_argument("--epoch", help="time whole training epochs of this preset per method "
                    "(default cifar10-resnet18 on CUDA, 'none' on CPU)")
     p.add_argument("--methods", help="methods of the epoch case (default standard,fixed,"
