@@ -310,3 +310,28 @@ def test_non_finite_features_at_evaluation_raise_after_the_passes():
     with pytest.raises(NonFiniteError, match="`features` to be finite"):
         evaluate(model, make_loader(TensorDataset(x, y), 40), 4, torch.device("cpu"))
     assert calls["n"] == 6  # one pass over the six batches (pass 2 reads the cache)
+
+
+def test_a_divergence_found_at_evaluation_names_the_evaluated_epoch(tmp_path):
+    """Epoch 2's evaluation found NaN features and said "at epoch 3, step 2n + 1": the epoch
+    counter had already moved past the epoch it evaluated."""
+    trainer = Trainer(_ufm_cfg(method="implicit", epochs=3, eval_every=1), tmp_path / "r")
+    steps_per_epoch = len(trainer.train_loader)
+    evaluate_epoch, evaluations = trainer.evaluate_epoch, []
+
+    def nan_in_the_second_evaluation(module, inputs, output):
+        return output * float("nan") if not module.training and evaluations == [1] else output
+
+    def counted(row):
+        try:
+            return evaluate_epoch(row)
+        finally:
+            evaluations.append(1)
+
+    trainer.model.backbone.register_forward_hook(nan_in_the_second_evaluation)
+    trainer.evaluate_epoch = counted
+    with pytest.raises(FloatingPointError, match=rf"the train features are NaN/Inf at "
+                       rf"evaluation at epoch 2, step {2 * steps_per_epoch} "):
+        trainer.fit()
+    rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1]

@@ -9,7 +9,7 @@ import torch
 
 from gnc.config import TrainConfig
 from gnc.etf import simplex_etf
-from gnc.rundir import holds_results, prepare_run_dir
+from gnc.rundir import holds_results, prepare_run_dir, strict_json
 from gnc.saved_runs import evaluate_checkpoints, evaluate_run
 from gnc.training import Trainer, train
 
@@ -19,8 +19,13 @@ TINY = dict(dataset="ufm", dataset_options={"num_classes": 4, "per_class": 6}, m
             feature_dim=8, epochs=4, lr=0.5, progress=False, eval_every=2)
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def rows_of(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The rows of a metrics file, read as strict JSON (a NaN literal is an error)."""
+    return [json.loads(line, parse_constant=_not_json) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -31,7 +36,7 @@ def test_every_method_logs_etf_distances_and_saves_its_classifier(tmp_path, meth
     assert [r["epoch"] for r in rows] == [2, 4]
     for row in rows:
         assert set(ETF_KEYS) | {"vci", "numerical_rank"} <= row.keys()
-    assert math.isnan(rows[0]["etf_w_moved"]) and math.isfinite(rows[1]["etf_w_moved"])
+    assert rows[0]["etf_w_moved"] is None and math.isfinite(rows[1]["etf_w_moved"])
     assert all(math.isfinite(rows[1][k]) for k in ETF_KEYS)
     if method == "fixed":  # the fixed ETF is an exact ETF that never moves
         assert rows[1]["etf_w_dist"] == pytest.approx(0.0, abs=1e-6)
@@ -109,7 +114,7 @@ def test_evaluate_all_appends_one_line_per_kept_epoch(kept):
     logged = {r["epoch"]: r for r in rows_of(kept / "metrics.jsonl")}
     rows = evaluate_checkpoints(kept, device="cpu", save_classifier=True)
     assert [r["epoch"] for r in rows] == [2, 4, 6]
-    assert rows_of(kept / "evaluate_train.jsonl") == json.loads(json.dumps(rows))
+    assert rows_of(kept / "evaluate_train.jsonl") == json.loads(strict_json(rows))
     for row in rows[1:]:  # moved since the previous checkpoint = since the previous evaluation
         for key in ETF_KEYS:
             assert row[key] == pytest.approx(logged[row["epoch"]][key], rel=1e-6), key
@@ -165,3 +170,25 @@ def test_cli_train_and_experiment_pass_save_classifier(tmp_path, capsys):
     code, _ = run_main(["train", "--preset", "ufm10", "--epochs", "2", *TINY_UFM, "--out",
                         tmp_path / "one", "--save-classifier"], capsys)
     assert code == 0 and (tmp_path / "one" / "classifier" / "epoch_0002.pt").exists()
+
+
+def test_evaluate_with_save_classifier_is_a_writer_and_takes_the_lock(kept):
+    """`gnc evaluate RUN --save-classifier` wrote into a run that another process was
+    training; `--all` on a folder that is no run left a `.lock` in it."""
+    import fcntl
+
+    from gnc.rundir import LOCK_FILE, RunLockedError
+
+    with open(kept / LOCK_FILE, "a") as held:  # as a training process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunLockedError, match="in use by another gnc process"):
+            evaluate_run(kept, device="cpu", save_classifier=True)
+        assert not (kept / "classifier").exists()
+        evaluate_run(kept, device="cpu")  # reading needs no lock
+    other = kept.parent / "notes"
+    other.mkdir()
+    for call in (lambda: evaluate_checkpoints(other, device="cpu"),
+                 lambda: evaluate_run(other, device="cpu", save_classifier=True)):
+        with pytest.raises(FileNotFoundError, match="config.json"):
+            call()
+        assert not (other / LOCK_FILE).exists()

@@ -28,7 +28,7 @@ def assert_same_metrics(a: dict, b: dict, keys=None, rel: float = 1e-9) -> None:
                     and not isinstance(b[k], (list, str)) and not k.endswith("_moved")]
     assert keys
     for k in keys:
-        x, y = float(a[k]), float(b[k])
+        x, y = (math.nan if v is None else float(v) for v in (a[k], b[k]))  # null: NaN
         assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=rel, abs=1e-12), k
 
 

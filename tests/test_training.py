@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -234,6 +236,44 @@ def test_tensorboard_events_and_bf16_backbone(tmp_path):
     assert trainer.model.head.U.dtype == torch.float32
     x = trainer.eval_bundle.train.tensors[0][:4]
     assert trainer.model.features(x).dtype == torch.float32
+
+
+def _tensorboard_steps(run_dir) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_resume_hides_the_tensorboard_events_after_its_checkpoint(tmp_path):
+    """A run killed after logging epoch 4 but before saving it resumes from epoch 3: its
+    metrics.jsonl line of epoch 4 was dropped, its TensorBoard events were not (steps
+    1, 2, 3, 4, 4 in every tag)."""
+    cfg = TrainConfig(**{**CASES["digits"], "epochs": 4}, method="standard", eval_every=1,
+                      checkpoint_every=3, tensorboard=True, progress=False)
+    run = tmp_path / "run"
+    train(cfg, run)
+    (run / "checkpoints" / "last.pt").write_bytes(b"cut short")  # back to epoch_0003.pt
+    train(cfg, run, resume=True)
+    steps = _tensorboard_steps(run)
+    assert steps and all(s == [1, 2, 3, 4] for s in steps.values()), steps
+    assert [r["epoch"] for r in read_rows(run)] == [1, 2, 3, 4]
+
+
+def test_tensorboard_missing_is_one_error_before_the_run_directory(tmp_path, monkeypatch):
+    """Without tensorboard, `--tensorboard` failed with a traceback after the run directory
+    was prepared (with --overwrite: the old run already removed)."""
+    cfg = TrainConfig(**{**CASES["digits"], "epochs": 1}, method="standard", progress=False)
+    train(cfg, tmp_path / "old")
+    before = sorted(p.name for p in (tmp_path / "old").iterdir())
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with_tb = dataclasses.replace(cfg, tensorboard=True)
+    for out, kw in ((tmp_path / "new", {}), (tmp_path / "old", {"overwrite": True})):
+        with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+            train(with_tb, out, **kw)
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == before
 
 
 def test_fp16_backbone_with_grad_scaler_resumes_exactly(tmp_path):

@@ -256,6 +256,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from gnc.rundir import strict_json
     from gnc.training import train
 
     cfg = train_config_from_args(args)
@@ -265,10 +266,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     row = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                 trust_checkpoint=args.trust_checkpoint)
     keys = ("epoch", "train_loss", "top1", "nc1", "nc3", "avg_cos_margin", "test_top1")
-    print(json.dumps({k: row[k] for k in keys if k in row}))
+    print(strict_json({k: row[k] for k in keys if k in row}))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from gnc.rundir import strict_json
     from gnc.saved_runs import evaluate_checkpoints, evaluate_run
 
     if args.all and args.checkpoint is not None:
@@ -281,13 +283,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                                     trust_checkpoint=args.trust_checkpoint)
         for row in rows:
             row.pop("cos_margins")
-            print(json.dumps(row))
+            print(strict_json(row))
         return
     metrics = evaluate_run(args.run_dir, split=args.split, device=args.device,
                            checkpoint=args.checkpoint, save_classifier=args.save_classifier,
                            trust_checkpoint=args.trust_checkpoint)
     metrics.pop("cos_margins")
-    print(json.dumps(metrics, indent=1))
+    print(strict_json(metrics, indent=1))
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
@@ -437,6 +439,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 def _cmd_measure(args: argparse.Namespace) -> None:
     from gnc.measure import expand_weights, measure_files, write_measure_dir
+    from gnc.rundir import strict_json
 
     if args.overwrite and not args.out:
         raise CLIError("--overwrite replaces the directory of --out; without --out nothing "
@@ -454,7 +457,7 @@ def _cmd_measure(args: argparse.Namespace) -> None:
         num_workers=args.num_workers, trust_checkpoint=args.trust_checkpoint)
     if single:  # one checkpoint: one JSON object
         (row, _), = rows
-        Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+        Path(args.out).write_text(strict_json(row, indent=1) + "\n")
         return
     if args.out:
         config = {"measure": {k: getattr(args, k) for k in (
@@ -469,8 +472,10 @@ def _cmd_measure(args: argparse.Namespace) -> None:
 
 def _echo(rows):
     """Print each row (without its margin quantiles) as one JSON line, as it comes."""
+    from gnc.rundir import strict_json
+
     for row, margins in rows:
-        print(json.dumps({k: v for k, v in row.items() if k != "cos_margins"}), flush=True)
+        print(strict_json({k: v for k, v in row.items() if k != "cos_margins"}), flush=True)
         yield row, margins
 
 

@@ -35,6 +35,7 @@ from gnc.jobs import (
 )
 from gnc.optim import check_resume_length
 from gnc.rundir import is_done, mark_done, read_config, stopped_after
+from gnc.runtime import summary_writer_class
 from gnc.training import Trainer, drain
 
 if TYPE_CHECKING:
@@ -367,6 +368,8 @@ def run_experiment(
             path = run_dir(out, method, seed)
             _check_existing_run(path, cfg)
             plan.append((path, cfg))
+    if any(cfg.tensorboard for _, cfg in plan):
+        summary_writer_class()  # one error before any run, not one a run
     if jobs > 1:  # the workers' fork server, unless the CLI started it (the report's too)
         if jobs_mode != "streams" or report:
             prestart(experiment_preload(report))

@@ -13,14 +13,18 @@ What the files hold (DESIGN §3), as :class:`gnc.training.Trainer` writes them:
 - ``metrics.jsonl``: one JSON object per evaluated epoch — ``epoch``, ``step``, ``lr`` (the
   rate the epoch trained with; per-step schedules: its last step's), ``skipped_steps`` (NaN/Inf
   losses, and under fp16 the steps the GradScaler skipped),
-  ``train_loss`` (mean over the epoch's steps), the time per step split into
+  ``train_loss`` and ``train_batch_top1`` (mean loss and accuracy over the epoch's training
+  batches, each from its step's own forward pass), ``elapsed_s`` (wall seconds since this
+  process began training the run: a resume starts it again from 0), the time per step split into
   ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` (peak
   memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU;
   null for runs that share their process, ``--jobs-mode streams``) and
   every key of :func:`gnc.metrics.nc_metrics` on the train split (``cos_margins`` as 101
-  quantiles of the sorted per-sample margins), then the test split's prefixed ``test_``, and
-  the train split's distances to the nearest simplex ETFs (``etf_w_dist``, ``etf_h_dist``,
-  ``etf_wh_dist``, ``etf_w_moved``, ``etf_h_moved``: :func:`gnc.metrics.etf_distances`);
+  quantiles of the sorted per-sample margins; ``top1`` also as ``train_top1``), then the test
+  split's prefixed ``test_``, and the train split's distances to the nearest simplex ETFs
+  (``etf_w_dist``, ``etf_h_dist``, ``etf_wh_dist``, ``etf_w_moved``, ``etf_h_moved``:
+  :func:`gnc.metrics.etf_distances`; the ``_moved`` ones null at the first evaluation). A
+  value that is NaN or ±Inf is written as ``null`` (strict JSON, :func:`strict_json`);
 - ``classifier/epoch_XXXX.pt`` with ``save_classifier``: W, b, the train class means and U
   at every evaluation (:func:`gnc.evaluation.save_classifier`);
 - ``cos_margins.npy``: every sorted per-sample train cosine margin at the last evaluation;
@@ -47,6 +51,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -260,15 +265,33 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def strict_json(value: object, indent: int | None = None) -> str:
+    """``value`` as strict JSON (one line unless ``indent``): NaN and ±Inf written as ``null``
+    (Python's ``NaN`` literal is not JSON: other languages' readers refuse the line), as in
+    ``summary.json``."""
+    return json.dumps(_finite_or_null(value), indent=indent, allow_nan=False)
+
+
+def _finite_or_null(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def append_metrics(run_dir: str | Path, row: dict, name: str = "metrics.jsonl") -> None:
-    """Append one row to the run's ``metrics.jsonl`` (or ``name``), fsynced."""
-    append_line(Path(run_dir) / name, json.dumps(row))
+    """Append one row to the run's ``metrics.jsonl`` (or ``name``), fsynced
+    (:func:`strict_json`: a non-finite value is ``null``)."""
+    append_line(Path(run_dir) / name, strict_json(row))
 
 
 def trim_metrics(path: Path, epoch: int) -> None:
     """Rewrite ``metrics.jsonl`` with only its readable rows of epochs ``<= epoch``."""
     keep = [row for row in read_metrics(path) if row["epoch"] <= epoch]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+    atomic_write_text(path, "".join(strict_json(row) + "\n" for row in keep))
 
 
 # --------------------------------------------------------------------------- config, DONE, margins

@@ -313,6 +313,17 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(_cpu_bytes(s, "CUDA"), i)
 
 
+def summary_writer_class() -> type:
+    """TensorBoard's ``SummaryWriter`` (``--tensorboard``), imported where a run is planned,
+    so that a machine without tensorboard refuses the flag before any run directory exists."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError(f"--tensorboard needs the tensorboard package ({err}); "
+                         "pip install tensorboard, or leave the flag out") from None
+    return SummaryWriter
+
+
 def wrap_distributed(model: torch.nn.Module, info: DistInfo, device: torch.device
                      ) -> torch.nn.Module:
     """``model`` in ``DistributedDataParallel`` under ``torchrun`` (buffers not broadcast: the

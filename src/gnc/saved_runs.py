@@ -103,13 +103,18 @@ def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto"
     :func:`gnc.evaluation.save_classifier`'s file. The model is evaluated with the statistics its
     checkpoint stores (precise ones when the epoch was evaluated in training with
     ``eval_stats="precise"``). Checkpoint fallback, data paths and ``trust_checkpoint`` as
-    in :func:`load_run`.
+    in :func:`load_run`. With ``save_classifier`` (a write into the run) it holds
+    :func:`gnc.rundir.run_lock` on the run, as :func:`evaluate_checkpoints` does.
     """
     check_split(split)  # before any loading
-    cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint,
-                                trust_checkpoint=trust_checkpoint)
-    _check_has_split(split, cfg, info["bundle"])
-    return _evaluate_loaded(Path(run_dir), cfg, model, info, split, save_classifier, None)[0]
+    run_dir = Path(run_dir)
+    if save_classifier:  # a write into the run: one writer (its training holds the lock)
+        read_config(run_dir, "evaluate")  # not a run: say so, and leave no .lock in it
+    with run_lock(run_dir, create=False) if save_classifier else contextlib.nullcontext():
+        cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint,
+                                    trust_checkpoint=trust_checkpoint)
+        _check_has_split(split, cfg, info["bundle"])
+        return _evaluate_loaded(run_dir, cfg, model, info, split, save_classifier, None)[0]
 
 
 def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str = "auto", *,
@@ -126,6 +131,7 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str 
     """
     run_dir = Path(run_dir)
     check_split(split)
+    read_config(run_dir, "evaluate")  # not a run: say so, and leave no .lock in it
     inside = out is not None and _check_metrics_out(run_dir, Path(out))
     into_run = out is None or save_classifier or inside
     with run_lock(run_dir, create=False) if into_run else contextlib.nullcontext():

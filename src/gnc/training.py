@@ -66,6 +66,7 @@ from gnc.runtime import (
     resolve_device,
     seed_everything,
     sum_over_ranks,
+    summary_writer_class,
     wrap_distributed,
 )
 from gnc.step import GraphedStep, StaticStep
@@ -128,6 +129,7 @@ class Trainer:
                data: tuple[DatasetBundle, DatasetBundle] | None,
                trust_checkpoint: bool) -> None:
         cfg.validate()
+        writer_class = summary_writer_class() if cfg.tensorboard else None
         if resume and overwrite:
             raise ValueError("choose one of resume (continue the run) and overwrite (replace it)")
         self.cfg, self.out = cfg, Path(out_dir)
@@ -173,10 +175,10 @@ class Trainer:
             prepare_run_dir(self.out, overwrite=overwrite)
         if self.dist.is_main:
             write_config(self.out, cfg.to_dict())
-            if cfg.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.out / "tb"))
+            if writer_class is not None:  # a resume hides the events after its checkpoint,
+                # as it drops their metrics.jsonl lines (a kill after the log, before the save)
+                self.writer = writer_class(str(self.out / "tb"),
+                                           purge_step=self.epoch + 1 if resume else None)
 
     def release_lock(self) -> None:
         """Give back the run directory's lock (:meth:`fit` does at its end): for a trainer
@@ -338,21 +340,23 @@ class Trainer:
         else:
             diverged = n_bad > 0
         if end and not diverged and not all_finite_params(self.model):
-            raise self._diverged("the weights are NaN/Inf")
+            raise self._diverged("the weights are NaN/Inf", self.epoch + 1, self.step)
         if diverged:
             step = int(first_bad)
             what = ("every step overflowed in fp16 (the GradScaler skipped them all)"
                     if self.scaler.is_enabled() else "the loss is NaN/Inf")
             if not all_finite_params(self.model):
                 what += " and the weights are NaN/Inf"
-            raise self._diverged(what, step=step if step > 0 else None)
+            raise self._diverged(what, self.epoch + 1, step if step > 0 else self.step)
 
-    def _diverged(self, what: str, step: int | None = None) -> FloatingPointError:
+    def _diverged(self, what: str, epoch: int, step: int) -> FloatingPointError:
+        """The error of a divergence found at (1-based) ``epoch`` and global ``step``: in an
+        epoch, its index + 1; at its evaluation (``self.epoch`` already counts it), itself."""
         kept = ("the last checkpoint is kept" if has_checkpoint(self.out)
                 else "no checkpoint was written yet")
         return FloatingPointError(
-            f"training diverged: {what} at epoch {self.epoch + 1}, step "
-            f"{step or self.step + 1} (try a smaller --lr); {kept}"
+            f"training diverged: {what} at epoch {epoch}, step {step} (try a smaller --lr); "
+            f"{kept}"
         )
 
     def evaluate_epoch(self, row: dict) -> dict:
@@ -360,7 +364,7 @@ class Trainer:
         ``eval_stats="precise"``, the BN statistics recomputed over training batches, and μ_G
         set by the train split's evaluation before its logits."""
         if not all_finite_params(self.model):
-            raise self._diverged("the weights are NaN/Inf")
+            raise self._diverged("the weights are NaN/Inf", self.epoch, self.step)
         precise = self.cfg.eval_stats == "precise"
         if precise:
             self._precise_statistics()
@@ -369,7 +373,7 @@ class Trainer:
                 self.model, self.eval_loaders, self.K, self.device, set_global_mean=precise,
                 etf_prev=self._etf_prev)
         except NonFiniteError as err:
-            raise self._diverged(str(err)) from err
+            raise self._diverged(str(err), self.epoch, self.step) from err
         row.update(eval_stats=self.cfg.eval_stats, **metrics)
         if self.dist.is_main:
             save_margins(self.out, margins.numpy())
