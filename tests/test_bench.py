@@ -134,6 +134,28 @@ def test_an_empty_bench_flag_is_an_error_not_the_defaults(flags, capsys):
     assert exit_.value.code == 2 and len(err) == 1, err
 
 
+@pytest.mark.parametrize("late", [["--epoch", ""], ["--epoch", "nope"],
+                                  ["--epoch", "digits", "--methods", "learned"],
+                                  ["--steps", "resnet9"], ["--polar", "qr"],
+                                  ["--methods", "standard"]])
+def test_a_bad_bench_flag_is_refused_before_any_timing(late, capsys, monkeypatch):
+    """A bad --epoch or --methods was found after the layer and step cases had been timed
+    (minutes), whose table is printed only at the end; --methods without an epoch case
+    printed an empty table."""
+    from gnc import bench
+    from gnc.cli import main
+
+    timed = []
+    for name in ("bench_layer", "bench_steps", "bench_epochs"):
+        monkeypatch.setattr(bench, name, lambda *a, _n=name, **k: timed.append(_n) or [])
+    flags = {"--sizes": "16x3", "--steps": "none", "--repeats": "1"}
+    flags.update(dict(zip(late[::2], late[1::2], strict=True)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *[v for kv in flags.items() for v in kv]])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("gnc:")]
+    assert exit_.value.code == 2 and len(err) == 1 and timed == [], (err, timed)
+
+
 def test_polar_conditioning_script_runs():
     """benchmarks/polar_conditioning.py (the evidence for the Newton–Schulz schedule in
     docs/bench.md) failed once `polar_newton_schulz` took a keyword it did not pass on."""

@@ -266,6 +266,10 @@ def test_a_report_without_a_preset_names_what_the_runs_trained(exp):
         config.write_text(json.dumps({**json.loads(config.read_text()), "measure": {}}))
     assert make_report(root, machine="m").read_text().splitlines()[0] == (
         f"# Experiment report: {root.name}")
+    for config in root.glob("*/seed*/config.json"):  # none at all: no title made of defaults
+        config.unlink()
+    assert make_report(root, machine="m").read_text().splitlines()[0] == (
+        f"# Experiment report: {root.name}")
 
 
 def test_runs_that_differ_in_their_perturbation_are_different_tasks(exp):

@@ -409,6 +409,26 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     epoch = (args.epoch if args.epoch is not None
              else "cifar10-resnet18" if args.device.startswith("cuda") else "none")
     methods = args.methods.split(",") if args.methods is not None else bench.STEP_METHODS
+    # every flag checked before the first timing: a bad later one threw the earlier away
+    run_layer, run_steps = args.sizes != "none", args.steps != "none"
+    sizes = bench.parse_sizes(args.sizes) if run_layer and args.sizes is not None else None
+    polar = args.polar.split(",") if args.polar is not None else None
+    unknown = sorted(set(polar or ()) - set(bench.POLAR_METHODS))
+    if unknown:
+        raise CLIError(f"unknown polar method(s) {unknown}; choose from "
+                       f"{', '.join(bench.POLAR_METHODS)}")
+    cases = (bench.step_cases_by_name(args.steps, args.device)
+             if run_steps and args.steps is not None else None)
+    if epoch == "none" and args.methods is not None:
+        raise CLIError("--methods chooses the methods of the epoch case: give --epoch PRESET")
+    if epoch != "none":
+        from gnc.experiments import get_preset
+        from gnc.heads import METHODS
+
+        get_preset(epoch)  # ValueError: one line
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise CLIError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
     if args.profile:
         if epoch == "none":
             raise CLIError("--profile profiles the epoch case: give --epoch PRESET")
@@ -417,14 +437,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                                       data_dir=args.data_dir, **overrides))
         return
     records = []
-    if args.sizes != "none":
-        kw = {"sizes": bench.parse_sizes(args.sizes)} if args.sizes is not None else {}
-        if args.polar is not None:
-            kw["polar_methods"] = args.polar.split(",")
+    if run_layer:
+        kw = {"sizes": sizes} if sizes is not None else {}
+        if polar is not None:
+            kw["polar_methods"] = polar
         records += bench.bench_layer(device=args.device, repeats=args.repeats, **kw)
-    if args.steps != "none":
-        cases = (bench.step_cases_by_name(args.steps, args.device) if args.steps is not None
-                 else None)
+    if run_steps:
         records += bench.bench_steps(cases, device=args.device, repeats=min(args.repeats, 3))
     if epoch != "none":
         records += bench.bench_epochs(epoch, device=args.device, methods=methods,

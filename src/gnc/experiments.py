@@ -531,7 +531,7 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
         others = "" if len(failed) == len(todo) else "; the others finished"
         errors = {o.error for o in failed}  # first lines
         why = (f"all with {errors.pop()}" if len(errors) == 1 and len(failed) > 1
-               else f"each one's error is above{others}")
+               else "each one's error is above") + others
         raise ValueError(
             f"{len(failed)} of {len(todo)} runs failed: {', '.join(o.name for o in failed)} "
             f"({why}); the same command again retries them\n"

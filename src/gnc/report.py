@@ -55,10 +55,12 @@ from gnc.rundir import (
     atomic_write,
     atomic_write_text,
     is_done,
+    is_train_config,
     read_config,
     read_margins,
     read_metrics,
     run_lock,
+    strict_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -438,10 +440,9 @@ def write_summary(runs: Mapping[str, list[RunData]], out_dir: Path) -> tuple[Pat
     atomic_write(csv_path, lambda tmp: tmp.write_text(table.getvalue(), newline=""))
     nested: dict = {}
     for r in records:
-        stats = {k: None if isinstance(r[k], float) and not math.isfinite(r[k]) else r[k]
-                 for k in SUMMARY_STATS}
+        stats = {k: r[k] for k in SUMMARY_STATS}
         nested.setdefault(r["method"], {}).setdefault(str(r["epoch"]), {})[r["metric"]] = stats
-    atomic_write_text(json_path, json.dumps(nested, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(json_path, strict_json(nested, indent=1) + "\n")  # NaN, ±Inf: null
     logger.info("wrote %s and %s", csv_path, json_path)
     return csv_path, json_path
 
@@ -675,9 +676,12 @@ def _default_title(root: Path, runs: Mapping[str, list[RunData]]) -> str:
     """The directory's name and what its first run trained (:func:`describe_config`), so a
     report written without a preset still names its data, perturbations and settings."""
     name = f"Experiment report: {root.resolve().name}"
+    config = _all_runs(runs)[0].config
+    if not is_train_config(config):  # e.g. `gnc measure`'s, or none: nothing to describe
+        return name
     try:
-        return f"{name}: {describe_config(_all_runs(runs)[0].config)}"
-    except (TypeError, ValueError):  # not a gnc train config: e.g. `gnc measure`'s
+        return f"{name}: {describe_config(config)}"
+    except (TypeError, ValueError):  # a value TrainConfig refuses (edited by hand)
         return name
 
 

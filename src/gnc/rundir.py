@@ -510,12 +510,17 @@ def run_lock(run_dir: str | Path, *, create: bool = True, wait: bool = False
 
 
 def _is_gnc_config(path: Path) -> bool:
-    """Whether ``path`` is a ``config.json`` gnc wrote: a JSON object of TrainConfig keys
-    with ``method`` and ``seed``."""
+    """Whether ``path`` is a ``config.json`` gnc wrote (:func:`is_train_config`)."""
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return False
+    return is_train_config(config)
+
+
+def is_train_config(config: object) -> bool:
+    """Whether ``config`` is what ``gnc train`` writes to ``config.json``: an object of
+    TrainConfig keys with ``method`` and ``seed`` (an older run's may lack newer keys)."""
     names = set(TrainConfig.__dataclass_fields__)
     return (isinstance(config, dict) and {"method", "seed"} <= config.keys()
             and set(config) <= names)
