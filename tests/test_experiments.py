@@ -252,3 +252,27 @@ def test_experiment_without_preset_on_imagefolder(tmp_path):
     assert "shuffle batches" in summary
     with pytest.raises(ValueError, match=r"made with imbalance=0.5 \(now 1.0\)"):
         run_experiment(None, out, seeds=1, overrides={**config, "imbalance": 1.0})
+
+
+def test_every_preset_summary_states_the_batch_it_trains_with():
+    """The CIFAR presets said "batch 256" while their stratified batches hold batch // K of
+    every class: 250 for CIFAR-10 and 200 for CIFAR-100."""
+    import re
+
+    from gnc.experiments import _CLASSES
+
+    classes = {**_CLASSES, "digits": 10, "mnist1d": 10, "mnist": 10}
+    checked = []
+    for preset in PRESETS.values():
+        cfg = preset.train_config()
+        K = cfg.dataset_options.get("num_classes") or classes[cfg.dataset]
+        b = cfg.batch_size
+        if b == 0:
+            assert "full batch" in preset.summary, preset.name
+            continue
+        held = b // K * K if cfg.sampler == "stratified" else b
+        stated = re.search(r"batch (\d+)", preset.summary)  # cifar10-small states none
+        assert stated is None or int(stated.group(1)) == held, (preset.name, held)
+        checked.append(preset.name)
+    assert {"cifar10-resnet18", "cifar100-resnet18", "mnist-resnet18-agd", "ufm1000"} <= set(
+        checked)
