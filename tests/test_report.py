@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -280,6 +281,21 @@ def test_runs_that_differ_in_their_perturbation_are_different_tasks(exp):
     config.write_text(json.dumps({**json.loads(config.read_text()), "label_noise": 0.2}))
     text = make_report(root, machine="m").read_text()
     assert "**Warning: these runs differ in label_noise: the medians below mix" in text
+
+
+def test_the_report_names_the_evaluation_protocol(exp):
+    """DESIGN §5: the paper's protocol (running averages) stays selectable "and the report
+    says which one produced it"; no report said it."""
+    root, _ = exp
+    text = make_report(root, machine="m").read_text()
+    assert "Evaluation protocol: BatchNorm statistics and the heads' μ_G recomputed" in text
+    configs = sorted(root.glob("*/seed*/config.json"))
+    for i, config in enumerate(configs):
+        stats = "running" if i else "precise"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "eval_stats": stats}))
+    text = make_report(root, machine="m").read_text()
+    assert re.search(r'\| eval_stats \| `"(precise|running)"` \|', text)
+    assert "as training left them (`running`) — the runs differ in it." in text
 
 
 def test_table_values(exp):

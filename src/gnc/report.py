@@ -126,7 +126,13 @@ SUMMARY_STATS = ("n", "mean", "std", "median", "min", "max")  # summary.csv / .j
 SUMMARY_SKIP = ("epoch", "step", "seed")  # row keys that are not metrics
 CONFIG_KEYS = ("dataset", "dataset_options", "imbalance", "label_noise", "model", "epochs",
                "batch_size", "sampler", "optimizer", "lr", "momentum", "weight_decay",
-               "schedule", "tau", "eval_every")
+               "schedule", "tau", "eval_every", "eval_stats", "precise_bn_batches")
+# what each evaluation protocol (config `eval_stats`) measures: the report names it (DESIGN §5)
+EVAL_STATS_WORDS = {
+    "precise": "BatchNorm statistics and the heads' μ_G recomputed over the training split "
+               "before every evaluation (`precise`, gnc's default)",
+    "running": "BatchNorm's and the heads' running averages as training left them (`running`)",
+}
 
 
 @dataclass
@@ -685,6 +691,15 @@ def _default_title(root: Path, runs: Mapping[str, list[RunData]]) -> str:
         return name
 
 
+def _eval_stats(run: RunData) -> object:
+    """The run's evaluation protocol: a train config's ``eval_stats`` (missing in an older
+    one: the default), a ``gnc measure`` config's, or None when neither says."""
+    if is_train_config(run.config):
+        return run.config.get("eval_stats", "precise")
+    measure = run.config.get("measure")
+    return measure.get("eval_stats") if isinstance(measure, dict) else None
+
+
 def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
     config = _all_runs(runs)[0].config
     rows = [[key, f"`{json.dumps(config[key])}`"] for key in CONFIG_KEYS if key in config]
@@ -697,6 +712,11 @@ def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
     differ = [k for k in keys
               if len({json.dumps(run.config.get(k), sort_keys=True) for run in _all_runs(runs)})
               > 1]
+    protocols = sorted({str(p) for p in map(_eval_stats, _all_runs(runs)) if p is not None})
+    if protocols:
+        lines += ["Evaluation protocol: " + "; ".join(EVAL_STATS_WORDS.get(p, f"`{p}`")
+                                                      for p in protocols)
+                  + (" — the runs differ in it" if len(protocols) > 1 else "") + ".", ""]
     lines.append("Config keys that differ between runs (besides method and seed): "
                  + (", ".join(f"`{k}`" for k in differ) if differ else "none") + ".")
     if any(_num(run.config.get("imbalance", 1.0)) < 1.0 for run in _all_runs(runs)):
