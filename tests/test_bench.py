@@ -137,7 +137,7 @@ def test_an_empty_bench_flag_is_an_error_not_the_defaults(flags, capsys):
 @pytest.mark.parametrize("late", [["--epoch", ""], ["--epoch", "nope"],
                                   ["--epoch", "digits", "--methods", "learned"],
                                   ["--steps", "resnet9"], ["--polar", "qr"],
-                                  ["--methods", "standard"]])
+                                  ["--methods", "standard"], ["--set", "width=8"]])
 def test_a_bad_bench_flag_is_refused_before_any_timing(late, capsys, monkeypatch):
     """A bad --epoch or --methods was found after the layer and step cases had been timed
     (minutes), whose table is printed only at the end; --methods without an epoch case

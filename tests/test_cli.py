@@ -479,3 +479,12 @@ def test_a_bug_in_a_subprocess_prints_its_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "RuntimeError: boom" in done.stderr
+
+
+def test_implicit_nograd_refuses_a_backward_it_would_ignore(tmp_path, capsys):
+    """The ablation fixes backward 'none'; `--backward ddn` ran without it and config.json
+    recorded ddn."""
+    code, err = run_main(["train", "--preset", "ufm10", "--method", "implicit-nograd",
+                          "--backward", "ddn", "--out", tmp_path / "r"], capsys)
+    assert_one_line_error(code, err, "always none")
+    assert not (tmp_path / "r").exists()

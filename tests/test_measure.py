@@ -289,3 +289,33 @@ def test_cli_one_checkpoint_to_a_json_file(tmp_path, npz_images, capsys):
     ref = measure(model, loader_of(x, y, 5))
     assert_same_metrics(row, ref, keys=CHECKED, rel=1e-6)
     assert len(row["cos_margins"]) == 101
+
+
+def test_a_run_whose_data_moved_is_measured_and_evaluated_with_data_dir(tmp_path, capsys):
+    """`gnc measure --model run:RUN --data-dir NEW` read the run's old data_dir anyway (the
+    flag applied only with --dataset), and `gnc evaluate` had no way to say where the data
+    went."""
+    import shutil
+
+    from gnc.measure import measure_files
+    from gnc.saved_runs import evaluate_run
+    from tests.test_data import _jpeg_tree
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+               "ship", "truck"]
+    _jpeg_tree(tmp_path / "old" / "cifar10-jpg", classes, per_class=2)
+    cfg = TrainConfig(dataset="cifar10", data_dir=str(tmp_path / "old"), model="mlp", width=8,
+                      feature_dim=16, epochs=1, batch_size=20, method="implicit",
+                      data_on_device="off", progress=False)
+    row = train(cfg, tmp_path / "run")
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    with pytest.raises(FileNotFoundError, match="old"):
+        evaluate_run(tmp_path / "run", device="cpu")
+    again = evaluate_run(tmp_path / "run", device="cpu", data_dir=tmp_path / "new")
+    assert again["nc1"] == pytest.approx(row["nc1"], rel=1e-6)
+    (measured, _), = measure_files(f"run:{tmp_path / 'run'}", data_dir=str(tmp_path / "new"),
+                                   device="cpu")
+    assert measured["nc1"] == pytest.approx(row["nc1"], rel=1e-6)
+    code, err = run_main(["evaluate", tmp_path / "run", "--device", "cpu", "--data-dir",
+                          tmp_path / "new"], capsys)
+    assert code == 0, err

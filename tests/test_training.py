@@ -338,3 +338,20 @@ def test_the_logged_lr_is_the_rate_the_epoch_trained_with(tmp_path, schedule):
     want = [used[(e + 1) * per_epoch - 1] for e in range(4)]  # each epoch's last step
     assert [r["lr"] for r in rows] == pytest.approx(want)
     assert rows[0]["lr"] == pytest.approx(0.1 if schedule != "onecycle" else want[0])
+
+
+def test_settings_that_would_do_nothing_are_said(tmp_path, caplog):
+    """AGD has no weight decay, and stratified batches train a long tail class-balanced:
+    both were silent."""
+    import logging
+
+    base = {**CASES["digits"], "epochs": 1, "progress": False}
+    agd = {**base, "optimizer": "agd", "lr": 1.0}
+    with caplog.at_level(logging.WARNING, logger="gnc"):
+        Trainer(TrainConfig(**agd, weight_decay=5e-4), tmp_path / "a").release_lock()
+        Trainer(TrainConfig(**base, imbalance=0.5), tmp_path / "b").release_lock()
+        Trainer(TrainConfig(**agd, imbalance=0.5, sampler="shuffle", weight_decay=0.0),
+                tmp_path / "c").release_lock()
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("agd has no weight decay: --weight-decay 0.0005" in m for m in said) == 1
+    assert sum("--imbalance 0.5 with stratified batches" in m for m in said) == 1

@@ -91,6 +91,11 @@ def make_train_loaders(cfg: TrainConfig, bundle: DatasetBundle, eval_bundle: Dat
     ranks = {"num_replicas": dist_info.world_size, "rank": dist_info.rank}
     batch = train_batch_size(cfg, bundle)
     stratified = cfg.sampler == "stratified"
+    if stratified and cfg.imbalance < 1 and batch < len(bundle.train):
+        logger.warning("--imbalance %g with stratified batches: every batch holds each class "
+                       "alike, so an epoch ends when the smallest class runs out and trains "
+                       "class-balanced; --sampler shuffle trains on the long tail",
+                       cfg.imbalance)
     images = _device_images(cfg, bundle, device)
     if images is None:
         common = {**ranks, "num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
@@ -143,6 +148,9 @@ def build_training_optimizer(cfg: TrainConfig, model: FeatureClassifier) -> torc
     """The optimiser of ``cfg`` over ``model``'s trainable parameters; for AGD first its own
     initialisation, which its step sizes assume (``lr`` is AGD's gain)."""
     if cfg.optimizer == "agd":
+        if cfg.weight_decay:
+            logger.warning("agd has no weight decay: --weight-decay %g has no effect (give 0)",
+                           cfg.weight_decay)
         agd_init_(model)
     params = [p for p in model.parameters() if p.requires_grad]
     return build_optimizer(cfg.optimizer, params, lr=cfg.lr, momentum=cfg.momentum,

@@ -260,6 +260,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from gnc.training import train
 
     cfg = train_config_from_args(args)
+    if cfg.method == "implicit-nograd" and args.backward not in (None, "none"):
+        raise CLIError(f"--backward {args.backward} with --method implicit-nograd: that "
+                       "ablation's backward is always none (use --method implicit)")
     if args.trust_checkpoint and not args.resume:
         raise CLIError("--trust-checkpoint applies to the checkpoint of --resume; without "
                        "--resume nothing is loaded")
@@ -280,14 +283,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if args.all:
         rows = evaluate_checkpoints(args.run_dir, split=args.split, device=args.device,
                                     out=args.out, save_classifier=args.save_classifier,
-                                    trust_checkpoint=args.trust_checkpoint)
+                                    trust_checkpoint=args.trust_checkpoint,
+                                    data_dir=args.data_dir)
         for row in rows:
             row.pop("cos_margins")
             print(strict_json(row))
         return
     metrics = evaluate_run(args.run_dir, split=args.split, device=args.device,
                            checkpoint=args.checkpoint, save_classifier=args.save_classifier,
-                           trust_checkpoint=args.trust_checkpoint)
+                           trust_checkpoint=args.trust_checkpoint, data_dir=args.data_dir)
     metrics.pop("cos_margins")
     print(strict_json(metrics, indent=1))
 
@@ -419,8 +423,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                        f"{', '.join(bench.POLAR_METHODS)}")
     cases = (bench.step_cases_by_name(args.steps, args.device)
              if run_steps and args.steps is not None else None)
-    if epoch == "none" and args.methods is not None:
-        raise CLIError("--methods chooses the methods of the epoch case: give --epoch PRESET")
+    if epoch == "none" and (args.methods is not None or args.set):
+        raise CLIError(f"{'--methods' if args.methods is not None else '--set'} applies to "
+                       "the epoch case: give --epoch PRESET")
     if epoch != "none":
         from gnc.experiments import get_preset
         from gnc.heads import METHODS
@@ -534,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write RUN/classifier/epoch_XXXX.pt (W, b, class means, U; "
                    "epoch_XXXX_test.pt for --split test)")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    p.add_argument("--data-dir", help="read the run's datasets from here instead of its "
+                   "own data_dir (the data moved)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
@@ -598,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the last number in its name, else its index")
     p.add_argument("--dataset", help="dataset name, npz:PATH or imagefolder:PATH (default for "
                    "run:RUN_DIR: the run's own)")
-    p.add_argument("--data-dir", default="data", help="where datasets are read from")
+    p.add_argument("--data-dir", help="where datasets are read from (default data/; a "
+                   "run:RUN_DIR without --dataset: the run's own, unless given)")
     p.add_argument("--split", default="train", help="train | test")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader workers")
@@ -627,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median; at "
                    "most 3 for the training steps, 1 for the paper's riemannian/ddn layer "
-                   "and the largest layers: their notes say so)")
+                   "and the largest layers: their notes say so; the epoch case times one "
+                   "epoch after a warm-up one)")
     p.add_argument("--epoch", help="time whole training epochs of this preset per method "
                    "(default cifar10-resnet18 on CUDA, 'none' on CPU)")
     p.add_argument("--methods", help="methods of the epoch case (default standard,fixed,"

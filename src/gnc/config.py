@@ -111,15 +111,16 @@ class TrainConfig:
     width: int = _field(64, "backbone base width (ResNet channels, MLP hidden units)")
     feature_dim: int | None = _field(None, "feature dimension d (adds a projection; default "
                                      "the backbone's own)")
-    small_input: bool | None = _field(None, "small-image stem (true/false; default: by the "
-                                      "input size)")
+    small_input: bool | None = _field(None, "small-image stem (--small-input / "
+                                      "--no-small-input; default: by the input size; image "
+                                      "backbones only)")
     method: str = _field("implicit", "the classifier", choices=tuple(METHODS))
     tau: float = _field(1.0, "feature-sphere radius (temperature)")
     delta: float = _field(1e-3, "proximal weight of the nearest-ETF problem")
     solver: str = _field("exact", "nearest-ETF solver (riemannian: the paper's)",
                          choices=SOLVERS)
     backward: str = _field("closed_form", "gradient through the nearest ETF (ddn: the "
-                           "paper's)", choices=BACKWARDS)
+                           "paper's; implicit-nograd: always none)", choices=BACKWARDS)
     update: str = _field("ema", "running class means", choices=UPDATES)
     rotation: str = _field("canonical", "the fixed ETF's rotation", choices=ROTATIONS)
     bias: bool = _field(True, "classifier bias (ETF heads: b = -W mu_G) and affine BatchNorm; "
@@ -128,19 +129,22 @@ class TrainConfig:
     gamma: float = _field(0.1, "step/multistep schedules: lr factor per decay")
     step_every: int | None = _field(None, "step schedule: decay every N epochs (default "
                                     "epochs // 3)")
-    epochs: int = _field(10, "epochs (UFM: full-batch iterations)")
+    epochs: int = _field(10, "epochs (UFM full batch: iterations)")
     batch_size: int = _field(0, "global batch size (0 = full batch; `gnc train` default: the "
                              "preset's, else 100; full batch for ufm)")
     sampler: str = _field("stratified", "stratified (equal class shares per batch) | shuffle "
                           "(the data's own distribution)", choices=SAMPLERS)
     imbalance: float = _field(1.0, "long tail R in (0, 1]: class c keeps "
-                              "floor(n_max*R^(c/(K-1))) training samples (1: as is)")
+                              "floor(n_max*R^(c/(K-1))) training samples (1: as is); with "
+                              "stratified batches each epoch is class-balanced: --sampler "
+                              "shuffle trains on the long tail")
     label_noise: float = _field(0.0, "p in [0, 1]: floor(p*N) training labels re-drawn "
                                 "uniformly over the K classes (test stays clean)")
     optimizer: str = _field("sgd", "optimiser", choices=OPTIMIZERS)
     lr: float = _field(0.1, "learning rate (agd: its gain; onecycle: the maximum)")
-    momentum: float = _field(0.9, "SGD momentum")
-    weight_decay: float = _field(5e-4, "weight decay")
+    momentum: float = _field(0.9, "SGD momentum (onecycle: cycled 0.95 -> 0.85 -> 0.95 when "
+                             "not 0; agd has none)")
+    weight_decay: float = _field(5e-4, "weight decay (agd has none: give 0)")
     schedule: str = _field("none", "learning-rate schedule (onecycle steps per batch, the "
                            "others per epoch)", choices=SCHEDULERS)
     milestones: list[int] | None = _field(None, "multistep: epochs of the decays, as JSON, "
@@ -151,7 +155,8 @@ class TrainConfig:
                                            "e.g. 10,25,50 (`gnc train`/`experiment` without "
                                            "--eval-every: only there and at the last)")
     until_epoch: int | None = _field(None, "stop after this epoch, checkpointed, on the "
-                                     "schedule of --epochs; --resume continues the same run")
+                                     "schedule of --epochs; `gnc train --resume` (or the same "
+                                     "`gnc experiment` command again) continues the same run")
     eval_test: bool = _field(True, "also evaluate the test split when there is one")
     eval_batch_size: int = _field(1024, "evaluation batch size")
     checkpoint_every: int = _field(0, "keep checkpoints/epoch_XXXX.pt every N epochs "

@@ -542,10 +542,12 @@ def torchvision_model(name: str, num_classes: int) -> nn.Module:
 
 
 def model_from_spec(spec: str, *, num_classes: int | None, device: str = "auto",
-                    trust_checkpoint: bool = False) -> MeasuredModel:
+                    trust_checkpoint: bool = False,
+                    data_dir: str | Path | None = None) -> MeasuredModel:
     """``torchvision:NAME`` (needs ``num_classes``) or ``run:RUN_DIR`` (a gnc run, built from
     its ``config.json`` and newest checkpoint by :func:`gnc.saved_runs.load_run`;
-    ``trust_checkpoint`` lets a checkpoint of an older gnc be unpickled in full)."""
+    ``trust_checkpoint`` lets a checkpoint of an older gnc be unpickled in full;
+    ``data_dir``: the run's data read from there instead of its own ``data_dir``)."""
     kind, _, rest = spec.partition(":")
     if kind == "torchvision" and rest:
         if num_classes is None:
@@ -553,7 +555,7 @@ def model_from_spec(spec: str, *, num_classes: int | None, device: str = "auto",
         return MeasuredModel(torchvision_model(rest, num_classes))
     if kind == "run" and rest:
         _, model, info = load_run(rest, device, action="measure",
-                                  trust_checkpoint=trust_checkpoint)
+                                  trust_checkpoint=trust_checkpoint, data_dir=data_dir)
         return MeasuredModel(model, info["bundle"], info["epoch"])
     raise ValueError(f"Expected --model to be torchvision:NAME or run:RUN_DIR, but got {spec!r}")
 
@@ -597,7 +599,7 @@ ROW_META = ("epoch", "split", "checkpoint", "eval_stats", "features_layer", "cla
 
 
 def measure_files(model_spec: str, weights: list[str] | None = None, *,
-                  dataset: str | None = None, data_dir: str = "data", split: str = "train",
+                  dataset: str | None = None, data_dir: str | None = None, split: str = "train",
                   batch_size: int = 256, device: str = "auto", eval_stats: str = "running",
                   features: str | None = None, classifier: str | None = None,
                   num_workers: int = 0, trust_checkpoint: bool = False
@@ -610,8 +612,8 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
             dataset and, without ``weights``, its newest checkpoint).
         weights: weights files or glob patterns (read from files only, never downloaded).
         dataset: a :func:`gnc.data.load_dataset` name (``npz:PATH``, ``imagefolder:PATH``,
-            ``cifar10``, …), read from ``data_dir`` without augmentation; default for a run:
-            its own.
+            ``cifar10``, …), read from ``data_dir`` (default ``data``) without augmentation;
+            default for a run: its own, from ``data_dir`` when given, else from the run's.
         split: ``train`` or ``test``.
         batch_size, num_workers: of the (unshuffled) loader.
         device, eval_stats, features, classifier: as :func:`measure`.
@@ -628,7 +630,7 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
     paths = expand_weights(weights or [])
     bundle = None
     if dataset is not None:
-        bundle = load_dataset(dataset, data_dir=data_dir, augment=False)
+        bundle = load_dataset(dataset, data_dir=data_dir or "data", augment=False)
     elif not model_spec.startswith("run:"):
         raise ValueError(f"--model {model_spec} needs --dataset (only a run:RUN_DIR model "
                          "brings its own)")
@@ -637,7 +639,8 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
                          "files only, never downloaded)")
     dev = resolve_device(device)
     measured = model_from_spec(model_spec, num_classes=bundle.num_classes if bundle else None,
-                               device=str(dev), trust_checkpoint=trust_checkpoint)
+                               device=str(dev), trust_checkpoint=trust_checkpoint,
+                               data_dir=data_dir)
     bundle = bundle or measured.bundle
     model = measured.model.to(dev)
     loader = make_loader(bundle, batch_size, split=split, num_workers=num_workers)

@@ -30,7 +30,7 @@ __all__ = ["evaluate_checkpoints", "evaluate_run", "load_run"]
 
 def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load",
              checkpoint: int | None = None, trust_checkpoint: bool = False,
-             kept: dict[int, Path] | None = None
+             kept: dict[int, Path] | None = None, data_dir: str | Path | None = None
              ) -> tuple[TrainConfig, FeatureClassifier, dict]:
     """The config, the model and facts of a run's newest readable checkpoint.
 
@@ -45,11 +45,14 @@ def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load",
     Relative data paths (``data_dir`` and the path of ``npz:PATH`` / ``imagefolder:PATH``)
     are read as the run was: kept when they exist from the current directory, else taken
     relative to the directory the run was trained from (recorded in its checkpoints), else
-    relative to ``run_dir`` (see :func:`gnc.rundir.resolve_data_paths`). The returned
-    config holds the paths used.
+    relative to ``run_dir`` (see :func:`gnc.rundir.resolve_data_paths`). ``data_dir``: read
+    the datasets from there instead of the run's own ``data_dir`` (the data moved). The
+    returned config holds the paths used.
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir, action)
+    if data_dir is not None:
+        config = {**config, "data_dir": str(data_dir)}
     if checkpoint is None:
         ckpt, path = load_latest_checkpoint(run_dir, action, trust_checkpoint=trust_checkpoint)
     else:
@@ -93,7 +96,7 @@ def _check_has_split(split: str, cfg: TrainConfig, bundle: DatasetBundle) -> Non
 
 def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto", *,
                  checkpoint: int | None = None, save_classifier: bool = False,
-                 trust_checkpoint: bool = False) -> dict:
+                 trust_checkpoint: bool = False, data_dir: str | Path | None = None) -> dict:
     """NC metrics of a run's newest readable checkpoint on ``split`` (``gnc evaluate``).
 
     ``checkpoint=N``: the checkpoint of epoch N instead (``--checkpoint N``). Besides the
@@ -103,7 +106,7 @@ def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto"
     :func:`gnc.evaluation.save_classifier`'s file. The model is evaluated with the statistics its
     checkpoint stores (precise ones when the epoch was evaluated in training with
     ``eval_stats="precise"``). Checkpoint fallback, data paths and ``trust_checkpoint`` as
-    in :func:`load_run`. With ``save_classifier`` (a write into the run) it holds
+    in :func:`load_run` (and ``data_dir``). With ``save_classifier`` (a write into the run) it holds
     :func:`gnc.rundir.run_lock` on the run, as :func:`evaluate_checkpoints` does.
     """
     check_split(split)  # before any loading
@@ -112,22 +115,24 @@ def evaluate_run(run_dir: str | Path, split: str = "train", device: str = "auto"
         read_config(run_dir, "evaluate")  # not a run: say so, and leave no .lock in it
     with run_lock(run_dir, create=False) if save_classifier else contextlib.nullcontext():
         cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=checkpoint,
-                                    trust_checkpoint=trust_checkpoint)
+                                    trust_checkpoint=trust_checkpoint, data_dir=data_dir)
         _check_has_split(split, cfg, info["bundle"])
         return _evaluate_loaded(run_dir, cfg, model, info, split, save_classifier, None)[0]
 
 
 def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str = "auto", *,
                          out: str | Path | None = None, save_classifier: bool = False,
-                         trust_checkpoint: bool = False) -> list[dict]:
+                         trust_checkpoint: bool = False,
+                         data_dir: str | Path | None = None) -> list[dict]:
     """:func:`evaluate_run` of every kept checkpoint, by epoch (``gnc evaluate --all``).
 
     Appends one JSON line per checkpoint to ``out`` (default ``RUN/evaluate_{split}.jsonl``;
     never the training's ``metrics.jsonl``) as it goes, and returns the rows. ``etf_*_moved``
     is measured from the previous checkpoint of the sequence. Data are loaded and the model
-    built once. ``trust_checkpoint`` as in :func:`load_run`. When it writes into the run
-    (``out`` not given, or ``save_classifier``) it holds :func:`gnc.rundir.run_lock` on it for
-    the whole pass; metrics appended elsewhere (one ``write`` per line) need no lock.
+    built once. ``trust_checkpoint`` and ``data_dir`` as in :func:`load_run`. When it writes
+    into the run (``out`` not given, or ``save_classifier``) it holds
+    :func:`gnc.rundir.run_lock` on it for the whole pass; metrics appended elsewhere (one
+    ``write`` per line) need no lock.
     """
     run_dir = Path(run_dir)
     check_split(split)
@@ -136,7 +141,7 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "train", device: str 
     into_run = out is None or save_classifier or inside
     with run_lock(run_dir, create=False) if into_run else contextlib.nullcontext():
         return _evaluate_checkpoints(run_dir, split, device, out, save_classifier,
-                                     trust_checkpoint)
+                                     trust_checkpoint, data_dir)
 
 
 def _check_metrics_out(run_dir: Path, out: Path) -> bool:
@@ -160,13 +165,15 @@ def _check_metrics_out(run_dir: Path, out: Path) -> bool:
 
 
 def _evaluate_checkpoints(run_dir: Path, split: str, device: str, out: str | Path | None,
-                          save_classifier: bool, trust_checkpoint: bool) -> list[dict]:
+                          save_classifier: bool, trust_checkpoint: bool,
+                          data_dir: str | Path | None) -> list[dict]:
     kept = kept_checkpoints(run_dir, trust_checkpoint=trust_checkpoint)
     if not kept:
         raise FileNotFoundError(f"cannot evaluate {run_dir}: no checkpoint in "
                                 f"{run_dir / 'checkpoints'}")
     cfg, model, info = load_run(run_dir, device, action="evaluate", checkpoint=next(iter(kept)),
-                                trust_checkpoint=trust_checkpoint, kept=kept)
+                                trust_checkpoint=trust_checkpoint, kept=kept,
+                                data_dir=data_dir)
     _check_has_split(split, cfg, info["bundle"])
     path = Path(out) if out is not None else run_dir / f"evaluate_{split}.jsonl"
     rows, state = [], None
