@@ -319,3 +319,18 @@ def test_a_run_whose_data_moved_is_measured_and_evaluated_with_data_dir(tmp_path
     code, err = run_main(["evaluate", tmp_path / "run", "--device", "cpu", "--data-dir",
                           tmp_path / "new"], capsys)
     assert code == 0, err
+
+
+def test_data_dir_is_refused_for_a_run_on_a_path_dataset(tmp_path):
+    """`--data-dir` moves named datasets only: for an `npz:PATH` run it did nothing, and the
+    missing file's error followed."""
+    from gnc.saved_runs import evaluate_run
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(40, 6)).astype(np.float32),
+             y=np.arange(40) % 4)
+    cfg = TrainConfig(dataset=f"npz:{tmp_path / 'd.npz'}", model="mlp", width=8, feature_dim=8,
+                      epochs=1, batch_size=20, progress=False)
+    train(cfg, tmp_path / "run")
+    with pytest.raises(ValueError, match="is a path of its own"):
+        evaluate_run(tmp_path / "run", device="cpu", data_dir=tmp_path)

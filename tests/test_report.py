@@ -1,6 +1,5 @@
 import json
 import math
-import re
 
 import numpy as np
 import pytest
@@ -285,17 +284,28 @@ def test_runs_that_differ_in_their_perturbation_are_different_tasks(exp):
 
 def test_the_report_names_the_evaluation_protocol(exp):
     """DESIGN §5: the paper's protocol (running averages) stays selectable "and the report
-    says which one produced it"; no report said it."""
+    says which one produced it"; no report said it. The metrics rows say it (rows from before
+    `eval_stats` existed were evaluated with the running averages)."""
     root, _ = exp
     text = make_report(root, machine="m").read_text()
-    assert "Evaluation protocol: BatchNorm statistics and the heads' μ_G recomputed" in text
-    configs = sorted(root.glob("*/seed*/config.json"))
-    for i, config in enumerate(configs):
-        stats = "running" if i else "precise"
-        config.write_text(json.dumps({**json.loads(config.read_text()), "eval_stats": stats}))
+    assert "Evaluation protocol: BatchNorm's and the heads' running averages as" in text
+
+    def set_rows(stats_of):
+        for i, path in enumerate(sorted(root.glob("*/seed*/metrics.jsonl"))):
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps({**r, "eval_stats": stats_of(i)}) + "\n"
+                                    for r in rows))
+
+    set_rows(lambda i: "precise")
     text = make_report(root, machine="m").read_text()
-    assert re.search(r'\| eval_stats \| `"(precise|running)"` \|', text)
+    assert "Evaluation protocol: BatchNorm statistics and the heads' μ_G recomputed" in text
+    set_rows(lambda i: "running" if i else "precise")
+    text = make_report(root, machine="m").read_text()
     assert "as training left them (`running`) — the runs differ in it." in text
+    for config in root.glob("*/seed*/config.json"):  # `gnc measure` directories
+        config.write_text(json.dumps({"method": "measured", "measure": {"eval_stats": "precise"}}))
+    text = make_report(root, machine="m").read_text()
+    assert "BatchNorm statistics recomputed over the measured data first" in text
 
 
 def test_table_values(exp):

@@ -539,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write RUN/classifier/epoch_XXXX.pt (W, b, class means, U; "
                    "epoch_XXXX_test.pt for --split test)")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    p.add_argument("--data-dir", help="read the run's datasets from here instead of its "
-                   "own data_dir (the data moved)")
+    p.add_argument("--data-dir", help="read the run's named dataset (cifar10, mnist, ...) "
+                   "from here instead of its own data_dir (the data moved; not for npz:/"
+                   "imagefolder: paths)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(

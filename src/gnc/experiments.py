@@ -157,7 +157,7 @@ _PAPER_NOTES = ("Paper: dataset, backbone, 200 epochs, batch 256, 5 seeds, norma
                 "noise): the backbone in bf16 autocast and channels-last layout, images "
                 "kept and augmented on the GPU (--data-on-device), cudnn.benchmark. Table "
                 "epochs 50 and 200: the paper's Table 1.")
-_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "imagenet": 1000}
+_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "imagenet": 1000}  # K of the paper data
 
 
 def _batch_words(data: str, extra: dict) -> tuple[str, str]:
@@ -166,7 +166,7 @@ def _batch_words(data: str, extra: dict) -> tuple[str, str]:
     if extra.get("sampler", "stratified") != "stratified" or batch % K == 0:
         return f"batch {batch}", ""
     held = batch // K * K
-    return (f"batch {held} ({batch // K} a class; paper 256)",
+    return (f"batch {held} ({batch // K} a class; paper {batch})",
             f" Stratified batches hold batch // K = {batch // K} samples of each of the {K} "
             f"classes: {held} a step, not the paper's {batch} (the released code's "
             "StratifiedKFold batches hold ~256 in the data's class proportions).")

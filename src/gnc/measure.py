@@ -640,7 +640,7 @@ def measure_files(model_spec: str, weights: list[str] | None = None, *,
     dev = resolve_device(device)
     measured = model_from_spec(model_spec, num_classes=bundle.num_classes if bundle else None,
                                device=str(dev), trust_checkpoint=trust_checkpoint,
-                               data_dir=data_dir)
+                               data_dir=data_dir if dataset is None else None)
     bundle = bundle or measured.bundle
     model = measured.model.to(dev)
     loader = make_loader(bundle, batch_size, split=split, num_workers=num_workers)

@@ -127,11 +127,17 @@ SUMMARY_SKIP = ("epoch", "step", "seed")  # row keys that are not metrics
 CONFIG_KEYS = ("dataset", "dataset_options", "imbalance", "label_noise", "model", "epochs",
                "batch_size", "sampler", "optimizer", "lr", "momentum", "weight_decay",
                "schedule", "tau", "eval_every", "eval_stats", "precise_bn_batches")
-# what each evaluation protocol (config `eval_stats`) measures: the report names it (DESIGN §5)
+# what each evaluation protocol measures: the report names it (DESIGN §5); (kind, value)
+# with kind "train" (a run's `eval_stats`) or "measure" (`gnc measure --eval-stats`)
 EVAL_STATS_WORDS = {
-    "precise": "BatchNorm statistics and the heads' μ_G recomputed over the training split "
-               "before every evaluation (`precise`, gnc's default)",
-    "running": "BatchNorm's and the heads' running averages as training left them (`running`)",
+    ("train", "precise"): "BatchNorm statistics and the heads' μ_G recomputed over the "
+                          "training split before every evaluation (`precise`, gnc's default)",
+    ("train", "running"): "BatchNorm's and the heads' running averages as training left them "
+                          "(`running`)",
+    ("measure", "precise"): "BatchNorm statistics recomputed over the measured data first "
+                            "(`gnc measure --eval-stats precise`)",
+    ("measure", "running"): "the BatchNorm statistics stored with the weights "
+                            "(`gnc measure --eval-stats running`)",
 }
 
 
@@ -691,13 +697,18 @@ def _default_title(root: Path, runs: Mapping[str, list[RunData]]) -> str:
         return name
 
 
-def _eval_stats(run: RunData) -> object:
-    """The run's evaluation protocol: a train config's ``eval_stats`` (missing in an older
-    one: the default), a ``gnc measure`` config's, or None when neither says."""
-    if is_train_config(run.config):
-        return run.config.get("eval_stats", "precise")
+def _eval_stats(run: RunData) -> tuple[str, str] | None:
+    """``(kind, protocol)`` of the run's numbers (:data:`EVAL_STATS_WORDS`): a trained run's
+    from its metrics rows (rows written before ``eval_stats`` existed were evaluated with the
+    running averages), a ``gnc measure`` directory's from its config; None when neither says."""
     measure = run.config.get("measure")
-    return measure.get("eval_stats") if isinstance(measure, dict) else None
+    if isinstance(measure, dict):
+        value = measure.get("eval_stats")
+        return ("measure", str(value)) if value is not None else None
+    if not is_train_config(run.config):
+        return None
+    values = {str(row.get("eval_stats", "running")) for row in run.metrics}
+    return ("train", values.pop()) if len(values) == 1 else ("train", "mixed")
 
 
 def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
@@ -712,9 +723,9 @@ def _config_lines(runs: Mapping[str, list[RunData]]) -> list[str]:
     differ = [k for k in keys
               if len({json.dumps(run.config.get(k), sort_keys=True) for run in _all_runs(runs)})
               > 1]
-    protocols = sorted({str(p) for p in map(_eval_stats, _all_runs(runs)) if p is not None})
+    protocols = sorted({p for p in map(_eval_stats, _all_runs(runs)) if p is not None})
     if protocols:
-        lines += ["Evaluation protocol: " + "; ".join(EVAL_STATS_WORDS.get(p, f"`{p}`")
+        lines += ["Evaluation protocol: " + "; ".join(EVAL_STATS_WORDS.get(p, f"`{p[1]}`")
                                                       for p in protocols)
                   + (" — the runs differ in it" if len(protocols) > 1 else "") + ".", ""]
     lines.append("Config keys that differ between runs (besides method and seed): "

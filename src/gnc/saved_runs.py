@@ -22,7 +22,13 @@ from gnc.config import TrainConfig
 from gnc.data import DatasetBundle, check_split, make_loader
 from gnc.evaluation import etf_distances_of, evaluate, quantiles, save_classifier
 from gnc.models.classifier import FeatureClassifier
-from gnc.rundir import append_metrics, read_config, resolve_data_paths, run_lock
+from gnc.rundir import (
+    DATA_PREFIXES,
+    append_metrics,
+    read_config,
+    resolve_data_paths,
+    run_lock,
+)
 from gnc.runtime import resolve_device
 
 __all__ = ["evaluate_checkpoints", "evaluate_run", "load_run"]
@@ -52,6 +58,11 @@ def load_run(run_dir: str | Path, device: str = "auto", *, action: str = "load",
     run_dir = Path(run_dir)
     config = read_config(run_dir, action)
     if data_dir is not None:
+        dataset = str(config.get("dataset", ""))
+        if dataset.startswith(DATA_PREFIXES):
+            raise ValueError(f"cannot {action} {run_dir}: --data-dir is where named datasets "
+                             f"are read from; this run's dataset {dataset} is a path of its "
+                             "own (put the file back there, or train on the moved one)")
         config = {**config, "data_dir": str(data_dir)}
     if checkpoint is None:
         ckpt, path = load_latest_checkpoint(run_dir, action, trust_checkpoint=trust_checkpoint)
