@@ -185,17 +185,20 @@ def test_compile_head_check_compiles_the_update_and_the_guarded_module(monkeypat
 
 
 def test_peak_memory_sees_a_transient_allocation_on_cpu():
-    import time
-
-    import torch
-
-    from gnc.memory import PeakMemory
-
-    with PeakMemory(torch.device("cpu"), interval=0.001) as mem:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        time.sleep(0.05)
-        del x
-    assert 48 <= mem.mb <= 200
+    """In a fresh process: in this one, memory that earlier tests freed but the allocator kept
+    resident can hold the 64 MiB without the resident set growing (seen once in CI order)."""
+    code = """
+import time, torch
+from gnc.memory import PeakMemory
+with PeakMemory(torch.device("cpu"), interval=0.001) as mem:
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    time.sleep(0.05)
+    del x
+print(mem.mb)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120)
+    assert 48 <= float(done.stdout.split()[-1]) <= 200
 
 
 def test_epoch_bench_on_random_images_of_cifar_shape(tmp_path):
