@@ -276,3 +276,41 @@ def test_every_preset_summary_states_the_batch_it_trains_with():
         checked.append(preset.name)
     assert {"cifar10-resnet18", "cifar100-resnet18", "mnist-resnet18-agd", "ufm1000"} <= set(
         checked)
+
+
+def test_a_run_with_extra_classifier_files_is_reused_without_them(tmp_path):
+    """`save_classifier` adds files, not results: a finished run made with it is reused by
+    the same experiment without it; one made without it cannot serve a command that asks
+    for the files."""
+    tiny = {"epochs": 2, "eval_every": 1, "feature_dim": 8, "progress": False,
+            "dataset_options": {"num_classes": 3, "per_class": 4}}
+    out = tmp_path / "exp"
+    run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False,
+                   overrides={**tiny, "save_classifier": True})
+    metrics = run_dir(out, "fixed", 1) / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    run_experiment("ufm10", out, seeds=1, methods=["fixed"], report=False, overrides=tiny)
+    assert metrics.stat().st_mtime_ns == before  # reused, not retrained
+    other = tmp_path / "other"
+    run_experiment("ufm10", other, seeds=1, methods=["fixed"], report=False, overrides=tiny)
+    with pytest.raises(ValueError, match="save_classifier=false \\(now true\\)"):
+        run_experiment("ufm10", other, seeds=1, methods=["fixed"], report=False,
+                       overrides={**tiny, "save_classifier": True})
+
+
+def test_the_report_command_pastes_back_into_a_shell(tmp_path, monkeypatch):
+    """The command at the top of report.md lost the quotes of a JSON flag: pasted back,
+    bash split `{"num_classes":3,...}` and the command failed."""
+    import shlex
+    import sys
+
+    from gnc.cli import main
+
+    argv = ["experiment", "ufm10", "--dataset-options", '{"num_classes": 3, "per_class": 4}',
+            "--feature-dim", "8", "--epochs", "2", "--seeds", "1", "--methods", "fixed",
+            "--no-progress", "--out", str(tmp_path / "exp")]
+    monkeypatch.setattr(sys, "argv", ["gnc", *argv])
+    main(argv)
+    text = (tmp_path / "exp" / "report.md").read_text()
+    command = text.split("```\n", 2)[1].splitlines()[0]
+    assert shlex.split(command) == ["gnc", *argv]

@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import types
@@ -316,7 +317,7 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in dataclasses.asdict(cfg).items()
                  if k not in NOT_EXPERIMENT_FLAGS}
     methods = args.methods.split(",") if args.methods else None
-    command = "gnc " + " ".join(sys.argv[1:]) if argv_is_cli() else None
+    command = "gnc " + shlex.join(sys.argv[1:]) if argv_is_cli() else None  # pastes back
     run_experiment(args.preset, args.out, seeds=args.seeds, methods=methods,
                    overrides=overrides, command=command, report=not args.no_report,
                    trust_checkpoint=args.trust_checkpoint, jobs=args.jobs,

@@ -283,11 +283,14 @@ def _check_existing_run(path: Path, cfg: TrainConfig) -> None:
     """Refuse a finished (or interrupted) run made with settings other than ``cfg``.
 
     A finished run (``DONE``) is reused only if every setting that changes its result is the
-    same (:data:`gnc.config.RUNTIME_KEYS` may differ); an interrupted one (checkpoint, no
-    ``DONE``) resumes, which may also change what resuming allows (``epochs``, ...).
+    same (:data:`gnc.config.RUNTIME_KEYS` may differ, and ``save_classifier`` when it is now
+    off: the run's classifier files are extra; now on, they would be missing); an interrupted
+    one (checkpoint, no ``DONE``) resumes, which may also change what resuming allows
+    (``epochs``, ...).
     """
     if is_done(path) and stopped_after(path) is None:
-        why = _config_mismatch(path, cfg, RUNTIME_KEYS)
+        extra = set() if cfg.save_classifier else {"save_classifier"}
+        why = _config_mismatch(path, cfg, RUNTIME_KEYS | extra)
         state = "finished"
     elif has_checkpoint(path):
         why = _config_mismatch(path, cfg, RESUMABLE_KEYS)
@@ -342,9 +345,11 @@ def run_experiment(
 
     A run with a ``DONE`` file is skipped; one with a checkpoint but no ``DONE`` (an
     interrupted experiment) resumes from it; the rest start afresh. Seeds are 1..N.
-    Everything is checked before any training: the configs, and that every existing run was
-    made with the same settings (its ``config.json``; see :data:`RUNTIME_KEYS` for those that
-    may differ), so the report never describes runs that were not made.
+    Everything is checked before any training: the configs, and that every existing run of
+    this command's methods × seeds was made with the same settings (its ``config.json``; see
+    :data:`RUNTIME_KEYS` for those that may differ). Other runs already in ``out`` (another
+    method or seed) are left as they are and enter the report, whose setup section lists the
+    settings in which its runs differ (and warns when they are different tasks).
     Returns the run directories. ``trust_checkpoint``: an interrupted run's checkpoint of an
     older gnc may be unpickled in full (see :func:`gnc.checkpoints.load_checkpoint`).
 
