@@ -164,6 +164,14 @@ def time_svd(d: int, K: int, device: torch.device, repeats: int) -> float:
     return median_ms(lambda: torch.linalg.svd(C, full_matrices=False), device, repeats)
 
 
+def check_polar_methods(polar_methods: Sequence[str]) -> None:
+    """``ValueError`` naming any of ``polar_methods`` not in :data:`POLAR_METHODS`."""
+    unknown = set(polar_methods) - set(POLAR_METHODS)
+    if unknown:
+        raise ValueError(f"unknown polar method(s) {sorted(unknown)}; choose from "
+                         f"{', '.join(POLAR_METHODS)}")
+
+
 def bench_layer(
     sizes=DEFAULT_SIZES, *, device: str | torch.device = "cpu", repeats: int = 5,
     paper_repeats: int = 1, polar_methods: Sequence[str] = POLAR_METHODS,
@@ -171,10 +179,7 @@ def bench_layer(
     """Forward/backward of ours (per polar method: ``auto`` = the eigensolvers,
     ``newton_schulz``) vs the paper's at each (d, K), plus the head's training step and the
     SVD floor at the largest size (skipped above :data:`BIG_LAYER_FLOPS`)."""
-    unknown = set(polar_methods) - set(POLAR_METHODS)
-    if unknown:
-        raise ValueError(f"unknown polar method(s) {sorted(unknown)}; choose from "
-                         f"{', '.join(POLAR_METHODS)}")
+    check_polar_methods(polar_methods)
     device = torch.device(device)
     records = []
     for d, K in sizes:

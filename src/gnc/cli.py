@@ -418,10 +418,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     run_layer, run_steps = args.sizes != "none", args.steps != "none"
     sizes = bench.parse_sizes(args.sizes) if run_layer and args.sizes is not None else None
     polar = args.polar.split(",") if args.polar is not None else None
-    unknown = sorted(set(polar or ()) - set(bench.POLAR_METHODS))
-    if unknown:
-        raise CLIError(f"unknown polar method(s) {unknown}; choose from "
-                       f"{', '.join(bench.POLAR_METHODS)}")
+    bench.check_polar_methods(polar or ())  # ValueError: one line
     cases = (bench.step_cases_by_name(args.steps, args.device)
              if run_steps and args.steps is not None else None)
     if epoch == "none" and (args.methods is not None or args.set):

@@ -708,6 +708,8 @@ def _eval_stats(run: RunData) -> tuple[str, str] | None:
     if not is_train_config(run.config):
         return None
     values = {str(row.get("eval_stats", "running")) for row in run.metrics}
+    if not values:
+        return None
     return ("train", values.pop()) if len(values) == 1 else ("train", "mixed")
 
 
