@@ -314,3 +314,21 @@ def test_the_report_command_pastes_back_into_a_shell(tmp_path, monkeypatch):
     text = (tmp_path / "exp" / "report.md").read_text()
     command = text.split("```\n", 2)[1].splitlines()[0]
     assert shlex.split(command) == ["gnc", *argv]
+
+
+def test_gpu_sized_preset_warns_on_the_cpu(tmp_path, caplog):
+    import dataclasses
+    import logging
+
+    small = get_preset("ufm10")
+    gpu_sized = dataclasses.replace(small, name="big", gpu=True)
+    with caplog.at_level(logging.WARNING, logger="gnc.experiments"):
+        run_experiment(small, tmp_path / "a", seeds=1, methods=["fixed"], overrides=TINY,
+                       report=False)
+    assert "sized for a GPU" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="gnc.experiments"):
+        run_experiment(gpu_sized, tmp_path / "b", seeds=1, methods=["fixed"],
+                       overrides={**TINY, "device": "cpu"}, report=False)
+    assert "big is sized for a GPU" in caplog.text
+    # every paper-sized preset says so; the CPU-sized ones do not
+    assert get_preset("cifar10-resnet18").gpu and not get_preset("cifar10-small").gpu

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from gnc.declarative import nearest_etf
 from gnc.memory import PeakMemory
@@ -84,7 +85,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
-def layer_inputs(d: int, K: int, device: torch.device, dtype=torch.float32, seed: int = 0):
+def layer_inputs(d: int, K: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Random normalised class means, a random point of St(d,K) and an output gradient."""
     g = torch.Generator().manual_seed(seed)
     H_bar = torch.randn(d, K, generator=g, dtype=torch.float64)
@@ -96,7 +98,7 @@ def layer_inputs(d: int, K: int, device: torch.device, dtype=torch.float32, seed
 
 
 # the layer's polar factor: the eigensolvers ("auto") or the sync-free iteration
-POLAR_METHODS = ("auto", "newton_schulz")
+BENCH_POLAR_METHODS = ("auto", "newton_schulz")
 LAYER_ROWS = {"auto": "exact/closed_form", "newton_schulz": "exact/closed_form newton_schulz"}
 HEAD_ROWS = {"auto": "ImplicitETFHead", "newton_schulz": "ImplicitETFHead newton_schulz"}
 NS_ROW = LAYER_ROWS["newton_schulz"]
@@ -165,16 +167,16 @@ def time_svd(d: int, K: int, device: torch.device, repeats: int) -> float:
 
 
 def check_polar_methods(polar_methods: Sequence[str]) -> None:
-    """``ValueError`` naming any of ``polar_methods`` not in :data:`POLAR_METHODS`."""
-    unknown = set(polar_methods) - set(POLAR_METHODS)
+    """``ValueError`` naming any of ``polar_methods`` not in :data:`BENCH_POLAR_METHODS`."""
+    unknown = set(polar_methods) - set(BENCH_POLAR_METHODS)
     if unknown:
         raise ValueError(f"unknown polar method(s) {sorted(unknown)}; choose from "
-                         f"{', '.join(POLAR_METHODS)}")
+                         f"{', '.join(BENCH_POLAR_METHODS)}")
 
 
 def bench_layer(
     sizes=DEFAULT_SIZES, *, device: str | torch.device = "cpu", repeats: int = 5,
-    paper_repeats: int = 1, polar_methods: Sequence[str] = POLAR_METHODS,
+    paper_repeats: int = 1, polar_methods: Sequence[str] = BENCH_POLAR_METHODS,
 ) -> list[BenchRecord]:
     """Forward/backward of ours (per polar method: ``auto`` = the eigensolvers,
     ``newton_schulz``) vs the paper's at each (d, K), plus the head's training step and the

@@ -158,7 +158,7 @@ def build_training_optimizer(cfg: TrainConfig, model: FeatureClassifier) -> torc
 
 
 def build_training_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                             steps_per_epoch: int):
+                             steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule of ``cfg``: over ``epochs × steps_per_epoch`` optimiser steps for the
     per-step schedules (onecycle), over ``epochs`` epochs for the others."""
     per_step = cfg.schedule in PER_STEP_SCHEDULES

@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from gnc.runtime import all_reduce_sum_, differentiable_sum
 from gnc.validation import check_features, value_checks_enabled
 
-__all__ = ["ClassMeanTracker", "ClassMeans", "ema_weight", "running_average"]
+__all__ = ["UPDATES", "ClassMeanTracker", "ClassMeans", "ema_weight", "running_average"]
 
-_UPDATES = ("ema", "cma")
+UPDATES = ("ema", "cma")  # exponential moving / cumulative average
 # Floor of the EMA weight α_t: the running means keep following the features late in training.
 MIN_EMA_WEIGHT = 1e-4
 
@@ -164,8 +164,8 @@ class ClassMeanTracker(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if update not in _UPDATES:
-            raise ValueError(f"Expected `update` to be one of {_UPDATES}, but got {update!r}")
+        if update not in UPDATES:
+            raise ValueError(f"Expected `update` to be one of {UPDATES}, but got {update!r}")
         if d < 1 or K < 2:
             raise ValueError(f"Expected `d` >= 1 and `K` >= 2, but got d={d}, K={K}")
         self.d, self.K, self.update = d, K, update

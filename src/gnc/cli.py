@@ -28,7 +28,10 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:  # imported lazily at run time (start-up time)
+    from gnc.config import TrainConfig
 
 
 class CLIError(Exception):
@@ -219,7 +222,7 @@ TRAIN_FLAGS_EPILOG = (
     "--per-class, --subset, --transforms update those.")
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset's config (or the defaults), overridden by every flag given.
 
     ``dataset_options``: the preset's (none if ``--dataset`` names another dataset), updated

@@ -20,9 +20,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from gnc.class_means import UPDATES
 from gnc.declarative import resolve_solve
 from gnc.etf import BACKWARDS, ETF_POLAR_METHODS, SOLVE_DEVICES, SOLVERS
-from gnc.heads import METHODS, ImplicitETFHead
+from gnc.heads import METHODS, ROTATIONS, ImplicitETFHead
 from gnc.losses import LOSSES
 from gnc.optim import OPTIMIZERS, SCHEDULERS
 
@@ -30,8 +31,6 @@ AMP = ("none", "bf16", "fp16")
 DATA_ON_DEVICE = ("auto", "on", "off")
 EVAL_STATS = ("precise", "running")
 SAMPLERS = ("stratified", "shuffle")
-UPDATES = ("ema", "cma")
-ROTATIONS = ("canonical", "random")
 # The largest learning rate (AGD: gain) validate accepts: larger ones overflow float32 weights
 # in the first step, so they are refused before the run directory is made.
 MAX_LR = 1e6

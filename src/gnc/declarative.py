@@ -195,7 +195,7 @@ def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...
     block-triangular matrix, whose off-diagonal block evolves as
     ``E ↦ (α/2)(3E − Q²E + QEQ − EQ²)``, ``Q = α P̂_k``. ``products_only`` (inside a
     CUDA-graph capture): always the sign iteration, for K <= :data:`LYAPUNOV_BLOCK_MAX_K` on
-    the whole block matrix ``W ↦ (α/2) W (3I − α² W²)``, whose blocks evolve exactly as
+    the whole block matrix ``B ↦ (α/2) B (3I − α² B²)``, whose blocks evolve exactly as
     above (two kernels a step instead of six).
     """
     K = P.shape[0]
@@ -205,17 +205,17 @@ def lyapunov_solve(P: Tensor, S: Tensor, scale: Tensor, alphas: tuple[float, ...
         return torch.cholesky_solve(S.reshape(K * K, 1), L).reshape(K, K)
     P_hat = P / scale
     if products_only and K <= LYAPUNOV_BLOCK_MAX_K:
-        W = torch.cat([torch.cat([P_hat, S], 1), torch.cat([torch.zeros_like(S), -P_hat], 1)])
+        B = torch.cat([torch.cat([P_hat, S], 1), torch.cat([torch.zeros_like(S), -P_hat], 1)])
         for a in alphas:
-            W = torch.addmm(W, W, W @ W, beta=1.5 * a, alpha=-0.5 * a**3)
-        return W[:K, K:] / (2.0 * scale)
+            B = torch.addmm(B, B, B @ B, beta=1.5 * a, alpha=-0.5 * a**3)
+        return B[:K, K:] / (2.0 * scale)
     E = S
-    for a in alphas:  # Q = a P̂: E ← (a/2)(3E − a²ME + a²P̂EP̂ − a²EM), M = P̂², by addmm
-        M = P_hat @ P_hat
-        R = torch.addmm(E, M, E, beta=1.5 * a, alpha=-0.5 * a**3)
+    for a in alphas:  # Q = a P̂: E ← (a/2)(3E − a²P̂²E + a²P̂EP̂ − a²EP̂²), by addmm
+        P2 = P_hat @ P_hat
+        R = torch.addmm(E, P2, E, beta=1.5 * a, alpha=-0.5 * a**3)
         R = torch.addmm(R, P_hat @ E, P_hat, alpha=0.5 * a**3)
-        E = torch.addmm(R, E, M, alpha=-0.5 * a**3)
-        P_hat = torch.addmm(P_hat, P_hat, M, beta=1.5 * a, alpha=-0.5 * a**3)
+        E = torch.addmm(R, E, P2, alpha=-0.5 * a**3)
+        P_hat = torch.addmm(P_hat, P_hat, P2, beta=1.5 * a, alpha=-0.5 * a**3)
     return E / (2.0 * scale)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def check_bn_batches(max_batches: Any) -> None:
 
 
 @torch.no_grad()
-def recompute_bn(module: nn.Module, loader, device: torch.device,
+def recompute_bn(module: nn.Module, loader: Iterable, device: torch.device,
                  forward: Callable[[Tensor], Any] | None = None, *,
                  max_batches: int = 0) -> None:
     """"Precise BN": every BatchNorm of ``module`` gets, as running statistics, the cumulative
@@ -118,8 +118,8 @@ def recompute_bn(module: nn.Module, loader, device: torch.device,
 
 
 @torch.no_grad()
-def recompute_statistics(model: FeatureClassifier, loader, device: torch.device,
-                         mean_loader=None, *, bn_batches: int = 0,
+def recompute_statistics(model: FeatureClassifier, loader: Iterable, device: torch.device,
+                         mean_loader: Iterable | None = None, *, bn_batches: int = 0,
                          global_mean: bool = True) -> None:
     """Set BatchNorm's running statistics from ``loader`` and the ETF head's ``μ_G`` from
     ``mean_loader`` (default: ``loader``).
@@ -262,12 +262,12 @@ def _as_logits(logits: Tensor | None, n: int, K: int) -> Tensor | None:
 def head_weights(head: nn.Module) -> tuple[Tensor, Tensor]:
     """``(W, b)`` of a head, detached; ``b`` is 0 for a head without bias."""
     W = head.weight.detach()
-    b = head.bias
+    b = getattr(head, "bias", None)  # a user's classifier (gnc measure) may have none
     return W, torch.zeros(W.shape[0], device=W.device, dtype=W.dtype) if b is None else b.detach()
 
 
 @torch.no_grad()
-def evaluate(model: FeatureClassifier, loader, K: int, device: torch.device, *,
+def evaluate(model: FeatureClassifier, loader: Iterable, K: int, device: torch.device, *,
              geometry: dict | None = None, set_global_mean: bool = False,
              max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[dict, Any]:
     """Every NC metric of ``model`` (eval mode, statistics as stored) over ``loader``

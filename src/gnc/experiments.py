@@ -58,7 +58,7 @@ class Preset:
     methods: tuple[str, ...] = METHODS
     # epochs of the top-1 table (paper's Table 1 form); None: the report's default
     table_epochs: tuple[int, int] | None = (1, 10)
-    gpu: bool = False  # sized for a GPU
+    gpu: bool = False  # sized for a GPU: run_experiment warns when it trains on the CPU
     notes: str = ""  # where the values come from (paper / our choice, and how lr was picked)
 
     def train_config(self, **overrides) -> TrainConfig:
@@ -400,6 +400,9 @@ def run_experiment(
             plan.append((path, cfg))
     if any(cfg.tensorboard for _, cfg in plan):
         summary_writer_class()  # one error before any run, not one a run
+    if preset.gpu and plan and _on_cpu(plan[0][1].device):
+        logger.warning("%s is sized for a GPU: on the CPU each run takes hours to days "
+                       "(`gnc presets` marks the CPU-sized presets)", preset.name)
     if jobs > 1:  # the workers' fork server, unless the CLI started it (the report's too)
         if jobs_mode != "streams" or report:
             prestart(experiment_preload(report))
@@ -418,6 +421,11 @@ def run_experiment(
                     notes=f"Preset notes: {preset.notes}",
                     preset_config=resolved_config(preset), jobs=jobs)
     return [path for path, _ in plan]
+
+
+def _on_cpu(device: str) -> bool:
+    """Whether a run given ``--device device`` trains on the CPU (``auto``: without CUDA)."""
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
 def _train_run(path: Path, cfg: TrainConfig, trust_checkpoint: bool) -> None:

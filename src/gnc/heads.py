@@ -48,7 +48,7 @@ from gnc.etf import canonical_stiefel, check_delta, simplex_etf
 from gnc.runtime import all_reduce_sum_, differentiable_sum, is_distributed
 from gnc.validation import NonFiniteError, all_finite, check_features, value_checks_enabled
 
-__all__ = ["ABLATIONS", "HEAD_OPTIONS", "METHODS", "METHOD_NAMES", "PAPER_METHODS",
+__all__ = ["ABLATIONS", "HEAD_OPTIONS", "METHODS", "METHOD_NAMES", "PAPER_METHODS", "ROTATIONS",
            "FixedETFHead", "Head", "ImplicitETFHead", "MethodSpec", "StandardHead",
            "make_head", "normalizes_features"]
 
@@ -259,6 +259,9 @@ class _ETFHead(Head):
         return f"d={self.d}, K={self.K}" + ("" if self.bias is not None else ", bias=False")
 
 
+ROTATIONS = ("canonical", "random")  # the fixed ETF's U: I_{d×K}, or a seeded random one
+
+
 class FixedETFHead(_ETFHead):
     r"""A fixed simplex ETF classifier ``W = √(K/(K−1)) M U₀ᵀ``, ``b = −W μ_G`` ("fixed").
 
@@ -287,7 +290,7 @@ class FixedETFHead(_ETFHead):
             g = torch.Generator().manual_seed(seed)
             U0, _ = torch.linalg.qr(torch.randn(d, K, generator=g, dtype=torch.float64))
         else:
-            raise ValueError(f"unknown rotation {rotation!r}; choose 'canonical' or 'random'")
+            raise ValueError(f"unknown rotation {rotation!r}; choose from {', '.join(ROTATIONS)}")
         self.rotation = rotation
         self.register_buffer("U", U0.to(device=device, dtype=self.weight.dtype))
         self.weight.copy_(simplex_etf(K, self.U))

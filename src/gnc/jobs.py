@@ -385,7 +385,7 @@ def epoch_bar(total: int, initial: int, desc: str | None):
     return tqdm(total=total, initial=initial, unit="epoch", dynamic_ncols=True, desc=desc)
 
 
-def writing_around(bar):
+def writing_around(bar: object) -> contextlib.AbstractContextManager:
     """A block that writes to stderr without breaking ``bar`` (tqdm's external write mode)."""
     write_mode = getattr(bar, "external_write_mode", None)
     return write_mode() if write_mode else contextlib.nullcontext()

@@ -36,6 +36,7 @@ from gnc.data import check_split, load_dataset, make_loader
 from gnc.evaluation import (
     DEFAULT_CACHE_BYTES,
     etf_distances_of,
+    head_weights,
     nc_two_pass,
     quantiles,
     recompute_bn,
@@ -91,10 +92,7 @@ def _classifier_weights(module: nn.Module, name: str) -> tuple[Tensor, Tensor]:
     if not isinstance(W, Tensor) or W.ndim != 2:
         raise ValueError(f"layer {name!r} ({type(module).__name__}) has no 2-D `weight`, so it "
                          "is not a linear classifier; name one with classifier=...")
-    b = getattr(module, "bias", None)
-    W = W.detach()
-    b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device) if b is None else b.detach()
-    return W, b
+    return head_weights(module)
 
 
 @dataclass

@@ -80,9 +80,6 @@ EIGVALSH_BYTES = 2**27
 _warned_rank_budget: set[tuple[int, int]] = set()  # (K, d) already warned about, once each
 
 
-# --------------------------------------------------------------------------- distributed
-
-
 # --------------------------------------------------------------------------- validation
 
 

@@ -103,6 +103,8 @@ def solve_riemannian(
     else:
         Up = U_prev.detach().to("cpu", torch.float64).numpy()
     manifold = Stiefel(d, K)
+    # f, its gradient and C are written out here from DESIGN §1, not taken from gnc.etf: the
+    # paper's solver is the independent computation the closed form is tested against.
 
     @pymanopt.function.numpy(manifold)
     def cost(U):

@@ -9,7 +9,7 @@ heads' state updates and the epoch's statistics (loss sum, correct, non-finite s
 device operations on tensors that stay in place, indexed by a device tensor ``i``: nothing is
 read back to the host and no Python branch depends on a tensor's value.
 
-What changes against the eager loop body (``Trainer.train_epoch``), bitwise the same on the
+What changes against the eager loop body (``Trainer.epoch_steps``), bitwise the same on the
 CPU (``tests/test_step.py``):
 
 - the optimisers' step-dependent scalars (the learning rate, Adam's bias corrections, AdamW's
@@ -140,6 +140,26 @@ def _fixed_head_train(head: FixedETFHead) -> Callable:
         return head._train_logits(h, head.weight, mu_G)
 
     return forward
+
+
+def accumulate_step(stats: tuple[Tensor, Tensor, Tensor, Tensor], loss: Tensor, logits: Tensor,
+                    y: Tensor, step: Tensor | int, overflow: Tensor | None = None) -> None:
+    """Add one step to an epoch's statistics ``(loss_sum, correct, bad, first_bad)``, in place
+    and on the device (no host read): a NaN/Inf loss, or a step the fp16 scaler skipped
+    (``overflow``), counts as bad and adds no loss; ``first_bad`` keeps the number of the
+    first bad step (-1: none yet). The one body of the eager loop's and the capture-ready
+    step's bookkeeping, so the two stay bitwise the same."""
+    loss_sum, correct, bad, first_bad = stats
+    loss = loss.detach()
+    finite = torch.isfinite(loss)
+    if overflow is not None:
+        finite &= ~overflow
+    if not isinstance(step, Tensor):
+        step = torch.full_like(first_bad, step)
+    first_bad.copy_(torch.where(finite | (first_bad >= 0), first_bad, step))
+    loss_sum += torch.where(finite, loss, 0.0)
+    bad += ~finite
+    correct += (logits.detach().argmax(1) == y).sum()
 
 
 class StaticStep:
@@ -405,16 +425,10 @@ class StaticStep:
         return x, y
 
     def _accumulate(self, loss: Tensor, logits: Tensor, y: Tensor, i: Tensor) -> None:
-        """The eager loop's statistics, on the device; then ``i += 1``."""
+        """The eager loop's statistics (:func:`accumulate_step`); then ``i += 1``."""
         with torch.no_grad():
-            loss = loss.detach()
-            finite = torch.isfinite(loss)
-            step = self.step0 + i + 1
-            self.first_bad.copy_(torch.where(finite | (self.first_bad >= 0), self.first_bad,
-                                             step))
-            self.loss_sum += torch.where(finite, loss, 0.0)
-            self.bad += ~finite
-            self.correct += (logits.detach().argmax(1) == y).sum()
+            accumulate_step((self.loss_sum, self.correct, self.bad, self.first_bad),
+                            loss, logits, y, self.step0 + i + 1)
             i += 1
 
     def _forward(self, x: Tensor, y: Tensor) -> Tensor:

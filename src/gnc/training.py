@@ -69,7 +69,7 @@ from gnc.runtime import (
     summary_writer_class,
     wrap_distributed,
 )
-from gnc.step import GraphedStep, StaticStep
+from gnc.step import GraphedStep, StaticStep, accumulate_step
 from gnc.validation import NonFiniteError, all_finite_params, trusted_inputs
 
 logger = logging.getLogger(__name__)
@@ -268,15 +268,8 @@ class Trainer:
                         lr_used = self.optimizer.param_groups[0].get("lr", math.nan)
                         self.scheduler.step()
                     timer.mark()
-                    loss = loss.detach()
-                    finite = torch.isfinite(loss)
-                    if overflow is not None:
-                        finite &= ~overflow
-                    first_bad = torch.where(finite | (first_bad >= 0), first_bad,
-                                            torch.full_like(first_bad, self.step + 1))
-                    loss_sum += torch.where(finite, loss, 0.0)
-                    bad += ~finite
-                    correct += (logits.detach().argmax(1) == y).sum()
+                    accumulate_step((loss_sum, correct, bad, first_bad), loss, logits, y,
+                                    self.step + 1, overflow)
                     seen += y.numel()
             steps += 1
             self.step += 1
