@@ -180,3 +180,31 @@ def test_a_schedule_that_spans_the_run_cannot_be_resumed_with_other_epochs(
     train(TrainConfig(**{**fixed, "until_epoch": 3}), tmp_path / "fixed")
     assert train(TrainConfig(**{**fixed, "epochs": 8}), tmp_path / "fixed",
                  resume=True)["epoch"] == 8
+
+
+def test_elapsed_s_goes_on_across_a_resume(tmp_path, monkeypatch):
+    """A resumed run's ``elapsed_s`` adds to its checkpoint's count: in the first part the
+    clock jumps by 1000 s after its first reading, so its count is far above anything the
+    second part's real clock alone could reach."""
+    import gnc.training
+
+    ticks = iter([0.0])
+    fake_time = type("T", (), {"perf_counter": staticmethod(lambda: next(ticks, 1000.0))})
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(gnc.training, "time", fake_time)
+        train(TrainConfig(**DIGITS, method="fixed", eval_every=2, until_epoch=2), run)
+    first = rows(run)[-1]["elapsed_s"]
+    assert first >= 1000
+    train(TrainConfig(**DIGITS, method="fixed", eval_every=2), run, resume=True)
+    elapsed = [r["elapsed_s"] for r in rows(run)]
+    assert elapsed[0] == first and first < elapsed[1] < elapsed[2] < first + 600
+    # a checkpoint of an older gnc has no count: the resume starts it from 0
+    old = tmp_path / "old"
+    train(TrainConfig(**DIGITS, method="fixed", eval_every=2, until_epoch=2), old)
+    last = old / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["elapsed_s"]
+    torch.save(ckpt, last)
+    train(TrainConfig(**DIGITS, method="fixed", eval_every=2), old, resume=True)
+    assert rows(old)[1]["elapsed_s"] < 600

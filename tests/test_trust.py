@@ -231,6 +231,9 @@ DAMAGE = {
     "epoch_stats={'loss': 'x'}": lambda c: c.update(epoch_stats={"loss": "x"}),
     "epoch_stats=[]": lambda c: c.update(epoch_stats=[]),
     "evaluated=1": lambda c: c.update(evaluated=1),
+    "elapsed_s=-1.0": lambda c: c.update(elapsed_s=-1.0),
+    "elapsed_s=nan": lambda c: c.update(elapsed_s=float("nan")),
+    "elapsed_s='1'": lambda c: c.update(elapsed_s="1"),
 }
 
 

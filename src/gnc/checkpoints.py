@@ -27,6 +27,7 @@ unpickle, with a warning; without it, it is a :class:`CheckpointError` that says
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import re
@@ -131,6 +132,9 @@ def checkpoint_problem(ckpt: dict) -> str | None:
         return "its epoch_stats is not a dict of names to numbers"
     if not isinstance(ckpt.get("evaluated", True), bool):
         return "its evaluated flag is not a bool"
+    elapsed = ckpt.get("elapsed_s", 0.0)
+    if not (isinstance(elapsed, float) and math.isfinite(elapsed) and elapsed >= 0):
+        return f"its elapsed_s {elapsed!r} is not a finite number of seconds >= 0"
     if not is_int(ckpt.get("data_order", DATA_ORDER)):
         return "its data_order is not an integer"
     return None
@@ -337,7 +341,7 @@ def training_checkpoint(cfg: TrainConfig, parts: dict[str, Stateful], progress: 
     """The checkpoint of a training run: its config, each part's ``state_dict()`` (``model``,
     ``optimizer``, ``scheduler``, ``scaler``), every RNG state, the working directory
     (relative data paths start there) and ``progress`` (``epoch``, ``step`` and the loop's
-    own: ``etf_prev``, ``epoch_stats``, ``evaluated``)."""
+    own: ``etf_prev``, ``epoch_stats``, ``evaluated``, ``elapsed_s``)."""
     return {"config": cfg.to_dict(), **progress,
             **{name: part.state_dict() for name, part in parts.items()},
             "rng": rng_state(), "cwd": os.getcwd(), "data_order": DATA_ORDER}
@@ -347,7 +351,8 @@ def resume_training(run_dir: Path, cfg: TrainConfig, parts: dict[str, Stateful],
                     trust_checkpoint: bool = False, is_main: bool = True) -> dict:
     """Put the newest usable checkpoint of ``run_dir`` back (:func:`load_latest_checkpoint`):
     each part's state and the RNG states; returns its progress (``epoch``, ``step``,
-    ``etf_prev``, ``epoch_stats``, ``evaluated``; the last three default for older files).
+    ``etf_prev``, ``epoch_stats``, ``evaluated``, ``elapsed_s``; the last four default for
+    older files).
 
     ``cfg`` may differ from the checkpoint's config in :data:`RESUMABLE_KEYS` only; a longer
     schedule must be one that continues the same run (:func:`gnc.optim.check_resume_length`).
@@ -392,4 +397,4 @@ def resume_training(run_dir: Path, cfg: TrainConfig, parts: dict[str, Stateful],
                            run_dir, ckpt["epoch"] + 1)
     return {"epoch": ckpt["epoch"], "step": ckpt["step"],
             "etf_prev": ckpt.get("etf_prev") or {}, "epoch_stats": ckpt.get("epoch_stats", {}),
-            "evaluated": ckpt.get("evaluated", True)}
+            "evaluated": ckpt.get("evaluated", True), "elapsed_s": ckpt.get("elapsed_s", 0.0)}

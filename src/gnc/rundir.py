@@ -14,8 +14,9 @@ What the files hold (DESIGN §3), as :class:`gnc.training.Trainer` writes them:
   rate the epoch trained with; per-step schedules: its last step's), ``skipped_steps`` (NaN/Inf
   losses, and under fp16 the steps the GradScaler skipped),
   ``train_loss`` and ``train_batch_top1`` (mean loss and accuracy over the epoch's training
-  batches, each from its step's own forward pass), ``elapsed_s`` (wall seconds since this
-  process began training the run: a resume starts it again from 0), the time per step split into
+  batches, each from its step's own forward pass), ``elapsed_s`` (wall seconds of training
+  up to this row, summed over the invocations that trained the run: a resume goes on from its
+  checkpoint's count, so the work a kill lost is counted once), the time per step split into
   ``time_forward_ms`` / ``time_backward_ms`` (means; ``_median`` too), ``peak_mem_mb`` (peak
   memory above the level at the start of training: CUDA allocator, or sampled RSS on CPU;
   null for runs that share their process, ``--jobs-mode streams``) and

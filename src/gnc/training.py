@@ -165,6 +165,7 @@ class Trainer:
         # stopped before an evaluation that a resume's config asks for makes it up from these
         self._epoch_stats: dict = {}
         self._evaluated = True
+        self._elapsed_before, self._t_start = 0.0, None  # elapsed_s: _elapsed
         self.memory = PeakMemory(self.device) if self.peak_memory else None  # fit() starts it
         self.writer = None
         if self.dist.is_main and (not resume or self.out.is_dir()):
@@ -195,7 +196,8 @@ class Trainer:
         if not self.dist.is_main:
             return
         progress = {"epoch": self.epoch, "step": self.step, "etf_prev": self._etf_prev,
-                    "epoch_stats": self._epoch_stats, "evaluated": self._evaluated}
+                    "epoch_stats": self._epoch_stats, "evaluated": self._evaluated,
+                    "elapsed_s": self._elapsed()}
         save_checkpoint(self.out, training_checkpoint(self.cfg, self._parts(), progress),
                         keep=self._is_due(self.cfg.checkpoint_every))
 
@@ -210,6 +212,7 @@ class Trainer:
         self.epoch, self.step = progress["epoch"], progress["step"]
         self._etf_prev = progress["etf_prev"]  # the last evaluation's ETFs ("moved" after it)
         self._epoch_stats, self._evaluated = progress["epoch_stats"], progress["evaluated"]
+        self._elapsed_before = progress["elapsed_s"]
 
     # ----------------------------------------------------------------- one epoch
     def train_epoch(self, bar) -> dict:
@@ -401,7 +404,12 @@ class Trainer:
         return (self.epoch == cfg.epochs or self._is_due(cfg.eval_every)
                 or self.epoch in (cfg.eval_epochs or ()))
 
-    def _log_evaluation(self, stats: dict, t_start: float) -> dict:
+    def _elapsed(self) -> float:
+        """Wall seconds of training: this invocation's, plus those its checkpoint counted."""
+        since = 0.0 if self._t_start is None else time.perf_counter() - self._t_start
+        return self._elapsed_before + since
+
+    def _log_evaluation(self, stats: dict) -> dict:
         """Evaluate the epoch just trained (its training ``stats`` beside) and log the row."""
         # `lr` is the epoch's own (in stats); older checkpoints' stats lack it: the rate now
         row = {"epoch": self.epoch, "step": self.step,
@@ -409,7 +417,7 @@ class Trainer:
         row = self.evaluate_epoch(row)
         row["train_top1"] = row["top1"]
         row["peak_mem_mb"] = None if self.memory is None else self.memory.mb
-        row["elapsed_s"] = time.perf_counter() - t_start
+        row["elapsed_s"] = self._elapsed()
         self.log(row)
         self._evaluated = True
         return row
@@ -437,20 +445,20 @@ class Trainer:
         bar = (progress_bar or _progress_bar)(total=stop * steps, initial=self.epoch * steps,
                             disable=not (cfg.progress and self.dist.is_main),
                             desc=f"{cfg.method} seed {cfg.seed}")
-        t_start = time.perf_counter()
+        self._t_start = time.perf_counter()
         row: dict = {}
         if self.memory is not None:
             self.memory.start()
         try:
             if not self._evaluated and self._evaluation_due():  # resumed where it stopped
-                row = self._log_evaluation(self._epoch_stats, t_start)
+                row = self._log_evaluation(self._epoch_stats)
                 self.save_checkpoint()
             while self.epoch < stop:
                 stats = yield from self.epoch_steps(bar)
                 self._epoch_stats, self._evaluated = stats, False
                 evaluate = self._evaluation_due()
                 if evaluate:
-                    row = self._log_evaluation(stats, t_start)
+                    row = self._log_evaluation(stats)
                 # last.pt follows the evaluations (cheap for UFM's 2000 one-step epochs) and
                 # the stop of `until_epoch`, from which --resume continues
                 if evaluate or self._is_due(cfg.checkpoint_every) or self.epoch == stop:
