@@ -169,6 +169,27 @@ def test_decode_cache_is_used_and_never_required(tmp_path, monkeypatch, caplog):
     assert "could not write the image cache" in caplog.text
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated", "other images", "object array"])
+def test_a_damaged_cache_is_decoded_again_with_a_warning(tmp_path, caplog, damage):
+    root = _image_folder(tmp_path / "imgs", classes=2, per_class=3)
+    samples = sorted((str(p), int(p.parent.name[-1])) for p in (root / "train").rglob("*.png"))
+    pixels, labels = decode_files(samples)
+    (cached,) = (tmp_path / "cache").glob("images-*.npz")
+    if damage == "empty":
+        cached.write_bytes(b"")
+    elif damage == "truncated":
+        cached.write_bytes(cached.read_bytes()[:100])
+    elif damage == "other images":
+        np.savez(cached, pixels=pixels[:2], labels=labels)
+    else:
+        np.savez(cached, pixels=np.array([None] * len(labels), dtype=object), labels=labels)
+    with caplog.at_level(logging.WARNING):
+        again, _ = decode_files(samples)
+    assert np.array_equal(again, pixels)
+    assert "image cache" in caplog.text and "decoding again" in caplog.text
+    assert np.array_equal(np.load(cached)["pixels"], pixels)  # and written whole again
+
+
 def test_cache_key_follows_file_content(tmp_path):
     root = _image_folder(tmp_path / "imgs", classes=2, per_class=2)
     samples = sorted((str(p), int(p.parent.name[-1])) for p in (root / "train").rglob("*.png"))

@@ -279,6 +279,8 @@ def test_auto_on_the_cpu_and_processes_start_no_daemon(tmp_path, monkeypatch):
     assert calls(record) == []
     with pytest.raises(ValueError, match="jobs_mode"):
         run_experiment("ufm10", tmp_path / "x", jobs=2, jobs_mode="threads")
+    with pytest.raises(ValueError, match="jobs_mode"):  # also with nothing to run
+        run_many([], jobs=1, mode="threads")
     with pytest.raises(ValueError, match="jobs"):
         run_experiment("ufm10", tmp_path / "x", jobs=0)
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -528,6 +528,7 @@ def test_bench_set_values_are_one_line(capsys, item, match):
     (["train", "--preset", "ufm10", "--out", "x"], True),
     (["experiment", "ufm10", "--out", "x"], True),
     (["experiment", "ufm10", "--out", "x", "--jobs", "2"], False),  # its workers train
+    (["experiment", "ufm10", "--out", "x", "--jobs", "2", "--jobs-mode", "streams"], True),
     (["bench"], True),
     (["report", "x"], False),
     (["evaluate", "x"], False),
@@ -626,3 +627,49 @@ def test_ctrl_c_after_the_command_has_finished_is_no_error(tmp_path):
                           text=True, preexec_fn=_ctrl_c_as_at_a_terminal, timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stdout.splitlines()[-1] == "after"
+
+
+FIFO_CHECKS = """
+import os, sys
+from pathlib import Path
+from gnc.measure import _is_measure_config
+from gnc.rundir import holds_results, read_margins, read_metrics
+
+root = Path(sys.argv[1])
+for name in ("metrics.jsonl", "config.json", "evaluate_train.jsonl"):
+    run = root / name.replace(".", "_")
+    run.mkdir()
+    os.mkfifo(run / name)
+    print(name, holds_results(run))
+run = root / "margins"
+run.mkdir()
+os.mkfifo(run / "cos_margins.npy")
+os.mkfifo(run / "metrics.jsonl")
+print("margins", read_margins(run), read_metrics(run / "metrics.jsonl"))
+print("measure", _is_measure_config(root / "config_json" / "config.json"))
+"""
+
+
+def test_fifos_in_a_run_directory_are_never_read(tmp_path):
+    """A FIFO where a run's file should be blocked its reader forever (a fresh `gnc train`
+    checking the directory, `gnc report` reading the margins): now it is no result file."""
+    done = subprocess.run([sys.executable, "-c", FIFO_CHECKS, str(tmp_path)], timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:5] == [
+        "metrics.jsonl True", "config.json True", "evaluate_train.jsonl True",
+        "margins None []", "measure False"]
+
+
+def test_read_metrics_skips_lines_that_are_not_utf8(tmp_path, caplog):
+    import logging
+
+    from gnc.rundir import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"epoch": 1, "nc1": 0.5}\n{"epoch": 2, "note": "\xff\xfe"}\n'
+                     b'{"epoch": 3, "note": "\xe2\x80\xa8 ok"}\n')
+    with caplog.at_level(logging.WARNING, logger="gnc.rundir"):
+        rows = read_metrics(path)
+    assert [r["epoch"] for r in rows] == [1, 3]  # U+2028 inside a string splits no line
+    assert "metrics.jsonl:2: not UTF-8" in caplog.text

@@ -86,6 +86,7 @@ def test_seed_statistics_and_format():
                                    "median": 2.0, "min": 1.0, "max": 4.0})
     assert format_seed_stats([1.0, 4.0, 2.0], ".1f") == "2.0 [1.0, 4.0] (2.3 ± 1.5)"
     assert format_seed_stats([3.0, math.nan], ".1f") == "3.0 [3.0, 3.0] (3.0 ± n/a)"
+    assert format_seed_stats((v for v in [1.0, 4.0, 2.0]), ".1f") == "2.0 [1.0, 4.0] (2.3 ± 1.5)"
     assert format_seed_stats([math.nan]) == "n/a"
     one = seed_statistics([5.0])
     assert one["n"] == 1 and one["mean"] == 5.0 and math.isnan(one["std"])
@@ -340,6 +341,8 @@ def test_accuracy_table_nearest_epoch(exp):
                              expected(at(rows["standard"], 10, "train_top1"))]
     assert any("epoch 7 was not evaluated" in n and "8" in n for n in table.notes)
     assert "Note: epoch 7 was not evaluated" in table.markdown()
+    # two wanted epochs whose nearest evaluation is the same: one column, not two alike
+    assert accuracy_table(load_runs(root), (7, 8)).header == ["Method", "epoch 8"]
 
 
 def test_nan_values_and_no_test_split(tmp_path):

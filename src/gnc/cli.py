@@ -520,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=TRAIN_FLAGS_EPILOG, populate=_add_train_flags)
     p.add_argument("--preset", help="start from this preset (gnc presets lists them)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/last.pt (if damaged: the newest usable "
+                        "epoch_XXXX.pt)")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in OUT (default: refuse)")
@@ -673,7 +675,8 @@ def _command_modules(args: argparse.Namespace) -> tuple[str, ...]:
     """What ``main`` imports under :func:`_start_up` for the parsed command."""
     modules = _COMMAND_MODULES.get(args.func.__name__, ())
     trains = args.func.__name__ in ("_cmd_train", "_cmd_bench") or (
-        args.func.__name__ == "_cmd_experiment" and args.jobs == 1)  # else its workers train
+        args.func.__name__ == "_cmd_experiment"  # else its workers train
+        and (args.jobs == 1 or args.jobs_mode == "streams"))
     return modules + TRAINING_IMPORTS if trains else modules
 
 
@@ -724,9 +727,11 @@ def _prestart_workers(argv: Sequence[str]) -> None:
         args = peek.parse_known_args(argv[1:])[0]
     except argparse.ArgumentError:
         return
-    if args.jobs > 1 and not (args.jobs_mode == "streams" and args.no_report):
-        from gnc.jobs import REPORT_PRELOAD, experiment_preload, prestart
+    if args.jobs <= 1:  # nothing to start, and gnc.jobs left unimported
+        return
+    from gnc.jobs import REPORT_PRELOAD, experiment_preload, prestart, uses_workers
 
+    if uses_workers(args.jobs, args.jobs_mode, report=not args.no_report):
         prestart(REPORT_PRELOAD if argv[0] == "report"
                  else experiment_preload(report=not args.no_report))
 

@@ -32,6 +32,7 @@ from gnc.jobs import (
     report_progress,
     run_many,
     threads_per_job,
+    uses_workers,
 )
 from gnc.optim import check_resume_length
 from gnc.rundir import is_done, mark_done, read_config, stopped_after
@@ -404,7 +405,7 @@ def run_experiment(
         logger.warning("%s is sized for a GPU: on the CPU each run takes hours to days "
                        "(`gnc presets` marks the CPU-sized presets)", preset.name)
     if jobs > 1:  # the workers' fork server, unless the CLI started it (the report's too)
-        if jobs_mode != "streams" or report:
+        if uses_workers(jobs, jobs_mode, report):
             prestart(experiment_preload(report))
         _run_in_parallel(plan, Path(out), jobs=jobs, jobs_mode=jobs_mode,
                          trust_checkpoint=trust_checkpoint)

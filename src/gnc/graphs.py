@@ -1,8 +1,8 @@
 """The implicit head's training step replayed from CUDA graphs (``--graph-head``).
 
 On a GPU a ResNet-18 step on CIFAR images takes ~8 ms and is bound by kernel launches; the
-implicit head adds hundreds of small operators (class means, the Newton–Schulz polar
-factor, the Lyapunov backward, the buffer updates: 540 in its forward, ``docs/bench.md``).
+implicit head adds many small operators (class means, the Newton–Schulz polar
+factor, the Lyapunov backward, the buffer updates: hundreds a step, counted in ``docs/bench.md``).
 Captured once, its forward and its backward are one graph launch each
 (:func:`torch.cuda.make_graphed_callables`). Possible because, with
 ``polar_method="newton_schulz"``, the step reads nothing back from the device (no ``svd`` /

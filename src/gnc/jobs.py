@@ -77,6 +77,12 @@ PRELOAD = ("gnc.experiments", "torch._dynamo")
 REPORT_PRELOAD = ("gnc.report",)
 
 
+def uses_workers(jobs: int, jobs_mode: str, report: bool) -> bool:
+    """Whether ``gnc experiment --jobs N`` starts worker processes (from the fork server): for
+    its runs (``streams`` runs them in this process) or to draw its report's figures."""
+    return jobs > 1 and (jobs_mode != "streams" or report)
+
+
 def experiment_preload(report: bool) -> tuple[str, ...]:
     """What the fork server of ``gnc experiment --jobs N`` imports: :data:`PRELOAD`, and
     :data:`REPORT_PRELOAD` when the same workers then draw the report."""
@@ -346,13 +352,17 @@ def start_mps(*, probe: bool, timeout_s: float = 300.0) -> _MPS | None:
     return None
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in JOBS_MODES or mode == "streams":
+        raise ValueError(f"Expected `jobs_mode` in auto, processes, mps, but got {mode!r} "
+                         "(streams: one process, gnc.interleave.run_interleaved)")
+
+
 @contextlib.contextmanager
 def launch(mode: str, *, cuda: bool) -> Iterator[dict]:
     """The environment of the workers for ``mode`` (see the module docstring), with the MPS
     daemon running for the block when it is used."""
-    if mode not in JOBS_MODES or mode == "streams":
-        raise ValueError(f"Expected `jobs_mode` in auto, processes, mps, but got {mode!r} "
-                         "(streams: one process, gnc.interleave.run_interleaved)")
+    _check_mode(mode)
     # a probe that hangs must not eat a short device loan: a working daemon answers in seconds
     mps = (start_mps(probe=cuda, timeout_s=60.0) if mode == "mps" or (mode == "auto" and cuda)
            else None)
@@ -438,6 +448,7 @@ def run_many(tasks: Sequence[tuple[str, Callable, tuple]], *, jobs: int, mode: s
     """
     if jobs < 1:
         raise ValueError(f"Expected `jobs` >= 1, but got {jobs}")
+    _check_mode(mode)
     if not tasks:
         return []
     ctx = multiprocessing.get_context(start_method())

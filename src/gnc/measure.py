@@ -702,6 +702,8 @@ MEASURE_FILES = ("metrics.jsonl", "config.json", "DONE", "cos_margins.npy")
 
 def _is_measure_config(path: Path) -> bool:
     """Whether ``path`` is the ``config.json`` :func:`write_measure_dir` writes."""
+    if not path.is_file():  # a FIFO would block the read
+        return False
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError):

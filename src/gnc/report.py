@@ -303,6 +303,7 @@ def seed_statistics(values: Iterable[float]) -> dict[str, float]:
 def format_seed_stats(values: Iterable[float], spec: str = ".2f") -> str:
     """``"median [min, max] (mean ± std)"``: :func:`format_summary` and the mean ± std (ddof
     1; ``n/a`` for a single value) next to it; ``"n/a"`` when every value is NaN."""
+    values = list(values)  # read twice: here and by format_summary
     s = seed_statistics(values)
     if s["n"] == 0:
         return "n/a"
@@ -361,7 +362,8 @@ def accuracy_table(runs: Mapping[str, list[RunData]], epochs: Sequence[int] | No
         if got != want:
             notes.append(f"epoch {want} was not evaluated; the nearest evaluated epoch, "
                          f"{got}, is shown")
-        used.append(got)
+        if got not in used:  # two wanted epochs with one nearest evaluation: one column
+            used.append(got)
     rows = [[display_name(m)] + [format_seed_stats([_num(run.row_near(e).get(key))
                                                     for run in rs]) for e in used]
             for m, rs in runs.items()]
@@ -422,7 +424,7 @@ def seed_summary(runs: Mapping[str, list[RunData]]) -> list[dict]:
     ``metric`` and the :func:`seed_statistics` over the seeds (``n`` counts the seeds with a
     finite value at that epoch; a seed that did not evaluate the epoch is not counted).
 
-    Metrics are every key with a number in some row (``epoch``, ``step`` left out), sorted;
+    Metrics are every key with a number in some row (:data:`SUMMARY_SKIP` left out), sorted;
     lists (``cos_margins``, ``missing_classes``) and strings are not metrics.
     """
     records = []
@@ -638,7 +640,8 @@ def write_figures(runs: Mapping[str, list[RunData]], out_dir: Path, title: str, 
     to the next free worker. The files are the same either way.
 
     Raises:
-        OSError: a figure could not be drawn or written (the others are written first).
+        OSError: a figure could not be drawn or written (with ``jobs`` > 1 the others are
+            written first).
     """
     plan = figure_plan(runs)
     if jobs <= 1 or len(plan) < 2:

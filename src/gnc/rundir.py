@@ -124,7 +124,8 @@ def temporary_path(path: Path) -> Path:
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Remove the temporary files of writes that were killed (``.NAME.*.tmp`` and the older
-    ``NAME.tmp``) from the run directory and ``checkpoints/``; returns them."""
+    ``NAME.tmp``) from the run directory, ``checkpoints/`` and ``classifier/``; returns
+    them."""
     run_dir = Path(run_dir)
     removed = []
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "classifier"):
@@ -237,7 +238,7 @@ MAX_COUNT = 2**53  # epochs and steps above it are no count (10**30 overflowed a
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a ``metrics.jsonl`` (or ``evaluate_SPLIT.jsonl``) in file order, without
-    torn, non-UTF-8, non-object or epoch-less lines.
+    torn, non-UTF-8, non-object or epoch-less lines (or a file that is not a regular one).
 
     A missing file has no rows. Every dropped line is reported by a warning naming the file
     and line. (A resumed run may repeat an epoch: callers that want one row per epoch keep
@@ -247,8 +248,13 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            logger.warning("%s:%d: not UTF-8, line skipped", path, n)
             continue
         try:
             row = json.loads(line)
@@ -376,6 +382,9 @@ def read_margins(run_dir: str | Path) -> np.ndarray | None:
     it is not a readable 1-D numeric array."""
     path = Path(run_dir) / "cos_margins.npy"
     if not path.exists():
+        return None
+    if not path.is_file():  # a FIFO would block the read
+        logger.warning("%s is not a regular file, using the metrics' margin quantiles", path)
         return None
     try:  # mapped first: a header that declares more than the file holds is a ValueError
         margins = np.array(np.load(path, allow_pickle=False, mmap_mode="r"))
@@ -512,6 +521,8 @@ def run_lock(run_dir: str | Path, *, create: bool = True, wait: bool = False
 
 def _is_gnc_config(path: Path) -> bool:
     """Whether ``path`` is a ``config.json`` gnc wrote (:func:`is_train_config`)."""
+    if not path.is_file():  # a FIFO would block the read
+        return False
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError):
@@ -542,6 +553,8 @@ def holds_results(run_dir: Path) -> bool:
     for entry in run_dir.iterdir():
         if entry.name not in RUN_ENTRIES or entry.name in ("DONE", "cos_margins.npy"):
             return True
+        if entry.name.endswith((".json", ".jsonl")) and not entry.is_file():
+            return True  # a FIFO (reading it would block), a folder: not ours to remove
         if entry.name == "config.json" and not started and not _is_gnc_config(entry):
             return True
         if entry.name == "metrics.jsonl" and entry.read_text(errors="replace").strip():

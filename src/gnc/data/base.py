@@ -33,7 +33,8 @@ class DatasetBundle:
     train: Dataset
     """Training split; items are ``(x, y)``."""
     test: Dataset | None
-    """Test split, or None when the dataset has none (``ufm``, an npz without ``x_test``)."""
+    """Test split, or None when the dataset has none (``ufm``, an npz without ``x_test``, an
+    ``imagefolder:`` tree without ``test/``)."""
     num_classes: int
     """K; labels are ``0..K-1``."""
     in_shape: tuple[int, ...]

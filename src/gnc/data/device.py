@@ -8,7 +8,7 @@ datasets whose uint8 pixels fit on the device this module instead
    ``__getitem__`` hands to PIL), or, for ``ImageFolder`` trees (``imagefolder:``, CIFAR-10
    JPEGs), every file decoded with PIL as ``ImageFolder`` does (``convert("RGB")``, then the
    transform's deterministic ``Resize``/``CenterCrop``), cached on disk under a key made of
-   the files' paths and bytes, so a second run skips decoding;
+   the files' names, labels and bytes, so a second run skips decoding;
 2. keeps them on the device as one ``(N, C, H, W)`` uint8 tensor (CIFAR-10: 150 MiB);
 3. per batch, gathers the sampler's indices, draws the transform's ``RandomCrop`` (zero
    padding p, offsets uniform in ``{0..2p}²``) and ``RandomHorizontalFlip`` (p = ½) from a
@@ -257,8 +257,9 @@ def decode_files(samples: Sequence[tuple[str, int]], prefix: Sequence = (),
                  cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Decode image files as ``ImageFolder`` does: ``(N, C, H, W)`` uint8 and labels.
 
-    The result is cached under ``$GNC_CACHE_DIR`` keyed by every file's path and bytes (and
-    the decode prefix); a cache that cannot be read or written is skipped with a warning.
+    The result is cached under ``$GNC_CACHE_DIR`` keyed by every file's name, label and bytes
+    (and the decode prefix); a cache that cannot be read or written, or holds other images,
+    is skipped with a warning.
 
     Raises:
         ImageDecodeError: a file that is not an image, or images of different sizes (name the
@@ -273,13 +274,17 @@ def decode_files(samples: Sequence[tuple[str, int]], prefix: Sequence = (),
         key.update(blob)
     file = _cache_dir() / f"images-{key.hexdigest()[:32]}.npz"
     labels = np.asarray([y for _, y in samples], dtype=np.int64)
-    if cache and file.exists():
+    if cache and file.is_file():
         try:
-            with np.load(file) as z:
-                if np.array_equal(z["labels"], labels):
-                    return z["pixels"], labels
-        except (OSError, ValueError, KeyError) as err:
-            logger.warning("image cache %s unreadable (%s); decoding again", file, err)
+            with np.load(file, allow_pickle=False) as z:
+                pixels = z["pixels"]
+                if (np.array_equal(z["labels"], labels) and pixels.dtype == np.uint8
+                        and pixels.ndim == 4 and len(pixels) == len(labels)):
+                    return pixels, labels
+            logger.warning("image cache %s holds other images; decoding again", file)
+        except Exception as err:  # a torn or foreign file (EOFError, BadZipFile, ...): a cache
+            logger.warning("image cache %s unreadable (%s: %s); decoding again", file,
+                           type(err).__name__, err)
     with ThreadPoolExecutor(workers) as pool:
         arrays = list(pool.map(lambda a: _decode(*a, prefix),
                                [(p, b) for (p, _), b in zip(samples, blobs, strict=True)],
@@ -307,6 +312,8 @@ def _write_cache(file: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
         file.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             np.savez(f, pixels=pixels, labels=labels)
+            f.flush()
+            os.fsync(f.fileno())  # a crash after the rename leaves a whole file, not a torn one
         os.replace(tmp, file)
     except OSError as err:
         logger.warning("could not write the image cache %s (%s); the next run decodes again",
@@ -400,6 +407,7 @@ class DeviceImageLoader:
         batch_sampler: yields lists of indices (its ``set_epoch`` selects the order).
         augment: apply the spec's random crop and flip.
         channels_last: return ``x`` in channels-last memory layout.
+        seed: seeds ``generator`` until the first ``set_loader_epoch``.
     """
 
     def __init__(self, images: DeviceImages, batch_sampler, *, augment: bool,

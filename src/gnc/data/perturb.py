@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .base import DatasetBundle
+from .sampler import _tensors_of
 
 __all__ = [
     "RelabelledDataset",
@@ -99,12 +100,8 @@ def _check_rate(name: str, value: float, *, low_open: bool) -> None:
 
 def _tensors(ds: Dataset) -> tuple[Tensor, Tensor] | None:
     """``(x, y)`` of an in-memory split (a ``TensorDataset`` or a ``Subset`` of one)."""
-    if isinstance(ds, Subset) and isinstance(ds.dataset, TensorDataset):
-        idx = torch.as_tensor(ds.indices, dtype=torch.long)
-        return ds.dataset.tensors[0][idx], ds.dataset.tensors[1][idx]
-    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
-        return ds.tensors[0], ds.tensors[1]
-    return None
+    tensors = _tensors_of(ds)
+    return tensors if tensors is not None and len(tensors) == 2 else None
 
 
 def _take(bundle: DatasetBundle, idx: Tensor) -> Dataset:

@@ -295,8 +295,10 @@ def make_loader(
     rank: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader over a dataset (or a bundle's split) with a seeded, rank-aware sampler.
+) -> DataLoader | TensorBatchLoader:
+    """A DataLoader over a dataset (or a bundle's split) with a seeded, rank-aware sampler;
+    for in-memory tensors with ``num_workers=0``, a :class:`TensorBatchLoader` (the same
+    batches, without a worker or a collate per sample).
 
     Args:
         data: a ``Dataset``, or a :class:`DatasetBundle` whose ``split`` is used.
