@@ -286,3 +286,12 @@ def test_torchvision_is_imported_only_for_image_work():
     build = "from gnc.models import build_backbone\nbuild_backbone({!r}, in_shape={!r})"
     assert "torchvision" not in _loaded_after(build.format("mlp", (64,)))
     assert "torchvision" in _loaded_after(build.format("resnet18", (3, 32, 32)))
+
+
+def test_the_run_files_know_every_dataset_that_carries_a_path():
+    """gnc.rundir resolves the relative path of a path dataset against the run's working
+    directory; it keeps its own list (gnc.data is heavy to import): the two must agree."""
+    from gnc.data.datasets import _PATH_DATASETS
+    from gnc.rundir import DATA_PREFIXES
+
+    assert DATA_PREFIXES == tuple(f"{name}:" for name in _PATH_DATASETS)

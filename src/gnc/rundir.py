@@ -75,7 +75,7 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"  # run_lock's file: its holder's PID; never a result, never removed
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "cos_margins.npy", "DONE", "checkpoints", "tb",
                "classifier", "evaluate_train.jsonl", "evaluate_test.jsonl", LOCK_FILE)
-DATA_PREFIXES = ("npz:", "imagefolder:")  # dataset names that carry a path
+DATA_PREFIXES = ("npz:", "imagefolder:")  # names with a path: gnc.data.datasets._PATH_DATASETS
 # the temporaries of temporary_path (.NAME.<pid>.<8 hex>.tmp) and of older gnc (NAME.tmp of a
 # file it writes): a user's own *.tmp files are not ours to remove
 _TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp|(?:[\w.-]+\.pt|config\.json|"
