@@ -673,3 +673,113 @@ def test_read_metrics_skips_lines_that_are_not_utf8(tmp_path, caplog):
         rows = read_metrics(path)
     assert [r["epoch"] for r in rows] == [1, 3]  # U+2028 inside a string splits no line
     assert "metrics.jsonl:2: not UTF-8" in caplog.text
+
+
+# --------------------------------------------------------------------------- write faults
+
+
+def _enospc(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_the_lock_names_the_lock_and_leaves_it_free(tmp_path, monkeypatch):
+    """Writing the holder's PID into ``.lock`` on a full disk was a bare "[Errno 28]" (no
+    file named) and kept the locked file open until the traceback was collected."""
+    import io
+
+    import gnc.rundir as rundir
+
+    real_fdopen = rundir.os.fdopen
+
+    def full_disk_writes(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        monkeypatch.setattr(f, "write", _enospc) if isinstance(f, io.TextIOBase) else None
+        return f
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(rundir.os, "fdopen", full_disk_writes)
+        with pytest.raises(OSError, match=r"no space left on the device writing .*run/\.lock"):
+            rundir.RunLock(run).acquire()
+    with run_lock(run) as lock:  # free again: its file was closed
+        assert lock.held
+
+
+def test_a_failed_append_is_cut_off_and_a_torn_line_stays_its_own(tmp_path, monkeypatch, caplog):
+    """A full disk mid-append left a torn row; the next append (after space was freed) was
+    glued onto it and both rows were lost to a command that reported success."""
+    import logging
+
+    import gnc.rundir as rundir
+    from gnc.rundir import append_line, read_metrics
+
+    path = tmp_path / "evaluate_train.jsonl"
+    append_line(path, json.dumps({"epoch": 1}))
+    real_write = rundir.os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        _enospc()
+
+    with monkeypatch.context() as m:
+        m.setattr(rundir.os, "write", half_then_full)
+        with pytest.raises(OSError, match="no space left on the device writing"):
+            append_line(path, json.dumps({"epoch": 2, "nc1": 0.25}))
+    assert path.read_text() == '{"epoch": 1}\n'  # cut off again
+    append_line(path, json.dumps({"epoch": 2}))
+    # a writer killed mid-line leaves no newline: the next row still starts a line of its own
+    with open(path, "a") as f:
+        f.write('{"epoch": 3, "nc')
+    append_line(path, json.dumps({"epoch": 4}))
+    with caplog.at_level(logging.WARNING, logger="gnc.rundir"):
+        assert [r["epoch"] for r in read_metrics(path)] == [1, 2, 4]
+    assert "line skipped" in caplog.text
+
+
+def test_a_read_only_experiment_is_reported_elsewhere(tmp_path, monkeypatch, caplog):
+    """`gnc report EXP --out ELSEWHERE` only reads EXP, but needed to open EXP/.lock for
+    writing: an archived or shared (read-only) experiment could not be reported at all."""
+    import errno
+    import logging
+
+    import gnc.rundir as rundir
+    from gnc.experiments import run_experiment
+    from gnc.report import make_report
+
+    exp = tmp_path / "exp"
+    run_experiment("ufm10", exp, seeds=1, methods=["fixed"], report=False,
+                   overrides={"epochs": 2, "eval_every": 1, "progress": False, "feature_dim": 8,
+                              "dataset_options": {"num_classes": 3, "per_class": 4}})
+    real_open = rundir._open_in_run
+
+    def read_only(path, flags):
+        if flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags)
+
+    monkeypatch.setattr(rundir, "_open_in_run", read_only)
+    (exp / ".lock").write_text("")
+    make_report(exp, out_dir=tmp_path / "a")  # locked through .lock opened for reading
+    assert (tmp_path / "a" / "report.md").is_file()
+    (exp / ".lock").unlink()
+    with caplog.at_level(logging.WARNING, logger="gnc.rundir"):
+        make_report(exp, out_dir=tmp_path / "b")  # no .lock, none can be made: unlocked
+    assert "cannot be locked" in caplog.text and (tmp_path / "b" / "report.md").is_file()
+    with pytest.raises(PermissionError, match=r"permission denied writing .*\.lock"):
+        make_report(exp)  # into the experiment itself: a writer, refused in one line
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
+    """A run that failed before its first checkpoint was refused both ways ("already holds
+    a run" without --resume, "no checkpoint" with it): the second now names --overwrite."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(TrainConfig(method="fixed", seed=1).to_dict()))
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    code, err = run_main(["train", "--out", run, "--resume", *TINY_UFM], capsys)
+    assert_one_line_error(code, err, "stopped before its first checkpoint")
+    assert "start it again with --overwrite" in err
+    code, err = run_main(["train", "--out", tmp_path / "new", "--resume", *TINY_UFM], capsys)
+    assert_one_line_error(code, err, "no run has trained there: leave out --resume")

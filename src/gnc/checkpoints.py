@@ -217,8 +217,13 @@ def load_latest_checkpoint(run_dir: Path, action: str = "resume", *,
     run_dir = Path(run_dir)
     paths = checkpoint_paths(run_dir)
     if not paths:
-        raise FileNotFoundError(
-            f"cannot {action} {run_dir}: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
+        hint = ""
+        if action == "resume":
+            hint = (" (it stopped before its first checkpoint: start it again with --overwrite)"
+                    if (run_dir / "config.json").is_file() else
+                    " (no run has trained there: leave out --resume to start one)")
+        raise FileNotFoundError(f"cannot {action} {run_dir}: no checkpoint at "
+                                f"{run_dir / 'checkpoints' / 'last.pt'}{hint}")
     run_config = _run_config(run_dir)
     errors = []
     for path in paths:

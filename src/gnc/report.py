@@ -805,8 +805,10 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
         raise ValueError(f"Expected the report's output {out} to be a directory, but it is a file")
     # one report of an experiment at a time (its own, a `gnc report` run beside it): the
     # later waits, then reads the runs as the earlier left them. The lock is the experiment
-    # folder's: an --out such as docs/results/<preset> gets no .lock file
-    with run_lock(root, create=False, wait=True):
+    # folder's: an --out such as docs/results/<preset> gets no .lock file. Reported elsewhere,
+    # the experiment is only read: a read-only one (archived, shared) is reported too
+    reader = out.resolve() != root.resolve()
+    with run_lock(root, create=False, wait=True, reader=reader):
         runs, skipped = scan_runs(root, unfinished=unfinished)  # errors: before out is made
         out.mkdir(parents=True, exist_ok=True)
         return _write_report(root, out, runs, skipped, title=title, table_epochs=table_epochs,

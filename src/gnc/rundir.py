@@ -37,9 +37,10 @@ The promises:
 
 - a write never leaves a half-written file under the final name: :func:`atomic_save`,
   :func:`atomic_write_text` and :func:`atomic_write` (any writer) write a temporary file,
-  ``fsync`` it and rename it over the target; :func:`append_line` writes one
-  ``metrics.jsonl`` line in a single ``write`` and ``fsync``s it, so a kill leaves at most
-  one torn last line, which :func:`read_metrics` drops;
+  ``fsync`` it and rename it over the target; :func:`append_line` appends one
+  ``metrics.jsonl`` line and ``fsync``s it, cuts a failed append off again, and ends a torn
+  line a kill left before it writes the next, so a kill leaves at most one torn line, which
+  :func:`read_metrics` drops;
 - a full disk or a folder that cannot be written is one line naming the file; temporary
   files have names of their own, and those of a killed write are removed on resume;
 - one writer: :func:`run_lock` holds the directory for the process that trains into it;
@@ -60,9 +61,9 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -73,6 +74,7 @@ from gnc.runtime import is_int, sum_over_ranks
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"  # run_lock's file: its holder's PID; never a result, never removed
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a reader may lock without writing
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "cos_margins.npy", "DONE", "checkpoints", "tb",
                "classifier", "evaluate_train.jsonl", "evaluate_test.jsonl", LOCK_FILE)
 DATA_PREFIXES = ("npz:", "imagefolder:")  # names with a path: gnc.data.datasets._PATH_DATASETS
@@ -216,13 +218,28 @@ def _open_in_run(path: Path, flags: int) -> int:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append ``line`` and a newline in one ``write``, then ``fsync``: a kill tears at most it."""
+    """Append ``line`` and a newline, then ``fsync``. A failed write (a full disk) is cut off
+    again, and a file that a killed writer left without its final newline gets one first:
+    a torn line stays a line of its own (dropped by :func:`read_metrics`), never the start of
+    the next row."""
     try:
-        with os.fdopen(_open_in_run(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT),
-                       "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fd = _open_in_run(Path(path), os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        try:
+            size = os.fstat(fd).st_size
+            data = (line + "\n").encode("utf-8")
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                with suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
     except OSError as err:
         better = _write_error(err, Path(path))
         if better is not None:
@@ -443,11 +460,15 @@ class RunLock:
     def held(self) -> bool:
         return self.key is not None
 
-    def acquire(self, *, create: bool = True, wait: bool = False) -> RunLock:
+    def acquire(self, *, create: bool = True, wait: bool = False,
+                reader: bool = False) -> RunLock:
         """Take the lock (``create``: make the directory first; without it a missing
         directory is not locked: there is nothing to protect); :class:`RunLockedError`
         naming the holder's PID when another process holds it, or with ``wait``, wait
-        for it (a report into the same folder: the later one reads what the earlier wrote)."""
+        for it (a report into the same folder: the later one reads what the earlier wrote).
+        ``reader``: the caller only reads the directory, which may be read-only (an archived
+        or shared experiment): the lock is taken on ``.lock`` opened for reading, or, where
+        there is none and none can be made, not taken (no gnc process writes there)."""
         if self.key is not None or (not create and not self.run_dir.is_dir()):
             return self
         import fcntl  # POSIX only, like the rest of the run-directory handling
@@ -463,10 +484,16 @@ class RunLock:
         try:  # held until release: the lock lives with its open file
             f = os.fdopen(_open_in_run(path, os.O_RDWR | os.O_CREAT), "r+")
         except OSError as err:
-            better = _write_error(err, path)
-            if better is not None:
-                raise better from err
-            raise
+            f = self._for_reading(path, err) if reader else None
+            if f is None and reader and err.errno in _NOT_WRITABLE:
+                logger.warning("%s cannot be locked (%s): reading it without the lock",
+                               self.run_dir, os.strerror(err.errno))
+                return self
+            if f is None:
+                better = _write_error(err, path)
+                if better is not None:
+                    raise better from err
+                raise
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -485,13 +512,31 @@ class RunLock:
         except BaseException:
             f.close()
             raise
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        if f.writable():  # the holder's PID, for the message of a second process
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+            except OSError as err:
+                f.close()
+                better = _write_error(err, path)
+                if better is not None:
+                    raise better from err
+                raise
         self._held[key] = [f, 1]
         self.key = key
         return self
+
+    @staticmethod
+    def _for_reading(path: Path, err: OSError) -> TextIO | None:
+        """``.lock`` opened for reading where it cannot be opened for writing, or None."""
+        if err.errno not in _NOT_WRITABLE:
+            return None
+        try:
+            return os.fdopen(_open_in_run(path, os.O_RDONLY), "r")
+        except OSError:
+            return None
 
     def release(self) -> None:
         """Give the lock back (closing its file releases the ``flock``); idempotent."""
@@ -505,14 +550,14 @@ class RunLock:
 
 
 @contextmanager
-def run_lock(run_dir: str | Path, *, create: bool = True, wait: bool = False
-             ) -> Iterator[RunLock]:
+def run_lock(run_dir: str | Path, *, create: bool = True, wait: bool = False,
+             reader: bool = False) -> Iterator[RunLock]:
     """Hold an exclusive lock on ``run_dir`` (``fcntl.flock(LOCK_EX | LOCK_NB)`` on
     ``RUN/.lock``, which records the holder's PID) for the block: one writer per run
     directory. A second process gets :class:`RunLockedError` ("RUN is in use by another gnc
     process (PID N); wait for it or use another --out"). The OS releases the lock when its
     process dies, however it dies; ``.lock`` itself stays (it is never a result)."""
-    lock = RunLock(run_dir).acquire(create=create, wait=wait)
+    lock = RunLock(run_dir).acquire(create=create, wait=wait, reader=reader)
     try:
         yield lock
     finally:
