@@ -326,9 +326,11 @@ def test_gpu_sized_preset_warns_on_the_cpu(tmp_path, caplog):
         run_experiment(small, tmp_path / "a", seeds=1, methods=["fixed"], overrides=TINY,
                        report=False)
     assert "sized for a GPU" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="gnc.experiments"):
-        run_experiment(gpu_sized, tmp_path / "b", seeds=1, methods=["fixed"],
-                       overrides={**TINY, "device": "cpu"}, report=False)
-    assert "big is sized for a GPU" in caplog.text
+    for device in ("cpu", "auto"):  # auto: the CPU here, without CUDA
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gnc.experiments"):
+            run_experiment(gpu_sized, tmp_path / device, seeds=1, methods=["fixed"],
+                           overrides={**TINY, "device": device}, report=False)
+        assert ("big is sized for a GPU" in caplog.text) == (not torch.cuda.is_available())
     # every paper-sized preset says so; the CPU-sized ones do not
     assert get_preset("cifar10-resnet18").gpu and not get_preset("cifar10-small").gpu

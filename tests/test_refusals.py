@@ -686,21 +686,13 @@ def _enospc(*args, **kwargs):
 
 def test_a_full_disk_at_the_lock_names_the_lock_and_leaves_it_free(tmp_path, monkeypatch):
     """Writing the holder's PID into ``.lock`` on a full disk was a bare "[Errno 28]" (no
-    file named) and kept the locked file open until the traceback was collected."""
-    import io
-
+    file named; the buffered write failed again in close()) and kept the locked file open
+    until the traceback was collected. The disk is full at the system call, as a real one."""
     import gnc.rundir as rundir
-
-    real_fdopen = rundir.os.fdopen
-
-    def full_disk_writes(fd, *args, **kwargs):
-        f = real_fdopen(fd, *args, **kwargs)
-        monkeypatch.setattr(f, "write", _enospc) if isinstance(f, io.TextIOBase) else None
-        return f
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(rundir.os, "fdopen", full_disk_writes)
+        m.setattr(rundir.os, "pwrite", _enospc)
         with pytest.raises(OSError, match=r"no space left on the device writing .*run/\.lock"):
             rundir.RunLock(run).acquire()
     with run_lock(run) as lock:  # free again: its file was closed
@@ -783,3 +775,42 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
     assert "start it again with --overwrite" in err
     code, err = run_main(["train", "--out", tmp_path / "new", "--resume", *TINY_UFM], capsys)
     assert_one_line_error(code, err, "no run has trained there: leave out --resume")
+    (run / "config.json").write_text('{"lr": 3, "mine": true}')  # not gnc's: never replace it
+    code, err = run_main(["train", "--out", run, "--resume", *TINY_UFM], capsys)
+    assert_one_line_error(code, err, "no checkpoint at")
+    assert "--overwrite" not in err
+
+
+def test_readers_of_a_read_only_experiment_share_its_lock_and_writers_wait(tmp_path,
+                                                                            monkeypatch):
+    import errno
+
+    import gnc.rundir as rundir
+    from gnc.rundir import RunLock
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / ".lock").write_text("")
+    real_open = rundir._open_in_run
+
+    def read_only(path, flags):
+        if flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags)
+
+    monkeypatch.setattr(rundir, "_open_in_run", read_only)
+    first = RunLock(exp).acquire(create=False, reader=True)
+    assert first.held
+    # another process: a reader goes along (shared), a writer is refused while it is held
+    probe = ("import fcntl, os, sys\n"
+             "f = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "for mode in (fcntl.LOCK_SH, fcntl.LOCK_EX):\n"
+             "    try:\n"
+             "        fcntl.flock(f, mode | fcntl.LOCK_NB); fcntl.flock(f, fcntl.LOCK_UN)\n"
+             "        print('took')\n"
+             "    except BlockingIOError:\n"
+             "        print('busy')\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(exp / ".lock")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["took", "busy"], done.stderr
+    first.release()

@@ -43,6 +43,7 @@ from gnc.optim import check_optimizer_state, check_resume_length
 from gnc.rundir import (
     MAX_COUNT,
     atomic_save,
+    is_train_config,
     read_config,
     remove_stale_temporaries,
     trim_metrics,
@@ -133,7 +134,8 @@ def checkpoint_problem(ckpt: dict) -> str | None:
     if not isinstance(ckpt.get("evaluated", True), bool):
         return "its evaluated flag is not a bool"
     elapsed = ckpt.get("elapsed_s", 0.0)
-    if not (isinstance(elapsed, float) and math.isfinite(elapsed) and elapsed >= 0):
+    if not (isinstance(elapsed, int | float) and not isinstance(elapsed, bool)
+            and math.isfinite(elapsed) and elapsed >= 0):
         return f"its elapsed_s {elapsed!r} is not a finite number of seconds >= 0"
     if not is_int(ckpt.get("data_order", DATA_ORDER)):
         return "its data_order is not an integer"
@@ -218,10 +220,10 @@ def load_latest_checkpoint(run_dir: Path, action: str = "resume", *,
     paths = checkpoint_paths(run_dir)
     if not paths:
         hint = ""
-        if action == "resume":
-            hint = (" (it stopped before its first checkpoint: start it again with --overwrite)"
-                    if (run_dir / "config.json").is_file() else
-                    " (no run has trained there: leave out --resume to start one)")
+        if action == "resume" and not (run_dir / "config.json").exists():
+            hint = " (no run has trained there: leave out --resume to start one)"
+        elif action == "resume" and is_train_config(_run_config(run_dir)):
+            hint = " (it stopped before its first checkpoint: start it again with --overwrite)"
         raise FileNotFoundError(f"cannot {action} {run_dir}: no checkpoint at "
                                 f"{run_dir / 'checkpoints' / 'last.pt'}{hint}")
     run_config = _run_config(run_dir)
@@ -402,4 +404,5 @@ def resume_training(run_dir: Path, cfg: TrainConfig, parts: dict[str, Stateful],
                            run_dir, ckpt["epoch"] + 1)
     return {"epoch": ckpt["epoch"], "step": ckpt["step"],
             "etf_prev": ckpt.get("etf_prev") or {}, "epoch_stats": ckpt.get("epoch_stats", {}),
-            "evaluated": ckpt.get("evaluated", True), "elapsed_s": ckpt.get("elapsed_s", 0.0)}
+            "evaluated": ckpt.get("evaluated", True),
+            "elapsed_s": float(ckpt.get("elapsed_s", 0.0))}

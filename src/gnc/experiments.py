@@ -426,6 +426,8 @@ def run_experiment(
 
 def _on_cpu(device: str) -> bool:
     """Whether a run given ``--device device`` trains on the CPU (``auto``: without CUDA)."""
+    import torch
+
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 

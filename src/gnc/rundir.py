@@ -234,7 +234,7 @@ def append_line(path: Path, line: str) -> None:
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
-            except OSError:
+            except BaseException:  # a full disk, or a Ctrl-C between two partial writes
                 with suppress(OSError):
                     os.ftruncate(fd, size)
                 raise
@@ -467,8 +467,9 @@ class RunLock:
         naming the holder's PID when another process holds it, or with ``wait``, wait
         for it (a report into the same folder: the later one reads what the earlier wrote).
         ``reader``: the caller only reads the directory, which may be read-only (an archived
-        or shared experiment): the lock is taken on ``.lock`` opened for reading, or, where
-        there is none and none can be made, not taken (no gnc process writes there)."""
+        or shared experiment): where ``.lock`` cannot be opened for writing, a shared lock
+        is taken on it opened for reading (writers still wait or are refused; readers go
+        together), or, where it can be neither made nor read, none is (with a warning)."""
         if self.key is not None or (not create and not self.run_dir.is_dir()):
             return self
         import fcntl  # POSIX only, like the rest of the run-directory handling
@@ -494,8 +495,9 @@ class RunLock:
                 if better is not None:
                     raise better from err
                 raise
+        mode = fcntl.LOCK_EX if f.writable() else fcntl.LOCK_SH
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = _holder_pid(f)
             if not wait:
@@ -505,7 +507,7 @@ class RunLock:
             logger.warning("%s is in use by another gnc process (PID %s): waiting for it",
                            self.run_dir, pid)
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                fcntl.flock(f.fileno(), mode)
             except BaseException:
                 f.close()
                 raise
@@ -513,11 +515,9 @@ class RunLock:
             f.close()
             raise
         if f.writable():  # the holder's PID, for the message of a second process
-            try:
-                f.seek(0)
-                f.truncate()
-                f.write(f"{os.getpid()}\n")
-                f.flush()
+            try:  # unbuffered: a full disk fails here, not again in close()
+                os.ftruncate(f.fileno(), 0)
+                os.pwrite(f.fileno(), f"{os.getpid()}\n".encode(), 0)
             except OSError as err:
                 f.close()
                 better = _write_error(err, path)
@@ -556,7 +556,8 @@ def run_lock(run_dir: str | Path, *, create: bool = True, wait: bool = False,
     ``RUN/.lock``, which records the holder's PID) for the block: one writer per run
     directory. A second process gets :class:`RunLockedError` ("RUN is in use by another gnc
     process (PID N); wait for it or use another --out"). The OS releases the lock when its
-    process dies, however it dies; ``.lock`` itself stays (it is never a result)."""
+    process dies, however it dies; ``.lock`` itself stays (it is never a result).
+    ``create``, ``wait``, ``reader``: as :meth:`RunLock.acquire` takes them."""
     lock = RunLock(run_dir).acquire(create=create, wait=wait, reader=reader)
     try:
         yield lock

@@ -76,7 +76,7 @@ from gnc.optim import AGD, _position_norms, _scale, position_factor
 from gnc.validation import check_features
 
 __all__ = ["HOST_READ_OPS", "GraphedStep", "HostReadError", "NoHostReads", "StaticStep",
-           "cuda_graph"]
+           "accumulate_step", "cuda_graph"]
 
 logger = logging.getLogger(__name__)
 
