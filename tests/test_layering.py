@@ -295,3 +295,13 @@ def test_the_run_files_know_every_dataset_that_carries_a_path():
     from gnc.rundir import DATA_PREFIXES
 
     assert DATA_PREFIXES == tuple(f"{name}:" for name in _PATH_DATASETS)
+
+
+def test_the_code_is_ruff_clean():
+    """`make lint` as part of the suite (CI runs `make test` only): ruff's rules include
+    TC004, a name imported under TYPE_CHECKING but used at run time — a NameError that only
+    the branch using it would meet (a GPU preset's CPU warning once did)."""
+    root = SRC.parent
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
