@@ -4,10 +4,11 @@ Issue 18, item 1 (an evaluation at the cost of a forward pass). Synthetic float3
 of one split — ``N`` samples, ``K`` balanced classes, class means ``3·randn`` plus unit
 noise, a random classifier and its logits — go through both passes in batches, inside
 ``trusted_inputs`` as the evaluation runs them (:func:`gnc.evaluation.nc_two_pass`), then
-``compute()``. ``compute()`` is broken down by the functions and methods of
+``compute()``. ``compute()`` is broken down by the private (``_``) functions and methods of
 :mod:`gnc.metrics` it calls (each timed inclusively, with a device synchronisation around
-it; ``rest`` is what no top-level one covers), so the table follows whatever ``compute()``
-does. ``etf_distances`` (the evaluation's ETF study, outside ``compute()``) is timed apart.
+it; ``rest`` is what no top-level one covers, the public ``class_means()`` among it), so
+the table follows whatever ``compute()`` does. ``etf_distances`` (the evaluation's ETF
+study, outside ``compute()``) is timed apart.
 Every phase runs ``--repeats`` times; the table has the medians (ms).
 
     PYTHONPATH=src python3 benchmarks/nc_metrics_cost.py [--device cuda] \\

@@ -39,9 +39,9 @@ def main() -> None:
         return ns
 
     declarative.polar_newton_schulz = recording  # what NearestETF calls
-    cfg = PRESETS[args.preset].train_config(
-        method="implicit", epochs=args.epochs, polar_method="newton_schulz", progress=False,
-        eval_every=args.epochs, **_overrides(args.set))
+    cfg = PRESETS[args.preset].train_config(**{  # --set may override any of these
+        "method": "implicit", "epochs": args.epochs, "polar_method": "newton_schulz",
+        "progress": False, "eval_every": args.epochs, **_overrides(args.set)})
     with tempfile.TemporaryDirectory() as out:
         train(cfg, out)
     r = np.array(sigma_min) / cfg.delta

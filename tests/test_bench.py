@@ -165,7 +165,7 @@ def test_polar_conditioning_script_runs():
     done = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "polar_conditioning.py"), "ufm10",
          "--epochs", "3", "--set", "dataset_options={\"num_classes\": 3, \"per_class\": 4}",
-         "--set", "feature_dim=8"],
+         "--set", "feature_dim=8", "--set", "eval_every=1"],  # a key it also sets: --set wins
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sigma_min(C)/delta min" in done.stdout and "largest residual" in done.stdout

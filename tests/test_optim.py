@@ -213,3 +213,44 @@ def test_default_multistep_milestones_of_a_short_run_decay_once_each():
         opt.step()
         s.step()
     assert lrs == pytest.approx([0.1, 0.01])
+
+
+def test_agd_reads_an_embedding_table_as_the_map_it_is() -> None:
+    """The UFM's features are an (N, d) ``nn.Embedding`` table E, the map h = Eᵀ e_i from
+    d_{l−1} = N to d_l = d: AGD's scale is √(d/N), not the √(N/d) of reading the table as
+    stored (N/d times too large: 98 for ufm1000's shape)."""
+    from gnc.build import build_training_optimizer
+    from gnc.config import TrainConfig
+    from gnc.optim import embedding_weights
+
+    torch.manual_seed(0)
+    N, d = 40, 8
+    net = nn.Sequential(nn.Embedding(N, d), nn.Linear(d, 3))
+    agd_init_(net)
+    table = net[0].weight
+    torch.testing.assert_close(torch.linalg.svdvals(table.detach()),
+                               torch.full((d,), math.sqrt(d / N)))
+    opt = AGD(net.parameters(), gain=1.0, transposed=embedding_weights(net))
+    idx, y = torch.arange(N), torch.arange(N) % 3
+    nn.functional.cross_entropy(net(idx), y).backward()
+    before = table.detach().clone()
+    grads = {p: p.grad.clone() for p in (table, net[1].weight)}
+    opt.step()
+    G = (math.sqrt(d / N) * grads[table].norm()
+         + math.sqrt(3 / d) * grads[net[1].weight].norm()) / 2
+    eta = math.log((1 + math.sqrt(1 + 4 * float(G))) / 2)
+    torch.testing.assert_close(opt.last_G, float(G))
+    torch.testing.assert_close(
+        table.detach(), before - eta / 2 * math.sqrt(d / N) * grads[table] / grads[table].norm())
+    # the trainer's optimiser knows the ufm backbone's table
+    from gnc.build import build_model
+    from gnc.data import load_dataset
+
+    cfg = TrainConfig(dataset="ufm", model="ufm", method="fixed", optimizer="agd", lr=1.0,
+                      weight_decay=0.0, feature_dim=d,
+                      dataset_options={"num_classes": 3, "per_class": 4})
+    model = build_model(cfg, load_dataset("ufm", num_classes=3, per_class=4))
+    opt = build_training_optimizer(cfg, model)
+    (table,) = embedding_weights(model)
+    assert isinstance(opt, AGD) and opt.is_transposed(table)
+    assert not any(opt.is_transposed(p) for p in model.head.parameters())

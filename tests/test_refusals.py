@@ -814,3 +814,15 @@ def test_readers_of_a_read_only_experiment_share_its_lock_and_writers_wait(tmp_p
                           capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["took", "busy"], done.stderr
     first.release()
+
+
+def test_a_batch_of_one_with_batchnorm_is_refused_before_the_run_directory(tmp_path, capsys):
+    out = tmp_path / "b1"
+    argv = ["train", "--dataset", "digits", "--model", "mlp", "--method", "standard",
+            "--epochs", "1", "--out", out, "--no-progress"]
+    code, err = run_main(argv + ["--batch-size", "1", "--sampler", "shuffle"], capsys)
+    assert_one_line_error(code, err, "one sample per process (--batch-size 1)")
+    assert not out.exists()
+    # stratified batches of 15 hold one sample of each of the 10 classes: 10, which is fine
+    code, err = run_main(argv + ["--batch-size", "15", "--width", "8"], capsys)
+    assert code == 0, err

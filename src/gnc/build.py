@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import torch
+from torch import nn
 
 from gnc.config import TrainConfig
 from gnc.data import DatasetBundle, batch_sampler_for, load_dataset, make_loader
@@ -18,7 +19,13 @@ from gnc.data.sampler import TensorBatchLoader
 from gnc.heads import make_head, normalizes_features
 from gnc.models import build_backbone, without_bn_affine
 from gnc.models.classifier import FeatureClassifier
-from gnc.optim import PER_STEP_SCHEDULES, agd_init_, build_optimizer, build_scheduler
+from gnc.optim import (
+    PER_STEP_SCHEDULES,
+    agd_init_,
+    build_optimizer,
+    build_scheduler,
+    embedding_weights,
+)
 from gnc.runtime import DistInfo
 
 logger = logging.getLogger(__name__)
@@ -82,15 +89,25 @@ def train_batch_size(cfg: TrainConfig, bundle: DatasetBundle) -> int:
 
 
 def make_train_loaders(cfg: TrainConfig, bundle: DatasetBundle, eval_bundle: DatasetBundle,
-                       device: torch.device, dist_info: DistInfo) -> tuple[Any, dict]:
+                       device: torch.device, dist_info: DistInfo,
+                       model: nn.Module | None = None) -> tuple[Any, dict]:
     """The training loader and the evaluation loaders (``train``, and ``test`` if any).
 
     Image data lives on the device (:mod:`gnc.data.device`) when ``cfg.data_on_device`` is
     ``on``, or ``auto`` on a GPU that holds it; tensor datasets are moved to a GPU whole.
+    ``model``: refused (``ValueError``) when it has BatchNorm and a process's training batch
+    holds one sample, which BatchNorm cannot normalise (before, the first step failed with
+    torch's message, after the run directory was made).
     """
     ranks = {"num_replicas": dist_info.world_size, "rank": dist_info.rank}
     batch = train_batch_size(cfg, bundle)
     stratified = cfg.sampler == "stratified"
+    K = bundle.num_classes
+    per_rank = ((batch // K) * K if stratified else batch) // dist_info.world_size
+    if per_rank == 1 and model is not None and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(f"a training batch of one sample per process (--batch-size "
+                         f"{cfg.batch_size}): the model's BatchNorm needs at least 2")
     if stratified and cfg.imbalance < 1 and batch < len(bundle.train):
         logger.warning("--imbalance %g with stratified batches: every batch holds each class "
                        "alike, so an epoch ends when the smallest class runs out and trains "
@@ -154,7 +171,8 @@ def build_training_optimizer(cfg: TrainConfig, model: FeatureClassifier) -> torc
         agd_init_(model)
     params = [p for p in model.parameters() if p.requires_grad]
     return build_optimizer(cfg.optimizer, params, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, gain=cfg.lr)
+                           weight_decay=cfg.weight_decay, gain=cfg.lr,
+                           transposed=embedding_weights(model))
 
 
 def build_training_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,

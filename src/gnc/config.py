@@ -44,7 +44,8 @@ RUNTIME_KEYS = frozenset({"progress", "device", "data_dir", "num_workers", "down
 # dataset_options (a second value for the same keyword).
 DATASET_SETTINGS = frozenset({"data_dir", "download", "augment", "seed", "imbalance",
                               "label_noise"})
-# Optimisers whose step gnc.step runs without host reads (graph_step).
+# Optimisers whose step gnc.step runs without host reads (graph_step): all of OPTIMIZERS
+# today; an optimiser added there is refused with --graph-step until gnc.step runs it.
 GRAPH_STEP_OPTIMIZERS = ("sgd", "adam", "adamw", "agd")
 # Keys that add files to a run directory without changing its metrics.
 OUTPUT_KEYS = frozenset({"save_classifier"})

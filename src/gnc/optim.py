@@ -22,6 +22,7 @@ __all__ = [
     "PER_STEP_SCHEDULES",
     "SCHEDULERS",
     "agd_init_",
+    "embedding_weights",
     "build_optimizer",
     "build_scheduler",
     "check_optimizer_state",
@@ -32,19 +33,29 @@ __all__ = [
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
-def _scale(p: Tensor) -> float:
+def _scale(p: Tensor, transposed: bool = False) -> float:
     """AGD's scale of a weight ``(d_l, d_{l−1}, k₁, …)``: √(d_l/d_{l−1}) / √(k₁·…).
 
     For a matrix √(d_l/d_{l−1}); for a conv weight the scale of each of its P = k₁·… kernel
-    positions, √(out/in)/√P, which equals √(out/(in·P)).
+    positions, √(out/in)/√P, which equals √(out/(in·P)). ``transposed``: a matrix stored
+    ``(d_{l−1}, d_l)``, as an ``nn.Embedding`` table (:func:`embedding_weights`).
     """
+    if transposed:
+        return math.sqrt(p.shape[1] / p.shape[0])
     return math.sqrt(p.shape[0] / p[0].numel())
 
 
-def position_factor(p: Tensor, n: Tensor) -> Tensor:
+def embedding_weights(module: nn.Module) -> list[Tensor]:
+    """The ``nn.Embedding`` tables of ``module``: an ``(N, d)`` table E is the map
+    ``h = Eᵀ e_i`` from a one-hot ``e_i``, so AGD reads it transposed, ``d_l × d_{l−1} =
+    d × N`` (the unconstrained features of ``ufm``)."""
+    return [m.weight for m in module.modules() if isinstance(m, nn.Embedding)]
+
+
+def position_factor(p: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
     """AGD's ``s_l / ‖g_p‖`` per kernel position of ``p`` (``n``: those gradient norms); a zero
     slice stays put (0, not 0/0)."""
-    return torch.where(n > 0, _scale(p) / n.clamp_min(torch.finfo(n.dtype).tiny),
+    return torch.where(n > 0, _scale(p, transposed) / n.clamp_min(torch.finfo(n.dtype).tiny),
                        torch.zeros_like(n))
 
 
@@ -95,18 +106,25 @@ class AGD(Optimizer):
     Args:
         params: parameters or parameter groups.
         gain: multiplier of η (default 1).
+        transposed: weights stored ``(d_{l−1}, d_l)`` (:func:`embedding_weights`).
 
     Attributes:
         last_eta: η of the last step (before ``gain``).
         last_G: G of the last step.
     """
 
-    def __init__(self, params: ParamsT, *, gain: float = 1.0) -> None:
+    def __init__(self, params: ParamsT, *, gain: float = 1.0,
+                 transposed: Iterable[Tensor] = ()) -> None:
         if not (math.isfinite(gain) and gain > 0):
             raise ValueError(f"Expected `gain` to be finite and > 0, but got {gain}")
         super().__init__(params, {"lr": gain})
+        self._transposed = {id(p) for p in transposed}
         self.last_eta = 0.0
         self.last_G = 0.0
+
+    def is_transposed(self, p: Tensor) -> bool:
+        """Whether ``p`` is stored ``(d_{l−1}, d_l)`` (given as ``transposed``)."""
+        return id(p) in self._transposed
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -122,7 +140,8 @@ class AGD(Optimizer):
         if num_layers == 0:
             return loss
         norms = {p: _position_norms(p.grad) for p in matrices}  # (1, 1, k₁, …) each
-        G = float(sum(_scale(p) * norms[p].sum() for p in matrices)) / num_layers  # one sync
+        G = float(sum(_scale(p, self.is_transposed(p)) * norms[p].sum()
+                      for p in matrices)) / num_layers  # one sync
         eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
         self.last_G, self.last_eta = G, eta
         for group in self.param_groups:
@@ -131,7 +150,8 @@ class AGD(Optimizer):
                 if p.grad is None:
                     continue
                 if p.ndim >= 2:
-                    p.add_(p.grad * position_factor(p, norms[p]), alpha=-step)
+                    p.add_(p.grad * position_factor(p, norms[p], self.is_transposed(p)),
+                           alpha=-step)
                 else:
                     p.add_(p.grad, alpha=-step)
         return loss
@@ -146,9 +166,11 @@ def agd_init_(module: nn.Module) -> nn.Module:
     slice) becomes :math:`s_l\,Q` with Q a random semi-orthogonal matrix
     (``torch.nn.init.orthogonal_``, all singular values 1) and
     :math:`s_l = \sqrt{d_l/d_{l-1}}/\sqrt{P}`, as the released code does (see :class:`AGD`).
-    A matrix thus gets :math:`\|W_l\|_* = \sqrt{d_l/d_{l-1}}`. Vectors (biases, BatchNorm)
-    are left as they are. Uses torch's global RNG. Returns ``module``.
+    A matrix thus gets :math:`\|W_l\|_* = \sqrt{d_l/d_{l-1}}` (an ``nn.Embedding`` table read
+    transposed, :func:`embedding_weights`). Vectors (biases, BatchNorm) are left as they are.
+    Uses torch's global RNG. Returns ``module``.
     """
+    transposed = {id(w) for w in embedding_weights(module)}
     for p in module.parameters():
         if p.ndim < 2:
             continue
@@ -157,7 +179,7 @@ def agd_init_(module: nn.Module) -> nn.Module:
             # a fresh contiguous matrix per slice: orthogonal_ cannot write a strided view
             q = nn.init.orthogonal_(torch.empty(d_out, d_in, dtype=p.dtype, device=p.device))
             p[(slice(None), slice(None), *pos)] = q
-        p.mul_(_scale(p))
+        p.mul_(_scale(p, id(p) in transposed))
     return module
 
 
@@ -177,6 +199,7 @@ def build_optimizer(
     weight_decay: float = 5e-4,
     betas: tuple[float, float] = (0.9, 0.999),
     gain: float = 1.0,
+    transposed: Iterable[Tensor] = (),
 ) -> Optimizer:
     """Build an optimiser by name.
 
@@ -201,6 +224,7 @@ def build_optimizer(
         weight_decay: weight decay.
         betas: Adam/AdamW coefficients.
         gain: AGD's multiplier of its automatic step size.
+        transposed: AGD's weights stored ``(d_{l−1}, d_l)`` (:func:`embedding_weights`).
 
     Raises:
         ValueError: unknown name.
@@ -213,7 +237,7 @@ def build_optimizer(
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    return AGD(params, gain=gain)
+    return AGD(params, gain=gain, transposed=transposed)
 
 
 SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle")

@@ -348,7 +348,8 @@ class StaticStep:
         if num_layers == 0:
             return
         norms = {p: _position_norms(p.grad) for p in matrices}
-        G = sum(_scale(p) * norms[p].sum() for p in matrices).double() / num_layers
+        transposed = self.optimizer.is_transposed
+        G = sum(_scale(p, transposed(p)) * norms[p].sum() for p in matrices).double() / num_layers
         eta = torch.log((1 + torch.sqrt(1 + 4 * G)) / 2)
         for g, group in enumerate(groups):
             neg_step = -(row[g] * eta / num_layers)
@@ -356,7 +357,7 @@ class StaticStep:
                 if p.grad is None:
                     continue
                 if p.ndim >= 2:
-                    p.addcmul_(p.grad * position_factor(p, norms[p]), neg_step)
+                    p.addcmul_(p.grad * position_factor(p, norms[p], transposed(p)), neg_step)
                 else:
                     p.addcmul_(p.grad, neg_step)
 

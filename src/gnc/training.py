@@ -155,7 +155,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.ddp = wrap_distributed(self.model, self.dist, self.device)
         self.train_loader, self.eval_loaders = make_train_loaders(
-            cfg, self.bundle, self.eval_bundle, self.device, self.dist)
+            cfg, self.bundle, self.eval_bundle, self.device, self.dist, self.model)
         # one-cycle steps after every optimiser step, the others once per epoch
         self.step_schedule_per_step = cfg.schedule in PER_STEP_SCHEDULES
         self.scheduler = build_training_scheduler(cfg, self.optimizer, len(self.train_loader))
