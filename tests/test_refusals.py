@@ -730,20 +730,13 @@ def test_a_failed_append_is_cut_off_and_a_torn_line_stays_its_own(tmp_path, monk
     assert "line skipped" in caplog.text
 
 
-def test_a_read_only_experiment_is_reported_elsewhere(tmp_path, monkeypatch, caplog):
-    """`gnc report EXP --out ELSEWHERE` only reads EXP, but needed to open EXP/.lock for
-    writing: an archived or shared (read-only) experiment could not be reported at all."""
+def _files_read_only(monkeypatch) -> None:
+    """Every open of a run's file for writing fails as on a folder this user may not write
+    (as root, permission bits do not stop writes)."""
     import errno
-    import logging
 
     import gnc.rundir as rundir
-    from gnc.experiments import run_experiment
-    from gnc.report import make_report
 
-    exp = tmp_path / "exp"
-    run_experiment("ufm10", exp, seeds=1, methods=["fixed"], report=False,
-                   overrides={"epochs": 2, "eval_every": 1, "progress": False, "feature_dim": 8,
-                              "dataset_options": {"num_classes": 3, "per_class": 4}})
     real_open = rundir._open_in_run
 
     def read_only(path, flags):
@@ -752,6 +745,21 @@ def test_a_read_only_experiment_is_reported_elsewhere(tmp_path, monkeypatch, cap
         return real_open(path, flags)
 
     monkeypatch.setattr(rundir, "_open_in_run", read_only)
+
+
+def test_a_read_only_experiment_is_reported_elsewhere(tmp_path, monkeypatch, caplog):
+    """`gnc report EXP --out ELSEWHERE` only reads EXP, but needed to open EXP/.lock for
+    writing: an archived or shared (read-only) experiment could not be reported at all."""
+    import logging
+
+    from gnc.experiments import run_experiment
+    from gnc.report import make_report
+
+    exp = tmp_path / "exp"
+    run_experiment("ufm10", exp, seeds=1, methods=["fixed"], report=False,
+                   overrides={"epochs": 2, "eval_every": 1, "progress": False, "feature_dim": 8,
+                              "dataset_options": {"num_classes": 3, "per_class": 4}})
+    _files_read_only(monkeypatch)
     (exp / ".lock").write_text("")
     make_report(exp, out_dir=tmp_path / "a")  # locked through .lock opened for reading
     assert (tmp_path / "a" / "report.md").is_file()
@@ -783,22 +791,13 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
 
 def test_readers_of_a_read_only_experiment_share_its_lock_and_writers_wait(tmp_path,
                                                                             monkeypatch):
-    import errno
 
-    import gnc.rundir as rundir
     from gnc.rundir import RunLock
 
     exp = tmp_path / "exp"
     exp.mkdir()
     (exp / ".lock").write_text("")
-    real_open = rundir._open_in_run
-
-    def read_only(path, flags):
-        if flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, flags)
-
-    monkeypatch.setattr(rundir, "_open_in_run", read_only)
+    _files_read_only(monkeypatch)
     first = RunLock(exp).acquire(create=False, reader=True)
     assert first.held
     # another process: a reader goes along (shared), a writer is refused while it is held
