@@ -278,6 +278,19 @@ def test_every_preset_summary_states_the_batch_it_trains_with():
         checked)
 
 
+def test_a_custom_summary_states_what_a_stratified_batch_holds():
+    """A preset-less experiment's title said "batch 256" for stratified batches, which hold
+    256 // K samples of each class (250 for K = 10); the config does not know K."""
+    from gnc.config import describe_config
+
+    base = {"dataset": "imagefolder:/d", "model": "mlp", "batch_size": 256}
+    assert "batch 256 // K of each class" in describe_config(base)
+    assert "batch 256," not in describe_config(base)
+    shuffled = describe_config({**base, "sampler": "shuffle"})
+    assert "batch 256, " in shuffled and "shuffle batches" in shuffled
+    assert "full batch" in describe_config({**base, "batch_size": 0})
+
+
 def test_a_run_with_extra_classifier_files_is_reused_without_them(tmp_path):
     """`save_classifier` adds files, not results: a finished run made with it is reused by
     the same experiment without it; one made without it cannot serve a command that asks

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from gnc.config import TrainConfig
 from gnc.data.device import DeviceImageLoader
@@ -430,3 +431,38 @@ def test_a_failed_capture_gives_back_the_callers_stream(monkeypatch):
     assert current[0] == "caller"
     assert step_module.capture_failure(err.value).startswith(
         "RuntimeError: operation not permitted")
+
+
+def _with_dropout(trainer):
+    """The trainer's backbone followed by dropout: a step that draws random numbers."""
+    trainer.model.backbone = nn.Sequential(trainer.model.backbone, nn.Dropout(0.2))
+
+
+@pytest.mark.parametrize("own_stream", [False, True])
+def test_a_step_that_draws_random_numbers_is_not_captured_beside_other_runs(
+        tmp_path, monkeypatch, caplog, own_stream):
+    """Every CUDA graph of a process reads the generator's seed and offset from one shared
+    pair of device tensors, filled as a replay starts: runs replaying on their own streams
+    (``--jobs-mode streams``) would draw each other's dropout masks. Such a step runs eagerly
+    (one warning); alone, it is captured. Streams faked on the CPU, as above."""
+    def graphed(trainer):
+        _with_dropout(trainer)
+        graph = _stand_in(trainer)
+        if own_stream:
+            graph.stream = stream
+        return graph
+
+    stream = object()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    a, sa = _train(_digits(method="standard"), tmp_path / "eager",
+                   graph=lambda t: _with_dropout(t))
+    with caplog.at_level(logging.WARNING, logger="gnc.step"):
+        b, sb = _train(_digits(method="standard", graph_step=True), tmp_path / "graphed",
+                       graph=graphed)
+    graph = b.step_graph
+    if own_stream:
+        assert graph.failed.startswith("RuntimeError: the step draws random numbers (aten::")
+        assert caplog.text.count("could not be captured") == 1 and graph.replays == 0
+        _assert_same_run(a, b, sa, sb)
+    else:  # (the stand-in's replays draw again: no bitwise comparison)
+        assert graph.failed is None and graph.replays == b.step - 1

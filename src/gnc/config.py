@@ -361,7 +361,7 @@ def describe_config(config: dict) -> str:
     parts = [cfg.dataset + (f" ({opts})" if opts else ""),
              f"{cfg.model}" + (f" width {cfg.width}" if cfg.width != 64 else ""),
              f"{cfg.epochs} epochs",
-             f"batch {cfg.batch_size}" if cfg.batch_size else "full batch",
+             _batch_words(cfg),
              f"{cfg.optimizer} lr {cfg.lr:g}", f"tau {cfg.tau:g}"]
     if cfg.imbalance != 1:
         parts.append(f"long tail R={cfg.imbalance:g}")
@@ -370,3 +370,13 @@ def describe_config(config: dict) -> str:
     if cfg.batch_size and cfg.sampler != "stratified":
         parts.append(f"{cfg.sampler} batches")
     return ", ".join(parts)
+
+
+def _batch_words(cfg: TrainConfig) -> str:
+    """The batch a config trains with: stratified batches hold ⌊batch/K⌋ samples of each of
+    the K classes (the config does not know K), the other samplers ``batch_size``."""
+    if not cfg.batch_size:
+        return "full batch"
+    if cfg.sampler == "stratified":
+        return f"batch {cfg.batch_size} // K of each class"
+    return f"batch {cfg.batch_size}"

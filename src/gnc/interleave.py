@@ -18,7 +18,10 @@ What keeps each run as it would be alone, between its turns and the others':
 - **its CUDA stream**: every turn of a run (set-up, steps, evaluations, checkpoints) runs
   with the run's stream current, so the run's work is ordered on it and waits for no other
   run; its captured step is captured on it (a cuBLAS workspace of its own). A finished run's
-  stream serves the next run of its slot.
+  stream serves the next run of its slot. A step that draws random numbers (dropout: VGG
+  on images over 64 px) is not captured but runs eagerly (one warning): every graph of a
+  process reads the CUDA generator's seed and offset from one pair of device tensors,
+  filled as a replay starts, so concurrent replays would draw each other's numbers.
 
 On the CPU there are no streams: the runs take turns on all of the process's threads, and
 each run's results are bitwise those of the same runs one after the other (``--jobs 1``) —

@@ -121,6 +121,20 @@ class NoHostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class RandomDraws(TorchDispatchMode):
+    """Notes the first operator that draws from a random generator (torch tags them
+    ``nondeterministic_seeded``: dropout, ``bernoulli_``, ``rand``, ...) in :attr:`seen`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.seen is None and torch.Tag.nondeterministic_seeded in func.tags:
+            self.seen = func._schema.name
+        return func(*args, **(kwargs or {}))
+
+
 def _one_line(err: BaseException) -> str:
     return (f"{type(err).__name__}: {err}".splitlines() or [type(err).__name__])[0]
 
@@ -403,7 +417,8 @@ class StaticStep:
 
     def _into(self, static: Tensor | None, host: Tensor) -> Tensor:
         if static is not None and static.shape == host.shape:
-            static.copy_(host, non_blocking=True)  # pageable source: no wait on the device
+            # pageable source: CUDA waits for the stream, then stages it (once an epoch)
+            static.copy_(host, non_blocking=True)
             return static
         self.plan_changed = True
         return host.to(self.device)
@@ -604,18 +619,30 @@ class GraphedStep:
         snap = self._snapshot()
         cuda = s.device.type == "cuda"
         implicit = isinstance(s.head, ImplicitETFHead)
+        # A graph reads the CUDA generator's seed and offset from one pair of device tensors
+        # that every graph of the process shares (torch fills them as a replay starts): the
+        # graphs of runs on other streams would draw each other's numbers.
+        draws = RandomDraws() if self.stream is not None else None
         try:
             with products_only() if implicit else contextlib.nullcontext():
-                side = None
+                side = caller = None
                 if cuda:
                     side = self.stream if self.stream is not None else torch.cuda.Stream(s.device)
-                if side is not None:
-                    side.wait_stream(torch.cuda.current_stream(s.device))
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    for _ in range(self.warmup_iters):
-                        s.step(s.index)
-                if side is not None:
-                    torch.cuda.current_stream(s.device).wait_stream(side)
+                    caller = torch.cuda.current_stream(s.device)
+                    side.wait_stream(caller)
+                try:
+                    with (torch.cuda.stream(side) if side is not None
+                          else contextlib.nullcontext()), draws or contextlib.nullcontext():
+                        for _ in range(self.warmup_iters):
+                            s.step(s.index)
+                finally:  # a failed warm-up too: the restores below come after its kernels
+                    if side is not None:
+                        caller.wait_stream(side)
+                if draws is not None and draws.seen:
+                    raise RuntimeError(
+                        f"the step draws random numbers ({draws.seen}) and its graph would "
+                        "replay beside other runs' graphs on their streams, which share the "
+                        "CUDA generator's seed and offset")
                 self._restore(snap, rng=True)
                 s.optimizer.zero_grad(set_to_none=True)  # backward allocates in the pool
                 self._replay = self.graph_factory(lambda: s.step(s.index))
