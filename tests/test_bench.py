@@ -201,6 +201,29 @@ print(mem.mb)
     assert 48 <= float(done.stdout.split()[-1]) <= 200
 
 
+def test_peak_memory_counts_memory_an_earlier_run_freed():
+    """Runs that share a process (``gnc experiment``): the heap an earlier run freed stayed
+    resident and served the next one, whose peak then read ~0 MiB (every run after the first
+    of an experiment). 64 MiB in heap blocks (below glibc's mmap threshold), freed, then
+    allocated again under PeakMemory."""
+    code = """
+import time, torch
+from gnc.memory import PeakMemory
+def fill():
+    return [torch.ones(16 * 1024 - 64) for _ in range(1024)]  # 1024 blocks of ~64 KiB
+xs = fill()
+del xs
+with PeakMemory(torch.device("cpu"), interval=0.001) as mem:
+    xs = fill()
+    time.sleep(0.05)
+    del xs
+print(mem.mb)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120)
+    assert 48 <= float(done.stdout.split()[-1]) <= 200
+
+
 def test_epoch_bench_on_random_images_of_cifar_shape(tmp_path):
     from gnc.bench import bench_epochs, format_table, step_overheads
 

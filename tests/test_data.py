@@ -215,6 +215,38 @@ def test_imagefolder_with_resize(tmp_path: Path) -> None:
         load_dataset(f"imagefolder:{tmp_path / 'nothere'}")
 
 
+def test_an_imagefolder_test_split_may_lack_a_class(tmp_path: Path) -> None:
+    """docs/reliability.md: a test split that lacks a class is not an error (its metrics list
+    the class as missing). An imagefolder test split without a class's folder was refused
+    ("class folders differ"), and with the folder left empty torchvision refused it; the test
+    labels are the training split's classes."""
+    import shutil
+
+    from gnc.config import TrainConfig
+    from gnc.training import Trainer
+
+    root = tmp_path / "mine"
+    _jpeg_tree(root, ["a", "b", "c"], per_class=4, size=8)
+    shutil.rmtree(root / "test" / "b")
+    b = load_dataset(f"imagefolder:{root}")
+    assert b.classes == ("a", "b", "c") and b.test.targets == [0, 0, 2, 2]
+    (root / "test" / "b").mkdir()  # an empty folder: the same
+    assert load_dataset(f"imagefolder:{root}").test.targets == [0, 0, 2, 2]
+    cfg = TrainConfig(dataset=f"imagefolder:{root}", model="mlp", width=8, feature_dim=4,
+                      epochs=1, batch_size=6, progress=False)
+    row = Trainer(cfg, tmp_path / "run").fit()
+    assert row["test_missing_classes"] == [1] and row["missing_classes"] == []
+    (root / "test" / "d").mkdir()  # a class the training split lacks: named
+    with pytest.raises(ValueError, match=r"class folders \['d'\] of .*test are not training "
+                                         r"classes \(the training split has 3: a, b, c\)"):
+        load_dataset(f"imagefolder:{root}")
+    (root / "test" / "d").rmdir()
+    shutil.rmtree(root / "train" / "c")  # an empty training class: the folder is named
+    (root / "train" / "c").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=r"train: .*no valid file for the classes c"):
+        load_dataset(f"imagefolder:{root}")
+
+
 # --------------------------------------------------------------------------- sampler
 
 

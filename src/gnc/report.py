@@ -404,7 +404,10 @@ def timing_table(runs: Mapping[str, list[RunData]]) -> Table:
         rows.append([display_name(m)] + ["n/a" if math.isnan(s) else f"{s:.3f}" for s in stats]
                     + [format_seed_stats(peaks, ".1f")])
     notes = ["means weight every evaluated epoch of every seed equally; the total median is the "
-             "median over epochs of (forward median + backward median)"]
+             "median over epochs of (forward median + backward median)",
+             "peak memory: the CUDA allocator's peak above its level when training starts; "
+             "on the CPU the growth of the resident set (freed memory given back first), "
+             "where the first run of a process also holds the libraries' one-time set-up"]
     if any("peak_mem_mb" in row and row["peak_mem_mb"] is None
            for rs in runs.values() for run in rs for row in run.metrics):
         notes.append("peak memory n/a: runs that shared one process (gnc experiment "

@@ -317,12 +317,12 @@ def load_imagefolder(
         )
     mean = tuple(mean) if mean is not None else NORMALIZATION["imagenet"][0]
     std = tuple(std) if std is not None else NORMALIZATION["imagenet"][1]
-    T, tvd = _transforms(), _datasets()
+    T = _transforms()
     if image_size is not None:
         size: tuple[int, int] = (image_size, image_size)
         base: list[object] = [T.Resize(image_size), T.CenterCrop(image_size)]
     else:
-        first = tvd.ImageFolder(str(root / "train")).samples
+        first = _image_folder(f"imagefolder:{path}", root / "train").samples
         if not first:
             raise DatasetNotFoundError(f"imagefolder: no images under {root / 'train'}")
         size = header_size(first[0][0])
@@ -337,6 +337,30 @@ def load_imagefolder(
         (3, *size),
         same_size=image_size is None,
     )
+
+
+def _image_folder(name: str, folder: Path, *, transform: T.Compose | None = None,
+                  classes: Sequence[str] | None = None) -> Dataset:
+    """``ImageFolder`` on ``folder``; with ``classes`` (the training split's), labelled by
+    them: a test split may lack a class (empty or no folder; its metrics then list it as
+    missing) but not have one the training split lacks."""
+    tvd = _datasets()
+    if classes is None:
+        try:
+            return tvd.ImageFolder(str(folder), transform=transform, loader=load_rgb)
+        except FileNotFoundError as err:  # torchvision's names the class, not the folder
+            raise DatasetNotFoundError(f"{name}: {folder}: {err}") from None
+    extra = sorted({e.name for e in os.scandir(folder) if e.is_dir()} - set(classes))
+    if extra:
+        raise ValueError(f"{name}: the class folders {extra} of {folder} are not training "
+                         f"classes (the training split has {len(classes)}: "
+                         f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+
+    class Split(tvd.ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            return list(classes), {c: i for i, c in enumerate(classes)}
+
+    return Split(str(folder), transform=transform, loader=load_rgb, allow_empty=True)
 
 
 def check_no_link_loops(samples: Sequence[tuple[str, int]], root: Path) -> None:
@@ -372,9 +396,8 @@ def _folder_bundle(
     ``check_files`` every file's header is read first (:func:`gnc.data.device.
     check_image_headers`): a file that is not an image, or (``same_size``) of a size other
     than ``in_shape``'s, is one error naming it, before any run directory exists."""
-    tvd = _datasets()
-    train = tvd.ImageFolder(str(train_dir), transform=train_tf, loader=load_rgb)
-    test = (tvd.ImageFolder(str(test_dir), transform=test_tf, loader=load_rgb)
+    train = _image_folder(name, train_dir, transform=train_tf)
+    test = (_image_folder(name, test_dir, transform=test_tf, classes=train.classes)
             if test_dir.is_dir() else None)
     if test is None:
         logger.warning("%s: no test split (%s is not a folder): no test metrics", name,
@@ -389,10 +412,6 @@ def _folder_bundle(
         raise ValueError(
             f"{name}: Expected {expected_classes} class folders under {train_dir}, "
             f"but got {len(train.classes)}"
-        )
-    if test is not None and test.classes != train.classes:
-        raise ValueError(
-            f"{name}: the class folders of {test_dir} differ from those of {train_dir}"
         )
     return DatasetBundle(
         train=train,
