@@ -488,3 +488,22 @@ def test_implicit_nograd_refuses_a_backward_it_would_ignore(tmp_path, capsys):
                           "--backward", "ddn", "--out", tmp_path / "r"], capsys)
     assert_one_line_error(code, err, "always none")
     assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `gnc train` printed only "gnc: interrupted": nothing said that the
+    checkpoints stay for --resume (an experiment: that the same command resumes)."""
+    import gnc.experiments
+    import gnc.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gnc.training, "train", interrupted)
+    monkeypatch.setattr(gnc.experiments, "run_experiment", interrupted)
+    code, err = run_main(["train", "--preset", "ufm10", "--out", tmp_path / "run"], capsys)
+    assert code == 130 and err.strip() == ("gnc: interrupted (the same command with --resume "
+                                           "continues from the last checkpoint)")
+    code, err = run_main(["experiment", "ufm10", "--out", tmp_path / "exp"], capsys)
+    assert code == 130 and err.strip() == ("gnc: interrupted (the same command again resumes "
+                                           "the unfinished runs)")

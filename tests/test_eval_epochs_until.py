@@ -208,3 +208,24 @@ def test_elapsed_s_goes_on_across_a_resume(tmp_path, monkeypatch):
     torch.save(ckpt, last)
     train(TrainConfig(**DIGITS, method="fixed", eval_every=2), old, resume=True)
     assert rows(old)[1]["elapsed_s"] < 600
+
+
+def test_a_resume_needs_no_flag_of_the_run_again(tmp_path, capsys):
+    """`gnc train --out RUN --resume` alone was refused with a diff against the defaults
+    (`dataset="digits" (now "ufm")`, ...): every flag had to be typed again. Without
+    --preset the run's config.json is the base, but its --until-epoch (to the end); a flag
+    given still overrides it, and one a resume cannot change is still refused."""
+    out = str(tmp_path / "run")
+    main(["train", "--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "4",
+          "--method", "fixed", "--no-progress", "--out", out, "--until-epoch", "2"])
+    main(["train", "--out", out, "--resume", "--until-epoch", "3"])
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2, 3]
+    with pytest.raises(SystemExit):
+        main(["train", "--out", out, "--resume", "--tau", "3"])
+    assert "tau=" in capsys.readouterr().err
+    main(["train", "--out", out, "--resume"])
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2, 3, 4]
+    whole = tmp_path / "whole"
+    main(["train", "--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "4",
+          "--method", "fixed", "--no-progress", "--out", str(whole)])
+    assert [results(r) for r in rows(tmp_path / "run")] == [results(r) for r in rows(whole)]

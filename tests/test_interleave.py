@@ -475,7 +475,8 @@ def test_killed_streams_experiment_resumes_every_run(tmp_path, sig, sequential_u
     proc = stop_after_first_checkpoint(cmd, out, tmp_path / "stderr", sig)
     if sig == signal.SIGINT:  # every run closed: one line, the interrupt's exit status
         assert proc.returncode == 130
-        assert (tmp_path / "stderr").read_text().strip().splitlines()[-1] == "gnc: interrupted"
+        assert (tmp_path / "stderr").read_text().strip().splitlines()[-1] == (
+            "gnc: interrupted (the same command again resumes the unfinished runs)")
     assert len([d for d in out.glob("*/seed*") if (d / "DONE").exists()]) < 4
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

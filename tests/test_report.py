@@ -299,14 +299,14 @@ def test_the_report_names_the_evaluation_protocol(exp):
 
     set_rows(lambda i: "precise")
     text = make_report(root, machine="m").read_text()
-    assert "Evaluation protocol: BatchNorm statistics and the heads' μ_G recomputed" in text
+    assert "Evaluation protocol: BatchNorm statistics recomputed over augmented training" in text
     set_rows(lambda i: "running" if i else "precise")
     text = make_report(root, machine="m").read_text()
     assert "as training left them (`running`) — the runs differ in it." in text
     for config in root.glob("*/seed*/config.json"):  # `gnc measure` directories
         config.write_text(json.dumps({"method": "measured", "measure": {"eval_stats": "precise"}}))
     text = make_report(root, machine="m").read_text()
-    assert "BatchNorm statistics recomputed over the measured data first" in text
+    assert "BatchNorm statistics recomputed over the measured data, un-augmented, first" in text
 
 
 def test_table_values(exp):

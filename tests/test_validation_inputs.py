@@ -91,11 +91,14 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[dict, str]]:
         "batch fits no class": ({**base, "dataset": "digits", "batch_size": 1400},
                                 "smallest class has only"),
         "lr nan": ({**base, "dataset": "digits", "lr": math.nan}, "`lr` to be finite"),
+        "d < K": ({**base, "dataset": "digits", "feature_dim": 6, "method": "implicit"},
+                  r"the implicit head needs feature dimension d >= K, but the mlp backbone "
+                  r"gives d=6 for K=10 classes \(--feature-dim 6\): give --feature-dim >= 10"),
     }
 
 
 @pytest.mark.parametrize("case", ["1-D x", "x_test width", "mlp on ufm", "ufm on digits",
-                                  "batch fits no class", "lr nan"])
+                                  "batch fits no class", "lr nan", "d < K"])
 def test_bad_inputs_fail_before_the_run_directory(tmp_path, case):
     cfg, match = _bad_cases(tmp_path)[case]
     out = tmp_path / "run"

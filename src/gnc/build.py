@@ -16,7 +16,7 @@ from gnc.config import TrainConfig
 from gnc.data import DatasetBundle, batch_sampler_for, load_dataset, make_loader
 from gnc.data.device import DeviceImageLoader, device_images, estimated_bytes, fits_on_device
 from gnc.data.sampler import TensorBatchLoader
-from gnc.heads import make_head, normalizes_features
+from gnc.heads import StandardHead, make_head, method_spec, normalizes_features
 from gnc.models import build_backbone, without_bn_affine
 from gnc.models.classifier import FeatureClassifier
 from gnc.optim import (
@@ -62,6 +62,13 @@ def build_model(cfg: TrainConfig, bundle: DatasetBundle,
     )
     if not cfg.bias:
         without_bn_affine(backbone)
+    if method_spec(cfg.method).head is not StandardHead and d < bundle.num_classes:
+        raise ValueError(
+            f"the {cfg.method} head needs feature dimension d >= K, but the {cfg.model} "
+            f"backbone gives d={d} for K={bundle.num_classes} classes ("
+            + (f"--feature-dim {cfg.feature_dim}" if cfg.feature_dim is not None
+               else f"its own output at --width {cfg.width}")
+            + f"): give --feature-dim >= {bundle.num_classes}")
     head = make_head(
         cfg.method, d, bundle.num_classes, delta=cfg.delta, solver=cfg.solver,
         backward=cfg.backward, update=cfg.update, rotation=cfg.rotation, seed=cfg.seed,

@@ -222,8 +222,8 @@ TRAIN_FLAGS_EPILOG = (
     "--per-class, --subset, --transforms update those.")
 
 
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset's config (or the defaults), overridden by every flag given.
+def train_config_from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:
+    """The preset's config (or ``base``, or the defaults), overridden by every flag given.
 
     ``dataset_options``: the preset's (none if ``--dataset`` names another dataset), updated
     with the keys of ``--dataset-options``, then with ``--num-classes``, ``--per-class``,
@@ -232,7 +232,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     from gnc.config import TrainConfig
     from gnc.experiments import get_preset
 
-    base = get_preset(args.preset).config if args.preset else {}
+    base = get_preset(args.preset).config if args.preset else (base or {})
     cfg = dict(base)
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name)
@@ -259,11 +259,28 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(cfg)
 
 
+def _resumed_config(args: argparse.Namespace) -> dict | None:
+    """With ``--resume`` and no ``--preset``: the run's own ``config.json``, the base the flags
+    override (``gnc train --out RUN --resume`` needs no flag of the run again), but its
+    ``until_epoch``: a resume without ``--until-epoch`` trains to the end."""
+    from gnc.rundir import is_train_config, read_config
+
+    if not args.resume or args.preset:
+        return None
+    try:
+        config = read_config(args.out)
+    except (OSError, ValueError):
+        return None  # the trainer names what is wrong with the directory
+    if not is_train_config(config):
+        return None
+    return {k: v for k, v in config.items() if k != "until_epoch"}
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from gnc.rundir import strict_json
     from gnc.training import train
 
-    cfg = train_config_from_args(args)
+    cfg = train_config_from_args(args, _resumed_config(args))
     if cfg.method == "implicit-nograd" and args.backward not in (None, "none"):
         raise CLIError(f"--backward {args.backward} with --method implicit-nograd: that "
                        "ablation's backward is always none (use --method implicit)")
@@ -522,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints/last.pt (if damaged: the newest usable "
-                        "epoch_XXXX.pt)")
+                        "epoch_XXXX.pt); without --preset, OUT/config.json is the base the "
+                        "flags override (no --until-epoch: to the last epoch)")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in OUT (default: refuse)")
@@ -601,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(forward hooks; gnc.measure). Several --weights (a glob) measure a whole run: one "
         "line per checkpoint in OUT/metrics.jsonl, which `gnc report` plots when OUT is "
         "EXP/<name>/seed<k>.")
-    p.add_argument("--model", required=True, help="torchvision:NAME (random init, K from the "
-                   "dataset) or run:RUN_DIR (a gnc run; its newest checkpoint without --weights)")
+    p.add_argument("--model", required=True, help="torchvision:NAME (the architecture with K "
+                   "outputs from the dataset, weights from --weights) or run:RUN_DIR (a gnc "
+                   "run; its newest checkpoint without --weights)")
     p.add_argument("--weights", nargs="+", metavar="PATH", help="weights files or glob "
                    "patterns (a state dict, or a dict with 'model'/'state_dict'); read from "
                    "files only, never downloaded; the epoch is the file's 'epoch' entry, else "
@@ -616,7 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="data-loader workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--eval-stats", default="running", help="running (default: BatchNorm "
-                   "statistics as stored) | precise (recomputed over the data first)")
+                   "statistics as stored; for a gnc run, those of its own evaluation) | "
+                   "precise (recomputed over the measured data first, un-augmented: not "
+                   "gnc train's pass over augmented training batches)")
     p.add_argument("--features", help="layer whose output are the features (default: the "
                    "classifier's input)")
     p.add_argument("--classifier", help="classifier layer (default: the last nn.Linear the "
@@ -745,9 +766,17 @@ def _done_with_sigint() -> None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# what an interrupted command keeps and how it goes on
+_RESUME_HINTS = {
+    _cmd_train: " (the same command with --resume continues from the last checkpoint)",
+    _cmd_experiment: " (the same command again resumes the unfinished runs)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``gnc``: errors are one line on stderr and a non-zero exit; Ctrl-C
     anywhere, the parse and its lazy imports (torch) included, is "gnc: interrupted", 130."""
+    args = None
     try:
         with _start_up():  # Ctrl-C while importing: exit at once (an import torn by
             _prestart_workers(sys.argv[1:] if argv is None else list(argv))
@@ -758,7 +787,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argv is None:  # the program itself, not a caller's main([...])
             _done_with_sigint()
     except KeyboardInterrupt:
-        print("gnc: interrupted", file=sys.stderr)
+        print("gnc: interrupted" + _RESUME_HINTS.get(getattr(args, "func", None), ""),
+              file=sys.stderr)
         _stop_fork_server()
         sys.exit(130)
     except Exception as err:

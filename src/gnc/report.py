@@ -130,12 +130,13 @@ CONFIG_KEYS = ("dataset", "dataset_options", "imbalance", "label_noise", "model"
 # what each evaluation protocol measures: the report names it (DESIGN §5); (kind, value)
 # with kind "train" (a run's `eval_stats`) or "measure" (`gnc measure --eval-stats`)
 EVAL_STATS_WORDS = {
-    ("train", "precise"): "BatchNorm statistics and the heads' μ_G recomputed over the "
-                          "training split before every evaluation (`precise`, gnc's default)",
+    ("train", "precise"): "BatchNorm statistics recomputed over augmented training batches "
+                          "and the heads' μ_G over the training split before every evaluation "
+                          "(`precise`, gnc's default)",
     ("train", "running"): "BatchNorm's and the heads' running averages as training left them "
                           "(`running`)",
-    ("measure", "precise"): "BatchNorm statistics recomputed over the measured data first "
-                            "(`gnc measure --eval-stats precise`)",
+    ("measure", "precise"): "BatchNorm statistics recomputed over the measured data, "
+                            "un-augmented, first (`gnc measure --eval-stats precise`)",
     ("measure", "running"): "the BatchNorm statistics stored with the weights "
                             "(`gnc measure --eval-stats running`)",
 }
