@@ -438,9 +438,10 @@ def _with_dropout(trainer):
     trainer.model.backbone = nn.Sequential(trainer.model.backbone, nn.Dropout(0.2))
 
 
-@pytest.mark.parametrize("own_stream", [False, True])
+@pytest.mark.parametrize(("own_stream", "method"),
+                         [(False, "standard"), (True, "standard"), (True, "implicit")])
 def test_a_step_that_draws_random_numbers_is_not_captured_beside_other_runs(
-        tmp_path, monkeypatch, caplog, own_stream):
+        tmp_path, monkeypatch, caplog, own_stream, method):
     """Every CUDA graph of a process reads the generator's seed and offset from one shared
     pair of device tensors, filled as a replay starts: runs replaying on their own streams
     (``--jobs-mode streams``) would draw each other's dropout masks. Such a step runs eagerly
@@ -454,10 +455,10 @@ def test_a_step_that_draws_random_numbers_is_not_captured_beside_other_runs(
 
     stream = object()
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
-    a, sa = _train(_digits(method="standard"), tmp_path / "eager",
+    a, sa = _train(_digits(method=method), tmp_path / "eager",
                    graph=lambda t: _with_dropout(t))
     with caplog.at_level(logging.WARNING, logger="gnc.step"):
-        b, sb = _train(_digits(method="standard", graph_step=True), tmp_path / "graphed",
+        b, sb = _train(_digits(method=method, graph_step=True), tmp_path / "graphed",
                        graph=graphed)
     graph = b.step_graph
     if own_stream:
