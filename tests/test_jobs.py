@@ -124,13 +124,15 @@ def test_killed_experiment_resumes_every_run(tmp_path, sequential):
     assert results(out) == sequential
 
 
-def test_a_failed_run_does_not_stop_the_others(tmp_path, caplog):
-    # lr 1e6: the unnormalised features blow up, the normalised ones do not
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_run_does_not_stop_the_others(tmp_path, caplog, jobs):
+    """lr 1e6: the unnormalised features blow up, the normalised ones do not. ``jobs=1``
+    (the default) stopped at the first failure: the runs after it never trained."""
     out = tmp_path / "exp"
     with pytest.raises(ValueError, match=r"^1 of 2 runs failed: standard-unnormalized/seed1 "
                        ) as err:
         run_experiment("ufm10", out, seeds=1, methods=["standard-unnormalized", "standard"],
-                       jobs=2, overrides={"epochs": 4, "eval_every": 2, "lr": 1e6,
+                       jobs=jobs, overrides={"epochs": 4, "eval_every": 2, "lr": 1e6,
                                           "progress": False, "feature_dim": 8,
                                           "dataset_options": {"num_classes": 3,
                                                               "per_class": 4}})

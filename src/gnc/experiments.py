@@ -26,7 +26,10 @@ from gnc.config import (
 from gnc.heads import PAPER_METHODS, normalizes_features
 from gnc.jobs import (
     JOBS_MODES,
+    PLAIN_ERRORS,
+    Outcome,
     experiment_preload,
+    first_line,
     in_worker,
     prestart,
     report_progress,
@@ -363,14 +366,14 @@ def run_experiment(
     float sums). ``jobs_mode="streams"``: no worker processes; this process advances the
     runs a step each in turn, each on a CUDA stream of its own (:mod:`gnc.interleave`; for
     captured steps, ``graph_step``), with this process's threads: on the CPU bitwise the
-    sequential runs. A run that fails does not stop the others; after all have ended, the
+    sequential runs. ``jobs=1`` trains the runs one after the other in this process, with
+    its thread count. A run that fails does not stop the others; after all have ended, the
     failed ones (no ``DONE``, no report) are listed in one ``ValueError``, and the same call
-    again retries them. ``jobs=1`` trains the runs one after the other in this process, with
-    its thread count, and stops at the first failure.
+    again retries them.
 
     Raises:
         ValueError: unknown preset or method, ``seeds`` < 1, ``jobs`` < 1, an invalid config,
-            an existing run made with other settings, or (``jobs`` > 1) failed runs.
+            an existing run made with other settings, or failed runs.
     """
     if preset is None:
         preset, overrides = custom_preset(overrides), None
@@ -409,11 +412,8 @@ def run_experiment(
             prestart(experiment_preload(report))
         _run_in_parallel(plan, Path(out), jobs=jobs, jobs_mode=jobs_mode,
                          trust_checkpoint=trust_checkpoint)
-    for path, cfg in plan if jobs == 1 else ():
-        if _done(path, cfg):
-            logger.info("%s: finished, skipped", path)
-            continue
-        _train_run(path, cfg, trust_checkpoint)
+    else:
+        _run_one_by_one(plan, Path(out), trust_checkpoint)
     if report:
         from gnc.report import make_report
 
@@ -567,13 +567,40 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
         outcomes = run_many([(name, _train_run, (path, cfg, trust_checkpoint))
                              for name, (path, cfg) in zip(names, quiet, strict=True)],
                             jobs=jobs, mode=jobs_mode, cuda=cuda, **progress)
-    failed = [o for o in outcomes if not o.ok]
-    if failed:
-        others = "" if len(failed) == len(todo) else "; the others finished"
-        errors = {o.error for o in failed}  # first lines
-        why = (f"all with {errors.pop()}" if len(errors) == 1 and len(failed) > 1
-               else "each one's error is above") + others
-        raise ValueError(
-            f"{len(failed)} of {len(todo)} runs failed: {', '.join(o.name for o in failed)} "
-            f"({why}); the same command again retries them\n"
-            + "\n".join(f"  {o.name}: {o.error}" for o in failed))
+    _raise_failed([o for o in outcomes if not o.ok], len(todo))
+
+
+def _run_one_by_one(plan: list[tuple[Path, TrainConfig]], out: Path,
+                    trust_checkpoint: bool) -> None:
+    """Train the unfinished runs of ``plan`` one after the other in this process
+    (:func:`run_experiment` with ``jobs=1``); a failed run does not stop the others (as in
+    :func:`_run_in_parallel`): they are raised after the last."""
+    failed, todo = [], 0
+    for path, cfg in plan:
+        if _done(path, cfg):
+            logger.info("%s: finished, skipped", path)
+            continue
+        todo += 1
+        try:
+            _train_run(path, cfg, trust_checkpoint)
+        except Exception as err:  # noqa: BLE001 -- its outcome, as a worker's
+            name = path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
+            failed.append(Outcome(name, error=first_line(err)))
+            logger.error("%s failed: %s", name, failed[-1].error,
+                         exc_info=not isinstance(err, PLAIN_ERRORS))  # a bug: its traceback
+    _raise_failed(failed, todo)
+
+
+def _raise_failed(failed: list[Outcome], total: int) -> None:
+    """One ``ValueError`` listing the ``failed`` of ``total`` runs, if any (first line: how
+    many and which; then one line each, its error's first line)."""
+    if not failed:
+        return
+    others = "" if len(failed) == total else "; the others finished"
+    errors = {o.error for o in failed}  # first lines
+    why = (f"all with {errors.pop()}" if len(errors) == 1 and len(failed) > 1
+           else "each one's error is above") + others
+    raise ValueError(
+        f"{len(failed)} of {total} runs failed: {', '.join(o.name for o in failed)} "
+        f"({why}); the same command again retries them\n"
+        + "\n".join(f"  {o.name}: {o.error}" for o in failed))
