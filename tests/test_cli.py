@@ -507,3 +507,12 @@ def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch):
     code, err = run_main(["experiment", "ufm10", "--out", tmp_path / "exp"], capsys)
     assert code == 130 and err.strip() == ("gnc: interrupted (the same command again resumes "
                                            "the unfinished runs)")
+
+
+def test_report_table_epochs_start_at_1(tmp_path, capsys):
+    """`gnc report --table-epochs -3,5` was taken, and the table said "epoch -3 was not
+    evaluated"."""
+    code, err = run_main(["report", tmp_path, "--table-epochs=-3,5"], capsys)
+    assert code == 2 and err.strip() == "gnc: error: bad --table-epochs '-3,5': epochs start at 1"
+    code, err = run_main(["report", tmp_path, "--table-epochs", "0,5"], capsys)
+    assert code == 2 and "epochs start at 1" in err

@@ -203,6 +203,10 @@ def test_report_title_names_the_overrides(tmp_path):
     assert first.startswith(f"# ufm10: {get_preset('ufm10').summary} (overridden: ")
     assert "epochs=2" in first and "eval_every=1" in first
     assert "progress" not in first and "method" not in first
+    # called from Python: the report's command is that call (it said `gnc report EXP`)
+    text = (out / "report.md").read_text()
+    assert f"run_experiment('ufm10', '{out}', seeds=1, methods=['implicit'], overrides=" in text
+    assert "gnc report" not in text
 
 
 def test_released_and_long_tailed_presets():

@@ -510,8 +510,8 @@ def test_figures_drawn_by_worker_processes_are_the_same_files(exp, tmp_path_fact
     make_report(root, machine="m", out_dir=two, jobs=2)
     a, b = _files(one), _files(two)
     assert sorted(a) == sorted(b)
-    assert {"report.md", "summary.csv", "summary.json", "curves.png", "cos_margins.png",
-            *(f"curve_{k}.png" for k in CURVE_KEYS)} == set(a)
+    assert {"report.md", "report.json", "summary.csv", "summary.json", "curves.png",
+            "cos_margins.png", *(f"curve_{k}.png" for k in CURVE_KEYS)} == set(a)
     assert all(a[name] == b[name] for name in a), [n for n in a if a[n] != b[n]]
 
 
@@ -675,3 +675,49 @@ def test_a_report_waits_for_another_writer_of_its_folder(exp, tmp_path, caplog):
     assert proc.wait(timeout=30) == 0
     assert "in use by another gnc process" in caplog.text and "waiting for it" in caplog.text
     assert (root / "report.md").exists()
+
+
+def test_runs_stopped_by_until_epoch_are_reported_as_stopped(exp):
+    """`--until-epoch 8` of a 20-epoch experiment (Table 1's epoch-50 column): the report
+    said "Finished seeds" and "margins at the end of training", and its title did not say
+    where the runs stopped."""
+    root, _ = exp
+    for done in root.glob("*/seed*/DONE"):
+        done.write_text("stopped after epoch 8\n")
+    text = make_report(root, machine="m").read_text()
+    assert text.splitlines()[0].endswith("(stopped after epoch 8)")
+    assert "Seeds per method" in text and "Finished seeds" not in text
+    assert "**Runs stopped by `--until-epoch`**" in text and "- epoch 8 of 10: every run" in text
+    assert "## Sorted cosine margins at each run's last evaluation (not the end" in text
+    for done in root.glob("*/seed*/DONE"):  # continued to the end
+        done.write_text("finished\n")
+    text = make_report(root, machine="m").read_text()
+    assert "(stopped after" not in text.splitlines()[0] and "Finished seeds per method" in text
+    assert "## Sorted cosine margins at the end of training (PCM at EoT)" in text
+
+
+def test_gnc_report_redraws_the_experiments_own_report(exp, tmp_path_factory):
+    """`gnc report EXP` after the experiment dropped its title (the preset and overrides),
+    notes, table epochs, machine and command (it said `gnc report EXP` had made the runs).
+    The report records them in report.json; a redraw without them uses them; a title given
+    (another preset) brings its own notes and table epochs."""
+    root, _ = exp
+    preset_config = {**CONFIG, "epochs": 20}
+    made = make_report(root, title="mine: my settings", table_epochs=(3, 10),
+                       command="gnc experiment mine --seeds 3", machine="a GPU box",
+                       notes="Preset notes: mine.", preset_config=preset_config).read_text()
+    assert made.splitlines()[0] == "# mine: my settings (overridden: epochs=10)"
+    assert "gnc experiment mine --seeds 3" in made and "Machine: a GPU box" in made
+    assert make_report(root).read_text() == made
+    elsewhere = tmp_path_factory.mktemp("docs")
+    assert make_report(root, out_dir=elsewhere).read_text() == made  # read from EXP
+    other = make_report(root, title="other: preset").read_text()
+    assert other.splitlines()[0] == "# other: preset" and "Preset notes: mine." not in other
+    assert "gnc experiment mine --seeds 3" in other  # the runs' command is still theirs
+    for bad in ("[1, 2]", '{"title": 5, "table_epochs": [-3, 5], "command": ["x"]}', "{"):
+        (root / "report.json").write_text(bad)  # from someone else: no title, no command
+        text = make_report(root).read_text()
+        assert text.splitlines()[0].startswith("# Experiment report: ")
+        assert "not recorded (this report: gnc report " in text
+    with pytest.raises(ValueError, match=r"two epochs >= 1, but got \(-3, 5\)"):
+        make_report(root, table_epochs=(-3, 5))

@@ -358,6 +358,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
         except ValueError:
             raise CLIError(f"bad --table-epochs {args.table_epochs!r}: expected A,B, "
                            "e.g. 50,200") from None
+        if min(a, b) < 1:
+            raise CLIError(f"bad --table-epochs {args.table_epochs!r}: epochs start at 1")
         table_epochs = (a, b)
     path = make_report(
         args.exp_dir, title=f"{preset.name}: {preset.summary}" if preset else None,

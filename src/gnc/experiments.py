@@ -375,6 +375,8 @@ def run_experiment(
         ValueError: unknown preset or method, ``seeds`` < 1, ``jobs`` < 1, an invalid config,
             an existing run made with other settings, or failed runs.
     """
+    if command is None:  # a call from Python: the report names it
+        command = _python_call(preset, out, seeds, methods, overrides, jobs)
     if preset is None:
         preset, overrides = custom_preset(overrides), None
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -422,6 +424,17 @@ def run_experiment(
                     notes=f"Preset notes: {preset.notes}",
                     preset_config=resolved_config(preset), jobs=jobs)
     return [path for path, _ in plan]
+
+
+def _python_call(preset: str | Preset | None, out: str | Path, seeds: int | None,
+                 methods: Sequence[str] | None, overrides: dict | None, jobs: int) -> str:
+    """``run_experiment(...)`` as called (the command of a report made from Python)."""
+    name = preset.name if isinstance(preset, Preset) else preset
+    args = [repr(name), repr(str(out))] + [
+        f"{k}={v!r}" for k, v in (("seeds", seeds), ("methods", methods and list(methods)),
+                                  ("overrides", overrides), ("jobs", jobs if jobs != 1 else None))
+        if v]
+    return f"run_experiment({', '.join(args)})  # Python: gnc.experiments.run_experiment"
 
 
 def _on_cpu(device: str) -> bool:

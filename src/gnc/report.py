@@ -19,7 +19,14 @@ unless ``unfinished`` (``gnc report --unfinished``) includes them at the epochs 
   for ``vci`` and ``numerical_rank``;
 - ``summary.csv`` / ``summary.json``: every numeric metric per method and evaluated epoch
   over seeds — n, mean, std (ddof 1), median, min, max — the released code's seed statistics
-  (``nc/seed_statistics.py``) in machine-readable form.
+  (``nc/seed_statistics.py``) in machine-readable form;
+- ``report.json``: what the report was made with (title, command, machine, notes, table
+  epochs, preset config), so that ``gnc report DIR`` alone redraws the experiment's own
+  report (:func:`read_report_meta`).
+
+Runs stopped by ``--until-epoch`` (``DONE`` says "stopped after epoch E") are reported as
+such: the title and a list say where they stopped, and their last evaluation is not called
+the end of training.
 
 Every file is written atomically (a kill leaves the previous one or the new one); with
 ``jobs`` > 1 worker processes draw the figures (:func:`write_figures`), the same files.
@@ -60,6 +67,7 @@ from gnc.rundir import (
     read_margins,
     read_metrics,
     run_lock,
+    stopped_after,
     strict_json,
 )
 
@@ -153,6 +161,12 @@ class RunData:
     metrics: list[dict]  # one row per evaluated epoch, sorted by epoch
     margins: np.ndarray | None = None  # sorted per-sample train cosine margins at the end
     finished: bool = True  # False: no DONE file, included by ``unfinished``
+    stopped: int | None = None  # the epoch it stopped after (``until_epoch``), to go on later
+
+    @property
+    def ended(self) -> bool:
+        """Whether its last evaluation is the end of its training."""
+        return self.finished and self.stopped is None
 
     @cached_property
     def by_epoch(self) -> dict[int, dict]:
@@ -235,7 +249,7 @@ def scan_runs(exp_dir: str | Path, *, unfinished: bool = False
                 continue
             runs.setdefault(method_dir.name, []).append(
                 RunData(method_dir.name, seed, path, config, metrics, read_margins(path),
-                        finished))
+                        finished, stopped_after(path) if finished else None))
     if not runs:
         if unfinished:
             raise ValueError(f"no run with evaluated epochs under {root} (expected "
@@ -540,7 +554,9 @@ def _plot_margins(ax: Axes, runs: Mapping[str, list[RunData]]) -> None:
             lowest = min(lowest, float(np.min(curves)))
     if lowest <= 0:  # misclassified (or tied) samples: mark the zero margin
         ax.axhline(0.0, color="black", lw=0.8, alpha=0.6)
-    _finish(ax, "PCM at EoT: sorted train cosine margins", "sample rank (normalised)",
+    ended = all(run.ended for rs in runs.values() for run in rs)
+    _finish(ax, "PCM at EoT: sorted train cosine margins" if ended else
+            "sorted train cosine margins at the last evaluation", "sample rank (normalised)",
             "cosine margin", False)
 
 
@@ -781,11 +797,17 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
 
     Args:
         exp_dir: experiment directory with runs at ``<method>/seed<k>/``.
-        title: the report's title (default: from the directory name).
+        title: the report's title (default: the experiment's own report's, recorded in
+            ``EXP/report.json`` by :func:`run_experiment`'s report, else from the directory
+            name and the first run's config). A title given (a preset's) comes with its own
+            ``table_epochs``, ``notes`` and ``preset_config``; without one, these three too
+            default to the recorded ones.
         table_epochs: the two epochs of the top-1 train accuracy table (default: the first
             evaluated epoch at or above 10% of training, and the last).
-        command: the command that produced the runs (default: ``gnc report exp_dir``).
-        machine: where the runs ran (default: :func:`describe_machine` of this machine).
+        command: the command that produced the runs (default: the one the experiment's own
+            report recorded, else "not recorded").
+        machine: where the runs ran (default: the one the experiment's own report recorded,
+            else :func:`describe_machine` of this machine).
         out_dir: where to write the report and figures (default: ``exp_dir``), e.g.
             ``docs/results/<preset>`` to keep the report without the checkpoints.
         notes: a paragraph under the header (e.g. where the preset's values come from).
@@ -811,13 +833,60 @@ def make_report(exp_dir: str | Path, *, title: str | None = None,
     # later waits, then reads the runs as the earlier left them. The lock is the experiment
     # folder's: an --out such as docs/results/<preset> gets no .lock file. Reported elsewhere,
     # the experiment is only read: a read-only one (archived, shared) is reported too
+    check_table_epochs(table_epochs)
     reader = out.resolve() != root.resolve()
     with run_lock(root, create=False, wait=True, reader=reader):
         runs, skipped = scan_runs(root, unfinished=unfinished)  # errors: before out is made
+        # what is not given, as the experiment's own report had it (gnc report EXP redraws
+        # it); a title given (a preset) brings its own notes, table epochs and config
+        given = {"title": title, "table_epochs": table_epochs, "notes": notes,
+                 "preset_config": preset_config, "command": command, "machine": machine}
+        kept = read_report_meta(root)
+        settings = {k: v if v is not None or (title is not None and k in PRESET_FIELDS)
+                    else kept.get(k) for k, v in given.items()}
         out.mkdir(parents=True, exist_ok=True)
-        return _write_report(root, out, runs, skipped, title=title, table_epochs=table_epochs,
-                             command=command, machine=machine, notes=notes,
-                             preset_config=preset_config, jobs=jobs)
+        return _write_report(root, out, runs, skipped, jobs=jobs, **settings)
+
+
+REPORT_META = "report.json"  # what a report was made with (read_report_meta)
+PRESET_FIELDS = ("title", "table_epochs", "notes", "preset_config")  # what a preset gives
+
+
+def check_table_epochs(table_epochs: object) -> None:
+    """``ValueError`` unless ``table_epochs`` is None or two epochs (ints >= 1)."""
+    if table_epochs is None:
+        return
+    if not (isinstance(table_epochs, (tuple, list)) and len(table_epochs) == 2 and all(
+            isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in table_epochs)):
+        raise ValueError(f"Expected the table's epochs to be two epochs >= 1, but got "
+                         f"{table_epochs!r}")
+
+
+def read_report_meta(root: Path) -> dict:
+    """What the experiment's own report recorded in ``REPORT_META`` (its title before the
+    overrides, command, machine, notes, table epochs and preset config), so that ``gnc
+    report EXP`` without them redraws the same report; {} when there is none. The file may
+    come from someone else: a value of the wrong type is left out."""
+    path = root / REPORT_META
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:  # a FIFO would block the read
+            return {}
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    kept = {k: meta[k] for k in ("title", "command", "machine", "notes")
+            if isinstance(meta.get(k), str)}
+    try:
+        check_table_epochs(meta.get("table_epochs"))
+        if meta.get("table_epochs") is not None:
+            kept["table_epochs"] = tuple(meta["table_epochs"])
+    except ValueError:
+        pass
+    if isinstance(meta.get("preset_config"), dict):
+        kept["preset_config"] = meta["preset_config"]
+    return kept
 
 
 def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped: list[str],
@@ -825,11 +894,14 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
                   command: str | None, machine: str | None, notes: str | None,
                   preset_config: Mapping | None, jobs: int) -> Path:
     """:func:`make_report`'s writing, with the folder locked and the runs scanned."""
-    title = title or _default_title(root, runs)
+    machine = machine or describe_machine() + " (the machine that wrote this report)"
     changed = overrides(runs, preset_config) if preset_config is not None else []
-    if changed:
-        title += f" (overridden: {', '.join(changed)})"
-    figures = write_figures(runs, out, title, jobs=jobs)
+    heading = (title or _default_title(root, runs)) + (
+        f" (overridden: {', '.join(changed)})" if changed else "")
+    stopped = sorted({r.stopped for r in _all_runs(runs) if r.stopped is not None})
+    if stopped:  # --until-epoch is a runtime key: no override, but the report's subject
+        heading += f" (stopped after epoch {', '.join(map(str, stopped))})"
+    figures = write_figures(runs, out, heading, jobs=jobs)
     write_summary(runs, out)
     singles = [n for n in figures[2:] if n != "etf_distances.png"]
     etf = ["## Distance to the nearest simplex ETF", "",
@@ -842,13 +914,26 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
                       for m, rs in runs.items())
     partial = [f"{r.method}/seed{r.seed}: last evaluated epoch {r.metrics[-1]['epoch']}"
                for r in _all_runs(runs) if not r.finished]
+    stops: dict[str, list[str]] = {}
+    for r in _all_runs(runs):
+        if r.stopped is not None:
+            stops.setdefault(f"epoch {r.stopped} of {r.config.get('epochs', '?')}", []).append(
+                f"{r.method}/seed{r.seed}")
+    until = [f"{when}: " + ("every run" if len(names) == len(_all_runs(runs))
+                            else ", ".join(names)) for when, names in stops.items()]
+    ended = not partial and not until
     lines = [
-        f"# {title}", "",
-        "Command:", "", "```", command or f"gnc report {root}", "```", "",
-        f"Machine: {machine or describe_machine() + ' (the machine that wrote this report)'}",
+        f"# {heading}", "",
+        "Command:", "", "```", command or f"not recorded (this report: gnc report {root}; "
+        "each run's settings are in its config.json)", "```", "",
+        f"Machine: {machine}",
         "",
-        f"{'Seeds' if partial else 'Finished seeds'} per method: {seeds}.",
+        f"{'Finished seeds' if ended else 'Seeds'} per method: {seeds}.",
         "",
+        *(["**Runs stopped by `--until-epoch`**, to be continued (the same command without "
+           "it, or with a later one): their last columns, final metrics and margins are at "
+           "the epoch they stopped after, not at the end of their schedule.", "",
+           *(f"- {line}" for line in until), ""] if until else []),
         *(["**Unfinished runs are included** (`--unfinished`), at the epochs they reached: "
            "a method's curves use the epochs all its seeds evaluated, the top-1 table the epochs "
            "every run evaluated, the final metrics each run's last evaluation.", "",
@@ -859,7 +944,9 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
         "Median over seeds (line) and min–max range over seeds (band).", "",
         f"![curves]({figures[0]})", "",
         "Single figures: " + ", ".join(f"[{n}]({n})" for n in singles) + ".", "",
-        "## Sorted cosine margins at the end of training (PCM at EoT)", "",
+        "## Sorted cosine margins at the end of training (PCM at EoT)" if ended else
+        "## Sorted cosine margins at each run's last evaluation (not the end of training)",
+        "",
         "Per-sample train cosine margins, sorted, against the sample rank normalised to "
         "[0, 1]: median over seeds and min–max band.", "",
         f"![cosine margins]({figures[1]})", "",
@@ -879,5 +966,10 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
         lines += ["## Skipped runs", "", *(f"- {s}" for s in skipped), ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(out / REPORT_META, strict_json(
+        {"title": title, "command": command, "machine": machine, "notes": notes,
+         "table_epochs": list(table_epochs) if table_epochs else None,
+         "preset_config": dict(preset_config) if preset_config is not None else None},
+        indent=1) + "\n")
     logger.info("wrote %s", path)
     return path
