@@ -39,3 +39,22 @@ def test_three_methods_on_an_npz_file(tmp_path):
                       "--seeds", 1)
     assert "Implicit ETF" in out and "Fixed ETF" in out and "Standard" in out
     assert (tmp_path / "exp" / "report.md").exists()
+
+
+def test_every_docstring_example_runs():
+    """The docstrings' ``>>>`` examples, as a reader pastes them (``simplex_etf``'s compared
+    float32 with float64 and raised)."""
+    import doctest
+    import importlib
+    import pkgutil
+
+    import gnc
+
+    ran, failed = 0, []
+    for info in pkgutil.walk_packages(gnc.__path__, "gnc."):
+        module = importlib.import_module(info.name)
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=False)
+        ran += result.attempted
+        if result.failed:
+            failed.append(info.name)
+    assert not failed and ran >= 10, (failed, ran)

@@ -293,6 +293,10 @@ def test_a_custom_summary_states_what_a_stratified_batch_holds():
     shuffled = describe_config({**base, "sampler": "shuffle"})
     assert "batch 256, " in shuffled and "shuffle batches" in shuffled
     assert "full batch" in describe_config({**base, "batch_size": 0})
+    # a redrawn report's title named neither the loss nor the bias the runs trained with
+    settings = describe_config({**base, "loss": "dr", "bias": False})
+    assert "dr loss" in settings and "no bias" in settings
+    assert "loss" not in describe_config(base) and "bias" not in describe_config(base)
 
 
 def test_a_run_with_extra_classifier_files_is_reused_without_them(tmp_path):

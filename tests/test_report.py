@@ -256,12 +256,14 @@ def test_a_report_without_a_preset_names_what_the_runs_trained(exp):
     root, _ = exp
     for config in root.glob("*/seed*/config.json"):
         config.write_text(json.dumps({**json.loads(config.read_text()), "imbalance": 0.5,
-                                      "label_noise": 0.3}))
+                                      "label_noise": 0.3, "loss": "dr", "bias": False}))
     text = make_report(root, machine="test machine").read_text()
     title = text.splitlines()[0]
     assert title.startswith(f"# Experiment report: {root.name}: mnist1d")
     assert "long tail R=0.5" in title and "label noise 0.3" in title
     assert "| label_noise | `0.3` |" in text and "| imbalance | `0.5` |" in text
+    assert "| loss | `\"dr\"` |" in text and "| bias | `false` |" in text
+    assert "dr loss" in title and "no bias" in title
     assert "labels the runs trained on, noisy ones included" in text
     for config in root.glob("*/seed*/config.json"):  # not a `gnc train` config: the name only
         config.write_text(json.dumps({**json.loads(config.read_text()), "measure": {}}))
@@ -721,3 +723,19 @@ def test_gnc_report_redraws_the_experiments_own_report(exp, tmp_path_factory):
         assert "not recorded (this report: gnc report " in text
     with pytest.raises(ValueError, match=r"two epochs >= 1, but got \(-3, 5\)"):
         make_report(root, table_epochs=(-3, 5))
+
+
+def test_epoch_axes_tick_whole_epochs(tmp_path):
+    """A short run's curves were ticked at epochs 2.25, 2.50, ..."""
+    from matplotlib.figure import Figure
+
+    from gnc.report import CURVES, _plot_curve
+
+    rng = np.random.default_rng(0)
+    for s in (1, 2):
+        write_run(tmp_path / "standard" / f"seed{s}", "standard", s, rng, epochs=(2, 3, 4))
+    runs, _ = scan_runs(tmp_path)
+    ax = Figure().add_subplot()
+    _plot_curve(ax, runs, next(c for c in CURVES if c[0] == "nc1"))
+    ticks = [t for t in ax.get_xticks() if 2 <= t <= 4]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -363,6 +363,11 @@ def describe_config(config: dict) -> str:
              f"{cfg.epochs} epochs",
              _batch_words(cfg),
              f"{cfg.optimizer} lr {cfg.lr:g}", f"tau {cfg.tau:g}"]
+    defaults = TrainConfig()
+    if cfg.loss != defaults.loss:
+        parts.append(f"{cfg.loss} loss")
+    if not cfg.bias:
+        parts.append("no bias")
     if cfg.imbalance != 1:
         parts.append(f"long tail R={cfg.imbalance:g}")
     if cfg.label_noise:

@@ -79,7 +79,7 @@ def simplex_etf(K: int, U: Tensor | None = None) -> Tensor:
 
     Example:
         >>> W = simplex_etf(4)
-        >>> torch.allclose(W @ W.T, (4 / 3) * centering(4))
+        >>> torch.allclose(W @ W.T, (4 / 3) * centering(4, dtype=W.dtype))
         True
     """
     if K < 2:

@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves the backend alone
+from matplotlib.ticker import MaxNLocator
 
 from gnc.config import OUTPUT_KEYS, RUNTIME_KEYS, describe_config
 from gnc.heads import METHOD_NAMES, METHODS, PAPER_METHODS
@@ -132,9 +133,10 @@ FINAL_METRICS = (
 )
 SUMMARY_STATS = ("n", "mean", "std", "median", "min", "max")  # summary.csv / .json columns
 SUMMARY_SKIP = ("epoch", "step", "seed")  # row keys that are not metrics
-CONFIG_KEYS = ("dataset", "dataset_options", "imbalance", "label_noise", "model", "epochs",
-               "batch_size", "sampler", "optimizer", "lr", "momentum", "weight_decay",
-               "schedule", "tau", "eval_every", "eval_stats", "precise_bn_batches")
+CONFIG_KEYS = ("dataset", "dataset_options", "imbalance", "label_noise", "model", "width",
+               "feature_dim", "epochs", "batch_size", "sampler", "loss", "bias", "optimizer",
+               "lr", "momentum", "weight_decay", "schedule", "amp", "tau", "delta", "solver",
+               "backward", "polar_method", "eval_every", "eval_stats", "precise_bn_batches")
 # what each evaluation protocol measures: the report names it (DESIGN §5); (kind, value)
 # with kind "train" (a run's `eval_stats`) or "measure" (`gnc measure --eval-stats`)
 EVAL_STATS_WORDS = {
@@ -541,6 +543,7 @@ def _plot_curve(ax: Axes, runs: Mapping[str, list[RunData]], spec: tuple) -> Non
             if log:  # NC1 at collapse is rounding noise around 0 (sometimes −1e-17)
                 values = np.where(np.isnan(values), values, np.maximum(values, LOG_FLOOR))
             _band(ax, epochs, values, m, len(rs))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 2.25
     _finish(ax, title, "epoch", ylabel, log)
 
 
