@@ -246,6 +246,8 @@ def test_experiment_on_npz_with_train_flags_end_to_end(tmp_path, capsys):
     title = report.splitlines()[0]
     assert title.startswith(f"# custom: npz:{data}, mlp width 16, 2 epochs, batch 6, sgd lr "
                             "0.05") and "label noise 0.1" in title
+    # main([...]) from Python: the command is the one given, not a run_experiment call
+    assert f"gnc experiment --dataset npz:{data} --model mlp" in report
     assert "## Top-1 train accuracy" in report
     # a preset as the start, flags on top (the report's title then names the overrides;
     # test_experiments checks that): the preset's values stay where no flag is given
@@ -501,9 +503,11 @@ def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(gnc.training, "train", interrupted)
     monkeypatch.setattr(gnc.experiments, "run_experiment", interrupted)
-    code, err = run_main(["train", "--preset", "ufm10", "--out", tmp_path / "run"], capsys)
-    assert code == 130 and err.strip() == ("gnc: interrupted (the same command with --resume "
-                                           "continues from the last checkpoint)")
+    code, err = run_main(["train", "--preset", "ufm10", "--out", tmp_path / "my run",
+                          "--overwrite"], capsys)
+    assert code == 130 and err.strip() == (f"gnc: interrupted (gnc train --out "
+                                           f"'{tmp_path / 'my run'}' --resume continues from "
+                                           "its last checkpoint)")
     code, err = run_main(["experiment", "ufm10", "--out", tmp_path / "exp"], capsys)
     assert code == 130 and err.strip() == ("gnc: interrupted (the same command again resumes "
                                            "the unfinished runs)")

@@ -236,6 +236,9 @@ def test_an_imagefolder_test_split_may_lack_a_class(tmp_path: Path) -> None:
                       epochs=1, batch_size=6, progress=False)
     row = Trainer(cfg, tmp_path / "run").fit()
     assert row["test_missing_classes"] == [1] and row["missing_classes"] == []
+    for c in ("a", "c"):  # no image left: no test split (warned), not one of 0 samples
+        shutil.rmtree(root / "test" / c)
+    assert load_dataset(f"imagefolder:{root}").test is None
     (root / "test" / "d").mkdir()  # a class the training split lacks: named
     with pytest.raises(ValueError, match=r"class folders \['d'\] of .*test are not training "
                                          r"classes \(the training split has 3: a, b, c\)"):

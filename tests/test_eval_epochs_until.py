@@ -225,6 +225,12 @@ def test_a_resume_needs_no_flag_of_the_run_again(tmp_path, capsys):
     assert "tau=" in capsys.readouterr().err
     main(["train", "--out", out, "--resume"])
     assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2, 3, 4]
+    # where and how it ran comes from this command (the defaults), the data's place stays
+    from gnc.cli import _resumed_config
+
+    base = _resumed_config(build_parser().parse_args(["train", "--out", out, "--resume"]))
+    assert base["dataset"] == "digits" and "data_dir" in base
+    assert not {"device", "progress", "num_workers", "until_epoch"} & set(base)
     whole = tmp_path / "whole"
     main(["train", "--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "4",
           "--method", "fixed", "--no-progress", "--out", str(whole)])

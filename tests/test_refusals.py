@@ -609,8 +609,8 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
         if proc.returncode == 130:
             assert err.strip().splitlines() in (
                 ["gnc: interrupted"],  # at start-up, or training: how to go on
-                ["gnc: interrupted (the same command with --resume continues from the last "
-                 "checkpoint)"]), (delay, err)
+                [f"gnc: interrupted (gnc train --out {tmp_path / 'run'} --resume continues "
+                 "from its last checkpoint)"]), (delay, err)
             interrupted.append(delay)
         else:  # before gnc's code ran
             assert proc.returncode in (-signal.SIGINT, 1), (delay, proc.returncode, err)

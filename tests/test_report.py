@@ -723,6 +723,10 @@ def test_gnc_report_redraws_the_experiments_own_report(exp, tmp_path_factory):
         assert "not recorded (this report: gnc report " in text
     with pytest.raises(ValueError, match=r"two epochs >= 1, but got \(-3, 5\)"):
         make_report(root, table_epochs=(-3, 5))
+    # this machine's description is not recorded as the runs' machine: another machine's
+    # redraw names itself
+    assert "the machine that wrote this report" in make_report(root).read_text()
+    assert json.loads((root / "report.json").read_text())["machine"] is None
 
 
 def test_epoch_axes_tick_whole_epochs(tmp_path):

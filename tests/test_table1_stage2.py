@@ -214,8 +214,9 @@ def test_gpu_check_stage2_on_the_cpu(tmp_path):
         report = tar.extractfile("table1-report/report.md").read().decode()
     assert "table1-report/summary.json" in names and "table1/implicit/seed1/DONE" in names
     assert not [n for n in names if n.endswith(".pt") or "checkpoints" in n]
-    assert "Finished seeds per method: Standard 1 (1), Fixed ETF 1 (1), Implicit ETF 1 (1)." \
-        in report
+    assert "Seeds per method: Standard 1 (1), Fixed ETF 1 (1), Implicit ETF 1 (1)." in report
+    assert report.splitlines()[0].endswith("(stopped after epoch 2)")  # of --epochs 200
+    assert "- epoch 2 of 200: every run" in report
 
 
 def test_gpu_check_stage2_stopped_at_its_deadline_still_returns_everything(tmp_path):

@@ -259,10 +259,16 @@ def train_config_from_args(args: argparse.Namespace, base: dict | None = None) -
     return TrainConfig.from_dict(cfg)
 
 
+# runtime keys a resume takes from its own command, not from the run's config.json
+RESUME_ANEW = frozenset({"device", "progress", "num_workers", "download", "until_epoch"})
+
+
 def _resumed_config(args: argparse.Namespace) -> dict | None:
     """With ``--resume`` and no ``--preset``: the run's own ``config.json``, the base the flags
-    override (``gnc train --out RUN --resume`` needs no flag of the run again), but its
-    ``until_epoch``: a resume without ``--until-epoch`` trains to the end."""
+    override (``gnc train --out RUN --resume`` needs no flag of the run again), but where and
+    how it ran (``device``, ``progress``, ``num_workers``, ``download``: this command's or the
+    defaults) and its ``until_epoch`` (a resume without ``--until-epoch`` trains to the end);
+    its ``data_dir`` and ``tensorboard`` stay."""
     from gnc.rundir import is_train_config, read_config
 
     if not args.resume or args.preset:
@@ -273,7 +279,7 @@ def _resumed_config(args: argparse.Namespace) -> dict | None:
         return None  # the trainer names what is wrong with the directory
     if not is_train_config(config):
         return None
-    return {k: v for k, v in config.items() if k != "until_epoch"}
+    return {k: v for k, v in config.items() if k not in RESUME_ANEW}
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -337,7 +343,8 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in dataclasses.asdict(cfg).items()
                  if k not in NOT_EXPERIMENT_FLAGS}
     methods = args.methods.split(",") if args.methods else None
-    command = "gnc " + shlex.join(sys.argv[1:]) if argv_is_cli() else None  # pastes back
+    argv = args.argv if args.argv is not None else sys.argv[1:] if argv_is_cli() else None
+    command = "gnc " + shlex.join(argv) if argv is not None else None  # pastes back
     run_experiment(args.preset, args.out, seeds=args.seeds, methods=methods,
                    overrides=overrides, command=command, report=not args.no_report,
                    trust_checkpoint=args.trust_checkpoint, jobs=args.jobs,
@@ -768,11 +775,15 @@ def _done_with_sigint() -> None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# what an interrupted command keeps and how it goes on
-_RESUME_HINTS = {
-    _cmd_train: " (the same command with --resume continues from the last checkpoint)",
-    _cmd_experiment: " (the same command again resumes the unfinished runs)",
-}
+def _resume_hint(args: argparse.Namespace | None) -> str:
+    """How an interrupted ``gnc train`` or ``gnc experiment`` goes on (else nothing)."""
+    func = getattr(args, "func", None)
+    if func is _cmd_train:
+        return (f" (gnc train --out {shlex.quote(str(args.out))} --resume continues from its "
+                "last checkpoint)")
+    if func is _cmd_experiment:
+        return " (the same command again resumes the unfinished runs)"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -783,14 +794,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         with _start_up():  # Ctrl-C while importing: exit at once (an import torn by
             _prestart_workers(sys.argv[1:] if argv is None else list(argv))
             args = build_parser().parse_args(argv)  # KeyboardInterrupt may become an
+            args.argv = None if argv is None else [str(a) for a in argv]  # its command
             for module in _command_modules(args):  # ImportError)
                 importlib.import_module(module)
         args.func(args)
         if argv is None:  # the program itself, not a caller's main([...])
             _done_with_sigint()
     except KeyboardInterrupt:
-        print("gnc: interrupted" + _RESUME_HINTS.get(getattr(args, "func", None), ""),
-              file=sys.stderr)
+        print("gnc: interrupted" + _resume_hint(args), file=sys.stderr)
         _stop_fork_server()
         sys.exit(130)
     except Exception as err:

@@ -897,7 +897,8 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
                   command: str | None, machine: str | None, notes: str | None,
                   preset_config: Mapping | None, jobs: int) -> Path:
     """:func:`make_report`'s writing, with the folder locked and the runs scanned."""
-    machine = machine or describe_machine() + " (the machine that wrote this report)"
+    given_machine, machine = machine, machine or (
+        describe_machine() + " (the machine that wrote this report)")
     changed = overrides(runs, preset_config) if preset_config is not None else []
     heading = (title or _default_title(root, runs)) + (
         f" (overridden: {', '.join(changed)})" if changed else "")
@@ -970,7 +971,7 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     atomic_write_text(out / REPORT_META, strict_json(
-        {"title": title, "command": command, "machine": machine, "notes": notes,
+        {"title": title, "command": command, "machine": given_machine, "notes": notes,
          "table_epochs": list(table_epochs) if table_epochs else None,
          "preset_config": dict(preset_config) if preset_config is not None else None},
         indent=1) + "\n")

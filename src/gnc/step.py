@@ -121,6 +121,10 @@ class NoHostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class NotCapturable(RuntimeError):
+    """A step that runs, but whose graph would not replay as the eager step does."""
+
+
 class RandomDraws(TorchDispatchMode):
     """Notes the first operator that draws from a random generator (torch tags them
     ``nondeterministic_seeded``: dropout, ``bernoulli_``, ``rand``, ...) in :attr:`seen`."""
@@ -639,7 +643,7 @@ class GraphedStep:
                     if side is not None:
                         caller.wait_stream(side)
                 if draws is not None and draws.seen:
-                    raise RuntimeError(
+                    raise NotCapturable(
                         f"the step draws random numbers ({draws.seen}) and its graph would "
                         "replay beside other runs' graphs on their streams, which share the "
                         "CUDA generator's seed and offset")
@@ -652,6 +656,7 @@ class GraphedStep:
             self._replay = None
             self._restore(snap, rng=True)
             logger.warning("the training step could not be captured in a CUDA graph (%s); "
-                           "it runs eagerly", self.failed, exc_info=True)
+                           "it runs eagerly", self.failed,
+                           exc_info=not isinstance(err, NotCapturable))
         finally:  # the warm-up (and a stand-in's capture) ran steps: undo them
             self._restore(snap)

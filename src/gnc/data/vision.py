@@ -402,6 +402,10 @@ def _folder_bundle(
     if test is None:
         logger.warning("%s: no test split (%s is not a folder): no test metrics", name,
                        test_dir)
+    elif not len(test):  # its classes may be absent, not all of its images
+        logger.warning("%s: no test split (no images under %s): no test metrics", name,
+                       test_dir)
+        test = None
     check_no_link_loops(train.samples, train_dir)
     if test is not None:
         check_no_link_loops(test.samples, test_dir)
