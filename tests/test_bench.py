@@ -184,21 +184,27 @@ def test_compile_head_check_compiles_the_update_and_the_guarded_module(monkeypat
         assert "update compiled " in line and "module compiled 0.000e+00" in line, line
 
 
-def test_peak_memory_sees_a_transient_allocation_on_cpu():
-    """In a fresh process: in this one, memory that earlier tests freed but the allocator kept
-    resident can hold the 64 MiB without the resident set growing (seen once in CI order)."""
-    code = """
+def _peak_mb_in_a_fresh_process(allocate: str, before: str = "") -> float:
+    """PeakMemory's MiB around ``x = allocate`` (a Python expression), in a fresh process:
+    in this one, memory that earlier tests freed but the allocator kept resident can hold the
+    allocation without the resident set growing (seen once in CI order)."""
+    code = f"""
 import time, torch
 from gnc.memory import PeakMemory
+{before}
 with PeakMemory(torch.device("cpu"), interval=0.001) as mem:
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    x = {allocate}
     time.sleep(0.05)
     del x
 print(mem.mb)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=120)
-    assert 48 <= float(done.stdout.split()[-1]) <= 200
+    return float(done.stdout.split()[-1])
+
+
+def test_peak_memory_sees_a_transient_allocation_on_cpu():
+    assert 48 <= _peak_mb_in_a_fresh_process("torch.ones(64 * 2**20 // 4)") <= 200  # touched
 
 
 def test_peak_memory_counts_memory_an_earlier_run_freed():
@@ -206,22 +212,8 @@ def test_peak_memory_counts_memory_an_earlier_run_freed():
     resident and served the next one, whose peak then read ~0 MiB (every run after the first
     of an experiment). 64 MiB in heap blocks (below glibc's mmap threshold), freed, then
     allocated again under PeakMemory."""
-    code = """
-import time, torch
-from gnc.memory import PeakMemory
-def fill():
-    return [torch.ones(16 * 1024 - 64) for _ in range(1024)]  # 1024 blocks of ~64 KiB
-xs = fill()
-del xs
-with PeakMemory(torch.device("cpu"), interval=0.001) as mem:
-    xs = fill()
-    time.sleep(0.05)
-    del xs
-print(mem.mb)
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, timeout=120)
-    assert 48 <= float(done.stdout.split()[-1]) <= 200
+    blocks = "[torch.ones(16 * 1024 - 64) for _ in range(1024)]"  # 1024 blocks of ~64 KiB
+    assert 48 <= _peak_mb_in_a_fresh_process(blocks, before=f"x = {blocks}\ndel x") <= 200
 
 
 def test_epoch_bench_on_random_images_of_cifar_shape(tmp_path):
