@@ -10,6 +10,7 @@ from gnc.report import (
     format_summary,
     load_runs,
     make_report,
+    read_report_meta,
     scan_runs,
     seed_statistics,
     summarise,
@@ -718,9 +719,10 @@ def test_gnc_report_redraws_the_experiments_own_report(exp, tmp_path_factory):
     assert "gnc experiment mine --seeds 3" in other  # the runs' command is still theirs
     for bad in ("[1, 2]", '{"title": 5, "table_epochs": [-3, 5], "command": ["x"]}', "{"):
         (root / "report.json").write_text(bad)  # from someone else: no title, no command
-        text = make_report(root).read_text()
-        assert text.splitlines()[0].startswith("# Experiment report: ")
-        assert "not recorded (this report: gnc report " in text
+        assert read_report_meta(root) == {}
+    text = make_report(root).read_text()
+    assert text.splitlines()[0].startswith("# Experiment report: ")
+    assert "not recorded (this report: gnc report " in text
     with pytest.raises(ValueError, match=r"two epochs >= 1, but got \(-3, 5\)"):
         make_report(root, table_epochs=(-3, 5))
     # this machine's description is not recorded as the runs' machine: another machine's
