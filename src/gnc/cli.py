@@ -343,7 +343,8 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in dataclasses.asdict(cfg).items()
                  if k not in NOT_EXPERIMENT_FLAGS}
     methods = args.methods.split(",") if args.methods else None
-    argv = args.argv if args.argv is not None else sys.argv[1:] if argv_is_cli() else None
+    argv = getattr(args, "argv", None)  # main([...]) sets it; None: the program's own
+    argv = argv if argv is not None else sys.argv[1:] if argv_is_cli() else None
     command = "gnc " + shlex.join(argv) if argv is not None else None  # pastes back
     run_experiment(args.preset, args.out, seeds=args.seeds, methods=methods,
                    overrides=overrides, command=command, report=not args.no_report,
