@@ -543,8 +543,7 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
             logger.info("%s: finished, skipped", path)
     if not todo:  # a rerun after the end (killed in its report, say): the report alone
         return
-    names = [path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
-             for path, _ in todo]
+    names = [_run_name(path, out) for path, _ in todo]
     show = any(cfg.progress for _, cfg in plan)
     cuda = any(cfg.device.startswith("cuda") or (cfg.device == "auto" and
                                                  torch.cuda.is_available())
@@ -583,6 +582,11 @@ def _run_in_parallel(plan: list[tuple[Path, TrainConfig]], out: Path, *, jobs: i
     _raise_failed([o for o in outcomes if not o.ok], len(todo))
 
 
+def _run_name(path: Path, out: Path) -> str:
+    """A run's name in logs and errors: ``method/seedk`` under the experiment ``out``."""
+    return path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
+
+
 def _run_one_by_one(plan: list[tuple[Path, TrainConfig]], out: Path,
                     trust_checkpoint: bool) -> None:
     """Train the unfinished runs of ``plan`` one after the other in this process
@@ -597,7 +601,7 @@ def _run_one_by_one(plan: list[tuple[Path, TrainConfig]], out: Path,
         try:
             _train_run(path, cfg, trust_checkpoint)
         except Exception as err:  # noqa: BLE001 -- its outcome, as a worker's
-            name = path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
+            name = _run_name(path, out)
             failed.append(Outcome(name, error=first_line(err)))
             logger.error("%s failed: %s", name, failed[-1].error,
                          exc_info=not isinstance(err, PLAIN_ERRORS))  # a bug: its traceback

@@ -902,9 +902,10 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
     changed = overrides(runs, preset_config) if preset_config is not None else []
     heading = (title or _default_title(root, runs)) + (
         f" (overridden: {', '.join(changed)})" if changed else "")
-    stopped = sorted({r.stopped for r in _all_runs(runs) if r.stopped is not None})
+    stopped = [r for r in _all_runs(runs) if r.stopped is not None]
     if stopped:  # --until-epoch is a runtime key: no override, but the report's subject
-        heading += f" (stopped after epoch {', '.join(map(str, stopped))})"
+        epochs = sorted({r.stopped for r in stopped})
+        heading += f" (stopped after epoch {', '.join(map(str, epochs))})"
     figures = write_figures(runs, out, heading, jobs=jobs)
     write_summary(runs, out)
     singles = [n for n in figures[2:] if n != "etf_distances.png"]
@@ -919,13 +920,12 @@ def _write_report(root: Path, out: Path, runs: dict[str, list[RunData]], skipped
     partial = [f"{r.method}/seed{r.seed}: last evaluated epoch {r.metrics[-1]['epoch']}"
                for r in _all_runs(runs) if not r.finished]
     stops: dict[str, list[str]] = {}
-    for r in _all_runs(runs):
-        if r.stopped is not None:
-            stops.setdefault(f"epoch {r.stopped} of {r.config.get('epochs', '?')}", []).append(
-                f"{r.method}/seed{r.seed}")
+    for r in stopped:
+        stops.setdefault(f"epoch {r.stopped} of {r.config.get('epochs', '?')}", []).append(
+            f"{r.method}/seed{r.seed}")
     until = [f"{when}: " + ("every run" if len(names) == len(_all_runs(runs))
                             else ", ".join(names)) for when, names in stops.items()]
-    ended = not partial and not until
+    ended = all(r.ended for r in _all_runs(runs))
     lines = [
         f"# {heading}", "",
         "Command:", "", "```", command or f"not recorded (this report: gnc report {root}; "
